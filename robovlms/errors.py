@@ -1,0 +1,36 @@
+"""One exception type per kind of user mistake; every message names the bad value and the valid ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class RobovlmsError(Exception):
+    """Base of every error robovlms raises for a user's mistake."""
+
+
+class UnknownNameError(RobovlmsError, KeyError):
+    """A name (backbone, formulation, benchmark, task, scene, split ...) that does not exist."""
+
+    def __init__(self, kind: str, name: object, valid: Iterable[object]):
+        self.kind, self.name, self.valid = kind, name, sorted(str(v) for v in valid)
+        super().__init__(f"unknown {kind} {name!r}; valid choices: {', '.join(self.valid) or '(none)'}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class StoreError(RobovlmsError):
+    """An episode store that is missing, half-written, of another schema version, or would be overwritten."""
+
+
+class WindowError(RobovlmsError, ValueError):
+    """A training window (history H, chunk L) that no episode of a store can serve."""
+
+
+class ConfigError(RobovlmsError, ValueError):
+    """A configuration value that is malformed or out of range."""
+
+
+class MissingDependencyError(RobovlmsError, ImportError):
+    """An optional package is needed; the message says exactly what to install."""
