@@ -1,0 +1,59 @@
+"""Policies that learn nothing from images, reported beside every trained model so success can be trusted."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robovlms.benchmark import EpisodeSpec, Observation
+from robovlms.store import EpisodeStore
+
+
+class ZeroPolicy:
+    """Does nothing: the arm stays where it is."""
+
+    def __init__(self, action_dim: int):
+        self.action_dim = action_dim
+
+    def reset(self, spec: EpisodeSpec) -> None:
+        pass
+
+    def step(self, observation: Observation) -> np.ndarray:
+        return np.zeros(self.action_dim, dtype=np.float32)
+
+
+class MeanActionPolicy:
+    """Repeats the mean action of the task's training demonstrations: solves tasks that need no perception."""
+
+    def __init__(self, store_path: str):
+        store = EpisodeStore(store_path)
+        frame_tasks = np.repeat(store.episodes["task"].to_numpy(), store.episodes["length"].to_numpy())
+        actions = np.asarray(store.actions)
+        self.mean_actions = {task: actions[frame_tasks == task].mean(axis=0) for task in store.tasks()}
+        self._action = None
+
+    def reset(self, spec: EpisodeSpec) -> None:
+        self._action = self.mean_actions[spec.task]
+
+    def step(self, observation: Observation) -> np.ndarray:
+        return self._action
+
+
+class ReplayPolicy:
+    """Replays, open-loop, the actions of a random training demonstration of the task, then holds still."""
+
+    def __init__(self, store_path: str, seed: int = 0):
+        self.store = EpisodeStore(store_path)
+        self.seed = seed
+        self._plan: np.ndarray | None = None
+
+    def reset(self, spec: EpisodeSpec) -> None:
+        candidates = self.store.episodes.index[self.store.episodes["task"] == spec.task].to_numpy()
+        chosen = np.random.default_rng([self.seed, spec.seed]).choice(candidates)
+        row = self.store.episodes.loc[chosen]
+        self._plan = np.asarray(self.store.actions[row["start"]: row["start"] + row["length"]])
+
+    def step(self, observation: Observation) -> np.ndarray:
+        if self._plan is None:
+            return np.zeros(self.store.layout.action_dim, dtype=np.float32)
+        plan, self._plan = self._plan, None
+        return plan

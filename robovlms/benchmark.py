@@ -1,0 +1,176 @@
+"""The benchmark interface: what a policy observes, how an evaluation episode runs, and how episodes are scored.
+
+Meta-World (embedded), CALVIN and SimplerEnv implement `Benchmark`. Single-task benchmarks score per-task success;
+chain benchmarks (CALVIN) override `run_episode` to run several subtasks in a row and `score` to report how many
+in a row succeeded.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from robovlms.registry import Registry
+
+
+@dataclass
+class Observation:
+    images: dict[str, np.ndarray]  # camera name -> (H, W, 3) uint8, upright
+    state: np.ndarray  # proprioception (S,) float32
+    instruction: str
+    privileged_state: np.ndarray | None = None  # full simulator state, for scripted experts only
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """Everything that decides an episode's initial state and goal: rerunning a spec reruns the episode."""
+
+    task: str
+    scene: str
+    instruction: str
+    seed: int
+    subtasks: tuple[str, ...] = ()  # chain benchmarks: the subtasks in order (task names the chain)
+
+
+@dataclass
+class EpisodeRecord:
+    task: str
+    scene: str
+    instruction: str
+    seed: int
+    success: bool
+    steps: int
+    seconds: float
+    subtasks_completed: int | None = None  # chain benchmarks only
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Trajectory:
+    """The frames a policy saw and the actions it took, as stored in an episode store."""
+
+    images: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    states: list[np.ndarray] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+
+    def append(self, observation: Observation, action: np.ndarray) -> None:
+        for camera, image in observation.images.items():
+            self.images.setdefault(camera, []).append(image)
+        self.states.append(observation.state)
+        self.actions.append(action)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+class Policy(Protocol):
+    def reset(self, spec: EpisodeSpec) -> None:
+        """Start an episode. Learned policies may read only `spec.instruction`; baselines may read the task."""
+
+    def step(self, observation: Observation) -> np.ndarray:
+        """One action (A,), or a chunk (k, A) executed open-loop before the policy observes again."""
+
+
+class Environment(ABC):
+    """One simulator instance, owned by one process."""
+
+    @abstractmethod
+    def reset(self, spec: EpisodeSpec) -> Observation: ...
+
+    @abstractmethod
+    def step(self, action: np.ndarray, observe: bool) -> tuple[Observation | None, bool]:
+        """Apply one action; return (observation if `observe` else None, whether the task is now solved)."""
+
+    def close(self) -> None:
+        pass
+
+
+class Benchmark(ABC):
+    """A family of tasks, scenes and splits, an environment to run them in, and a scoring protocol."""
+
+    name: str
+    action_dim: int  # continuous arm dimensions + one gripper dimension (last)
+    state_dim: int
+    cameras: tuple[str, ...]
+    image_size: int
+    max_steps: int
+
+    @abstractmethod
+    def tasks(self) -> list[str]: ...
+
+    @abstractmethod
+    def splits(self) -> list[str]: ...
+
+    @abstractmethod
+    def evaluation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """The held-out episodes of a split: scenes, instructions and seeds never used for training."""
+
+    @abstractmethod
+    def make_environment(self) -> Environment:
+        """Build the simulator; called once per worker process."""
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this benchmark (stored with the data it produced)."""
+        return {}
+
+    def scripted_expert(self) -> Callable[[], Policy]:
+        """A picklable factory of the benchmark's scripted expert, for generating demonstrations."""
+        raise NotImplementedError(f"{self.name} ships no scripted experts: import its dataset instead")
+
+    def demonstration_episodes(self, split: str, episodes_per_scene: int, attempt: int = 0,
+                               scenes: str | None = None) -> list[EpisodeSpec]:
+        """Training episodes of a split (or of `scenes`) for the scripted expert; `attempt` k draws fresh seeds."""
+        raise NotImplementedError(f"{self.name} ships no scripted experts: import its dataset instead")
+
+    def run_episode(self, environment: Environment, spec: EpisodeSpec, policy: Policy,
+                    trajectory: Trajectory | None = None,
+                    on_frame: Any = None) -> EpisodeRecord:
+        """Run one episode until success or `max_steps`.
+
+        Frames are rendered only where the policy observes: after the last action of each chunk. When a
+        `trajectory` is given every step is observed and recorded; `on_frame(observation)` sees every observation.
+        """
+        started = time.perf_counter()
+        observe_every_step = trajectory is not None or on_frame is not None
+        observation = environment.reset(spec)
+        policy.reset(spec)
+        steps, success = 0, False
+        while steps < self.max_steps and not success:
+            if on_frame is not None:
+                on_frame(observation)
+            chunk = np.atleast_2d(np.asarray(policy.step(observation), dtype=np.float32))
+            if chunk.shape[-1] != self.action_dim:
+                raise ValueError(f"policy returned actions of dimension {chunk.shape[-1]}; "
+                                 f"{self.name} takes {self.action_dim}")
+            chunk = chunk[: self.max_steps - steps]
+            for index, action in enumerate(chunk):
+                if trajectory is not None:
+                    trajectory.append(observation, action)
+                observe = observe_every_step or index == len(chunk) - 1
+                next_observation, success = environment.step(action, observe=observe)
+                steps += 1
+                if next_observation is not None:
+                    observation = next_observation
+                if success:
+                    break
+        return EpisodeRecord(task=spec.task, scene=spec.scene, instruction=spec.instruction, seed=spec.seed,
+                             success=success, steps=steps, seconds=time.perf_counter() - started)
+
+    def score(self, records: Sequence[EpisodeRecord]) -> dict[str, float]:
+        """Success rate overall and per task."""
+        scores = {"success": float(np.mean([r.success for r in records])) if records else float("nan")}
+        for task in sorted({r.task for r in records}):
+            scores[f"success/{task}"] = float(np.mean([r.success for r in records if r.task == task]))
+        return scores
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark", "robovlms.benchmarks")
+
+
+def create_benchmark(name: str, **options: Any) -> Benchmark:
+    return BENCHMARKS.create(name, **options)

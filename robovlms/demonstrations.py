@@ -1,0 +1,62 @@
+"""Demonstrations from a benchmark's scripted experts, written to an episode store (successful episodes only)."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from robovlms.benchmark import Benchmark
+from robovlms.rollout import run_episodes
+from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
+
+
+def generate_demonstrations(benchmark: Benchmark, split: str, episodes_per_scene: int, path: str | Path, *,
+                            scenes: str | None = None, workers: int = 1, overwrite: bool = False, resume: bool = False, attempts: int = 3,
+                            progress: bool = True) -> EpisodeStore:
+    """Run the scripted expert on every (task, training scene) until `episodes_per_scene` succeed.
+
+    `scenes` (e.g. "AB") replaces the split's training scenes. Failed episodes are dropped and replaced by episodes with fresh seeds, at most `attempts` rounds. With
+    `resume`, episodes already flushed to an interrupted `<path>.partial` are kept and not generated again.
+    """
+    layout = FrameLayout(benchmark.cameras, benchmark.image_size, benchmark.state_dim, benchmark.action_dim)
+    metadata = {"benchmark": benchmark.name, "benchmark_options": benchmark.options(), "split": split, "scenes": scenes,
+                "source": "scripted experts", "episodes_per_scene": episodes_per_scene}
+    writer = EpisodeStoreWriter(path, layout, overwrite=overwrite, resume=resume, metadata=metadata)
+    with writer:
+        done = {(row["task"], row["scene"], row["seed"]) for row in writer.index}
+        have = Counter((row["task"], row["scene"]) for row in writer.index)
+        attempted = kept = 0
+        for attempt in range(attempts):
+            specs, wanted = [], Counter()
+            for spec in benchmark.demonstration_episodes(split, episodes_per_scene, attempt, scenes):
+                key = (spec.task, spec.scene)
+                if (spec.task, spec.scene, spec.seed) in done:
+                    continue
+                if have[key] + wanted[key] < episodes_per_scene:
+                    wanted[key] += 1
+                    specs.append(spec)
+            if not specs:
+                break
+            for spec, record, trajectory in run_episodes(
+                    benchmark, benchmark.scripted_expert(), specs, workers=workers, record_trajectories=True,
+                    progress=progress, description=f"demonstrations (round {attempt + 1})"):
+                attempted += 1
+                if not record.success:
+                    continue
+                writer.add(Episode(
+                    task=spec.task, instruction=spec.instruction, scene=spec.scene, seed=spec.seed,
+                    images={camera: np.stack(frames) for camera, frames in trajectory.images.items()},
+                    state=np.stack(trajectory.states), actions=np.stack(trajectory.actions)))
+                have[(spec.task, spec.scene)] += 1
+                kept += 1
+        short = {f"{task}/{scene}": episodes_per_scene - have[(task, scene)]
+                 for task, scene in {(s.task, s.scene) for s in benchmark.demonstration_episodes(split, 1, 0, scenes)}
+                 if have[(task, scene)] < episodes_per_scene}
+        if short:
+            warnings.warn(f"the scripted expert fell short after {attempts} rounds: missing episodes {short}")
+        writer.metadata["expert_success_rate"] = kept / attempted if attempted else None
+        writer.metadata["shortfall"] = short
+        return writer.commit()

@@ -1,0 +1,300 @@
+"""The episode store: one directory of memory-mapped frames, an episode index and action statistics.
+
+Layout of a finished store:
+    meta.json          schema version, what each frame holds, statistics, provenance (written last)
+    episodes.parquet   one row per episode: task, instruction, scene, seed, first frame, length
+    images.<camera>.u8 (frames, H, W, 3) uint8, raw, memory-mapped
+    state.f32          (frames, state_dim) float32
+    actions.f32        (frames, action_dim) float32
+
+A store is written into `<path>.partial/` and renamed into place only once complete, so a crash never leaves a
+directory that loads. The partial directory keeps a journal of the episodes already flushed, so an interrupted
+write (a long import) resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robovlms.errors import ConfigError, StoreError
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+INDEX_COLUMNS = ["episode", "task", "instruction", "scene", "seed", "start", "length"]
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """What every frame of a store holds."""
+
+    cameras: tuple[str, ...]
+    image_size: int
+    state_dim: int
+    action_dim: int
+
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, 3)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Per-dimension statistics of one array over every frame of a store."""
+
+    p01: list[float]
+    p99: list[float]
+    mean: list[float]
+    std: list[float]
+    min: list[float]
+    max: list[float]
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Statistics:
+        values = np.asarray(values, dtype=np.float64)
+        return cls(p01=np.percentile(values, 1, axis=0).tolist(), p99=np.percentile(values, 99, axis=0).tolist(),
+                   mean=values.mean(axis=0).tolist(), std=values.std(axis=0).tolist(),
+                   min=values.min(axis=0).tolist(), max=values.max(axis=0).tolist())
+
+
+@dataclass
+class Episode:
+    task: str
+    instruction: str
+    scene: str
+    seed: int
+    images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
+    state: np.ndarray  # (T, state_dim) float32
+    actions: np.ndarray  # (T, action_dim) float32
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as file:
+        json.dump(payload, file, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _array_files(layout: FrameLayout) -> dict[str, tuple[str, np.dtype, tuple[int, ...]]]:
+    files = {f"images.{camera}": (f"images.{camera}.u8", np.dtype(np.uint8), layout.image_shape())
+             for camera in layout.cameras}
+    files["state"] = ("state.f32", np.dtype(np.float32), (layout.state_dim,))
+    files["actions"] = ("actions.f32", np.dtype(np.float32), (layout.action_dim,))
+    return files
+
+
+class EpisodeStoreWriter:
+    """Appends episodes to `<path>.partial/`; `commit()` computes statistics and renames it to `path`.
+
+    Use as a context manager: on an exception the partial directory stays (never loadable) for `resume=True`.
+    """
+
+    def __init__(self, path: str | Path, layout: FrameLayout, *, overwrite: bool = False, resume: bool = False,
+                 metadata: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.layout = layout
+        self.overwrite = overwrite
+        self.metadata = metadata or {}
+        if self.path.exists() and not overwrite:
+            raise StoreError(f"{self.path} already exists; pass --overwrite to replace it")
+        if self.partial.exists() and not resume:
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self._journal = self.partial / "journal.jsonl"
+        self.index: list[dict[str, Any]] = self._read_journal() if resume else []
+        if resume and self.index:
+            self._check_resumed_layout()
+        frames = sum(row["length"] for row in self.index)
+        self._files = {}
+        for key, (filename, dtype, shape) in _array_files(layout).items():
+            handle = open(self.partial / filename, "ab")
+            handle.truncate(frames * int(np.prod(shape)) * dtype.itemsize)  # drop frames of an unjournaled episode
+            handle.seek(0, os.SEEK_END)
+            self._files[key] = handle
+        _write_json_atomic(self.partial / "layout.json", asdict(layout))
+        if not resume:
+            self._journal.write_text("")
+
+    def _read_journal(self) -> list[dict[str, Any]]:
+        if not self._journal.exists():
+            return []
+        rows = []
+        for line in self._journal.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by the crash: that episode was never completed
+        return rows
+
+    def _check_resumed_layout(self) -> None:
+        saved = json.loads((self.partial / "layout.json").read_text())
+        saved["cameras"] = tuple(saved["cameras"])
+        if FrameLayout(**saved) != self.layout:
+            raise StoreError(f"cannot resume {self.partial}: it was written with {saved}, not {asdict(self.layout)}")
+
+    @property
+    def frames(self) -> int:
+        return sum(row["length"] for row in self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, episode: Episode) -> None:
+        length = len(episode)
+        if length == 0:
+            raise ConfigError(f"episode of task {episode.task!r} has no frames")
+        arrays = {f"images.{camera}": episode.images.get(camera) for camera in self.layout.cameras}
+        arrays["state"], arrays["actions"] = episode.state, episode.actions
+        for key, (_, dtype, shape) in _array_files(self.layout).items():
+            array = arrays[key]
+            if array is None:
+                raise ConfigError(f"episode of task {episode.task!r} has no camera {key.split('.', 1)[1]!r}; "
+                                  f"the store holds {list(self.layout.cameras)}")
+            if array.shape != (length, *shape):
+                raise ConfigError(f"episode array {key} has shape {array.shape}; expected {(length, *shape)}")
+        for key, (_, dtype, _) in _array_files(self.layout).items():
+            handle = self._files[key]
+            handle.write(np.ascontiguousarray(arrays[key], dtype=dtype).tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        row = {"episode": len(self.index), "task": episode.task, "instruction": episode.instruction,
+               "scene": episode.scene, "seed": int(episode.seed), "start": self.frames, "length": length}
+        with open(self._journal, "a") as journal:
+            journal.write(json.dumps(row) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+        self.index.append(row)
+
+    def commit(self) -> EpisodeStore:
+        for handle in self._files.values():
+            handle.close()
+        if not self.index:
+            raise StoreError(f"no episodes were written to {self.path}")
+        frames = self.frames
+        files = _array_files(self.layout)
+        actions = np.memmap(self.partial / files["actions"][0], np.float32, "r", shape=(frames, self.layout.action_dim))
+        state = np.memmap(self.partial / files["state"][0], np.float32, "r", shape=(frames, self.layout.state_dim))
+        pd.DataFrame(self.index, columns=INDEX_COLUMNS).to_parquet(self.partial / "episodes.parquet", index=False)
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "layout": asdict(self.layout),
+            "episodes": len(self.index),
+            "frames": frames,
+            "statistics": {"actions": asdict(Statistics.of(actions)), "state": asdict(Statistics.of(state))},
+            "metadata": self.metadata,
+        }
+        _write_json_atomic(self.partial / "meta.json", meta)
+        self._journal.unlink()
+        (self.partial / "layout.json").unlink()
+        _fsync_directory(self.partial)
+        if self.path.exists():
+            replaced = self.path.with_name(self.path.name + ".replaced")
+            os.rename(self.path, replaced)
+            os.rename(self.partial, self.path)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(self.partial, self.path)
+        _fsync_directory(self.path.parent)
+        return EpisodeStore(self.path)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+
+    def __enter__(self) -> EpisodeStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close()
+
+
+class EpisodeStore:
+    """A finished store, memory-mapped: nothing is loaded until indexed."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+            if self.path.name.endswith(PARTIAL_SUFFIX) or partial.exists():
+                raise StoreError(f"the store at {self.path} was left half-written (a crash interrupted writing "
+                                 f"{partial if partial.exists() else self.path}); re-run the command with --resume "
+                                 f"to finish it, or delete it")
+            if self.path.exists():
+                raise StoreError(f"{self.path} is not an episode store (no meta.json)")
+            raise StoreError(f"no episode store at {self.path}; create one with `robovlms data generate`")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has store schema version {meta.get('schema_version')}; this robovlms "
+                             f"reads version {SCHEMA_VERSION}: regenerate or re-import it")
+        self.meta = meta
+        layout = dict(meta["layout"])
+        layout["cameras"] = tuple(layout["cameras"])
+        self.layout = FrameLayout(**layout)
+        self.metadata: dict[str, Any] = meta.get("metadata", {})
+        self.episodes = pd.read_parquet(self.path / "episodes.parquet")
+        self.frames = int(meta["frames"])
+        self.action_statistics = Statistics(**meta["statistics"]["actions"])
+        self.state_statistics = Statistics(**meta["statistics"]["state"])
+        arrays = {}
+        for key, (filename, dtype, shape) in _array_files(self.layout).items():
+            file = self.path / filename
+            expected = self.frames * int(np.prod(shape)) * dtype.itemsize
+            if not file.exists() or file.stat().st_size != expected:
+                raise StoreError(f"{file} is missing or truncated: expected {expected} bytes")
+            arrays[key] = np.memmap(file, dtype, "r", shape=(self.frames, *shape))
+        self.images = {camera: arrays[f"images.{camera}"] for camera in self.layout.cameras}
+        self.state = arrays["state"]
+        self.actions = arrays["actions"]
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def tasks(self) -> list[str]:
+        return sorted(self.episodes["task"].unique())
+
+    def episode(self, index: int) -> Episode:
+        row = self.episodes.iloc[index]
+        frames = slice(int(row["start"]), int(row["start"] + row["length"]))
+        return Episode(task=row["task"], instruction=row["instruction"], scene=row["scene"], seed=int(row["seed"]),
+                       images={camera: np.asarray(images[frames]) for camera, images in self.images.items()},
+                       state=np.asarray(self.state[frames]), actions=np.asarray(self.actions[frames]))
+
+    def subset(self, fraction: float, seed: int = 0) -> list[int]:
+        """Episode indices of a deterministic per-task fraction; a smaller fraction is a subset of a larger one."""
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"data fraction must be in (0, 1], got {fraction}")
+        rng = np.random.default_rng(seed)
+        chosen = []
+        for task in self.tasks():
+            episodes = self.episodes.index[self.episodes["task"] == task].to_numpy()
+            order = rng.permutation(episodes)
+            chosen.extend(order[: max(1, math.ceil(fraction * len(order)))].tolist())
+        return sorted(chosen)
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "episodes": len(self), "frames": self.frames,
+                "tasks": self.tasks(), "scenes": sorted(self.episodes["scene"].unique()),
+                "layout": asdict(self.layout), "metadata": self.metadata}
+
