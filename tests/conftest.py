@@ -1,0 +1,21 @@
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # on a loaded 2-core machine, more threads make timings swing 30x
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory):
+    """Scripted demonstrations of two tasks in two scenes, shared by the tests that only read a real store."""
+    from robovlms.benchmarks.metaworld import MetaWorldBenchmark
+    from robovlms.demonstrations import generate_demonstrations
+
+    benchmark = MetaWorldBenchmark(tasks=["button-press-topdown", "door-open"], image_size=64)
+    path = tmp_path_factory.mktemp("stores") / "demo"
+    return generate_demonstrations(benchmark, "ABC->D", 2, path, scenes="AB", workers=2, progress=False)
