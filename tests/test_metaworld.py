@@ -1,0 +1,141 @@
+import functools
+
+import av
+import numpy as np
+import pytest
+
+from robovlms.baselines import MeanActionPolicy, ReplayPolicy, ZeroPolicy
+from robovlms.benchmark import EpisodeSpec, create_benchmark
+from robovlms.benchmarks.metaworld import (MetaWorldBenchmark, evaluation_instructions, resolve_tasks,
+                                           training_instructions)
+from robovlms.errors import ConfigError, UnknownNameError
+from robovlms.rollout import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_generation_keeps_successful_episodes_of_each_task_and_scene(demo_store):
+    counts = demo_store.episodes.groupby(["task", "scene"]).size()
+    assert counts.to_dict() == {("button-press-topdown", "A"): 2, ("button-press-topdown", "B"): 2,
+                                ("door-open", "A"): 2, ("door-open", "B"): 2}
+    assert demo_store.layout.image_size == 64 and demo_store.layout.action_dim == 4
+    assert demo_store.metadata["benchmark"] == "metaworld"
+    assert len(set(zip(demo_store.episodes["scene"], demo_store.episodes["seed"]))) == 4  # seeds recorded, distinct
+    for _, row in demo_store.episodes.iterrows():
+        assert row["instruction"] in training_instructions(row["task"])
+    episode = demo_store.episode(0)
+    assert episode.images["rgb_static"].shape == (len(episode), 64, 64, 3)
+    assert np.abs(episode.actions).max() <= 1.0
+
+
+def test_replaying_a_stored_demonstration_from_its_seed_succeeds(demo_store):
+    benchmark = MetaWorldBenchmark(tasks="demo", cameras=("rgb_static",))
+    episode = demo_store.episode(0)
+    environment = benchmark.make_environment()
+    environment.reset(EpisodeSpec(episode.task, episode.scene, episode.instruction, episode.seed))
+    results = [environment.step(action, observe=False)[1] for action in episode.actions]
+    environment.close()
+    assert results[-1] and not any(results[:-1])
+
+
+def test_scripted_expert_succeeds_and_zero_action_never_does():
+    benchmark = MetaWorldBenchmark(tasks="button-press-topdown", cameras=("rgb_static",))
+    specs = benchmark.evaluation_episodes("ABC->D", 10)
+    expert = evaluate(benchmark, benchmark.scripted_expert(), specs, workers=2, progress=False)
+    zero = evaluate(benchmark, functools.partial(ZeroPolicy, 4), specs, workers=2, progress=False)
+    assert sum(r.success for r in expert) >= 9
+    assert sum(r.success for r in zero) == 0 and all(r.steps == benchmark.max_steps for r in zero)
+
+
+def test_baselines_roll_out_from_a_store(demo_store):
+    benchmark = MetaWorldBenchmark(tasks=["button-press-topdown", "door-open"], cameras=("rgb_static",),
+                                   max_steps=30)
+    specs = benchmark.evaluation_episodes("ABC->D", 1)
+    for factory in (functools.partial(MeanActionPolicy, str(demo_store.path)),
+                    functools.partial(ReplayPolicy, str(demo_store.path), 0)):
+        records = evaluate(benchmark, factory, specs, progress=False)
+        assert [r.task for r in records] == ["button-press-topdown", "door-open"]
+
+
+def test_evaluation_uses_held_out_scene_seeds_and_instructions():
+    benchmark = MetaWorldBenchmark(tasks="demo")
+    evaluation = benchmark.evaluation_episodes("ABC->D", 4)
+    training = benchmark.demonstration_episodes("ABC->D", 50)
+    assert {s.scene for s in evaluation} == {"D"} and {s.scene for s in training} == {"A", "B", "C"}
+    assert not {(s.task, s.seed) for s in evaluation} & {(s.task, s.seed) for s in training}
+    for spec in evaluation:
+        assert spec.instruction in evaluation_instructions(spec.task)
+        assert spec.instruction not in training_instructions(spec.task)
+    assert {s.scene for s in benchmark.evaluation_episodes("ABCD->D", 2)} == {"D"}
+    assert {s.scene for s in benchmark.demonstration_episodes("ABCD->D", 1)} == set("ABCD")
+
+
+def test_scenes_change_the_rendered_images_and_images_are_upright():
+    benchmark = MetaWorldBenchmark(tasks="button-press-topdown", image_size=96)
+    environment = benchmark.make_environment()
+    images = {scene: environment.reset(EpisodeSpec("button-press-topdown", scene, "x", 7)).images
+              for scene in "ABCD"}
+    environment.close()
+    for camera in ("rgb_static", "rgb_gripper"):
+        assert images["A"][camera].shape == (96, 96, 3)
+        for other in "BCD":
+            assert np.abs(images["A"][camera].astype(int) - images[other][camera].astype(int)).mean() > 5
+    # Upright: the third-person camera sees the plain background wall in its top right corner and the
+    # textured table and floor in its bottom right corner; upside down it would be the other way round.
+    for scene in "ABCD":
+        static = images[scene]["rgb_static"].astype(float)
+        assert static[:16, 48:].std() * 1.5 < static[-16:, 48:].std()
+
+
+def test_rollouts_with_two_workers_equal_rollouts_with_one():
+    benchmark = MetaWorldBenchmark(tasks=["button-press-topdown", "door-open"], cameras=("rgb_static",))
+    specs = benchmark.evaluation_episodes("ABC->D", 2)
+    one = evaluate(benchmark, benchmark.scripted_expert(), specs, workers=1, progress=False)
+    two = evaluate(benchmark, benchmark.scripted_expert(), specs, workers=2, progress=False)
+    assert [(r.task, r.seed, r.success, r.steps) for r in one] == [(r.task, r.seed, r.success, r.steps) for r in two]
+
+
+def test_chunked_policy_observes_once_per_chunk():
+    class CountingChunkPolicy:
+        observations = 0
+
+        def reset(self, spec):
+            pass
+
+        def step(self, observation):
+            CountingChunkPolicy.observations += 1
+            return np.zeros((8, 4), dtype=np.float32)
+
+    benchmark = MetaWorldBenchmark(tasks="button-press-topdown", cameras=("rgb_static",), max_steps=40)
+    records = evaluate(benchmark, CountingChunkPolicy, benchmark.evaluation_episodes("ABC->D", 1), progress=False)
+    assert records[0].steps == 40 and CountingChunkPolicy.observations == 5
+
+
+def test_videos_are_written_for_the_first_episodes_of_each_task(tmp_path):
+    benchmark = MetaWorldBenchmark(tasks="button-press-topdown", cameras=("rgb_static",), max_steps=10)
+    records = evaluate(benchmark, functools.partial(ZeroPolicy, 4), benchmark.evaluation_episodes("ABC->D", 2),
+                       video_dir=tmp_path, videos_per_task=1, progress=False)
+    assert "video" in records[0].extra and "video" not in records[1].extra
+    with av.open(records[0].extra["video"]) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 10
+
+
+def test_bad_names_list_the_valid_choices():
+    with pytest.raises(UnknownNameError, match="unknown Meta-World task .*'open-sesame'.*button-press-topdown"):
+        resolve_tasks(["open-sesame"])
+    with pytest.raises(UnknownNameError, match="unknown split 'AB->C'; valid choices: ABC->D, ABCD->D, D->D"):
+        MetaWorldBenchmark(tasks="demo").evaluation_episodes("AB->C", 1)
+    with pytest.raises(UnknownNameError, match="unknown scene 'E'"):
+        MetaWorldBenchmark(tasks="demo").demonstration_episodes("ABC->D", 1, scenes="AE")
+    with pytest.raises(UnknownNameError, match="unknown camera 'rgb_tactile'"):
+        MetaWorldBenchmark(cameras=("rgb_tactile",))
+    with pytest.raises(ConfigError, match="64 to 224"):
+        MetaWorldBenchmark(image_size=32)
+    with pytest.raises(UnknownNameError, match="unknown benchmark 'libero'; valid choices: .*metaworld"):
+        create_benchmark("libero")
+
+
+def test_task_sets():
+    assert len(resolve_tasks("mt10")) == 10 and len(resolve_tasks("mt50")) == 50
+    assert resolve_tasks("demo") == ("button-press-topdown", "door-open", "plate-slide", "window-open")
+    assert resolve_tasks(["reach-v3"]) == ("reach",)

@@ -1,0 +1,137 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from robovlms.errors import ConfigError, StoreError
+from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
+
+LAYOUT = FrameLayout(cameras=("rgb_static", "rgb_gripper"), image_size=8, state_dim=3, action_dim=4)
+
+
+def synthetic_episode(rng, task, length, scene="A", seed=0):
+    return Episode(task=task, instruction=f"do {task}", scene=scene, seed=seed,
+                   images={c: rng.integers(0, 256, (length, 8, 8, 3), dtype=np.uint8) for c in LAYOUT.cameras},
+                   state=rng.normal(size=(length, 3)).astype(np.float32),
+                   actions=rng.uniform(-1, 1, (length, 4)).astype(np.float32))
+
+
+def write_store(path, episodes, **kwargs):
+    with EpisodeStoreWriter(path, LAYOUT, **kwargs) as writer:
+        for episode in episodes:
+            writer.add(episode)
+        return writer.commit()
+
+
+def test_round_trip_returns_every_episode_unchanged(tmp_path):
+    rng = np.random.default_rng(0)
+    episodes = [synthetic_episode(rng, task, length, scene, seed)
+                for task, length, scene, seed in [("a", 5, "A", 1), ("b", 9, "B", 2), ("a", 3, "C", 3)]]
+    store = write_store(tmp_path / "store", episodes)
+    reopened = EpisodeStore(tmp_path / "store")
+    assert len(reopened) == 3 and reopened.frames == 17
+    for index, original in enumerate(episodes):
+        loaded = reopened.episode(index)
+        assert (loaded.task, loaded.scene, loaded.seed, loaded.instruction) == (
+            original.task, original.scene, original.seed, original.instruction)
+        np.testing.assert_array_equal(loaded.actions, original.actions)
+        np.testing.assert_array_equal(loaded.state, original.state)
+        for camera in LAYOUT.cameras:
+            np.testing.assert_array_equal(loaded.images[camera], original.images[camera])
+    assert store.tasks() == ["a", "b"]
+
+
+def test_action_statistics_equal_numpy(tmp_path):
+    rng = np.random.default_rng(1)
+    episodes = [synthetic_episode(rng, "a", n) for n in (30, 50, 20)]
+    store = write_store(tmp_path / "store", episodes)
+    actions = np.concatenate([e.actions for e in episodes]).astype(np.float64)
+    stats = store.action_statistics
+    np.testing.assert_allclose(stats.p01, np.percentile(actions, 1, axis=0))
+    np.testing.assert_allclose(stats.p99, np.percentile(actions, 99, axis=0))
+    np.testing.assert_allclose(stats.mean, actions.mean(axis=0))
+    np.testing.assert_allclose(stats.std, actions.std(axis=0))
+    np.testing.assert_allclose(stats.min, actions.min(axis=0))
+    np.testing.assert_allclose(stats.max, actions.max(axis=0))
+
+
+def test_fraction_subsets_are_deterministic_nested_and_per_task(tmp_path):
+    rng = np.random.default_rng(2)
+    episodes = [synthetic_episode(rng, task, 2) for task in ["a"] * 20 + ["b"] * 10]
+    store = write_store(tmp_path / "store", episodes)
+    tenth, half, full = store.subset(0.1, seed=3), store.subset(0.5, seed=3), store.subset(1.0, seed=3)
+    assert tenth == store.subset(0.1, seed=3)
+    assert set(tenth) <= set(half) <= set(full) == set(range(30))
+    tasks = store.episodes["task"]
+    assert sorted(tasks[tenth]) == ["a", "a", "b"] and list(tasks[half]).count("b") == 5
+    assert store.subset(0.5, seed=4) != half
+    with pytest.raises(ConfigError, match="fraction"):
+        store.subset(0.0)
+
+
+def test_existing_store_is_not_overwritten_without_overwrite(tmp_path):
+    rng = np.random.default_rng(3)
+    write_store(tmp_path / "store", [synthetic_episode(rng, "a", 4)])
+    with pytest.raises(StoreError, match="--overwrite"):
+        EpisodeStoreWriter(tmp_path / "store", LAYOUT)
+    write_store(tmp_path / "store", [synthetic_episode(rng, "b", 6)], overwrite=True)
+    assert EpisodeStore(tmp_path / "store").tasks() == ["b"]
+
+
+def test_store_of_another_schema_version_is_refused(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(4), "a", 4)])
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    meta["schema_version"] = 99
+    (tmp_path / "store" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="schema version 99"):
+        EpisodeStore(tmp_path / "store")
+
+
+def test_truncated_array_file_is_reported(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(5), "a", 4)])
+    with open(tmp_path / "store" / "actions.f32", "r+b") as file:
+        file.truncate(10)
+    with pytest.raises(StoreError, match="actions.f32 is missing or truncated"):
+        EpisodeStore(tmp_path / "store")
+
+
+def test_episode_of_wrong_shape_is_rejected(tmp_path):
+    episode = synthetic_episode(np.random.default_rng(6), "a", 4)
+    episode.actions = episode.actions[:, :2]
+    with EpisodeStoreWriter(tmp_path / "store", LAYOUT) as writer, pytest.raises(ConfigError, match="actions"):
+        writer.add(episode)
+
+
+CRASHING_WRITER = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_store import LAYOUT, synthetic_episode
+    from robovlms.store import EpisodeStoreWriter
+    rng = np.random.default_rng(0)
+    writer = EpisodeStoreWriter({path!r}, LAYOUT, resume=True)
+    for index in range(len(writer), 6):
+        writer.add(synthetic_episode(rng, "a", 5, seed=index))
+        if index == 2 and {crash}:
+            os._exit(9)  # killed mid-write: no commit, no clean-up
+    writer.commit()
+""")
+
+
+def test_crash_mid_write_leaves_no_loadable_store_and_resume_finishes_it(tmp_path):
+    path = tmp_path / "store"
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_WRITER.format(tests=tests, path=str(path), crash=True)])
+    assert crashed.returncode == 9
+    with pytest.raises(StoreError, match="half-written"):
+        EpisodeStore(path)
+    with pytest.raises(StoreError, match="half-written"):
+        EpisodeStore(tmp_path / "store.partial")
+    resumed = subprocess.run([sys.executable, "-c", CRASHING_WRITER.format(tests=tests, path=str(path), crash=False)])
+    assert resumed.returncode == 0
+    store = EpisodeStore(path)
+    assert list(store.episodes["seed"]) == [0, 1, 2, 3, 4, 5]
+    assert store.frames == 30
