@@ -137,6 +137,14 @@ def evaluate_command(
     console.print_json(json.dumps(bench.score(records)))
 
 
+@app.command("backbones")
+def backbones_command() -> None:
+    """List the registered backbones (built-in and from plugins) with their tiny sizes' parameter counts."""
+    from robovlms.backbone import backbones_table
+
+    console.print(backbones_table())
+
+
 @app.command("benchmarks")
 def benchmarks_command() -> None:
     """List the registered benchmarks."""
