@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6
+PLUGIN := examples/robovlms-llava-plugin
+DEMO_STORE := data/demo
+DEMO_REPORT := reports/demo
+WORKERS ?= 2
+
+export MUJOCO_GL ?= egl
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install system-packages demo test benchmarks clean
+
+install: $(VENV)/.installed
+
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages for headless MuJoCo rendering: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	fi
+
+# torch is pinned to the CPU build first, so nothing later pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml $(PLUGIN)/pyproject.toml | system-packages
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e $(PLUGIN)
+	touch $@
+
+demo: install
+	@test -f $(DEMO_STORE)/meta.json || $(BIN)/robovlms data generate $(DEMO_STORE) --tasks demo --split 'ABC->D' \
+	  --episodes 20 --cameras rgb_static --workers $(WORKERS)
+	@for policy in expert zero mean replay; do \
+	  $(BIN)/robovlms evaluate --policy $$policy --store $(DEMO_STORE) --split 'ABC->D' --episodes 15 \
+	    --workers $(WORKERS) --out $(DEMO_REPORT)/$$policy || exit 1; \
+	done
+
+test: install
+	$(BIN)/python -m pytest -q
+
+benchmarks: install
+	$(BIN)/python benchmarks/data_and_rollouts.py
+
+clean:
+	rm -rf $(VENV) data/demo reports/demo
