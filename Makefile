@@ -35,9 +35,9 @@ $(VENV)/.installed: pyproject.toml $(PLUGIN)/pyproject.toml | system-packages
 
 demo: install
 	@test -f $(DEMO_STORE)/meta.json || $(BIN)/robovlms data generate $(DEMO_STORE) --tasks demo --split 'ABC->D' \
-	  --episodes 20 --cameras rgb_static --workers $(WORKERS)
+	  --episodes 10 --cameras rgb_static --workers $(WORKERS)
 	@for policy in expert zero mean replay; do \
-	  $(BIN)/robovlms evaluate --policy $$policy --store $(DEMO_STORE) --split 'ABC->D' --episodes 15 \
+	  $(BIN)/robovlms evaluate --policy $$policy --store $(DEMO_STORE) --split 'ABC->D' --episodes 10 \
 	    --workers $(WORKERS) --out $(DEMO_REPORT)/$$policy || exit 1; \
 	done
 

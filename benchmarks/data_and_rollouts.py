@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from robovlms.backbone import create_backbone
-from robovlms.baselines import ZeroPolicy
 from robovlms.benchmarks.metaworld import MetaWorldBenchmark
 from robovlms.dataset import WindowDataset, window_loader
 from robovlms.demonstrations import generate_demonstrations
@@ -29,14 +28,17 @@ from robovlms.rollout import evaluate
 TASK = "button-press-topdown"
 
 
-class ChunkedZeroPolicy:
-    """Returns eight zero actions at a time, like a chunked policy executing open-loop."""
+class ZeroChunkPolicy:
+    """Returns `chunk` zero actions at a time: 1 observes every step, 8 is a chunked policy executing open-loop."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
 
     def reset(self, spec) -> None:
         pass
 
     def step(self, observation) -> np.ndarray:
-        return np.zeros((8, 4), dtype=np.float32)
+        return np.zeros((self.chunk, 4), dtype=np.float32)
 
 
 def rollout_steps_per_second(benchmark, factory, specs, workers: int) -> tuple[float, float]:
@@ -99,12 +101,12 @@ def main() -> None:
               f"{len(store) / seconds:.2f} episodes/s, {store.frames / seconds:.0f} frames/s")
 
         specs = benchmark.evaluation_episodes("ABC->D", args.episodes)
-        zero = functools.partial(ZeroPolicy, 4)
+        zero = functools.partial(ZeroChunkPolicy, 1)
         one, one_seconds = rollout_steps_per_second(benchmark, zero, specs, workers=1)
         two, two_seconds = rollout_steps_per_second(benchmark, zero, specs, workers=2)
         print(f"rollouts, observing every step: 1 worker {one:.0f} steps/s ({one_seconds:.1f} s), "
               f"2 workers {two:.0f} steps/s ({two_seconds:.1f} s): {two / one:.2f}x (target >= 1.7x)")
-        chunked, chunked_seconds = rollout_steps_per_second(benchmark, ChunkedZeroPolicy, specs, workers=1)
+        chunked, chunked_seconds = rollout_steps_per_second(benchmark, functools.partial(ZeroChunkPolicy, 8), specs, workers=1)
         print(f"rollouts, 8-step chunks open-loop (one render in eight): 1 worker {chunked:.0f} steps/s "
               f"({chunked_seconds:.1f} s): {chunked / one:.2f}x observing every step")
 

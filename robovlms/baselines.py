@@ -7,6 +7,8 @@ import numpy as np
 from robovlms.benchmark import EpisodeSpec, Observation
 from robovlms.store import EpisodeStore
 
+CONSTANT_CHUNK = 10_000  # a constant policy needs no observation: one chunk covers the episode, with one render
+
 
 class ZeroPolicy:
     """Does nothing: the arm stays where it is."""
@@ -18,7 +20,7 @@ class ZeroPolicy:
         pass
 
     def step(self, observation: Observation) -> np.ndarray:
-        return np.zeros(self.action_dim, dtype=np.float32)
+        return np.zeros((CONSTANT_CHUNK, self.action_dim), dtype=np.float32)
 
 
 class MeanActionPolicy:
@@ -35,7 +37,7 @@ class MeanActionPolicy:
         self._action = self.mean_actions[spec.task]
 
     def step(self, observation: Observation) -> np.ndarray:
-        return self._action
+        return np.broadcast_to(self._action, (CONSTANT_CHUNK, len(self._action)))
 
 
 class ReplayPolicy:
