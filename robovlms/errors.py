@@ -34,3 +34,7 @@ class ConfigError(RobovlmsError, ValueError):
 
 class MissingDependencyError(RobovlmsError, ImportError):
     """An optional package is needed; the message says exactly what to install."""
+
+
+class ShapeError(RobovlmsError, ValueError):
+    """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""

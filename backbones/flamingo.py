@@ -1,0 +1,86 @@
+"""Flamingo (IdeficsForVisionText2Text, the transformers reproduction of Flamingo): a perceiver resampler
+turns each image into a few latents; gated cross-attention layers before the decoder layers let each text
+position attend to the images of its frame. Images are not in the token sequence; an
+<fake_token_around_image><image><fake_token_around_image> block marks where each image was seen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
+
+from robovlms.backbone import Context, TransformersBackbone, options_to_config
+from robovlms.tokenizer import train_instruction_tokenizer
+
+IMAGE_TOKEN, AROUND_IMAGE_TOKEN = "<image>", "<fake_token_around_image>"
+
+
+@dataclass
+class FlamingoTinyConfig:
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    image_size: int = 64
+    patch_size: int = 8
+    latents: int = 16  # perceiver resampler outputs per image
+    resampler_depth: int = 2
+    gate_init_std: float = 0.1  # tanh gates start open a little: a random model must not ignore the image
+    tokenizer_vocab_size: int = 512
+
+
+class FlamingoBackbone(TransformersBackbone):
+    name = "flamingo"
+    description = "Flamingo (IDEFICS): CLIP ViT + perceiver resampler, gated cross-attention into the decoder"
+    model_class = IdeficsForVisionText2Text
+    model_types = ("idefics",)
+    lora_target_modules = r"model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+
+    @classmethod
+    def tiny(cls, **options) -> FlamingoBackbone:
+        tiny = options_to_config(FlamingoTinyConfig, options, cls.name)
+        tokenizer = train_instruction_tokenizer(tiny.tokenizer_vocab_size, [IMAGE_TOKEN, AROUND_IMAGE_TOKEN])
+        processor = IdeficsProcessor(IdeficsImageProcessorPil(image_size=tiny.image_size), tokenizer,
+                                     image_size=tiny.image_size)
+        config = IdeficsConfig(
+            vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=4 * tiny.hidden_size,
+            num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads, max_position_embeddings=1024,
+            # IDEFICS defaults: closed gates (zeros) and frozen layers, right for a pretrained LM, not for a tiny one
+            alpha_initializer="normal", alpha_type="vector", alphas_initializer_range=tiny.gate_init_std,
+            freeze_text_layers=False, freeze_vision_layers=False, use_resampler=True,
+            vision_config=dict(embed_dim=tiny.hidden_size, intermediate_size=4 * tiny.hidden_size,
+                               num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads,
+                               image_size=tiny.image_size, patch_size=tiny.patch_size),
+            perceiver_config=dict(use_resampler=True, resampler_n_latents=tiny.latents,
+                                  resampler_depth=tiny.resampler_depth, resampler_n_heads=tiny.heads,
+                                  resampler_head_dim=tiny.hidden_size // tiny.heads),
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id)
+        return cls(IdeficsForVisionText2Text(config), processor, "tiny", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def image_block(self) -> tuple[list[int], int, list[int]]:
+        around, image = self.tokenizer.convert_tokens_to_ids([AROUND_IMAGE_TOKEN, IMAGE_TOKEN])
+        return [around, image, around], 0, []
+
+    def contextualise(self, context: Context, images: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
+        rows = context.input_ids.shape[0]
+        images_per_row = context.frames_per_row * context.views
+        frame_of_image = torch.arange(images_per_row, device=images.device) // context.views
+        # each position cross-attends to every view of its own frame and to no other frame
+        image_attention_mask = (context.frame.unsqueeze(-1) == frame_of_image).long()  # (R, L, images per row)
+        embeds = self.merge_embeddings(context, None, suffix_embeds)
+        return self.model.model(inputs_embeds=embeds, attention_mask=context.attention_mask,
+                                pixel_values=images.view(rows, images_per_row, *images.shape[1:]),
+                                image_attention_mask=image_attention_mask, use_cache=False).last_hidden_state
+
+    def vision_modules(self) -> list[nn.Module]:
+        return [self.model.model.vision_model, self.model.model.perceiver_resampler]
+
+    def language_modules(self) -> list[nn.Module]:
+        decoder = self.model.model
+        return [decoder.embed_tokens, decoder.layers, decoder.norm, self.model.lm_head]

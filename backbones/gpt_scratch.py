@@ -1,0 +1,180 @@
+"""gpt-scratch: the no-VLM-pretraining baseline. A small conv stem turns each image into a grid of tokens
+that take their place in the sequence of a nanoGPT-style causal decoder; everything trains from scratch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from robovlms.backbone import SPEC_FILE, Backbone, Context, load_backbone, options_to_config, resolve_pretrained
+from robovlms.errors import ConfigError
+from robovlms.tokenizer import train_instruction_tokenizer
+
+
+@dataclass
+class GPTScratchConfig:
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    image_size: int = 64
+    conv_channels: int = 64  # 4 stride-2 convs: an S x S image becomes (S/16)^2 tokens
+    max_positions: int = 512
+    vocab_size: int = 512  # the tokenizer's size; grows when action tokens are appended
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+class ConvImageEncoder(nn.Module):
+    def __init__(self, config: GPTScratchConfig):
+        super().__init__()
+        channels = [3, config.conv_channels // 2, config.conv_channels, config.conv_channels, config.conv_channels]
+        layers = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Linear(config.conv_channels, config.hidden_size)
+        self.position = nn.Parameter(torch.zeros((config.image_size // 16) ** 2, config.hidden_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.convs(images)  # (N, C, S/16, S/16)
+        x = x.flatten(2).transpose(1, 2)  # (N, n, C)
+        return self.proj(x) + self.position  # (N, n, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTScratchConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
+        # right padding comes after every real token, so causality alone keeps it out of their view
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTScratchConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, 4 * config.hidden_size), nn.GELU(),
+                                 nn.Linear(4 * config.hidden_size, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTScratch(nn.Module):
+    def __init__(self, config: GPTScratchConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ConvImageEncoder(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_positions, config.hidden_size)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
+        self.ln_f = nn.LayerNorm(config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        L = inputs_embeds.shape[1]
+        if L > self.config.max_positions:
+            raise ConfigError(f"context of {L} tokens exceeds gpt-scratch max_positions={self.config.max_positions}")
+        x = inputs_embeds + self.wpe(torch.arange(L, device=inputs_embeds.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)  # (B, L, D)
+
+
+class GPTScratchBackbone(Backbone):
+    name = "gpt-scratch"
+    description = "no VLM pre-training: conv image stem + nanoGPT-style decoder, trained from scratch"
+    model_types = ("gpt-scratch",)
+    lora_target_modules = r"blocks\.\d+\.attn\.(qkv|proj)"
+
+    def __init__(self, config: GPTScratchConfig, tokenizer, size: str, origin: str | None):
+        super().__init__(size=size, origin=origin, tokenizer=tokenizer, image_size=config.image_size,
+                         image_mean=config.image_mean, image_std=config.image_std)
+        self.model = GPTScratch(config)
+
+    @classmethod
+    def tiny(cls, **options) -> GPTScratchBackbone:
+        tokenizer_vocab_size = options.pop("vocab_size", GPTScratchConfig.vocab_size)
+        tokenizer = train_instruction_tokenizer(tokenizer_vocab_size)
+        config = options_to_config(GPTScratchConfig, {**options, "vocab_size": len(tokenizer)}, cls.name)
+        return cls(config, tokenizer, "tiny", None)
+
+    @classmethod
+    def pretrained(cls, path: str) -> GPTScratchBackbone:
+        """gpt-scratch has no public weights: `path` is a directory saved from a gpt-scratch trained earlier."""
+        directory = resolve_pretrained(path, cls.model_types, cls.name)
+        if not (directory / SPEC_FILE).is_file():
+            raise ConfigError(f"{directory} holds no saved gpt-scratch backbone ({SPEC_FILE} is missing)")
+        backbone = load_backbone(directory)
+        backbone.size, backbone.origin = "pretrained", str(path)
+        return backbone
+
+    @classmethod
+    def from_saved(cls, directory: Path, size: str, origin: str | None) -> GPTScratchBackbone:
+        saved = json.loads((directory / "config.json").read_text())
+        saved.pop("model_type")
+        config = GPTScratchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        return cls(config, PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True), size, origin)
+
+    def save_files(self, directory: Path) -> None:
+        config = {"model_type": "gpt-scratch", **asdict(self.model.config)}
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        self.tokenizer.save_pretrained(directory)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def image_block(self) -> tuple[list[int], int, list[int]]:
+        return [], (self.image_size // 16) ** 2, []
+
+    def contextualise(self, context: Context, images: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
+        embeds = self.merge_embeddings(context, self.model.image_encoder(images), suffix_embeds)
+        return self.model(embeds)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.wte
+
+    def output_embeddings(self) -> nn.Module:
+        return self.model.lm_head
+
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        old = self.model.wte
+        new = nn.Embedding(vocab_size, old.embedding_dim).to(old.weight.device)
+        nn.init.normal_(new.weight, std=0.02)
+        with torch.no_grad():
+            new.weight[:old.num_embeddings] = old.weight
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.model.wte = new
+        self.model.lm_head = nn.Linear(old.embedding_dim, vocab_size, bias=False)
+        self.model.lm_head.weight = new.weight
+        self.model.config.vocab_size = vocab_size
+
+    def vision_modules(self) -> list[nn.Module]:
+        return [self.model.image_encoder]
+
+    def language_modules(self) -> list[nn.Module]:
+        return [self.model.wte, self.model.wpe, self.model.blocks, self.model.ln_f, self.model.lm_head]

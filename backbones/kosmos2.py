@@ -1,0 +1,79 @@
+"""KOSMOS-2 (Kosmos2ForConditionalGeneration): a CLIP ViT whose patches a latent-query resampler turns into
+a fixed number of image tokens, placed between <image> and </image> in the language model's sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPImageProcessorPil, Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Processor
+
+from robovlms.backbone import Context, TransformersBackbone, options_to_config
+from robovlms.tokenizer import train_instruction_tokenizer
+
+
+@dataclass
+class Kosmos2TinyConfig:
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    image_size: int = 64
+    patch_size: int = 8  # small patches: a 64x64 image gives 64 patches, enough detail to learn from quickly
+    latent_queries: int = 16  # image tokens per image in the language model's sequence
+    tokenizer_vocab_size: int = 512  # BPE trained in code; Kosmos-2's processor adds its own tokens on top
+
+
+class Kosmos2Backbone(TransformersBackbone):
+    name = "kosmos2"
+    description = "KOSMOS-2: CLIP ViT + latent-query resampler, image tokens in the decoder's sequence"
+    model_class = Kosmos2ForConditionalGeneration
+    model_types = ("kosmos-2",)
+    lora_target_modules = r"text_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+    @classmethod
+    def tiny(cls, **options) -> Kosmos2Backbone:
+        tiny = options_to_config(Kosmos2TinyConfig, options, cls.name)
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": tiny.image_size},
+                                                crop_size={"height": tiny.image_size, "width": tiny.image_size})
+        processor = Kosmos2Processor(image_processor, train_instruction_tokenizer(tiny.tokenizer_vocab_size))
+        tokenizer = processor.tokenizer
+        config = Kosmos2Config(
+            text_config=dict(vocab_size=len(tokenizer), embed_dim=tiny.hidden_size, layers=tiny.layers,
+                             ffn_dim=4 * tiny.hidden_size, attention_heads=tiny.heads, dropout=0.0,
+                             attention_dropout=0.0, max_position_embeddings=1024,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id),
+            vision_config=dict(hidden_size=tiny.hidden_size, intermediate_size=4 * tiny.hidden_size,
+                               num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads,
+                               image_size=tiny.image_size, patch_size=tiny.patch_size),
+            latent_query_num=tiny.latent_queries)
+        return cls(Kosmos2ForConditionalGeneration(config), processor, "tiny", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.embed_dim
+
+    def image_block(self) -> tuple[list[int], int, list[int]]:
+        begin, end = self.tokenizer.convert_tokens_to_ids([self.processor.boi_token, self.processor.eoi_token])
+        return [begin], self.model.config.latent_query_num, [end]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, latent_queries, D), as Kosmos2ForConditionalGeneration.forward computes them."""
+        patches = self.model.vision_model(pixel_values=images).last_hidden_state
+        patches = F.normalize(self.model.vision_model.model.post_layernorm(patches), dim=-1)
+        image_tokens, _ = self.model.image_to_text_projection(patches)
+        return image_tokens
+
+    def contextualise(self, context: Context, images: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
+        # unscaled embeddings: the text model multiplies text and image embeddings alike by sqrt(D)
+        embeds = self.merge_embeddings(context, self.encode_images(images), suffix_embeds)
+        return self.model.text_model.model(inputs_embeds=embeds, attention_mask=context.attention_mask,
+                                           use_cache=False).last_hidden_state
+
+    def vision_modules(self) -> list[nn.Module]:
+        return [self.model.vision_model, self.model.image_to_text_projection]
+
+    def language_modules(self) -> list[nn.Module]:
+        return [self.model.text_model]

@@ -1,0 +1,80 @@
+"""PaliGemma (PaliGemmaForConditionalGeneration): SigLIP patch tokens, linearly projected, fill the <image>
+slots of a Gemma decoder. Gemma attends bidirectionally over the prefix (everything before the first suffix
+token) and causally after it, as PaliGemma's prefix-LM does for prompt and answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
+
+from robovlms.backbone import Context, TransformersBackbone, options_to_config
+from robovlms.tokenizer import train_instruction_tokenizer
+
+
+@dataclass
+class PaliGemmaTinyConfig:
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    image_size: int = 64
+    patch_size: int = 8  # small patches learn fast; (64 / 8)^2 = 64 image tokens per image in the sequence
+    tokenizer_vocab_size: int = 512  # BPE trained in code; PaliGemma's processor adds <image>, <loc>, <seg> tokens
+
+
+class PaliGemmaBackbone(TransformersBackbone):
+    name = "paligemma"
+    description = "PaliGemma: SigLIP ViT + linear projector, image tokens in a prefix-LM Gemma decoder"
+    model_class = PaliGemmaForConditionalGeneration
+    model_types = ("paligemma",)
+    lora_target_modules = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+
+    @classmethod
+    def tiny(cls, **options) -> PaliGemmaBackbone:
+        tiny = options_to_config(PaliGemmaTinyConfig, options, cls.name)
+        image_processor = SiglipImageProcessorPil(size={"height": tiny.image_size, "width": tiny.image_size})
+        image_processor.image_seq_length = (tiny.image_size // tiny.patch_size) ** 2
+        processor = PaliGemmaProcessor(image_processor, train_instruction_tokenizer(tiny.tokenizer_vocab_size))
+        tokenizer = processor.tokenizer
+        config = PaliGemmaConfig(
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=tiny.hidden_size,
+                               intermediate_size=4 * tiny.hidden_size, num_hidden_layers=tiny.layers,
+                               num_attention_heads=tiny.heads, image_size=tiny.image_size,
+                               patch_size=tiny.patch_size, vision_use_head=False),  # patches, no pooled vector
+            text_config=dict(model_type="gemma", vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+                             intermediate_size=4 * tiny.hidden_size, num_hidden_layers=tiny.layers,
+                             num_attention_heads=tiny.heads, num_key_value_heads=1,
+                             head_dim=tiny.hidden_size // tiny.heads, max_position_embeddings=1024,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id),
+            image_token_index=processor.image_token_id, vocab_size=len(tokenizer),
+            projection_dim=tiny.hidden_size, hidden_size=tiny.hidden_size)
+        return cls(PaliGemmaForConditionalGeneration(config), processor, "tiny", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    def image_block(self) -> tuple[list[int], int, list[int]]:
+        return [], self.model.config.text_config.num_image_tokens, []
+
+    def contextualise(self, context: Context, images: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
+        image_tokens = self.model.model.get_image_features(images).pooler_output  # (N, n, D)
+        # Gemma's embedding layer scales by sqrt(D); image tokens and suffix embeddings go in as they are
+        embeds = self.merge_embeddings(context, image_tokens, suffix_embeds)
+        in_prefix = context.suffix_slots.long().cumsum(dim=1) == 0
+        return self.model.model(inputs_embeds=embeds, attention_mask=context.attention_mask,
+                                token_type_ids=(~in_prefix).long(), use_cache=False).last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(hidden)
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)  # PaliGemma 2 has one
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def vision_modules(self) -> list[nn.Module]:
+        return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
+
+    def language_modules(self) -> list[nn.Module]:
+        return [self.model.model.language_model, self.model.lm_head]

@@ -1,0 +1,454 @@
+"""The backbone interface: a vision-language model the four formulations talk to, and the registry of them.
+
+A backbone turns images, an instruction and a few suffix embeddings (the learnable [LRN] action token, or
+embedded action tokens) into the last-layer hidden states at those suffix positions. Two context layouts:
+
+    per frame (interleaved=False), one row per (sample, frame):
+        <s> [image block of view 1] ... [image block of view V] instruction [suffix_t]
+    interleaved (interleaved=True), one causal row per sample:
+        <s> instruction [image blocks of frame 1] [suffix_1] ... [image blocks of frame T] [suffix_T]
+
+An image block is a backbone's own framing of one image (`image_block()`: token ids before it, a number of
+slots that receive its image tokens, token ids after it); Flamingo-style backbones have no slots and
+cross-attend to the images instead. Rows are right-padded, so padding never shifts a position.
+
+Suffix embeddings are in the scale of `embed_tokens`, whatever the model does next: Kosmos-2 multiplies
+text and image embeddings by sqrt(D) inside its text model, Gemma inside its embedding layer.
+
+Backbones register in BACKBONES under a name; built-in ones and third-party ones alike declare an entry
+point in the group `robovlms.backbones` that names their Backbone subclass.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from robovlms.errors import ConfigError, ShapeError, UnknownNameError
+from robovlms.registry import Registry
+
+SIZES = ("tiny", "pretrained")
+FREEZE_MODES = ("full", "frozen-vision", "frozen-language", "lora")
+SPEC_FILE = "backbone.json"
+WEIGHTS_FILE = "backbone.safetensors"
+
+
+@dataclass
+class Context:
+    """Token layout of a batch of contexts. Image and suffix slots hold the pad id until filled."""
+
+    input_ids: torch.Tensor  # (R, L)
+    attention_mask: torch.Tensor  # (R, L), 0 on right padding
+    image_slots: torch.Tensor  # (R, L) bool, filled with image tokens in (row, image, token) order
+    suffix_slots: torch.Tensor  # (R, L) bool, filled with suffix embeddings in (row, frame, k) order
+    frame: torch.Tensor  # (R, L) frame (within the row) whose images came last at or before a position, -1 before any
+    frames_per_row: int
+    views: int
+
+    def to(self, device) -> Context:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Context(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in moved.items()})
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A vision-language model behind one interface. Subclasses hold the wrapped model in `self.model`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, *, size: str, origin: str | None, tokenizer, image_size: int,
+                 image_mean: tuple[float, ...], image_std: tuple[float, ...], rescale_factor: float = 1 / 255):
+        super().__init__()
+        self.size = size
+        self.origin = origin  # the pretrained directory or model id; None for a random init
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(3, 1, 1), persistent=False)
+        self.rescale_factor = rescale_factor
+        self.freeze_mode = "full"
+        self.lora_rank: int | None = None
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows seen before
+
+    # ---- what a backbone must provide --------------------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def tiny(cls, **options) -> Backbone:
+        """A small random-init model built offline, with options overriding its tiny config."""
+
+    @classmethod
+    @abc.abstractmethod
+    def pretrained(cls, path: str) -> Backbone:
+        """Real weights from a local directory or the local Hugging Face cache, never from the network."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_saved(cls, directory: Path, size: str, origin: str | None) -> Backbone:
+        """The architecture saved by `save_files` in `directory`, with freshly initialised weights."""
+
+    @abc.abstractmethod
+    def save_files(self, directory: Path) -> None:
+        """Write what `from_saved` needs to rebuild the architecture: model config, tokenizer, processor."""
+
+    @property
+    @abc.abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def image_block(self) -> tuple[list[int], int, list[int]]:
+        """Token ids before an image, number of image-token slots, token ids after it."""
+
+    @abc.abstractmethod
+    def contextualise(self, context: Context, images: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states (R, L, D) of the contexts; images (N, 3, S, S) in (row, frame, view) order,
+        suffix_embeds (R * suffixes per row, D) in slot order."""
+
+    @abc.abstractmethod
+    def input_embeddings(self) -> nn.Embedding: ...
+
+    @abc.abstractmethod
+    def output_embeddings(self) -> nn.Module: ...
+
+    @abc.abstractmethod
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        """Resize input embeddings and LM head to `vocab_size` rows, keeping the existing ones."""
+
+    @abc.abstractmethod
+    def vision_modules(self) -> list[nn.Module]:
+        """Vision tower and the projector into the language model."""
+
+    @abc.abstractmethod
+    def language_modules(self) -> list[nn.Module]:
+        """Language model: token embeddings, decoder layers, final norm, LM head."""
+
+    lora_target_modules: ClassVar[str]  # regex over `self.model` module names: the LM's attention projections
+
+    # ---- the interface the formulations use ---------------------------------------------------------------
+
+    @property
+    def random_init(self) -> bool:
+        return self.origin is None
+
+    @property
+    def label(self) -> str:
+        if self.random_init:
+            return f"{self.name} ({self.size}, random init)"
+        return f"{self.name} (pretrained: {self.origin})"
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, V, H, W, 3) -> float (B, T, V, 3, S, S), resized and normalised like the model's own
+        image processor (bilinear, antialiased)."""
+        if images.dim() != 6 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+            raise ShapeError(f"images must be uint8 (batch, time, views, height, width, 3); "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        B, T, V, H, W, _ = images.shape
+        x = images.reshape(B * T * V, H, W, 3).permute(0, 3, 1, 2).float()
+        if (H, W) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = (x * self.rescale_factor - self.image_mean) / self.image_std
+        return x.reshape(B, T, V, 3, self.image_size, self.image_size)
+
+    def forward(self, pixel_values: torch.Tensor, instructions: list[str], suffix_embeds: torch.Tensor,
+                interleaved: bool = False) -> torch.Tensor:
+        """pixel_values (B, T, V, 3, S, S), B instructions, suffix_embeds (B, T, K, D) in the scale of
+        `embed_tokens` -> hidden states (B, T, K, D) at the suffix positions."""
+        S, D = self.image_size, self.hidden_size
+        if pixel_values.dim() != 6 or tuple(pixel_values.shape[3:]) != (3, S, S):
+            raise ShapeError(f"pixel_values must be (batch, time, views, 3, {S}, {S}) for {self.label}; "
+                             f"got {tuple(pixel_values.shape)}")
+        B, T, V = pixel_values.shape[:3]
+        if len(instructions) != B:
+            raise ShapeError(f"expected {B} instructions (one per sample), got {len(instructions)}")
+        if suffix_embeds.dim() != 4 or tuple(suffix_embeds.shape[:2]) != (B, T) or suffix_embeds.shape[3] != D:
+            raise ShapeError(f"suffix_embeds must be ({B}, {T}, suffix length, {D}); got {tuple(suffix_embeds.shape)}")
+        K = suffix_embeds.shape[2]
+        context = self.build_context(instructions, T, V, K, interleaved).to(pixel_values.device)
+        images = pixel_values.reshape(B * T * V, 3, S, S)
+        hidden = self.contextualise(context, images, suffix_embeds.reshape(B * T * K, D))  # (R, L, D)
+        return hidden[context.suffix_slots].view(B, T, K, D)
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The model's own input embeddings, in the scale `forward` expects for suffix_embeds."""
+        return self.input_embeddings()(token_ids)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output_embeddings()(hidden)
+
+    def reserve_action_tokens(self, count: int, mode: str = "overwrite") -> torch.Tensor:
+        """Token ids for `count` action bins, in bin order.
+
+        overwrite: reuse the last `count` ids of the base vocabulary (the least used merges of a BPE vocabulary),
+        skipping special and added tokens; bin 0 takes the last id, as RT-2 and OpenVLA do.
+        append: add `count` new tokens to the tokenizer and grow the embeddings and LM head.
+        """
+        if mode not in ("overwrite", "append"):
+            raise UnknownNameError("action token mode", mode, ["overwrite", "append"])
+        if count < 1:
+            raise ConfigError(f"action token count must be positive, got {count}")
+        if mode == "overwrite":
+            added = set(self.tokenizer.get_added_vocab().values()) | set(self.tokenizer.all_special_ids)
+            candidates = [i for i in range(self.tokenizer.vocab_size - 1, -1, -1) if i not in added]
+            if count > len(candidates):
+                raise ConfigError(f"cannot overwrite {count} tokens: {self.label} has {len(candidates)} ordinary "
+                                  f"tokens; use mode='append'")
+            return torch.tensor(candidates[:count])
+        first = len(self.tokenizer)
+        self.tokenizer.add_tokens([f"<action_{first + i}>" for i in range(count)], special_tokens=True)
+        ids = torch.arange(first, first + count)
+        if len(self.tokenizer) > self.input_embeddings().num_embeddings:
+            self.resize_vocabulary(len(self.tokenizer))
+        return ids
+
+    def freeze(self, mode: str, lora_rank: int = 8) -> None:
+        """full | frozen-vision | frozen-language | lora (adapters on the LM attention, everything else frozen)."""
+        if mode not in FREEZE_MODES:
+            raise UnknownNameError("freeze mode", mode, FREEZE_MODES)
+        if self.freeze_mode == "lora" and mode != "lora":
+            raise ConfigError(f"{self.label} already carries LoRA adapters; build a fresh backbone for mode {mode!r}")
+        self.requires_grad_(mode != "lora")
+        if mode == "frozen-vision":
+            for module in self.vision_modules():
+                module.requires_grad_(False)
+        elif mode == "frozen-language":
+            for module in self.language_modules():
+                module.requires_grad_(False)
+        elif mode == "lora":
+            if self.lora_rank is None:
+                from peft import LoraConfig, inject_adapter_in_model
+
+                config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0,
+                                    target_modules=self.lora_target_modules)
+                inject_adapter_in_model(config, self.model)
+                self.lora_rank = lora_rank
+            elif lora_rank != self.lora_rank:
+                raise ConfigError(f"{self.label} already carries LoRA adapters of rank {self.lora_rank}, "
+                                  f"not {lora_rank}")
+            for name, parameter in self.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        self.freeze_mode = mode
+
+    def save(self, directory: str | Path) -> None:
+        """Everything needed to rebuild this backbone exactly, offline: see `load_backbone`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_files(directory)
+        spec = {"name": self.name, "size": self.size, "origin": self.origin, "freeze_mode": self.freeze_mode,
+                "lora_rank": self.lora_rank}
+        (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        save_model(self, str(directory / WEIGHTS_FILE))
+
+    # ---- context layout ---------------------------------------------------------------------------------
+
+    def build_context(self, instructions: list[str], frames: int, views: int, suffix_length: int,
+                      interleaved: bool) -> Context:
+        layouts = [self._row_layout(instruction, frames, views, suffix_length, interleaved)
+                   for instruction in instructions]
+        rows = [layout for layout in layouts for _ in range(1 if interleaved else frames)]
+        input_ids, kind, frame = (pad_sequence([row[i] for row in rows], batch_first=True, padding_value=value)
+                                  for i, value in enumerate((self.tokenizer.pad_token_id, _PAD, -1)))
+        return Context(input_ids=input_ids, attention_mask=(kind != _PAD).long(), image_slots=kind == _IMAGE,
+                       suffix_slots=kind == _SUFFIX, frame=frame, frames_per_row=frames if interleaved else 1,
+                       views=views)
+
+    def _row_layout(self, instruction: str, frames: int, views: int, suffix_length: int, interleaved: bool):
+        key = (instruction, frames, views, suffix_length, interleaved)
+        if key not in self._layouts:
+            self._layouts[key] = self._build_row_layout(*key)
+        return self._layouts[key]
+
+    def _build_row_layout(self, instruction: str, frames: int, views: int, suffix_length: int, interleaved: bool):
+        before, slots, after = self.image_block()
+        block_ids = before + [self.tokenizer.pad_token_id] * slots + after
+        block_kind = [_TEXT] * len(before) + [_IMAGE] * slots + [_TEXT] * len(after)
+        instruction_ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+        ids, kind, frame = [self.tokenizer.bos_token_id], [_TEXT], [-1]
+
+        def add(new_ids, new_kind, new_frame):
+            ids.extend(new_ids)
+            kind.extend(new_kind)
+            frame.extend([new_frame] * len(new_ids))
+
+        suffix_ids = [self.tokenizer.pad_token_id] * suffix_length
+        if not interleaved:
+            add(block_ids * views, block_kind * views, 0)
+            add(instruction_ids, [_TEXT] * len(instruction_ids), 0)
+            add(suffix_ids, [_SUFFIX] * suffix_length, 0)
+        else:
+            add(instruction_ids, [_TEXT] * len(instruction_ids), -1)
+            for t in range(frames):
+                add(block_ids * views, block_kind * views, t)
+                add(suffix_ids, [_SUFFIX] * suffix_length, t)
+        return torch.tensor(ids), torch.tensor(kind), torch.tensor(frame)
+
+    def merge_embeddings(self, context: Context, image_tokens: torch.Tensor | None,
+                         suffix_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (R, L, D) with image tokens (N, n, D) and suffix embeddings put into their slots."""
+        embeds = self.embed_tokens(context.input_ids)
+        if image_tokens is not None:
+            embeds = embeds.masked_scatter(context.image_slots.unsqueeze(-1), image_tokens.to(embeds.dtype))
+        return embeds.masked_scatter(context.suffix_slots.unsqueeze(-1), suffix_embeds.to(embeds.dtype))
+
+
+_PAD, _TEXT, _IMAGE, _SUFFIX = 0, 1, 2, 3  # what a context position holds
+
+
+
+class TransformersBackbone(Backbone):
+    """A backbone wrapping a transformers model class and its processor (tokenizer + image processor)."""
+
+    model_class: ClassVar[type]
+    model_types: ClassVar[tuple[str, ...]]  # config.json model_type values this backbone accepts
+
+    def __init__(self, model, processor, size: str, origin: str | None):
+        super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer,
+                         **processor_image_settings(processor.image_processor))
+        self.model = model
+        self.processor = processor
+
+    @classmethod
+    def pretrained(cls, path: str) -> Backbone:
+        from transformers import AutoProcessor
+
+        directory = resolve_pretrained(path, cls.model_types, cls.name)
+        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+        model = cls.model_class.from_pretrained(directory, local_files_only=True)
+        return cls(model, processor, "pretrained", str(path))
+
+    @classmethod
+    def from_saved(cls, directory: Path, size: str, origin: str | None) -> Backbone:
+        from transformers import AutoConfig, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+        model = cls.model_class(AutoConfig.from_pretrained(directory, local_files_only=True))
+        return cls(model, processor, size, origin)
+
+    def save_files(self, directory: Path) -> None:
+        self.processor.save_pretrained(directory)
+        self.model.config.save_pretrained(directory)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        self.model.resize_token_embeddings(vocab_size)
+
+
+# ---- helpers for backbone implementations -------------------------------------------------------------------
+
+
+def options_to_config(config_class: type, options: dict[str, Any], backbone: str):
+    """A tiny config dataclass from keyword overrides; an unknown key names the valid ones."""
+    valid = [f.name for f in fields(config_class)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for backbone {backbone!r}; "
+                          f"valid options: {', '.join(valid)}")
+    return config_class(**options)
+
+
+def resolve_pretrained(path: str | None, model_types: tuple[str, ...], backbone: str) -> Path:
+    """A local directory holding a model of one of `model_types`: `path` itself, or a model id already in
+    the local Hugging Face cache. Reads config.json only, so a bad path fails before any weights load."""
+    if path is None:
+        raise ConfigError(f"backbone {backbone!r} of size 'pretrained' needs path=: a local directory or a model "
+                          f"id in the local Hugging Face cache")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(str(path), local_files_only=True))
+        except (OSError, ValueError):
+            raise ConfigError(f"pretrained path {str(path)!r} for backbone {backbone!r} does not exist and is not a "
+                              f"model id in the local Hugging Face cache (nothing is downloaded)") from None
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{directory} holds no config.json; backbone {backbone!r} needs a model of type "
+                          f"{' or '.join(model_types)}")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in model_types:
+        raise ConfigError(f"{directory} holds a {model_type!r} model; backbone {backbone!r} needs a model of type "
+                          f"{' or '.join(model_types)}")
+    return directory
+
+
+def processor_image_settings(image_processor) -> dict[str, Any]:
+    """image_size, image_mean, image_std, rescale_factor as a transformers image processor configures them."""
+    size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
+    size = dict(size)
+    side = size.get("height", size.get("shortest_edge"))
+    return {"image_size": int(side), "image_mean": tuple(image_processor.image_mean),
+            "image_std": tuple(image_processor.image_std), "rescale_factor": float(image_processor.rescale_factor)}
+
+
+# ---- registry -----------------------------------------------------------------------------------------------
+
+BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones")
+
+
+def create_backbone(name: str, size: str = "tiny", path: str | None = None, **options) -> Backbone:
+    """The one way in: `create_backbone("kosmos2")`, `create_backbone("paligemma", "pretrained", path=...)`."""
+    backbone_class = BACKBONES.get(name)
+    if size not in SIZES:
+        raise UnknownNameError("backbone size", size, SIZES)
+    if size == "tiny":
+        if path is not None:
+            raise ConfigError(f"a tiny {name} is built from scratch; path={path!r} is only for size 'pretrained'")
+        return backbone_class.tiny(**options)
+    if options:
+        raise ConfigError(f"options {', '.join(sorted(options))} only apply to size 'tiny'; "
+                          f"a pretrained {name} takes its configuration from {path}")
+    return backbone_class.pretrained(path)
+
+
+def load_backbone(directory: str | Path) -> Backbone:
+    """Rebuild a backbone written by `Backbone.save`, offline, from that directory alone."""
+    directory = Path(directory)
+    spec_file = directory / SPEC_FILE
+    if not spec_file.is_file():
+        raise ConfigError(f"{directory} holds no saved backbone ({SPEC_FILE} is missing)")
+    spec = json.loads(spec_file.read_text())
+    backbone = BACKBONES.get(spec["name"]).from_saved(directory, spec["size"], spec["origin"])
+    backbone.freeze(spec["freeze_mode"], lora_rank=spec["lora_rank"] or 8)  # LoRA adapters exist before loading
+    load_model(backbone, str(directory / WEIGHTS_FILE))
+    return backbone
+
+
+def list_backbones() -> list[dict[str, Any]]:
+    """Every registered backbone with its description and the parameter count of its tiny size."""
+    rows = []
+    for name in BACKBONES.names():
+        backbone_class = BACKBONES.get(name)
+        rows.append({"name": name, "description": backbone_class.description,
+                     "tiny_parameters": backbone_class.tiny().num_parameters(),
+                     "package": backbone_class.__module__.split(".")[0]})
+    return rows
+
+
+def backbones_table():
+    """`robovlms backbones`: the registered backbones as a rich table."""
+    from rich.table import Table
+
+    table = Table(title="backbones (entry-point group robovlms.backbones)")
+    for column in ("name", "description", "tiny parameters", "package"):
+        table.add_column(column, justify="right" if column == "tiny parameters" else "left")
+    for row in list_backbones():
+        table.add_row(row["name"], row["description"], f"{row['tiny_parameters'] / 1e6:.2f}M", row["package"])
+    return table

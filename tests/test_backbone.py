@@ -1,0 +1,360 @@
+"""Backbone plugins: the interface every built-in backbone keeps, at its tiny size."""
+
+import pytest
+import torch
+
+from robovlms.backbone import BACKBONES, backbones_table, create_backbone, list_backbones, load_backbone
+from robovlms.errors import ConfigError, ShapeError, UnknownNameError
+
+BUILT_IN = ["kosmos2", "paligemma", "flamingo", "gpt-scratch"]
+INSTRUCTIONS = ["press the button from the top", "open the door"]  # different lengths: rows get padded
+
+VISION_PREFIXES = {
+    "kosmos2": ("model.vision_model.", "model.image_to_text_projection."),
+    "paligemma": ("model.model.vision_tower.", "model.model.multi_modal_projector."),
+    "flamingo": ("model.model.vision_model.", "model.model.perceiver_resampler."),
+    "gpt-scratch": ("model.image_encoder.",),
+}
+LANGUAGE_PREFIXES = {
+    "kosmos2": ("model.text_model.",),
+    "paligemma": ("model.model.language_model.", "model.lm_head."),
+    "flamingo": ("model.model.embed_tokens.", "model.model.layers.", "model.model.norm.", "model.lm_head."),
+    "gpt-scratch": ("model.wte.", "model.wpe.", "model.blocks.", "model.ln_f.", "model.lm_head."),
+}
+
+
+def random_images(backbone, batch, frames, views, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, frames, views, 64, 64, 3), dtype=torch.uint8, generator=generator)
+    return backbone.preprocess_images(images)
+
+
+def lrn_token(backbone, batch, frames):
+    lrn = torch.nn.Parameter(torch.randn(backbone.hidden_size) * 0.02)
+    return lrn, lrn.view(1, 1, 1, -1).expand(batch, frames, 1, -1)
+
+
+@pytest.fixture(params=BUILT_IN)
+def backbone(request):
+    torch.manual_seed(0)
+    return create_backbone(request.param)
+
+
+@pytest.mark.parametrize("frames, views", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_forward_and_backward_reach_the_lrn_embedding(backbone, frames, views, interleaved):
+    pixel_values = random_images(backbone, 2, frames, views)
+    lrn, suffix = lrn_token(backbone, 2, frames)
+    hidden = backbone(pixel_values, INSTRUCTIONS, suffix, interleaved=interleaved)
+    assert hidden.shape == (2, frames, 1, backbone.hidden_size)
+    hidden.pow(2).sum().backward()
+    assert lrn.grad is not None and lrn.grad.abs().sum() > 0
+    vision_grads = [p.grad for p in backbone.vision_modules()[0].parameters() if p.grad is not None]
+    assert vision_grads and any(g.abs().sum() > 0 for g in vision_grads)  # the images reach the output
+
+
+def test_interleaved_hidden_state_sees_only_frames_up_to_its_own(backbone):
+    backbone.eval()
+    pixel_values = random_images(backbone, 2, 3, 1)
+    _, suffix = lrn_token(backbone, 2, 3)
+    changed = pixel_values.clone()
+    changed[:, 2] = random_images(backbone, 2, 1, 1, seed=1)[:, 0]
+    with torch.no_grad():
+        before = backbone(pixel_values, INSTRUCTIONS, suffix, interleaved=True)
+        after = backbone(changed, INSTRUCTIONS, suffix, interleaved=True)
+    assert torch.equal(before[:, :2], after[:, :2])
+    assert not torch.allclose(before[:, 2], after[:, 2])
+
+
+def test_per_frame_contexts_see_only_their_own_frame(backbone):
+    backbone.eval()
+    pixel_values = random_images(backbone, 2, 3, 1)
+    _, suffix = lrn_token(backbone, 2, 3)
+    changed = pixel_values.clone()
+    changed[:, 0] = random_images(backbone, 2, 1, 1, seed=1)[:, 0]
+    with torch.no_grad():
+        before = backbone(pixel_values, INSTRUCTIONS, suffix)
+        after = backbone(changed, INSTRUCTIONS, suffix)
+    assert torch.equal(before[:, 1:], after[:, 1:])
+    assert not torch.allclose(before[:, 0], after[:, 0])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_padding_in_a_batch_does_not_change_a_sample(backbone, interleaved):
+    backbone.eval()
+    pixel_values = random_images(backbone, 2, 2, 1)
+    _, suffix = lrn_token(backbone, 2, 2)
+    with torch.no_grad():
+        batched = backbone(pixel_values, INSTRUCTIONS, suffix, interleaved=interleaved)
+        alone = backbone(pixel_values[1:], INSTRUCTIONS[1:], suffix[1:], interleaved=interleaved)
+    torch.testing.assert_close(batched[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def reference_context_ids(backbone, name, instruction):
+    """The documented per-frame layout, <s> [image block] instruction, spelled out by hand per backbone."""
+    tokenizer = backbone.tokenizer
+    slot = tokenizer.pad_token_id
+    if name == "kosmos2":
+        image = ["<image>"], backbone.model.config.latent_query_num, ["</image>"]
+    elif name == "paligemma":
+        image, slot = ([], backbone.model.config.text_config.num_image_tokens, []), backbone.model.config.image_token_id
+    elif name == "flamingo":
+        image = ["<fake_token_around_image>", "<image>", "<fake_token_around_image>"], 0, []
+    else:
+        image = [], (backbone.image_size // 16) ** 2, []
+    before, slots, after = image
+    ids = ([tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(before) + [slot] * slots
+           + tokenizer.convert_tokens_to_ids(after) + tokenizer(instruction, add_special_tokens=False)["input_ids"])
+    image_mask = [0] * (1 + len(before)) + [1] * slots + [0] * (len(ids) - 1 - len(before) - slots)
+    return torch.tensor([ids]), torch.tensor([image_mask])
+
+
+def reference_lrn_hidden(backbone, name, pixel_values, instruction, lrn):
+    """Hidden state and logits at an [LRN] appended to inputs_embeds, from the wrapped model's own forward."""
+    ids, image_mask = reference_context_ids(backbone, name, instruction)
+    embeds = torch.cat([backbone.model.get_input_embeddings()(ids) if name != "gpt-scratch"
+                        else backbone.model.wte(ids), lrn.view(1, 1, -1)], dim=1)
+    image_mask = torch.cat([image_mask, torch.zeros(1, 1, dtype=torch.long)], dim=1)
+    model = backbone.model
+    if name == "kosmos2":
+        out = model(pixel_values=pixel_values, inputs_embeds=embeds, image_embeds_position_mask=image_mask,
+                    output_hidden_states=True)
+    elif name == "paligemma":
+        token_type_ids = torch.zeros_like(image_mask)
+        token_type_ids[0, -1] = 1
+        out = model(pixel_values=pixel_values, inputs_embeds=embeds, token_type_ids=token_type_ids,
+                    output_hidden_states=True)
+    elif name == "flamingo":
+        image_attention_mask = torch.ones(1, embeds.shape[1], 1, dtype=torch.long)
+        image_attention_mask[0, 0] = 0  # <s> comes before the image
+        out = model(pixel_values=pixel_values.unsqueeze(1), inputs_embeds=embeds,
+                    image_attention_mask=image_attention_mask, output_hidden_states=True)
+    else:
+        embeds = embeds.masked_scatter(image_mask.bool().unsqueeze(-1), model.image_encoder(pixel_values))
+        hidden = model(embeds)
+        return hidden[0, -1], model.lm_head(hidden)[0, -1]
+    return out.hidden_states[-1][0, -1], out.logits[0, -1]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_hidden_state_at_lrn_equals_the_wrapped_models_own_forward(name):
+    torch.manual_seed(0)
+    backbone = create_backbone(name).eval()
+    pixel_values = random_images(backbone, 1, 1, 1)
+    lrn, suffix = lrn_token(backbone, 1, 1)
+    with torch.no_grad():
+        hidden = backbone(pixel_values, INSTRUCTIONS[:1], suffix)[0, 0, 0]
+        expected_hidden, expected_logits = reference_lrn_hidden(backbone, name, pixel_values[0, 0], INSTRUCTIONS[0],
+                                                                lrn)
+        torch.testing.assert_close(hidden, expected_hidden, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(backbone.lm_logits(hidden), expected_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_rebuild_identical_outputs(backbone, tmp_path):
+    with torch.no_grad():
+        for parameter in backbone.parameters():  # as if trained: nothing left at its initial value
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    action_ids = backbone.reserve_action_tokens(4, mode="append")
+    backbone.freeze("frozen-vision")
+    backbone.save(tmp_path / "backbone")
+    loaded = load_backbone(tmp_path / "backbone")
+    backbone.eval(), loaded.eval()
+    pixel_values = random_images(backbone, 2, 2, 2)
+    suffix = backbone.embed_tokens(action_ids[:2]).view(1, 1, 2, -1).expand(2, 2, 2, -1)
+    with torch.no_grad():
+        for interleaved in (False, True):
+            assert torch.equal(backbone(pixel_values, INSTRUCTIONS, suffix, interleaved),
+                               loaded(pixel_values, INSTRUCTIONS, suffix, interleaved))
+    assert loaded.label == backbone.label and loaded.random_init
+    assert len(loaded.tokenizer) == len(backbone.tokenizer)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == \
+        [n for n, p in backbone.named_parameters() if p.requires_grad]
+
+
+def test_save_and_load_keep_lora_adapters(backbone, tmp_path):
+    backbone.freeze("lora", lora_rank=4)
+    with torch.no_grad():
+        for name, parameter in backbone.named_parameters():
+            if "lora_B" in name:  # zero at init; make the adapters matter
+                parameter.normal_(std=0.1)
+    backbone.save(tmp_path / "backbone")
+    loaded = load_backbone(tmp_path / "backbone")
+    backbone.eval(), loaded.eval()
+    pixel_values = random_images(backbone, 2, 1, 1)
+    _, suffix = lrn_token(backbone, 2, 1)
+    with torch.no_grad():
+        assert torch.equal(backbone(pixel_values, INSTRUCTIONS, suffix), loaded(pixel_values, INSTRUCTIONS, suffix))
+    assert loaded.freeze_mode == "lora" and loaded.lora_rank == 4
+
+
+def trainable(backbone):
+    return {name for name, p in backbone.named_parameters() if p.requires_grad}
+
+
+def test_freeze_modes_leave_exactly_the_expected_parameters_trainable(backbone):
+    name = backbone.name
+    everything = {n for n, _ in backbone.named_parameters()}
+    vision = {n for n in everything if n.startswith(VISION_PREFIXES[name])}
+    language = {n for n in everything if n.startswith(LANGUAGE_PREFIXES[name])}
+    assert vision and language and not vision & language
+
+    backbone.freeze("full")
+    assert trainable(backbone) == everything
+    backbone.freeze("frozen-vision")
+    assert trainable(backbone) == everything - vision
+    backbone.freeze("frozen-language")
+    assert trainable(backbone) == everything - language
+    backbone.freeze("lora", lora_rank=2)
+    lora = trainable(backbone)
+    assert lora and all("lora_" in n and n.startswith(LANGUAGE_PREFIXES[name]) and "attn" in n for n in lora)
+    assert lora == {n for n, _ in backbone.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen-vision", "frozen-language", "lora"])
+def test_lrn_receives_gradient_in_every_freeze_mode(backbone, mode):
+    backbone.freeze(mode)
+    lrn, suffix = lrn_token(backbone, 2, 2)
+    backbone(random_images(backbone, 2, 2, 1), INSTRUCTIONS, suffix, interleaved=True).pow(2).sum().backward()
+    assert lrn.grad.abs().sum() > 0
+
+
+def test_unknown_freeze_mode_lists_the_modes(backbone):
+    with pytest.raises(UnknownNameError, match="frozen-language, frozen-vision, full, lora"):
+        backbone.freeze("half")
+
+
+def test_overwrite_reserves_the_last_ordinary_ids_in_bin_order(backbone):
+    ids = backbone.reserve_action_tokens(256)
+    special = set(backbone.tokenizer.all_special_ids) | set(backbone.tokenizer.get_added_vocab().values())
+    assert ids.tolist() == sorted(ids.tolist(), reverse=True) and len(set(ids.tolist())) == 256
+    assert ids[0] == max(i for i in range(backbone.tokenizer.vocab_size) if i not in special)
+    assert not special & set(ids.tolist())
+    assert backbone.lm_logits(backbone.embed_tokens(ids)).shape[-1] == backbone.input_embeddings().num_embeddings
+
+
+def test_append_adds_tokens_and_grows_embeddings_and_lm_head(backbone):
+    vocabulary = len(backbone.tokenizer)
+    ids = backbone.reserve_action_tokens(8, mode="append")
+    assert ids.tolist() == list(range(vocabulary, vocabulary + 8))
+    assert len(backbone.tokenizer) == vocabulary + 8
+    assert backbone.tokenizer.convert_ids_to_tokens(ids.tolist()) == [f"<action_{i}>" for i in ids.tolist()]
+    logits = backbone.lm_logits(backbone.embed_tokens(ids))
+    assert logits.shape == (8, vocabulary + 8)
+
+
+def test_preprocess_matches_the_image_processor_at_native_size():
+    backbone = create_backbone("kosmos2")
+    images = torch.randint(0, 256, (1, 1, 1, 64, 64, 3), dtype=torch.uint8)
+    expected = backbone.processor.image_processor(images=[images[0, 0, 0].numpy()], return_tensors="pt").pixel_values
+    torch.testing.assert_close(backbone.preprocess_images(images)[0, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_preprocess_resizes_to_the_backbone_image_size(backbone):
+    images = torch.randint(0, 256, (2, 3, 2, 96, 128, 3), dtype=torch.uint8)
+    assert backbone.preprocess_images(images).shape == (2, 3, 2, 3, backbone.image_size, backbone.image_size)
+
+
+def test_preprocess_names_the_expected_shape_for_a_wrong_one(backbone):
+    with pytest.raises(ShapeError, match=r"\(batch, time, views, height, width, 3\)"):
+        backbone.preprocess_images(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+
+
+def test_forward_names_the_expected_shape_for_wrong_images(backbone):
+    _, suffix = lrn_token(backbone, 2, 1)
+    with pytest.raises(ShapeError, match=r"\(batch, time, views, 3, 64, 64\)"):
+        backbone(torch.zeros(2, 1, 3, 64, 64), INSTRUCTIONS, suffix)
+
+
+def test_unknown_backbone_lists_the_registered_ones():
+    with pytest.raises(UnknownNameError, match="flamingo, gpt-scratch, kosmos2"):
+        create_backbone("kosmos3")
+
+
+def test_unknown_tiny_option_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="hidden_size"):
+        create_backbone("kosmos2", hidden_dim=32)
+
+
+def test_tiny_options_override_the_config():
+    backbone = create_backbone("paligemma", hidden_size=32, layers=1, heads=2, image_size=32, patch_size=8)
+    assert backbone.hidden_size == 32 and backbone.image_size == 32
+    _, suffix = lrn_token(backbone, 1, 1)
+    images = torch.randint(0, 256, (1, 1, 1, 32, 32, 3), dtype=torch.uint8)
+    assert backbone(backbone.preprocess_images(images), INSTRUCTIONS[:1], suffix).shape == (1, 1, 1, 32)
+
+
+@pytest.mark.parametrize("name", ["kosmos2", "paligemma", "flamingo"])
+def test_pretrained_loads_a_local_transformers_directory(name, tmp_path):
+    source = create_backbone(name).eval()
+    source.model.save_pretrained(tmp_path / name)
+    source.processor.save_pretrained(tmp_path / name)
+    pretrained = create_backbone(name, "pretrained", path=str(tmp_path / name)).eval()
+    assert not pretrained.random_init and pretrained.label == f"{name} (pretrained: {tmp_path / name})"
+    pixel_values = random_images(source, 2, 1, 1)
+    _, suffix = lrn_token(source, 2, 1)
+    with torch.no_grad():
+        assert torch.equal(source(pixel_values, INSTRUCTIONS, suffix), pretrained(pixel_values, INSTRUCTIONS, suffix))
+
+
+def test_pretrained_resolves_a_model_id_in_the_local_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    source = create_backbone("kosmos2")
+    snapshot = tmp_path / "models--acme--tiny-kosmos2" / "snapshots" / ("0" * 40)
+    source.model.save_pretrained(snapshot)
+    source.processor.save_pretrained(snapshot)
+    (tmp_path / "models--acme--tiny-kosmos2" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-kosmos2" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert create_backbone("kosmos2", "pretrained", path="acme/tiny-kosmos2").label == \
+        "kosmos2 (pretrained: acme/tiny-kosmos2)"
+
+
+def test_pretrained_gpt_scratch_loads_a_saved_one(tmp_path):
+    source = create_backbone("gpt-scratch")
+    source.save(tmp_path / "gpt")
+    assert create_backbone("gpt-scratch", "pretrained", path=str(tmp_path / "gpt")).label == \
+        f"gpt-scratch (pretrained: {tmp_path / 'gpt'})"
+
+
+def test_pretrained_without_a_path_says_what_it_needs():
+    with pytest.raises(ConfigError, match="needs path="):
+        create_backbone("kosmos2", "pretrained")
+
+
+def test_pretrained_path_that_does_not_exist_fails_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_backbone("paligemma", "pretrained", path=str(tmp_path / "missing"))
+
+
+def test_pretrained_path_of_another_architecture_names_both(tmp_path):
+    source = create_backbone("paligemma")
+    source.model.config.save_pretrained(tmp_path / "paligemma")  # config.json alone: no weights are read
+    with pytest.raises(ConfigError, match="a 'paligemma' model; backbone 'kosmos2' needs a model of type kosmos-2"):
+        create_backbone("kosmos2", "pretrained", path=str(tmp_path / "paligemma"))
+
+
+def test_load_of_a_directory_without_a_saved_backbone_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="backbone.json"):
+        load_backbone(tmp_path)
+
+
+def test_labels_mark_random_init():
+    assert create_backbone("kosmos2").label == "kosmos2 (tiny, random init)"
+
+
+def test_list_backbones_gives_each_built_in_with_a_small_parameter_count():
+    rows = {row["name"]: row for row in list_backbones()}
+    assert set(BUILT_IN) <= set(rows) <= set(BACKBONES.names())
+    for name in BUILT_IN:
+        assert 200_000 <= rows[name]["tiny_parameters"] <= 1_000_000
+    assert backbones_table().row_count == len(rows)
+
+
+def test_tiny_build_is_deterministic_given_the_seed():
+    torch.manual_seed(1)
+    first = create_backbone("flamingo")
+    torch.manual_seed(1)
+    second = create_backbone("flamingo")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
