@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml $(PLUGIN)/pyproject.toml | system-packages
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q -e $(PLUGIN)
+	$(BIN)/pip install -q --no-deps -e $(PLUGIN)
 	touch $@
 
 demo: install
