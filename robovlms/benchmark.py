@@ -139,10 +139,10 @@ class Benchmark(ABC):
         observe_every_step = trajectory is not None or on_frame is not None
         observation = environment.reset(spec)
         policy.reset(spec)
+        if on_frame is not None:
+            on_frame(observation)
         steps, success = 0, False
         while steps < self.max_steps and not success:
-            if on_frame is not None:
-                on_frame(observation)
             chunk = np.atleast_2d(np.asarray(policy.step(observation), dtype=np.float32))
             if chunk.shape[-1] != self.action_dim:
                 raise ValueError(f"policy returned actions of dimension {chunk.shape[-1]}; "
@@ -156,6 +156,8 @@ class Benchmark(ABC):
                 steps += 1
                 if next_observation is not None:
                     observation = next_observation
+                    if on_frame is not None:
+                        on_frame(observation)
                 if success:
                     break
         return EpisodeRecord(task=spec.task, scene=spec.scene, instruction=spec.instruction, seed=spec.seed,

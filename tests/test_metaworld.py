@@ -117,7 +117,7 @@ def test_videos_are_written_for_the_first_episodes_of_each_task(tmp_path):
                        video_dir=tmp_path, videos_per_task=1, progress=False)
     assert "video" in records[0].extra and "video" not in records[1].extra
     with av.open(records[0].extra["video"]) as container:
-        assert sum(1 for _ in container.decode(video=0)) == 10
+        assert sum(1 for _ in container.decode(video=0)) == 11  # the initial frame and one after each step
 
 
 def test_bad_names_list_the_valid_choices():
