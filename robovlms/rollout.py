@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sys
@@ -95,4 +96,8 @@ def evaluate(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Sequenc
 
 
 def records_frame(records: Sequence[EpisodeRecord]) -> pd.DataFrame:
-    return pd.DataFrame([asdict(record) for record in records])
+    """One row per episode; `extra` (benchmark-specific, free-form) is kept as a JSON string."""
+    rows = [asdict(record) for record in records]
+    for row in rows:
+        row["extra"] = json.dumps(row["extra"], sort_keys=True)
+    return pd.DataFrame(rows)

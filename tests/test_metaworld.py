@@ -139,3 +139,16 @@ def test_task_sets():
     assert len(resolve_tasks("mt10")) == 10 and len(resolve_tasks("mt50")) == 50
     assert resolve_tasks("demo") == ("button-press-topdown", "door-open", "plate-slide", "window-open")
     assert resolve_tasks(["reach-v3"]) == ("reach",)
+
+
+def test_records_save_to_parquet_and_csv(tmp_path):
+    from robovlms.rollout import records_frame
+
+    benchmark = MetaWorldBenchmark(tasks="button-press-topdown", cameras=("rgb_static",), max_steps=5)
+    records = evaluate(benchmark, functools.partial(ZeroPolicy, 4), benchmark.evaluation_episodes("ABC->D", 2),
+                       progress=False)
+    frame = records_frame(records)
+    frame.to_parquet(tmp_path / "records.parquet", index=False)
+    frame.to_csv(tmp_path / "records.csv", index=False)
+    loaded = __import__("pandas").read_parquet(tmp_path / "records.parquet")
+    assert list(loaded["seed"]) == [r.seed for r in records] and list(loaded["extra"]) == ["{}", "{}"]
