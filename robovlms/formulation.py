@@ -1,0 +1,220 @@
+"""The formulation interface: how a backbone's hidden states become robot actions, and the registry of them.
+
+A formulation is an nn.Module around a backbone with two halves:
+
+    encode(images, state, instructions) -> per-frame tensors (B, T, ...), each frame independent of the others
+    predict(encoded, instructions)      -> the chunk (B, L, A) for the last frame, normalised
+
+`loss(batch)` trains it on windows of an episode store. The split lets a rollout policy encode each new frame
+once and keep it: for `policy-head` the encoding is the backbone pass, so a step costs one pass whatever H is.
+
+Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
+and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
+Formulations register in FORMULATIONS; built-in and third-party ones declare an entry point in the group
+`robovlms.formulations` naming their Formulation subclass.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robovlms.backbone import Backbone
+from robovlms.errors import ConfigError, StoreError, UnknownNameError
+from robovlms.registry import Registry
+from robovlms.store import Statistics
+
+ARM_LOSSES = ("mse", "huber")
+
+
+class RangeNormaliser(nn.Module):
+    """Per dimension: clip to [low, high], then scale to [-1, 1]. A dimension with low == high maps to -1."""
+
+    def __init__(self, low: list[float], high: list[float]):
+        super().__init__()
+        self.register_buffer("low", torch.tensor(low, dtype=torch.float32))
+        self.register_buffer("high", torch.tensor(high, dtype=torch.float32))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        span = (self.high - self.low).clamp_min(1e-6)
+        return 2 * (torch.minimum(torch.maximum(x, self.low), self.high) - self.low) / span - 1
+
+    def unnormalise(self, y: torch.Tensor) -> torch.Tensor:
+        return (y.clamp(-1, 1) + 1) / 2 * (self.high - self.low) + self.low
+
+
+class ActionNormaliser(nn.Module):
+    """Raw actions (..., A) <-> normalised arm (..., A-1) in [-1, 1] and a binary gripper (...) in {0, 1}."""
+
+    def __init__(self, statistics: Statistics):
+        super().__init__()
+        self.arm = RangeNormaliser(statistics.p01[:-1], statistics.p99[:-1])
+
+    def normalise(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.arm.normalise(actions[..., :-1]), (actions[..., -1] > 0).float()
+
+    def unnormalise(self, arm: torch.Tensor, gripper_closed: torch.Tensor) -> torch.Tensor:
+        """gripper_closed: a probability or a binary; raw gripper is +1 (closed) or -1 (open)."""
+        gripper = torch.where(gripper_closed > 0.5, 1.0, -1.0).to(arm.dtype)
+        return torch.cat([self.arm.unnormalise(arm), gripper.unsqueeze(-1)], dim=-1)
+
+
+class ActionDiscretiser:
+    """`bins` uniform bins over [-1, 1]; a value becomes the index of its bin and comes back as the bin centre,
+    so the round trip is off by at most half a bin (1 / bins)."""
+
+    def __init__(self, bins: int):
+        if bins < 2:
+            raise ConfigError(f"action bins must be at least 2, got {bins}")
+        self.bins = bins
+
+    def discretise(self, values: torch.Tensor) -> torch.Tensor:
+        return ((values.clamp(-1, 1) + 1) / 2 * self.bins).floor().long().clamp(0, self.bins - 1)
+
+    def undiscretise(self, indices: torch.Tensor) -> torch.Tensor:
+        return (indices.float() + 0.5) * (2 / self.bins) - 1
+
+
+def check_statistics(statistics: Statistics | None, what: str, dim: int, store: str) -> Statistics:
+    """The 1st/99th percentiles a formulation normalises with, finite and one per dimension."""
+    ok = statistics is not None and all(
+        isinstance(values, list) and len(values) == dim and all(v is not None and math.isfinite(v) for v in values)
+        for values in (statistics.p01, statistics.p99))
+    if not ok:
+        raise StoreError(f"the store {store} has no usable {what} statistics (finite p01 and p99 for each of "
+                         f"{dim} dimensions); regenerate or re-import it so its meta.json carries them")
+    return statistics
+
+
+@dataclass
+class ContinuousActionConfig:
+    """Settings shared by the formulations that regress actions from an [LRN] hidden state."""
+
+    arm_loss: str = "huber"  # mse | huber, on the normalised arm
+    gripper_weight: float = 0.1  # weight of the gripper's binary cross-entropy beside the arm loss
+    head_width: int = 256  # hidden width of the MLP that turns a hidden state into a chunk
+
+
+class ContinuousActionHead(nn.Module):
+    """A hidden state (..., D) -> a chunk: arm (..., L, A-1) through tanh, gripper logits (..., L)."""
+
+    def __init__(self, hidden_size: int, width: int, chunk: int, action_dim: int):
+        super().__init__()
+        self.chunk, self.action_dim = chunk, action_dim
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                                 nn.Linear(width, chunk * action_dim))
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.mlp(hidden).unflatten(-1, (self.chunk, self.action_dim))  # (..., L, A)
+        return torch.tanh(out[..., :-1]), out[..., -1]
+
+
+def continuous_action_loss(arm: torch.Tensor, gripper_logits: torch.Tensor, target_arm: torch.Tensor,
+                           target_gripper: torch.Tensor, mask: torch.Tensor, config: ContinuousActionConfig
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """arm (..., L, A-1), gripper logits (..., L), their targets and a mask (..., L) of real actions."""
+    mask = mask.float()
+    count = mask.sum().clamp_min(1)
+    arm_fn = F.mse_loss if config.arm_loss == "mse" else F.smooth_l1_loss
+    arm_loss = (arm_fn(arm.float(), target_arm, reduction="none").mean(-1) * mask).sum() / count
+    gripper_loss = (F.binary_cross_entropy_with_logits(gripper_logits.float(), target_gripper, reduction="none")
+                    * mask).sum() / count
+    with torch.no_grad():
+        arm_error = ((arm.float() - target_arm).abs().mean(-1) * mask).sum() / count
+        gripper_accuracy = (((gripper_logits > 0).float() == target_gripper).float() * mask).sum() / count
+    return arm_loss + config.gripper_weight * gripper_loss, {
+        "arm_loss": arm_loss.detach(), "gripper_loss": gripper_loss.detach(), "arm_error": arm_error,
+        "gripper_accuracy": gripper_accuracy}
+
+
+def options_to_formulation_config(config_class: type, options: dict[str, Any], formulation: str):
+    valid = [f.name for f in fields(config_class)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for formulation {formulation!r}; "
+                          f"valid options: {', '.join(valid)}")
+    config = config_class(**options)
+    if getattr(config, "arm_loss", "mse") not in ARM_LOSSES:
+        raise UnknownNameError("arm loss", config.arm_loss, ARM_LOSSES)
+    return config
+
+
+class Formulation(nn.Module, abc.ABC):
+    """A backbone, an action space and the way one becomes the other."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type]  # the dataclass of this formulation's own options
+
+    def __init__(self, backbone: Backbone, action_statistics: Statistics, state_statistics: Statistics | None, *,
+                 history: int = 1, chunk: int = 1, use_state: bool = False, **options):
+        super().__init__()
+        self.config = options_to_formulation_config(self.config_class, options, self.name)
+        self.backbone = backbone
+        self.history, self.chunk, self.use_state = history, chunk, use_state
+        self.action_dim = len(action_statistics.p01)
+        self.actions = ActionNormaliser(action_statistics)
+        self.state = RangeNormaliser(state_statistics.p01, state_statistics.p99) if use_state else None
+        D = backbone.hidden_size
+        embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
+        self.lrn = nn.Parameter(torch.randn(D) * embedding_std)  # the learnable [LRN] action token
+        self.state_embedding = nn.Linear(len(state_statistics.p01), D) if use_state else None
+
+    def lrn_embeds(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The [LRN] embedding of every frame (B, T, 1, D), carrying that frame's proprio state if used."""
+        B, T = encoded["state"].shape[:2]
+        embeds = self.lrn.expand(B, T, -1)
+        if self.state_embedding is not None:
+            embeds = embeds + self.state_embedding(encoded["state"])
+        return embeds.unsqueeze(2)
+
+    def encode(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """images uint8 (B, T, V, h, w, 3), state (B, T, S) -> per-frame inputs of `predict`."""
+        state = self.state.normalise(state.float()) if self.state is not None else state.float()
+        return {"pixel_values": self.backbone.preprocess_images(images), "state": state}
+
+    @abc.abstractmethod
+    def predict(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
+        """The chunk for the last frame (B, L, A): normalised arm, then the gripper's probability of closing."""
+
+    @abc.abstractmethod
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss on a batch of windows and metrics to log (arm_error, gripper_accuracy, ...)."""
+
+    @torch.no_grad()
+    def act(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """Raw actions (B, L, A) for the last frame of each window."""
+        predicted = self.predict(self.encode(images, state, instructions), instructions)
+        return self.actions.unnormalise(predicted[..., :-1].float(), predicted[..., -1].float())
+
+
+class ContinuousFormulation(Formulation):
+    """A formulation whose `forward(encoded, instructions)` gives every frame a continuous chunk:
+    arm (B, T, L, A-1) in [-1, 1] and gripper logits (B, T, L)."""
+
+    def predict(self, encoded, instructions):
+        arm, gripper_logits = self(encoded, instructions)
+        return torch.cat([arm[:, -1], torch.sigmoid(gripper_logits[:, -1]).unsqueeze(-1)], dim=-1)
+
+    def loss(self, batch):
+        arm, gripper_logits = self(self.encode(batch["images"], batch["state"], batch["instruction"]),
+                                   batch["instruction"])
+        target_arm, target_gripper = self.actions.normalise(batch["actions"])
+        return continuous_action_loss(arm, gripper_logits, target_arm, target_gripper, batch["action_mask"],
+                                      self.config)
+
+
+FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.formulations")
+
+
+def create_formulation(name: str, backbone: Backbone, action_statistics: Statistics,
+                       state_statistics: Statistics | None, **settings) -> Formulation:
+    """`create_formulation("policy-head", backbone, store.action_statistics, store.state_statistics,
+    history=8, chunk=10, use_state=True, head="lstm")`."""
+    return FORMULATIONS.get(name)(backbone, action_statistics, state_statistics, **settings)

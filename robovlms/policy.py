@@ -1,0 +1,85 @@
+"""A rollout policy from a trained run directory: it keeps the observation history, asks the formulation for the
+next chunk, un-normalises it and executes it as the run's `execution` setting says.
+
+Each observation is encoded once (`Formulation.encode`) and kept for the next H-1 steps; for policy-head the
+encoding is the backbone pass, so a step costs one backbone pass whatever H is. Before an episode has H frames
+the first one repeats, exactly as training windows are padded.
+
+Execution of a predicted chunk of L actions:
+    first     the first action only, predicting again at every step (RoboVLMs' CALVIN evaluation)
+    ensemble  temporal ensembling (ACT): the action for this step averaged over every chunk that covers it,
+              weighted exp(-decay * age), oldest first
+    chunk     the whole chunk open-loop; the policy observes again only after its last action
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robovlms.benchmark import EpisodeSpec, Observation
+from robovlms.errors import UnknownNameError
+from robovlms.formulation import Formulation
+
+EXECUTIONS = ("first", "ensemble", "chunk")
+
+
+class CheckpointPolicy:
+    def __init__(self, formulation: Formulation, cameras: list[str], execution: str = "first",
+                 ensemble_decay: float = 0.01):
+        if execution not in EXECUTIONS:
+            raise UnknownNameError("chunk execution", execution, EXECUTIONS)
+        self.formulation = formulation.eval()
+        self.cameras = list(cameras)
+        self.execution = execution
+        self.ensemble_decay = ensemble_decay
+        self.history = formulation.history
+        self._frames: deque[dict[str, torch.Tensor]] = deque(maxlen=self.history)
+        self._chunks: list[np.ndarray] = []  # the unexecuted rest of each recent chunk, oldest first
+        self._instruction = ""
+
+    def reset(self, spec: EpisodeSpec) -> None:
+        self._frames.clear()
+        self._chunks = []
+        self._instruction = spec.instruction
+
+    @torch.no_grad()
+    def step(self, observation: Observation) -> np.ndarray:
+        instructions = [observation.instruction or self._instruction]
+        images = torch.from_numpy(np.stack([observation.images[camera] for camera in self.cameras]))
+        state = torch.from_numpy(np.asarray(observation.state, dtype=np.float32))
+        frame = self.formulation.encode(images[None, None], state[None, None], instructions)  # each (1, 1, ...)
+        self._frames.append(frame)
+        frames = [self._frames[0]] * (self.history - len(self._frames)) + list(self._frames)
+        window = {key: torch.cat([f[key] for f in frames], dim=1) for key in frame}
+        predicted = self.formulation.predict(window, instructions)[0].float()  # (L, A)
+        actions = self.formulation.actions.unnormalise(predicted[:, :-1], predicted[:, -1]).numpy()
+        if self.execution == "chunk":
+            return actions
+        if self.execution == "first":
+            return actions[0]
+        self._chunks.append(actions)
+        covering = np.stack([chunk[0] for chunk in self._chunks])  # this step's action of every chunk, oldest first
+        weights = np.exp(-self.ensemble_decay * np.arange(len(covering)))
+        action = (weights[:, None] * covering).sum(0) / weights.sum()
+        action[-1] = 1.0 if action[-1] > 0 else -1.0
+        self._chunks = [chunk[1:] for chunk in self._chunks if len(chunk) > 1]
+        return action.astype(np.float32)
+
+
+def load_policy(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None
+                ) -> CheckpointPolicy:
+    """The policy of a trained run directory; `execution` overrides the run's own setting."""
+    from robovlms.training import LAST_CHECKPOINT, load_formulation
+
+    formulation, config = load_formulation(run_dir, checkpoint or LAST_CHECKPOINT)
+    return CheckpointPolicy(formulation, config.cameras, execution or config.execution)
+
+
+def policy_factory(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None):
+    """A picklable zero-argument factory for `robovlms.rollout.evaluate`: each worker loads its own copy."""
+    return functools.partial(load_policy, str(run_dir), execution, checkpoint)

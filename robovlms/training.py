@@ -1,0 +1,283 @@
+"""Training one configuration: the config, the LightningModule every formulation trains through, and `train`.
+
+A run directory holds everything that rebuilds the trained policy, and nothing else is needed:
+    config.yaml        the resolved TrainingConfig
+    statistics.json    the store's action and state statistics the formulation normalises with
+    backbone/          the backbone's architecture files (config, tokenizer, processor), before training
+    checkpoints/       Lightning checkpoints: last.ckpt and one every `checkpoint_every` steps
+    logs/, tensorboard/  the CSV and TensorBoard logs of Lightning's loggers
+
+Training resumes from checkpoints/last.ckpt when it exists. Batches are drawn by step (batch k of a run depends
+only on the seed and k), so a resumed run sees the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.utils.data import DataLoader, Sampler
+
+from robovlms.backbone import BACKBONES, create_backbone
+from robovlms.dataset import WindowDataset
+from robovlms.errors import ConfigError, RobovlmsError, WindowError
+from robovlms.formulation import Formulation, check_statistics, create_formulation
+from robovlms.store import EpisodeStore, Statistics
+
+CONFIG_FILE = "config.yaml"
+STATISTICS_FILE = "statistics.json"
+BACKBONE_DIR = "backbone"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class TrainingDivergedError(RobovlmsError):
+    """The loss or a gradient stopped being finite; the last good checkpoint is kept."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneSettings(_Strict):
+    name: str = "gpt-scratch"
+    size: Literal["tiny", "pretrained"] = "tiny"
+    path: str | None = None  # a local directory or cached model id, for size "pretrained"
+    options: dict[str, Any] = {}  # overrides of the tiny config
+    freeze: Literal["full", "frozen-vision", "frozen-language", "lora"] = "full"
+    lora_rank: int = Field(8, ge=1)
+
+
+class FormulationSettings(_Strict):
+    name: str = "policy-head"
+    options: dict[str, Any] = {}  # the formulation's own settings (its config dataclass)
+
+
+class TrainingConfig(_Strict):
+    store: str
+    run_dir: str
+    backbone: BackboneSettings = BackboneSettings()
+    formulation: FormulationSettings = FormulationSettings()
+    history: int = Field(1, ge=1)  # H frames per window
+    chunk: int = Field(1, ge=1)  # L future actions predicted per frame
+    use_state: bool = True  # proprio state as an input
+    cameras: list[str] | None = None  # default: every camera of the store
+    data_fraction: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    precision: Literal["32", "bf16-mixed"] = "32"
+    gradient_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    execution: Literal["first", "ensemble", "chunk"] = "first"  # how a rollout executes a predicted chunk
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+def load_config(source: TrainingConfig | dict[str, Any] | str | Path) -> TrainingConfig:
+    """A TrainingConfig from itself, a dict or a YAML file; every error names the bad key and the valid ones."""
+    if isinstance(source, TrainingConfig):
+        return source
+    if not isinstance(source, dict):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"no training config at {path}")
+        source = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(source, dict):
+            raise ConfigError(f"{path} must hold a mapping of training settings")
+    try:
+        return TrainingConfig.model_validate(source)
+    except ValidationError as error:
+        raise ConfigError("invalid training config:\n" + "\n".join(_describe(e) for e in error.errors())) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    model = TrainingConfig
+    for part in error["loc"][:-1]:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
+    if error["type"] == "extra_forbidden":
+        return f"  unknown key {location!r}; valid keys: {', '.join(model.model_fields)}"
+    if error["type"] == "missing":
+        return f"  missing key {location!r}"
+    return f"  {location}: {error['msg']} (got {error.get('input')!r})"
+
+
+# ---- the Lightning side --------------------------------------------------------------------------------------
+
+
+class FormulationModule(L.LightningModule):
+    """What one training step computes for any formulation; the Trainer owns the rest."""
+
+    def __init__(self, formulation: Formulation, config: TrainingConfig):
+        super().__init__()
+        self.formulation = formulation
+        self.config = config
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.formulation.loss(batch)
+        if not torch.isfinite(loss):
+            self._diverged(f"the loss became {loss.item()} at step {self.global_step}")
+        batch_size = len(batch["instruction"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=batch_size)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            self._diverged(f"a gradient became non-finite at step {self.global_step}")
+
+    def _diverged(self, what: str) -> None:
+        last = Path(self.config.run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
+        raise TrainingDivergedError(f"{what}; training stopped before the weights were updated, and {kept}. "
+                                    f"Try a lower learning_rate (now {self.config.learning_rate}), "
+                                    f"more warmup_steps or gradient_clip")
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.config.learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _WarmupCosine(self.config.warmup_steps, self.config.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class _WarmupCosine:
+    """Linear warm-up to the full learning rate, then cosine decay to zero at the last step."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches `start`..`end`-1 of a run; batch k is a function of (seed, k) only."""
+
+    def __init__(self, windows: int, batch_size: int, seed: int, start: int, end: int):
+        self.windows, self.batch_size, self.seed, self.start, self.end = windows, batch_size, seed, start, end
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            rng = np.random.default_rng([self.seed, step])
+            yield rng.choice(self.windows, self.batch_size, replace=self.batch_size > self.windows).tolist()
+
+
+def _batch_as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+# ---- building a formulation from a run directory --------------------------------------------------------------
+
+
+def build_formulation(config: TrainingConfig, backbone, action_statistics: Statistics,
+                      state_statistics: Statistics | None) -> Formulation:
+    formulation = create_formulation(config.formulation.name, backbone, action_statistics, state_statistics,
+                                     history=config.history, chunk=config.chunk, use_state=config.use_state,
+                                     **config.formulation.options)
+    backbone.freeze(config.backbone.freeze, lora_rank=config.backbone.lora_rank)
+    return formulation
+
+
+def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT) -> tuple[Formulation, TrainingConfig]:
+    """The trained formulation of a run directory, rebuilt from its files alone, in eval mode."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_FILE)
+    statistics = json.loads((run_dir / STATISTICS_FILE).read_text())
+    checkpoint_path = run_dir / CHECKPOINT_DIR / checkpoint
+    if not checkpoint_path.is_file():
+        raise ConfigError(f"{run_dir} holds no checkpoint {checkpoint}; train it first with `robovlms train`")
+    backbone = BACKBONES.get(config.backbone.name).from_saved(run_dir / BACKBONE_DIR, config.backbone.size,
+                                                              config.backbone.path)
+    formulation = build_formulation(config, backbone, Statistics(**statistics["actions"]),
+                                    Statistics(**statistics["state"]) if statistics["state"] else None)
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+    formulation.load_state_dict({k.removeprefix("formulation."): v for k, v in state.items()})
+    return formulation.eval(), config
+
+
+# ---- train ---------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool = False) -> Path:
+    """Train one configuration; resume from the run directory's last checkpoint if it has one."""
+    config = load_config(config)
+    run_dir = Path(config.run_dir)
+    store = EpisodeStore(config.store)
+    cameras = config.cameras or list(store.layout.cameras)
+    config = config.model_copy(update={"cameras": cameras})
+    _claim_run_dir(run_dir, config)
+    episodes = store.subset(config.data_fraction, config.seed)
+    shortest = int(store.episodes.iloc[episodes]["length"].min())
+    if config.history > shortest or config.chunk > shortest:
+        raise WindowError(f"history {config.history} and chunk {config.chunk} must each be at most the length of "
+                          f"the shortest episode used for training ({shortest} frames in {store.path})")
+    action_statistics = check_statistics(store.action_statistics, "action", store.layout.action_dim, store.path)
+    state_statistics = (check_statistics(store.state_statistics, "state", store.layout.state_dim, store.path)
+                        if config.use_state else None)
+    (run_dir / STATISTICS_FILE).write_text(json.dumps(
+        {"actions": asdict(action_statistics), "state": asdict(state_statistics) if state_statistics else None},
+        indent=2))
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    backbone = create_backbone(config.backbone.name, config.backbone.size, config.backbone.path,
+                               **config.backbone.options)
+    (run_dir / BACKBONE_DIR).mkdir(exist_ok=True)
+    backbone.save_files(run_dir / BACKBONE_DIR)
+    module = FormulationModule(build_formulation(config, backbone, action_statistics, state_statistics), config)
+
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    start = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.exists() else 0
+    dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras)
+    loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), config.batch_size, config.seed, start,
+                                                                config.max_steps), collate_fn=_batch_as_is)
+    trainer = L.Trainer(
+        max_steps=config.max_steps, precision=config.precision, gradient_clip_val=config.gradient_clip,
+        accelerator="auto", devices=1, log_every_n_steps=config.log_every, enable_progress_bar=progress,
+        enable_model_summary=progress, num_sanity_val_steps=0,
+        logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
+        callbacks=[ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step{step}", save_last=True,
+                                   every_n_train_steps=config.checkpoint_every, save_top_k=-1,
+                                   auto_insert_metric_name=False)])
+    if start < config.max_steps:
+        trainer.fit(module, loader, ckpt_path=last if last.exists() else None)
+    return run_dir
+
+
+def _claim_run_dir(run_dir: Path, config: TrainingConfig) -> None:
+    """Write the resolved config, or check that a run directory being resumed was trained with the same one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = config.model_dump(mode="json")
+    saved_file = run_dir / CONFIG_FILE
+    if saved_file.exists():
+        saved = yaml.safe_load(saved_file.read_text())
+        changed = sorted(key for key in resolved if key != "max_steps" and saved.get(key) != resolved[key])
+        if changed:
+            raise ConfigError(f"{run_dir} holds a run trained with other settings ({', '.join(changed)}); "
+                              f"choose another run_dir, or only raise max_steps to continue it")
+    saved_file.write_text(yaml.safe_dump(resolved, sort_keys=False))

@@ -1,0 +1,156 @@
+"""The four formulations: action spaces, learning on every built-in backbone, and the rollout policy."""
+
+import numpy as np
+import pytest
+import torch
+from synthetic_store import write_synthetic_store
+
+from robovlms.backbone import create_backbone
+from robovlms.benchmark import EpisodeSpec, Observation
+from robovlms.dataset import WindowDataset
+from robovlms.errors import ConfigError, UnknownNameError
+from robovlms.formulation import FORMULATIONS, ActionDiscretiser, ActionNormaliser, create_formulation
+from robovlms.policy import CheckpointPolicy
+from robovlms.store import Statistics
+
+BACKBONES = ["gpt-scratch", "kosmos2", "paligemma", "flamingo"]
+HISTORY = {"one-step-discrete": 1, "one-step-continuous": 1, "interleaved": 3, "policy-head": 3}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("synthetic") / "store")
+
+
+def make_formulation(store, name, backbone="gpt-scratch", history=None, chunk=2, **options):
+    torch.manual_seed(0)
+    return create_formulation(name, create_backbone(backbone), store.action_statistics, store.state_statistics,
+                              history=history or HISTORY[name], chunk=chunk, use_state=True, **options)
+
+
+def test_the_four_formulations_are_registered():
+    assert set(HISTORY) <= set(FORMULATIONS.names())
+
+
+@pytest.mark.parametrize("bins", [7, 256, 1024])
+def test_discretise_then_undiscretise_error_is_at_most_half_a_bin(bins):
+    discretiser = ActionDiscretiser(bins)
+    values = torch.cat([torch.linspace(-1, 1, 10_001), torch.rand(10_000) * 2 - 1])
+    error = (discretiser.undiscretise(discretiser.discretise(values)) - values).abs()
+    assert error.max() <= 1 / bins + 1e-6
+
+
+def test_actions_are_clipped_to_the_percentiles_and_scaled_to_unit_range():
+    statistics = Statistics(p01=[-2.0, 0.0, -1.0], p99=[2.0, 1.0, 1.0], mean=[0] * 3, std=[1] * 3, min=[-5] * 3,
+                            max=[5] * 3)
+    normaliser = ActionNormaliser(statistics)
+    arm, gripper = normaliser.normalise(torch.tensor([[-2.0, 1.0, -0.3], [5.0, 0.25, 0.7], [0.0, -3.0, 1.0]]))
+    torch.testing.assert_close(arm, torch.tensor([[-1.0, 1.0], [1.0, -0.5], [0.0, -1.0]]))
+    assert gripper.tolist() == [0.0, 1.0, 1.0]
+    restored = normaliser.unnormalise(arm, gripper)
+    torch.testing.assert_close(restored, torch.tensor([[-2.0, 1.0, -1.0], [2.0, 0.25, 1.0], [0.0, 0.0, 1.0]]))
+
+
+def test_an_unknown_formulation_lists_the_valid_ones(store):
+    with pytest.raises(UnknownNameError, match="one-step-discrete.*policy-head"):
+        make_formulation(store, "one-step", history=1)
+
+
+def test_an_unknown_formulation_option_lists_the_valid_ones(store):
+    with pytest.raises(ConfigError, match="unknown option.*headd.*valid options: .*head"):
+        make_formulation(store, "policy-head", headd="lstm")
+    with pytest.raises(UnknownNameError, match="policy head 'rnn'; valid choices: gpt, lstm, mlp"):
+        make_formulation(store, "policy-head", head="rnn")
+
+
+@pytest.mark.parametrize("name", ["one-step-discrete", "one-step-continuous"])
+def test_one_step_formulations_refuse_a_history(store, name):
+    with pytest.raises(ConfigError, match="history must be 1"):
+        make_formulation(store, name, history=4)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("name", list(HISTORY))
+def test_every_formulation_learns_on_every_backbone(store, name, backbone):
+    formulation = make_formulation(store, name, backbone)
+    batch = WindowDataset(store, formulation.history, formulation.chunk).__getitems__(list(range(0, 48, 6)))
+    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, metrics = formulation.loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert {"arm_error", "gripper_accuracy"} <= set(metrics)
+
+
+def observation(batch, index, frame):
+    return Observation(images={"rgb_static": batch["images"][index, frame, 0].numpy()},
+                       state=batch["state"][index, frame].numpy(), instruction=batch["instruction"][index])
+
+
+def episode_windows(store, formulation, episode=1):
+    dataset = WindowDataset(store, formulation.history, formulation.chunk, episodes=[episode])
+    return dataset.__getitems__(list(range(len(dataset))))
+
+
+@pytest.mark.parametrize("name", list(HISTORY))
+def test_rollout_policy_steps_equal_the_batched_forward_on_the_same_window(store, name):
+    formulation = make_formulation(store, name).eval()
+    windows = episode_windows(store, formulation)
+    batched = formulation.act(windows["images"], windows["state"], windows["instruction"])  # (T, L, A)
+    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="chunk")
+    policy.reset(EpisodeSpec("button-press-topdown", "A", windows["instruction"][0], 0))
+    for t in range(len(windows["instruction"])):
+        np.testing.assert_allclose(policy.step(observation(windows, t, -1)), batched[t].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["lstm", "gpt", "mlp"])
+def test_policy_head_cache_gives_the_actions_of_recomputing_with_one_backbone_pass_per_step(store, head):
+    formulation = make_formulation(store, "policy-head", history=5, head=head).eval()
+    windows = episode_windows(store, formulation)
+    calls = []
+    formulation.backbone.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
+    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="chunk")
+    policy.reset(EpisodeSpec("button-press-topdown", "A", windows["instruction"][0], 0))
+    for t in range(len(windows["instruction"])):
+        calls.clear()
+        cached = policy.step(observation(windows, t, -1))
+        assert calls == [1]  # one backbone pass over one frame
+        recomputed = formulation.act(windows["images"][t:t + 1], windows["state"][t:t + 1],
+                                     windows["instruction"][t:t + 1])[0]
+        np.testing.assert_allclose(cached, recomputed.numpy(), atol=1e-5)
+
+
+class ConstantChunks:
+    """A stand-in formulation whose chunk predicted at step k gives step s the arm action s + k."""
+
+    def __init__(self, chunk):
+        self.history, self.chunk, self.steps = 1, chunk, 0
+        self.actions = ActionNormaliser(Statistics(p01=[-100.0, 0.0], p99=[100.0, 0.0], mean=[0.0] * 2,
+                                                   std=[1.0] * 2, min=[0.0] * 2, max=[0.0] * 2))
+
+    def eval(self):
+        return self
+
+    def encode(self, images, state, instructions):
+        return {"state": state}
+
+    def predict(self, encoded, instructions):
+        arm = (2 * self.steps + torch.arange(self.chunk, dtype=torch.float32)) / 100
+        self.steps += 1
+        return torch.stack([arm, torch.ones(self.chunk)], dim=-1)[None]
+
+
+def test_temporal_ensemble_averages_every_chunk_covering_a_step_oldest_weighted_most():
+    policy = CheckpointPolicy(ConstantChunks(chunk=3), ["rgb_static"], execution="ensemble", ensemble_decay=0.5)
+    policy.reset(EpisodeSpec("t", "A", "do it", 0))
+    frame = Observation(images={"rgb_static": np.zeros((8, 8, 3), np.uint8)}, state=np.zeros(1), instruction="do it")
+    actions = [policy.step(frame) for _ in range(4)]
+    for s, action in enumerate(actions):
+        covering = np.arange(max(0, s - 2), s + 1)  # the steps whose chunks of 3 reach step s, oldest first
+        weights = np.exp(-0.5 * np.arange(len(covering)))
+        assert action[0] == pytest.approx(((s + covering) * weights).sum() / weights.sum(), abs=1e-4)
+    assert all(a[1] == 1.0 for a in actions)

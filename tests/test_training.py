@@ -1,0 +1,122 @@
+"""Training through Lightning: run directories, resuming, divergence, bad input, and a short real training."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from synthetic_store import write_synthetic_store
+
+from robovlms.errors import ConfigError, StoreError, UnknownNameError, WindowError
+from robovlms.training import FormulationModule, TrainingDivergedError, load_config, load_formulation, train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("synthetic") / "store")
+
+
+def config(store, run_dir, **overrides):
+    settings = {"store": str(store.path), "run_dir": str(run_dir), "formulation": {"name": "one-step-continuous"},
+                "chunk": 2, "batch_size": 8, "max_steps": 6, "checkpoint_every": 3, "log_every": 1}
+    return {**settings, **overrides}
+
+
+def logged(run_dir):
+    frames = [pd.read_csv(path) for path in sorted(run_dir.glob("logs/version_*/metrics.csv"))]
+    return pd.concat(frames).dropna(subset=["train/loss"]).set_index("step")
+
+
+@pytest.mark.parametrize("name, metric", [("one-step-discrete", "train/token_accuracy"),
+                                          ("policy-head", "train/gripper_accuracy")])
+def test_train_logs_metrics_and_saves_a_checkpoint_its_run_directory_rebuilds(store, tmp_path, name, metric):
+    history = 2 if name == "policy-head" else 1
+    run_dir = train(config(store, tmp_path / "run", formulation={"name": name}, history=history))
+    assert {"train/loss", "train/arm_error", metric} <= set(logged(run_dir).columns)
+    assert list(run_dir.glob("tensorboard/version_0/events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    formulation, saved = load_formulation(run_dir)
+    assert saved.formulation.name == name and saved.cameras == ["rgb_static"]
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key, value in formulation.state_dict().items():
+        torch.testing.assert_close(value, trained[f"formulation.{key}"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_resumed_run_continues_with_the_same_next_step_loss(store, tmp_path, monkeypatch):
+    settings = {"max_steps": 8, "checkpoint_every": 4, "warmup_steps": 2}
+    uninterrupted = logged(train(config(store, tmp_path / "straight", **settings)))["train/loss"]
+
+    original_step = FormulationModule.training_step
+
+    def stop_at_step_six(self, batch, batch_idx):
+        if self.global_step == 6:
+            raise Interrupted
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FormulationModule, "training_step", stop_at_step_six)
+    with pytest.raises(Interrupted):
+        train(config(store, tmp_path / "stopped", **settings))
+    assert torch.load(tmp_path / "stopped/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    monkeypatch.setattr(FormulationModule, "training_step", original_step)
+    resumed = logged(train(config(store, tmp_path / "stopped", **settings)))
+    resumed = resumed[~resumed.index.duplicated(keep="last")]["train/loss"]
+    assert list(resumed.index) == list(uninterrupted.index)
+    np.testing.assert_allclose(resumed.to_numpy(), uninterrupted.to_numpy(), rtol=1e-5)
+
+
+def test_a_nan_loss_stops_the_run_with_a_clear_message_and_keeps_the_last_good_checkpoint(store, tmp_path,
+                                                                                          monkeypatch):
+    original_step = FormulationModule.training_step
+
+    def nan_from_step_four(self, batch, batch_idx):
+        if self.global_step >= 4:
+            batch = {**batch, "actions": torch.full_like(batch["actions"], float("nan"))}
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FormulationModule, "training_step", nan_from_step_four)
+    with pytest.raises(TrainingDivergedError, match="loss became nan at step 4.*last good checkpoint is .*last.ckpt"):
+        train(config(store, tmp_path / "run", max_steps=10))
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
+
+
+@pytest.mark.parametrize("setting", [{"history": 13, "formulation": {"name": "policy-head"}}, {"chunk": 13}])
+def test_a_window_longer_than_the_shortest_episode_is_refused(store, tmp_path, setting):
+    with pytest.raises(WindowError, match="shortest episode used for training \\(12 frames"):
+        train(config(store, tmp_path / "run", **setting))
+
+
+def test_a_store_without_action_statistics_is_refused(store, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(store.path, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["statistics"]["actions"]["p99"] = None
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="no usable action statistics"):
+        train({**config(store, tmp_path / "run"), "store": str(copy)})
+
+
+def test_config_errors_name_the_bad_key_and_the_valid_ones(store, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'histroy'; valid keys: store, run_dir, .*history"):
+        load_config(config(store, tmp_path, histroy=2))
+    with pytest.raises(ConfigError, match="unknown key 'backbone.nme'; valid keys: name, size"):
+        load_config(config(store, tmp_path, backbone={"nme": "kosmos2"}))
+    with pytest.raises(ConfigError, match="precision: Input should be '32' or 'bf16-mixed'"):
+        load_config(config(store, tmp_path, precision="16"))
+    with pytest.raises(UnknownNameError, match="unknown formulation 'one-step'; valid choices: interleaved, "
+                                               "one-step-continuous, one-step-discrete, policy-head"):
+        train(config(store, tmp_path / "run", formulation={"name": "one-step"}))
+
+
+def test_a_yaml_config_trains(store, tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config(store, tmp_path / "run", max_steps=2)))
+    assert (train(path) / "checkpoints" / "last.ckpt").is_file()
