@@ -137,6 +137,18 @@ def evaluate_command(
     console.print_json(json.dumps(bench.score(records)))
 
 
+@app.command("train")
+def train_command(
+    config: Annotated[Path, typer.Argument(help="Training config YAML (see docs/formulations.md).")],
+    progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
+) -> None:
+    """Train one configuration on an episode store; resumes from the run directory's last checkpoint."""
+    from robovlms.training import train
+
+    run_dir = train(config, progress=progress)
+    console.print(f"trained: {run_dir} (checkpoints in {run_dir / 'checkpoints'})")
+
+
 @app.command("backbones")
 def backbones_command() -> None:
     """List the registered backbones (built-in and from plugins) with their tiny sizes' parameter counts."""

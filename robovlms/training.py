@@ -131,15 +131,17 @@ class FormulationModule(L.LightningModule):
         loss, metrics = self.formulation.loss(batch)
         if not torch.isfinite(loss):
             self._diverged(f"the loss became {loss.item()} at step {self.global_step}")
-        batch_size = len(batch["instruction"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=batch_size)
+        if (self.global_step + 1) % self.config.log_every == 0:  # only where the loggers write: self.log is not free
+            batch_size = len(batch["instruction"])
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=batch_size)
         return loss
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
-            self._diverged(f"a gradient became non-finite at step {self.global_step}")
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # the norm clipping computes anyway tells whether a gradient stopped being finite, before the update
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
+        if not torch.isfinite(norm):
+            self._diverged(f"the gradient norm became {norm.item()} at step {self.global_step}")
 
     def _diverged(self, what: str) -> None:
         last = Path(self.config.run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
