@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from robovlms.errors import ConfigError
 from robovlms.formulation import ContinuousActionConfig, ContinuousActionHead, ContinuousFormulation
 
 
@@ -19,13 +18,11 @@ class OneStepContinuousConfig(ContinuousActionConfig):
 class OneStepContinuous(ContinuousFormulation):
     name = "one-step-continuous"
     description = "current observation -> [LRN] hidden state -> MLP -> chunk of L continuous actions"
+    single_frame = True
     config_class = OneStepContinuousConfig
 
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
-        if self.history != 1:
-            raise ConfigError(f"{self.name} sees only the current observation, so history must be 1, not "
-                              f"{self.history}; use interleaved or policy-head for a history")
         self.head = ContinuousActionHead(backbone.hidden_size, self.config.head_width, self.chunk, self.action_dim)
 
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]

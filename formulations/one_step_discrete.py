@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robovlms.errors import ConfigError
 from robovlms.formulation import ActionDiscretiser, Formulation
 
 
@@ -28,13 +27,11 @@ class OneStepDiscreteConfig:
 class OneStepDiscrete(Formulation):
     name = "one-step-discrete"
     description = "current observation -> action tokens (bins per dimension) decoded by the language model"
+    single_frame = True
     config_class = OneStepDiscreteConfig
 
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
-        if self.history != 1:
-            raise ConfigError(f"{self.name} sees only the current observation, so history must be 1, not "
-                              f"{self.history}; use interleaved or policy-head for a history")
         self.discretiser = ActionDiscretiser(self.config.bins)
         self.register_buffer("action_token_ids", backbone.reserve_action_tokens(self.config.bins,
                                                                                 self.config.token_mode))

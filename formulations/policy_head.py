@@ -77,10 +77,15 @@ class PolicyHead(ContinuousFormulation):
     description = "each frame through the backbone once -> [LRN] state; an LSTM/GPT/MLP head fuses H of them"
     config_class = PolicyHeadConfig
 
+    @classmethod
+    def check_settings(cls, history, chunk, options):
+        config = super().check_settings(history, chunk, options)
+        if config.head not in FUSIONS:
+            raise UnknownNameError("policy head", config.head, HEADS)
+        return config
+
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
-        if self.config.head not in FUSIONS:
-            raise UnknownNameError("policy head", self.config.head, HEADS)
         self.fusion = FUSIONS[self.config.head](backbone.hidden_size, self.config.fusion_width,
                                                 self.config.fusion_layers, self.history)
         self.head = ContinuousActionHead(self.config.fusion_width, self.config.head_width, self.chunk,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 
-from robovlms.benchmark import EpisodeSpec, Observation
+from robovlms.benchmark import Benchmark, EpisodeSpec, Observation
+from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.store import EpisodeStore
+
+BASELINES = ("zero", "mean", "replay")
 
 CONSTANT_CHUNK = 10_000  # a constant policy needs no observation: one chunk covers the episode, with one render
 
@@ -59,3 +65,15 @@ class ReplayPolicy:
             return np.zeros(self.store.layout.action_dim, dtype=np.float32)
         plan, self._plan = self._plan, None
         return plan
+
+
+def baseline_factory(name: str, benchmark: Benchmark, store: str | Path | None, seed: int = 0):
+    """A picklable factory of a baseline policy, for `robovlms.rollout.evaluate`."""
+    if name not in BASELINES:
+        raise UnknownNameError("baseline", name, BASELINES)
+    if name == "zero":
+        return functools.partial(ZeroPolicy, benchmark.action_dim)
+    if store is None:
+        raise ConfigError(f"the {name} baseline needs the training store (its demonstrations)")
+    return functools.partial(MeanActionPolicy, str(store)) if name == "mean" else functools.partial(
+        ReplayPolicy, str(store), seed)

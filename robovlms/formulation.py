@@ -151,11 +151,22 @@ class Formulation(nn.Module, abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type]  # the dataclass of this formulation's own options
+    single_frame: ClassVar[bool] = False  # sees only the current observation: history must be 1
+
+    @classmethod
+    def check_settings(cls, history: int, chunk: int, options: dict[str, Any]):
+        """The formulation's own config from `options`, checked with the shared settings, before any model is built."""
+        if cls.single_frame and history != 1:
+            raise ConfigError(f"{cls.name} sees only the current observation, so history must be 1, not {history}; "
+                              f"use interleaved or policy-head for a history")
+        if chunk < 1:
+            raise ConfigError(f"chunk must be at least 1, got {chunk}")
+        return options_to_formulation_config(cls.config_class, options, cls.name)
 
     def __init__(self, backbone: Backbone, action_statistics: Statistics, state_statistics: Statistics | None, *,
                  history: int = 1, chunk: int = 1, use_state: bool = False, **options):
         super().__init__()
-        self.config = options_to_formulation_config(self.config_class, options, self.name)
+        self.config = self.check_settings(history, chunk, options)
         self.backbone = backbone
         self.history, self.chunk, self.use_state = history, chunk, use_state
         self.action_dim = len(action_statistics.p01)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from robovlms.errors import ConfigError, StoreError
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
+VALIDATION_SEED = 7919
 INDEX_COLUMNS = ["episode", "task", "instruction", "scene", "seed", "start", "length"]
 
 
@@ -281,16 +283,32 @@ class EpisodeStore:
                        images={camera: np.asarray(images[frames]) for camera, images in self.images.items()},
                        state=np.asarray(self.state[frames]), actions=np.asarray(self.actions[frames]))
 
-    def subset(self, fraction: float, seed: int = 0) -> list[int]:
-        """Episode indices of a deterministic per-task fraction; a smaller fraction is a subset of a larger one."""
+    def subset(self, fraction: float, seed: int = 0, exclude: Sequence[int] = ()) -> list[int]:
+        """Episode indices of a deterministic per-task fraction of the episodes not in `exclude`; a smaller fraction
+        is a subset of a larger one."""
         if not 0 < fraction <= 1:
             raise ConfigError(f"data fraction must be in (0, 1], got {fraction}")
         rng = np.random.default_rng(seed)
+        excluded = set(exclude)
         chosen = []
         for task in self.tasks():
-            episodes = self.episodes.index[self.episodes["task"] == task].to_numpy()
+            episodes = [i for i in self.episodes.index[self.episodes["task"] == task] if i not in excluded]
             order = rng.permutation(episodes)
             chosen.extend(order[: max(1, math.ceil(fraction * len(order)))].tolist())
+        return sorted(chosen)
+
+    def holdout(self, fraction: float) -> list[int]:
+        """Validation episodes: the same per-task fraction whatever the training seed, so every cell of a sweep
+        validates on the same episodes. At least one episode of each task stays for training."""
+        if not 0 <= fraction < 1:
+            raise ConfigError(f"validation fraction must be in [0, 1), got {fraction}")
+        if fraction == 0:
+            return []
+        rng = np.random.default_rng(VALIDATION_SEED)
+        chosen = []
+        for task in self.tasks():
+            order = rng.permutation(self.episodes.index[self.episodes["task"] == task].to_numpy())
+            chosen.extend(order[: min(len(order) - 1, math.ceil(fraction * len(order)))].tolist())
         return sorted(chosen)
 
     def describe(self) -> dict[str, Any]:

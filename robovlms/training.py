@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,7 @@ from robovlms.backbone import BACKBONES, create_backbone
 from robovlms.dataset import WindowDataset
 from robovlms.errors import ConfigError, RobovlmsError, WindowError
 from robovlms.formulation import Formulation, check_statistics, create_formulation
-from robovlms.store import EpisodeStore, Statistics
+from robovlms.store import VALIDATION_SEED, EpisodeStore, Statistics
 
 CONFIG_FILE = "config.yaml"
 STATISTICS_FILE = "statistics.json"
@@ -72,7 +73,10 @@ class TrainingConfig(_Strict):
     chunk: int = Field(1, ge=1)  # L future actions predicted per frame
     use_state: bool = True  # proprio state as an input
     cameras: list[str] | None = None  # default: every camera of the store
-    data_fraction: float = Field(1.0, gt=0, le=1)
+    data_fraction: float = Field(1.0, gt=0, le=1)  # of the episodes left after validation's, nested across fractions
+    validation_fraction: float = Field(0.0, ge=0, lt=1)  # episodes per task held out for val/loss (same for any seed)
+    validate_every: int = Field(100, ge=1)  # steps between validations
+    validation_batches: int = Field(4, ge=1)
     batch_size: int = Field(32, ge=1)
     max_steps: int = Field(1000, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -84,6 +88,9 @@ class TrainingConfig(_Strict):
     execution: Literal["first", "ensemble", "chunk"] = "first"  # how a rollout executes a predicted chunk
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+    accelerator: str = "auto"  # Lightning's: cpu, gpu, auto
+    devices: int | str = 1  # several GPUs train one cell with the strategy below
+    strategy: str = "auto"  # e.g. ddp
 
 
 def load_config(source: TrainingConfig | dict[str, Any] | str | Path) -> TrainingConfig:
@@ -136,6 +143,10 @@ class FormulationModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=batch_size)
         return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, _ = self.formulation.loss(batch)
+        self.log("val/loss", loss, batch_size=len(batch["instruction"]), sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # the norm clipping computes anyway tells whether a gradient stopped being finite, before the update
@@ -226,15 +237,19 @@ def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT) -> 
 # ---- train ---------------------------------------------------------------------------------------------------
 
 
-def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool = False) -> Path:
-    """Train one configuration; resume from the run directory's last checkpoint if it has one."""
+def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool = False,
+          callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Train one configuration; resume from the run directory's last checkpoint if it has one.
+
+    `callbacks` are added to Lightning's (an Optuna pruning callback, for one)."""
     config = load_config(config)
     run_dir = Path(config.run_dir)
     store = EpisodeStore(config.store)
     cameras = config.cameras or list(store.layout.cameras)
     config = config.model_copy(update={"cameras": cameras})
     _claim_run_dir(run_dir, config)
-    episodes = store.subset(config.data_fraction, config.seed)
+    validation = store.holdout(config.validation_fraction)
+    episodes = store.subset(config.data_fraction, config.seed, exclude=validation)
     shortest = int(store.episodes.iloc[episodes]["length"].min())
     if config.history > shortest or config.chunk > shortest:
         raise WindowError(f"history {config.history} and chunk {config.chunk} must each be at most the length of "
@@ -258,17 +273,31 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras)
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), config.batch_size, config.seed, start,
                                                                 config.max_steps), collate_fn=_batch_as_is)
+    validation_loader = _validation_loader(store, validation, config, cameras) if validation else None
     trainer = L.Trainer(
         max_steps=config.max_steps, precision=config.precision, gradient_clip_val=config.gradient_clip,
-        accelerator="auto", devices=1, log_every_n_steps=config.log_every, enable_progress_bar=progress,
-        enable_model_summary=progress, num_sanity_val_steps=0,
+        accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
+        log_every_n_steps=config.log_every, enable_progress_bar=progress, enable_model_summary=progress,
+        num_sanity_val_steps=0, val_check_interval=config.validate_every, check_val_every_n_epoch=None,
+        limit_val_batches=config.validation_batches if validation else 0,
         logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
         callbacks=[ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step{step}", save_last=True,
                                    every_n_train_steps=config.checkpoint_every, save_top_k=-1,
-                                   auto_insert_metric_name=False)])
+                                   auto_insert_metric_name=False), *callbacks])
     if start < config.max_steps:
-        trainer.fit(module, loader, ckpt_path=last if last.exists() else None)
+        trainer.fit(module, loader, validation_loader, ckpt_path=last if last.exists() else None)
     return run_dir
+
+
+def _validation_loader(store: EpisodeStore, episodes: list[int], config: TrainingConfig,
+                       cameras: list[str]) -> DataLoader:
+    """The same windows at every validation: `validation_batches` batches drawn once from the held-out episodes."""
+    dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras)
+    rng = np.random.default_rng(VALIDATION_SEED)
+    count = min(len(dataset), config.validation_batches * config.batch_size)
+    windows = sorted(rng.choice(len(dataset), count, replace=False).tolist())
+    batches = [windows[i:i + config.batch_size] for i in range(0, count, config.batch_size)]
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=_batch_as_is)
 
 
 def _claim_run_dir(run_dir: Path, config: TrainingConfig) -> None:

@@ -1,0 +1,159 @@
+"""What a sweep records for each cell, on disk, so reports read it without re-running anything.
+
+A sweep's run directory:
+    sweep.yaml                  the validated sweep file
+    optuna.db                   the default Optuna storage (SQLite), when no storage URL is given
+    cells/<cell_id>/
+        result.json             one CellResult: settings, status, costs, success (written last, atomically)
+        records.parquet, .csv   one row per evaluation episode (EpisodeRecord fields)
+        train/                  the training run directory (config.yaml, checkpoints/, logs/, tensorboard/)
+    results/cells.parquet, .csv       every cell's CellResult flattened, one row each (gathered by `gather`)
+    results/episodes.parquet, .csv    every episode of every cell, with its cell_id
+
+A cell's files are written by the one worker that holds its Optuna trial; result.json is the cell's commit
+record: a cell directory without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from robovlms.benchmark import EpisodeRecord
+from robovlms.rollout import records_frame
+
+CELLS_DIR = "cells"
+RESULTS_DIR = "results"
+RESULT_FILE = "result.json"
+RECORDS_FILE = "records.parquet"
+TRAIN_DIR = "train"
+VERSIONED_PACKAGES = ("robovlms", "torch", "transformers", "lightning", "optuna", "metaworld", "mujoco", "peft")
+
+
+@dataclass
+class CellResult:
+    """One cell of a sweep: a trained configuration (kind "trained") or a baseline policy (kind "baseline")."""
+
+    cell_id: str
+    status: str  # "complete" | "failed"
+    kind: str  # "trained" | "baseline"
+    benchmark: str
+    split: str
+    policy: str  # "trained", or the baseline's name: "zero", "mean", "replay"
+    backbone: str | None = None  # registered name, None for baselines
+    backbone_label: str | None = None  # e.g. "gpt-scratch (tiny, random init)"
+    random_init: bool | None = None
+    formulation: str | None = None
+    history: int | None = None
+    chunk: int | None = None
+    data_fraction: float | None = None
+    seed: int = 0
+    error: str | None = None  # why a failed cell failed
+    episodes: int = 0
+    successes: int = 0
+    success: float | None = None  # successes / episodes
+    scores: dict[str, float] = field(default_factory=dict)  # the benchmark's own `score` (per task, chain lengths)
+    parameters: int | None = None
+    trainable_parameters: int | None = None
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
+    step_latency_ms: float | None = None  # one policy step (observation in, action out), median
+    final_train_loss: float | None = None
+    checkpoint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved training config (or baseline settings)
+    axes: dict[str, Any] = field(default_factory=dict)  # this cell's values of the sweep's grid axes
+    versions: dict[str, str] = field(default_factory=dict)
+    sweep: str = ""  # the sweep's name (its study)
+    trial: int | None = None  # the Optuna trial number that produced it
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as file:
+        json.dump(payload, file, indent=2, default=str)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def write_records(cell_dir: Path, records: list[EpisodeRecord]) -> None:
+    frame = records_frame(records)
+    for name, write in ((RECORDS_FILE, frame.to_parquet), ("records.csv", frame.to_csv)):
+        temporary = cell_dir / f".{name}.{os.getpid()}.tmp"
+        write(temporary, index=False)
+        os.replace(temporary, cell_dir / name)
+
+
+def write_cell_result(cell_dir: Path, result: CellResult) -> None:
+    """Commit a cell: result.json is written last and atomically, so a crash leaves the cell unfinished."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cell_dir / RESULT_FILE, asdict(result))
+
+
+def read_cell_result(cell_dir: Path) -> CellResult | None:
+    path = Path(cell_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    return CellResult(**json.loads(path.read_text()))
+
+
+def read_cell_results(run_dir: str | Path) -> list[CellResult]:
+    """Every committed cell of a sweep's run directory, in cell-id order."""
+    cells = Path(run_dir) / CELLS_DIR
+    results = [read_cell_result(cell) for cell in sorted(cells.iterdir())] if cells.is_dir() else []
+    return [result for result in results if result is not None]
+
+
+def read_cell_records(run_dir: str | Path, cell_id: str) -> pd.DataFrame:
+    path = Path(run_dir) / CELLS_DIR / cell_id / RECORDS_FILE
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+
+
+def read_training_curve(run_dir: str | Path, cell_id: str) -> pd.DataFrame:
+    """Lightning's CSV log of a trained cell: one row per logged step (columns step, train/loss, ...)."""
+    logs = Path(run_dir) / CELLS_DIR / cell_id / TRAIN_DIR / "logs"
+    files = sorted(logs.glob("version_*/metrics.csv"))
+    if not files:
+        return pd.DataFrame()
+    frame = pd.concat([pd.read_csv(file) for file in files], ignore_index=True)
+    return frame.groupby("step", as_index=False).last() if "step" in frame else frame
+
+
+def gather(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write results/cells.* and results/episodes.* from the committed cells; return (cells, episodes)."""
+    run_dir = Path(run_dir)
+    results = read_cell_results(run_dir)
+    cells = pd.DataFrame([_flat(asdict(result)) for result in results])
+    episodes = [read_cell_records(run_dir, result.cell_id).assign(cell_id=result.cell_id) for result in results]
+    episodes = pd.concat([frame for frame in episodes if len(frame)], ignore_index=True) if any(
+        len(frame) for frame in episodes) else pd.DataFrame()
+    out = run_dir / RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("cells", cells), ("episodes", episodes)):
+        for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
+            temporary = out / f".{name}{suffix}.{os.getpid()}.tmp"
+            write(temporary, index=False)
+            os.replace(temporary, out / f"{name}{suffix}")
+    return cells, episodes
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """Nested fields (config, axes, scores, versions) as JSON strings, so Parquet and CSV hold them."""
+    return {key: json.dumps(value, sort_keys=True) if isinstance(value, dict) else value for key, value in row.items()}

@@ -1,0 +1,272 @@
+"""Sweeps: grids expanded into cells, each cell a trial of an Optuna study, resumable, shared by workers."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from robovlms.errors import ConfigError, UnknownNameError
+from robovlms.results import read_cell_results
+from robovlms.sweep import expand_cells, load_sweep, prepare_sweep, run_sweep, storage_url
+
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def sweep_file(tmp_path, store, name="grid", **overrides):
+    """A 2x2 grid (backbones x formulations) of tiny models trained a few steps, and the zero baseline."""
+    sweep = {
+        "name": name,
+        "run_dir": str(tmp_path / "run"),
+        "benchmark": {"name": "metaworld", "split": "ABC->D",
+                      "options": {"tasks": ["button-press-topdown"], "max_steps": 15}},
+        "store": {"path": str(store.path)},
+        "train": {"max_steps": 3, "batch_size": 4, "chunk": 2, "checkpoint_every": 2, "log_every": 1,
+                  "cameras": ["rgb_static"], "execution": "chunk",
+                  "backbone": {"options": {"hidden_size": 32, "layers": 1}}},
+        "grid": {"backbone": ["gpt-scratch", "kosmos2"], "formulation": ["one-step-continuous", "policy-head"]},
+        "baselines": ["zero"],
+        "evaluation": {"episodes_per_task": 1, "latency_steps": 2},
+        "heartbeat_seconds": 1,
+    }
+    for key, value in overrides.items():
+        sweep[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def complete_trials_per_cell(study):
+    counts = {}
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        counts[trial.params["cell"]] = counts.get(trial.params["cell"], 0) + 1
+    return counts
+
+
+def study_of(path, storage=None):
+    sweep = load_sweep(path)
+    return optuna.load_study(study_name=sweep.name, storage=storage_url(sweep, storage))
+
+
+@pytest.fixture
+def small_grid(tmp_path, demo_store):
+    return sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"],
+                                                 "formulation": ["one-step-continuous", "policy-head"]})
+
+
+@pytest.mark.slow
+def test_a_2x2_grid_runs_to_completion_and_records_every_cell(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store)
+    status = run_sweep(path)
+    assert (status.cells, status.done, status.failed) == (5, 5, 0)
+    results = {result.cell_id: result for result in read_cell_results(tmp_path / "run")}
+    trained = [r for r in results.values() if r.kind == "trained"]
+    assert {(r.backbone, r.formulation) for r in trained} == {
+        (b, f) for b in ("gpt-scratch", "kosmos2") for f in ("one-step-continuous", "policy-head")}
+    for result in trained:
+        assert result.random_init and "random init" in result.backbone_label
+        assert result.parameters > 0 and result.train_seconds > 0 and result.step_latency_ms > 0
+        assert Path(result.checkpoint).is_file() and result.config["max_steps"] == 3
+        assert result.episodes == 1 and result.final_train_loss is not None
+    cells = pd.read_parquet(tmp_path / "run" / "results" / "cells.parquet")
+    episodes = pd.read_parquet(tmp_path / "run" / "results" / "episodes.parquet")
+    assert sorted(cells.cell_id) == sorted(results) and len(episodes) == 5
+    assert (tmp_path / "run" / "results" / "cells.csv").is_file()
+    assert complete_trials_per_cell(study_of(path)) == {cell: 1 for cell in results}
+
+
+@pytest.mark.slow
+def test_re_running_a_finished_sweep_records_nothing_twice(small_grid, tmp_path):
+    run_sweep(small_grid)
+    before = {r.cell_id: r.trial for r in read_cell_results(tmp_path / "run")}
+    status = run_sweep(small_grid)
+    assert status.done == 3 and {r.cell_id: r.trial for r in read_cell_results(tmp_path / "run")} == before
+    assert len(study_of(small_grid).get_trials()) == 3
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_cell_and_re_run_records_every_cell_exactly_once(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, name="killed",
+                      grid={"backbone": ["gpt-scratch"], "formulation": ["one-step-continuous", "policy-head"]},
+                      train={"max_steps": 400, "batch_size": 4, "chunk": 2, "checkpoint_every": 5, "log_every": 5,
+                             "cameras": ["rgb_static"], "execution": "chunk",
+                             "backbone": {"options": {"hidden_size": 32, "layers": 1}}})
+    sweep = subprocess.Popen([sys.executable, "-m", "robovlms.cli", "sweep", str(path)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = tmp_path / "run" / "cells"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("*/train/checkpoints/last.ckpt")):
+        assert time.monotonic() < deadline and sweep.poll() is None, "the sweep never wrote a checkpoint"
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    killed = next(checkpoints.glob("*/train/checkpoints/last.ckpt")).parents[2].name
+
+    assert killed not in {r.cell_id for r in read_cell_results(tmp_path / "run")}
+    status = run_sweep(path)
+    assert (status.done, status.failed) == (3, 0)
+    assert complete_trials_per_cell(study_of(path)) == {cell.cell_id: 1 for cell in expand_cells(load_sweep(path))}
+    failed = study_of(path).get_trials(states=(TrialState.FAIL,))
+    assert [t.params["cell"] for t in failed] == [killed]  # the killed attempt, marked failed by its heartbeat
+    logs = pd.concat(pd.read_csv(f) for f in (checkpoints / killed / "train" / "logs").glob("version_*/metrics.csv"))
+    assert logs["step"].min() < logs["step"].max() and len(list((checkpoints / killed / "train" / "logs").glob(
+        "version_*"))) == 2  # a second Lightning run resumed the first
+
+
+def run_two_workers(path, storage=None):
+    sweep, cells, study, url = prepare_sweep(path, storage)
+    workers = [subprocess.Popen([sys.executable, "-m", "robovlms.cli", "worker", "--storage", url,
+                                 "--study", sweep.name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for _ in range(2)]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0, output.decode()[-3000:]
+    return cells, study
+
+
+def assert_split_without_duplicates(cells, study, run_dir):
+    assert complete_trials_per_cell(study) == {cell.cell_id: 1 for cell in cells}
+    results = read_cell_results(run_dir)
+    assert sorted(r.cell_id for r in results) == sorted(c.cell_id for c in cells)
+    assert len({r.trial for r in results}) == len(results)
+
+
+@pytest.mark.slow
+def test_two_workers_sharing_one_sqlite_storage_split_the_cells_with_no_duplicate(small_grid, tmp_path):
+    cells, study = run_two_workers(small_grid)
+    assert_split_without_duplicates(cells, study, tmp_path / "run")
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of our own on a free loopback port, in a temporary directory the server's user can
+    reach (pytest's own temporary directories are private to root)."""
+    if not (POSTGRES_BIN / "initdb").exists():
+        pytest.skip(f"PostgreSQL server binaries are not installed in {POSTGRES_BIN} (Debian package postgresql)")
+    import socket
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="robovlms-postgres-"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(directory, "postgres")
+    subprocess.run([*as_postgres, POSTGRES_BIN / "initdb", "-D", directory / "data", "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    control = [*as_postgres, POSTGRES_BIN / "pg_ctl", "-D", directory / "data"]
+    subprocess.run([*control, "-o", f"-p {port} -k {directory} -c listen_addresses=127.0.0.1",
+                    "-l", directory / "log", "-w", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*control, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_sharing_a_postgresql_storage_split_the_cells_with_no_duplicate(small_grid, tmp_path, postgres):
+    cells, study = run_two_workers(small_grid, postgres)
+    assert_split_without_duplicates(cells, study, tmp_path / "run")
+    assert not (tmp_path / "run" / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_a_search_of_a_few_trials_records_its_best_trial(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, name="search",
+                      train={"max_steps": 4, "batch_size": 4, "chunk": 2, "log_every": 1, "cameras": ["rgb_static"],
+                             "execution": "chunk", "validation_fraction": 0.3, "validate_every": 2,
+                             "validation_batches": 1, "formulation": {"name": "one-step-continuous"},
+                             "backbone": {"options": {"hidden_size": 32, "layers": 1}}},
+                      search={"trials": 3, "objective": "val_loss",
+                              "space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+    status = run_sweep(path, mode="search")
+    study = optuna.load_study(study_name="search-search", storage=storage_url(load_sweep(path)))
+    finished = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3 and status.failed == 0
+    best = json.loads((tmp_path / "run" / "results" / "best.json").read_text())
+    assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
+    assert best["direction"] == "minimize" and 1e-4 <= best["params"]["learning_rate"] <= 1e-2
+
+
+@pytest.mark.slow
+def test_a_cell_that_raises_is_recorded_failed_and_the_sweep_goes_on(small_grid, tmp_path, monkeypatch):
+    import robovlms.sweep
+
+    original = robovlms.sweep._train_cell
+
+    def diverge_for_policy_head(sweep, cell, *args, **kwargs):
+        if cell.training["formulation"]["name"] == "policy-head":
+            raise FloatingPointError("the loss became nan at step 2")
+        return original(sweep, cell, *args, **kwargs)
+
+    monkeypatch.setattr(robovlms.sweep, "_train_cell", diverge_for_policy_head)
+    status = run_sweep(small_grid)
+    assert (status.done, status.failed) == (2, 1)
+    failed = [r for r in read_cell_results(tmp_path / "run") if r.status == "failed"]
+    assert len(failed) == 1 and "the loss became nan" in failed[0].error
+    assert run_sweep(small_grid).failed == 1  # not retried unless asked
+    monkeypatch.setattr(robovlms.sweep, "_train_cell", original)
+    assert run_sweep(small_grid, retry_failed=True).failed == 0
+
+
+# ---- bad input: a clear error, and nothing stored ---------------------------------------------------------------
+
+
+def test_malformed_yaml_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_sweep(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"backbone": []}}, "expands to zero cells"),
+    ({"grid": {"batch_sise": [4]}}, "unknown axis 'grid.batch_sise'; valid axes: .*batch_size"),
+    ({"train": {"learning_rat": 1e-3}}, "unknown key 'train.learning_rat'"),
+    ({"evaluaton": {}}, "unknown key 'evaluaton'; valid keys: .*evaluation"),
+    ({"grid": {"formulation": ["one-step-continuous"], "history": [4]}}, "history must be 1"),
+])
+def test_a_bad_sweep_file_names_the_offending_key(tmp_path, change, message):
+    sweep = {"name": "bad", "run_dir": str(tmp_path / "run"), "store": {"path": str(tmp_path / "store")}, **change}
+    with pytest.raises(ConfigError, match=message):
+        expand_cells(load_sweep(sweep))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_formulation_in_a_grid_lists_the_valid_ones(tmp_path):
+    sweep = {"name": "bad", "run_dir": str(tmp_path / "run"), "store": {"path": "x"},
+             "grid": {"formulation": ["policy-hed"]}}
+    with pytest.raises(UnknownNameError, match="policy-head"):
+        expand_cells(load_sweep(sweep))
+
+
+def test_an_unreachable_storage_fails_at_once(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot reach the Optuna storage postgresql://robovlms:\\*\\*\\*@127.0.0.1"):
+        prepare_sweep(path, storage="postgresql://robovlms:secret@127.0.0.1:1/sweeps")
+    assert time.monotonic() - started < 15
+
+
+def test_two_different_sweep_files_on_one_study_are_refused_and_nothing_changes(tmp_path, demo_store):
+    first = sweep_file(tmp_path, demo_store, name="shared")
+    prepare_sweep(first)
+    trials = len(study_of(first).get_trials())
+    other = yaml.safe_load(first.read_text())
+    other["grid"]["backbone"] = ["paligemma"]
+    second = tmp_path / "other.yaml"
+    second.write_text(yaml.safe_dump(other))
+    with pytest.raises(ConfigError, match="belongs to another sweep file"):
+        prepare_sweep(second)
+    assert len(study_of(first).get_trials()) == trials
