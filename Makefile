@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6
+# tests use a real database for multi-machine sweeps and a real browser for reports
+TEST_SYSTEM_PACKAGES := postgresql chromium
 PLUGIN := examples/robovlms-llava-plugin
 DEMO_STORE := data/demo
 DEMO_REPORT := reports/demo
@@ -12,14 +14,16 @@ WORKERS ?= 2
 export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install system-packages demo test benchmarks clean
+PACKAGES ?= $(SYSTEM_PACKAGES)
+
+.PHONY: install system-packages test-system-packages demo test benchmarks clean
 
 install: $(VENV)/.installed
 
 system-packages:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing system packages for headless MuJoCo rendering: $$missing"; \
+	  echo "installing system packages: $$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
@@ -41,7 +45,10 @@ demo: install
 	    --workers $(WORKERS) --out $(DEMO_REPORT)/$$policy || exit 1; \
 	done
 
-test: install
+test-system-packages:
+	@$(MAKE) --no-print-directory system-packages PACKAGES="$(TEST_SYSTEM_PACKAGES)"
+
+test: install test-system-packages
 	$(BIN)/python -m pytest -q
 
 benchmarks: install

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from robovlms.errors import RobovlmsError, UnknownNameError
+from robovlms.baselines import BASELINES
+from robovlms.errors import RobovlmsError
 
 app = typer.Typer(help="robovlms: build, train, sweep and compare vision-language-action robot policies.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -20,7 +20,7 @@ data_app = typer.Typer(help="Episode stores: generate demonstrations, inspect.",
 app.add_typer(data_app, name="data")
 console = Console()
 
-BASELINE_POLICIES = ("expert", "zero", "mean", "replay")
+POLICIES = ("expert", *BASELINES)
 
 
 def _split_list(value: str) -> list[str]:
@@ -77,24 +77,9 @@ def _print_store(store) -> None:
     console.print("actions p99: " + " ".join(f"{v:+.3f}" for v in stats.p99))
 
 
-def baseline_policy_factory(policy: str, benchmark, store: Path | None, seed: int):
-    from robovlms.baselines import MeanActionPolicy, ReplayPolicy, ZeroPolicy
-
-    if policy == "expert":
-        return benchmark.scripted_expert()
-    if policy == "zero":
-        return functools.partial(ZeroPolicy, benchmark.action_dim)
-    if policy not in BASELINE_POLICIES:
-        raise UnknownNameError("policy", policy, BASELINE_POLICIES)
-    if store is None:
-        raise typer.BadParameter(f"the {policy} baseline needs --store (its training demonstrations)")
-    return functools.partial(MeanActionPolicy, str(store)) if policy == "mean" else functools.partial(
-        ReplayPolicy, str(store), seed)
-
-
 @app.command("evaluate")
 def evaluate_command(
-    policy: Annotated[str, typer.Option(help=f"Policy to roll out: {', '.join(BASELINE_POLICIES)}.")],
+    policy: Annotated[str, typer.Option(help=f"Policy to roll out: {', '.join(POLICIES)}.")],
     store: Annotated[Path | None, typer.Option(help="Training store: benchmark settings and baseline data.")] = None,
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
     tasks: Annotated[str | None, typer.Option(help="Tasks to evaluate (default: the store's).")] = None,
@@ -106,6 +91,7 @@ def evaluate_command(
     videos: Annotated[int, typer.Option(help="Episodes per task to save as MP4 (needs --out).")] = 0,
 ) -> None:
     """Roll out a baseline or the scripted expert on a split's evaluation episodes and print per-task success."""
+    from robovlms.baselines import baseline_factory
     from robovlms.benchmark import create_benchmark
     from robovlms.rollout import evaluate, records_frame
     from robovlms.store import EpisodeStore
@@ -117,7 +103,7 @@ def evaluate_command(
     if tasks is not None:
         options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
     bench = create_benchmark(benchmark, **options)
-    factory = baseline_policy_factory(policy, bench, store, seed)
+    factory = bench.scripted_expert() if policy == "expert" else baseline_factory(policy, bench, store, seed)
     specs = bench.evaluation_episodes(split, episodes)
     records = evaluate(bench, factory, specs, workers=workers,
                        video_dir=(out / "videos") if out and videos else None, videos_per_task=videos)
@@ -149,6 +135,88 @@ def train_command(
     console.print(f"trained: {run_dir} (checkpoints in {run_dir / 'checkpoints'})")
 
 
+def _progress_printer():
+    """A rich progress bar over a sweep's cells: done, running, waiting and failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console)
+    task = bar.add_task("cells", total=None)
+
+    def update(status) -> None:
+        bar.update(task, total=status.cells, completed=status.done + status.failed,
+                   description=f"cells: {status.done} done, {status.running} running, {status.waiting} waiting, "
+                               f"{status.failed} failed")
+
+    return bar, update
+
+
+def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_failed: bool, mode: str) -> None:
+    from robovlms.sweep import run_sweep
+
+    bar, update = _progress_printer()
+    with bar:
+        status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
+                           progress=update)
+    console.print(f"{status.done} of {status.cells} cells done, {status.failed} failed; results in the run "
+                  f"directory's results/ (make a report with `robovlms report RUN_DIR`)")
+    if status.failed:
+        sys.exit(1)
+
+
+@app.command("sweep")
+def sweep_command(
+    file: Annotated[Path, typer.Argument(help="Sweep file (experiments/*.yaml).")],
+    workers: Annotated[int, typer.Option(help="Cells run at once on this machine.")] = 1,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in the run directory; "
+                                                     "postgresql://... for many machines).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the cells and an estimate of their cost; run nothing.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Run again the cells that failed with an error.")] = False,
+) -> None:
+    """Train, evaluate and record every cell of a sweep grid; re-running resumes where it stopped."""
+    if dry_run:
+        from robovlms.sweep import estimate_cost, expand_cells, load_sweep
+
+        sweep = load_sweep(file)
+        rows = estimate_cost(sweep, expand_cells(sweep))
+        table = Table(title=f"sweep {sweep.name}: {len(rows)} cells (estimates on this machine)")
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        for column in columns:
+            table.add_column(column, justify="right" if column.endswith("_s") else "left")
+        for row in rows:
+            table.add_row(*(f"{row[c]:.0f}" if c.endswith("_s") else str(row.get(c, "")) for c in columns))
+        console.print(table)
+        total = sum(row["train_s"] + row["eval_max_s"] for row in rows)
+        console.print(f"about {total / 60:.0f} min of one worker in all (evaluation counted at its upper bound), "
+                      f"{total / 60 / max(workers, 1):.0f} min with {workers} worker(s)")
+        return
+    _run_sweep_command(file, workers, storage, retry_failed, "grid")
+
+
+@app.command("tune")
+def tune_command(
+    file: Annotated[Path, typer.Argument(help="Sweep file with a `search:` section.")],
+    workers: Annotated[int, typer.Option(help="Trials run at once on this machine.")] = 1,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in the run directory).")] = None,
+) -> None:
+    """Search hyper-parameters with Optuna's TPE sampler, pruning on the validation loss; records the best trial."""
+    _run_sweep_command(file, workers, storage, False, "search")
+
+
+@app.command("worker")
+def worker_command(
+    storage: Annotated[str, typer.Option(help="The sweep's Optuna storage URL.")],
+    study: Annotated[str, typer.Option(help="The sweep's name (its study).")],
+    run_dir: Annotated[Path | None, typer.Option(help="Where this worker writes cells (default: the sweep's).")] = None,
+    wait: Annotated[bool, typer.Option(help="Stay until no other worker holds a cell.")] = False,
+) -> None:
+    """Join a running sweep from any machine: take waiting cells until none is left."""
+    from robovlms.sweep import join_study, work
+
+    study_, sweep, cells, mode = join_study(storage, study)
+    work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
+
+
 @app.command("backbones")
 def backbones_command() -> None:
     """List the registered backbones (built-in and from plugins) with their tiny sizes' parameter counts."""
@@ -164,6 +232,19 @@ def benchmarks_command() -> None:
 
     for name in BENCHMARKS.names():
         console.print(name)
+
+
+@app.command("report")
+def report_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],
+    out: Annotated[Path, typer.Option(help="Report directory, e.g. reports/NAME.")],
+) -> None:
+    """Compare the cells of sweeps: success with 95% Wilson intervals, per task and scene, data efficiency, cost,
+    training curves, failed cells; writes index.md, a self-contained index.html, CSV tables and plots."""
+    from robovlms.report import write_report
+
+    index = write_report(run_dirs, out)
+    console.print(f"report: {index} (and {index.with_suffix('.md')}, CSV tables and plots in {out})")
 
 
 def main() -> None:

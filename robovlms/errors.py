@@ -38,3 +38,8 @@ class MissingDependencyError(RobovlmsError, ImportError):
 
 class ShapeError(RobovlmsError, ValueError):
     """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""
+
+
+class ReportError(RobovlmsError, ValueError):
+    """Sweep run directories that cannot be reported: not a run directory, or runs that are not comparable
+    (different benchmarks or splits)."""

@@ -1,0 +1,85 @@
+"""The report's plots, built as matplotlib Figures without pyplot: no global backend, nothing shown on screen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+TRAINED_COLOUR = "tab:blue"
+BASELINE_COLOUR = "tab:gray"
+
+
+def save_figure(figure: Figure, out: Path, stem: str) -> None:
+    """Write `stem`.png and `stem`.svg; the SVG carries no date, so rewriting an unchanged plot changes no file."""
+    figure.savefig(out / f"{stem}.png", dpi=110, bbox_inches="tight")
+    figure.savefig(out / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None})
+
+
+def _error_bars(success: Sequence[float], low: Sequence[float], high: Sequence[float]) -> np.ndarray:
+    success, low, high = (np.asarray(values, dtype=float) for values in (success, low, high))
+    return np.nan_to_num(np.stack([success - low, high - success]))  # (2, N)
+
+
+def success_figure(labels: Sequence[str], success: Sequence[float], low: Sequence[float], high: Sequence[float],
+                   is_baseline: Sequence[bool]) -> Figure:
+    """One horizontal bar per row of the success table, with its 95% Wilson interval; baselines in grey."""
+    figure = Figure(figsize=(8, 1.2 + 0.4 * len(labels)))
+    axes = figure.subplots()
+    rows = np.arange(len(labels))
+    colours = [BASELINE_COLOUR if baseline else TRAINED_COLOUR for baseline in is_baseline]
+    axes.barh(rows, np.nan_to_num(np.asarray(success, dtype=float)), color=colours,
+              xerr=_error_bars(success, low, high), capsize=3)
+    axes.set_yticks(rows, labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("success rate (95% Wilson interval)")
+    axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def data_efficiency_figure(series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float],
+                                                   Sequence[float]]]) -> Figure:
+    """Success against the fraction of training data: one line per configuration, {label: (fraction, success,
+    low, high)}."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for label, (fraction, success, low, high) in series.items():
+        axes.errorbar(fraction, success, yerr=_error_bars(success, low, high), marker="o", capsize=3, label=label)
+    axes.set_xlabel("fraction of training demonstrations")
+    axes.set_ylabel("success rate (95% Wilson interval)")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return figure
+
+
+def latency_figure(labels: Sequence[str], latency_ms: Sequence[float], success: Sequence[float],
+                   low: Sequence[float], high: Sequence[float]) -> Figure:
+    """Success against policy step latency, each point labelled with its configuration."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    axes.errorbar(latency_ms, success, yerr=_error_bars(success, low, high), fmt="o", capsize=3)
+    for label, x, y in zip(labels, latency_ms, success):
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    axes.set_xscale("log")
+    axes.set_xlabel("policy step latency (ms, log scale)")
+    axes.set_ylabel("success rate (95% Wilson interval)")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def training_curves_figure(curves: dict[str, tuple[Sequence[float], Sequence[float]]]) -> Figure:
+    """Training loss against optimiser step, one line per trained cell: {label: (step, loss)}."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for label, (step, loss) in curves.items():
+        axes.plot(step, loss, label=label, linewidth=1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("train/loss")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return figure

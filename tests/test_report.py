@@ -1,0 +1,311 @@
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from robovlms.benchmark import EpisodeRecord
+from robovlms.cli import app
+from robovlms.errors import ReportError
+from robovlms.report import wilson_interval, write_report
+from robovlms.results import CellResult, write_cell_result, write_records
+
+CHROMIUM = Path("/usr/bin/chromium")
+TASKS = ("door-open", "button-press-topdown")
+SCENES = ("C", "D")
+SCRATCH = "gpt-scratch (tiny, random init)"
+PRETRAINED = "kosmos2 (pretrained: microsoft/kosmos-2)"
+VERSIONS = {"python": "3.11.9", "robovlms": "0.1.0", "torch": "2.13.0"}
+
+
+def episode_records(rng, success_rate, chain=False):
+    """Three episodes per task and scene; chain benchmarks also count subtasks completed in a row."""
+    records = []
+    for task in TASKS:
+        for scene in SCENES:
+            for seed in range(3):
+                completed = int(rng.integers(0, 6)) if chain else None
+                success = completed == 5 if chain else bool(rng.random() < success_rate)
+                records.append(EpisodeRecord(task=task, scene=scene, instruction=f"do {task}", seed=seed,
+                                             success=success, steps=50, seconds=0.1, subtasks_completed=completed))
+    return records
+
+
+def add_cell(run_dir, cell_id, records=None, benchmark="metaworld", split="AB->CD", **fields):
+    """Commit one cell as a sweep worker would; returns its records."""
+    cell_dir = run_dir / "cells" / cell_id
+    cell_dir.mkdir(parents=True)
+    if records is not None:
+        write_records(cell_dir, records)
+        successes = sum(record.success for record in records)
+        fields.update(episodes=len(records), successes=successes, success=successes / len(records),
+                      scores={"success": successes / len(records)})
+    write_cell_result(cell_dir, CellResult(cell_id=cell_id, benchmark=benchmark, split=split, versions=VERSIONS,
+                                           **fields))
+    return records
+
+
+def add_trained_cell(run_dir, rng, cell_id, backbone, label, formulation, data_fraction=1.0, seed=0, latency=20.0,
+                     chain=False, **fields):
+    config = {"backbone": backbone, "formulation": formulation, "history": 2, "chunk": 4,
+              "data_fraction": data_fraction, "seed": seed, "lr": 1e-4}
+    records = add_cell(run_dir, cell_id, episode_records(rng, rng.uniform(0.2, 0.9), chain), status="complete",
+                       kind="trained", policy="trained", backbone=backbone, backbone_label=label,
+                       random_init="random init" in label, formulation=formulation, history=2, chunk=4,
+                       data_fraction=data_fraction, seed=seed, parameters=1_000_000, trainable_parameters=400_000,
+                       train_seconds=60.0, step_latency_ms=latency, final_train_loss=0.5, config=config,
+                       axes={"backbone": backbone, "formulation": formulation, "data_fraction": data_fraction,
+                             "seed": seed}, **fields)
+    logs = run_dir / "cells" / cell_id / "train" / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    pd.DataFrame({"step": [0, 10, 20], "train/loss": [2.0, 1.0, 0.5], "train/arm_error": [0.9, 0.5, 0.3],
+                  "train/gripper_accuracy": [0.5, 0.7, 0.9]}).to_csv(logs / "metrics.csv", index=False)
+    return records
+
+
+def make_sweep(run_dir):
+    """2 backbones x 2 formulations, a second seed and a second data fraction of one configuration, three baselines
+    and one failed cell; returns {cell_id: records}."""
+    rng = np.random.default_rng(0)
+    records = {}
+    for backbone, label in (("gpt-scratch", SCRATCH), ("kosmos2", PRETRAINED)):
+        for formulation in ("policy-head", "one-step-continuous"):
+            cell_id = f"{backbone}-{formulation}"
+            records[cell_id] = add_trained_cell(run_dir, rng, cell_id, backbone, label, formulation,
+                                                latency=5.0 if backbone == "gpt-scratch" else 40.0)
+    records["gpt-scratch-policy-head-seed1"] = add_trained_cell(run_dir, rng, "gpt-scratch-policy-head-seed1",
+                                                                "gpt-scratch", SCRATCH, "policy-head", seed=1)
+    records["gpt-scratch-policy-head-half"] = add_trained_cell(run_dir, rng, "gpt-scratch-policy-head-half",
+                                                               "gpt-scratch", SCRATCH, "policy-head", 0.5)
+    for policy, rate in (("zero", 0.0), ("mean", 0.2), ("replay", 0.3)):
+        records[f"baseline-{policy}"] = add_cell(run_dir, f"baseline-{policy}", episode_records(rng, rate),
+                                                 status="complete", kind="baseline", policy=policy,
+                                                 step_latency_ms=0.1, config={"policy": policy})
+    add_cell(run_dir, "kosmos2-interleaved", status="failed", kind="trained", policy="trained",
+             axes={"backbone": "kosmos2", "formulation": "interleaved"},
+             error="TrainingDivergedError: train/loss is NaN at step 12")  # as the sweep records a failure
+    (run_dir / "cells" / "gpt-scratch-interleaved").mkdir()  # a cell whose worker never committed
+    return records
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "sweep"
+    records = make_sweep(run_dir)
+    out = run_dir.parent / "report"
+    write_report([run_dir], out)
+    return out, records
+
+
+def pooled(records_lists):
+    records = [record for records in records_lists for record in records]
+    return sum(record.success for record in records), len(records)
+
+
+def row_of(table, **values):
+    rows = table
+    for column, value in values.items():
+        rows = rows[rows[column] == value]
+    assert len(rows) == 1, values
+    return rows.iloc[0]
+
+
+def test_wilson_interval_matches_the_known_value():
+    low, high = wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+
+
+def test_wilson_interval_of_no_episodes_is_nan_and_of_all_or_none_stays_in_the_unit_interval():
+    assert all(math.isnan(bound) for bound in wilson_interval(0, 0))
+    assert wilson_interval(0, 10)[0] == pytest.approx(0) and wilson_interval(10, 10)[1] == pytest.approx(1)
+
+
+def test_success_table_pools_seeds_with_wilson_intervals(sweep):
+    out, records = sweep
+    table = pd.read_csv(out / "success.csv")
+    row = row_of(table, backbone_label=SCRATCH, formulation="policy-head", data_fraction=1.0)
+    successes, episodes = pooled([records["gpt-scratch-policy-head"], records["gpt-scratch-policy-head-seed1"]])
+    assert (row.seeds, row.episodes, row.successes) == (2, episodes, successes)
+    assert row.success == pytest.approx(successes / episodes)
+    assert (row.wilson_low, row.wilson_high) == pytest.approx(wilson_interval(successes, episodes))
+    per_seed = [pooled([records[cell]])[0] / 12
+                for cell in ("gpt-scratch-policy-head", "gpt-scratch-policy-head-seed1")]
+    assert row.seed_mean == pytest.approx(np.mean(per_seed))
+    assert row.seed_std == pytest.approx(np.std(per_seed, ddof=1))
+    single = row_of(table, backbone_label=PRETRAINED, formulation="one-step-continuous")
+    assert single.seeds == 1 and math.isnan(single.seed_std)
+    assert single.success == pytest.approx(pooled([records["kosmos2-one-step-continuous"]])[0] / 12)
+
+
+def test_success_table_has_a_row_per_backbone_formulation_and_one_per_baseline(sweep):
+    table = pd.read_csv(sweep[0] / "success.csv")
+    assert len(table) == 2 * 2 + 1 + 3  # configurations, the half-data configuration, baselines
+    baselines = table.backbone_label.tolist()[-3:]
+    assert baselines == ["zero action (baseline)", "mean action (baseline)", "demo replay (baseline)"]
+    assert row_of(table, backbone_label="zero action (baseline)").success == 0
+
+
+@pytest.mark.parametrize("by, values", [("task", TASKS), ("scene", SCENES)])
+def test_per_task_and_per_scene_tables_match_the_records(sweep, by, values):
+    out, records = sweep
+    table = pd.read_csv(out / f"per_{by}.csv")
+    for value in values:
+        row = row_of(table, backbone_label=PRETRAINED, formulation="policy-head", **{by: value})
+        selected = [r for r in records["kosmos2-policy-head"] if getattr(r, by) == value]
+        assert (row.successes, row.episodes) == (sum(r.success for r in selected), len(selected))
+        assert (row.wilson_low, row.wilson_high) == pytest.approx(wilson_interval(row.successes, row.episodes))
+    assert f"Success per {by}" in (out / "index.md").read_text()
+
+
+def test_report_names_the_split(sweep):
+    assert "split AB->CD" in (sweep[0] / "index.md").read_text()
+
+
+def test_data_efficiency_table_and_plot_when_several_fractions(sweep):
+    out, records = sweep
+    table = pd.read_csv(out / "data_efficiency.csv")
+    half = row_of(table, backbone_label=SCRATCH, formulation="policy-head", data_fraction=0.5)
+    assert (half.successes, half.episodes) == pooled([records["gpt-scratch-policy-head-half"]])
+    assert row_of(table, backbone_label=SCRATCH, formulation="policy-head", data_fraction=1.0).seeds == 2
+    assert (out / "data_efficiency.png").is_file() and (out / "data_efficiency.svg").is_file()
+
+
+def test_cost_table_gives_latency_in_ms_and_hz_and_plots_success_against_it(sweep):
+    out, _ = sweep
+    table = pd.read_csv(out / "cost.csv")
+    row = row_of(table, backbone_label=PRETRAINED, formulation="policy-head")
+    assert (row.parameters, row.train_seconds, row.step_latency_ms) == (1_000_000, 60.0, 40.0)
+    assert row.steps_per_second == pytest.approx(25.0)
+    assert (out / "success_vs_latency.png").is_file() and (out / "success_vs_latency.svg").is_file()
+
+
+def test_training_curves_of_every_trained_cell_are_written_and_plotted(sweep):
+    out, _ = sweep
+    curves = pd.read_csv(out / "training_curves.csv")
+    assert curves.cell_id.nunique() == 6
+    assert curves[curves.cell_id == "kosmos2-policy-head"]["train/loss"].tolist() == [2.0, 1.0, 0.5]
+    assert (out / "training_curves.png").is_file() and (out / "training_curves.svg").is_file()
+
+
+@pytest.mark.parametrize("table", ["success", "per_task", "per_scene", "data_efficiency", "cost"])
+def test_every_table_labels_random_init_backbones(sweep, table):
+    frame = pd.read_csv(sweep[0] / f"{table}.csv")
+    assert set(frame.backbone_label[frame.backbone_label.str.startswith("gpt-scratch")]) == {SCRATCH}
+
+
+def test_markdown_tables_label_random_init_rows(sweep):
+    table_rows = [line for line in (sweep[0] / "index.md").read_text().splitlines() if line.startswith("|")]
+    scratch_rows = [line for line in table_rows if re.search(r"\| gpt-scratch(?!-)", line)]  # not cell ids
+    assert scratch_rows and all("(tiny, random init)" in line for line in scratch_rows)
+
+
+def test_report_states_episodes_per_row_and_that_intervals_are_wilson(sweep):
+    text = (sweep[0] / "index.md").read_text()
+    assert "95% Wilson score interval" in text
+    assert re.search(r"\| +episodes +\|", text)
+
+
+def test_failed_and_unfinished_cells_are_listed_with_why(sweep):
+    failed = pd.read_csv(sweep[0] / "failed_cells.csv")
+    diverged = row_of(failed, cell_id="kosmos2-interleaved")
+    assert diverged.error == "TrainingDivergedError: train/loss is NaN at step 12"
+    assert diverged["axes"] == '{"backbone": "kosmos2", "formulation": "interleaved"}'
+    assert row_of(failed, cell_id="gpt-scratch-interleaved").status == "unfinished"
+    assert "train/loss is NaN at step 12" in (sweep[0] / "index.md").read_text()
+
+
+def test_every_cells_configuration_and_the_software_versions_are_listed(sweep):
+    out, _ = sweep
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 4 + 2 + 3 + 1
+    text = (out / "index.md").read_text()
+    assert '"lr": 0.0001' in text
+    versions = pd.read_csv(out / "versions.csv")
+    assert row_of(versions, package="torch").versions == "2.13.0"
+
+
+def test_a_run_without_results_still_gives_a_report_listing_its_unfinished_cells(tmp_path):
+    run_dir = tmp_path / "empty"
+    (run_dir / "cells" / "gpt-scratch-policy-head").mkdir(parents=True)
+    index = write_report([run_dir], tmp_path / "report")
+    assert "No cell of these runs has committed" in index.with_suffix(".md").read_text()
+    unfinished = pd.read_csv(tmp_path / "report" / "failed_cells.csv")
+    assert unfinished[["cell_id", "status"]].values.tolist() == [["gpt-scratch-policy-head", "unfinished"]]
+
+
+def test_a_run_of_only_failed_cells_reports_them(tmp_path):
+    add_cell(tmp_path / "run", "broken", status="failed", kind="baseline", policy="replay", error="store missing")
+    out = tmp_path / "report"
+    write_report([tmp_path / "run"], out)
+    assert pd.read_csv(out / "failed_cells.csv").error.tolist() == ["store missing"]
+
+
+def test_chain_benchmarks_get_tasks_in_a_row_and_average_length(tmp_path):
+    rng = np.random.default_rng(1)
+    records = add_trained_cell(tmp_path / "calvin", rng, "chain", "gpt-scratch", SCRATCH, "policy-head", chain=True)
+    out = tmp_path / "report"
+    write_report([tmp_path / "calvin"], out)
+    row = pd.read_csv(out / "chain.csv").iloc[0]
+    completed = np.array([record.subtasks_completed for record in records])
+    for k in range(1, 6):
+        assert row[str(k)] == pytest.approx((completed >= k).mean())
+    assert row.average_length == pytest.approx(completed.mean())
+    assert row.backbone_label == SCRATCH
+
+
+def test_single_task_benchmarks_get_no_chain_table(sweep):
+    assert not (sweep[0] / "chain.csv").exists()
+
+
+def test_runs_of_one_benchmark_and_split_are_reported_together_seeds_pooled(tmp_path):
+    rng = np.random.default_rng(2)
+    first = add_trained_cell(tmp_path / "a", rng, "cell", "gpt-scratch", SCRATCH, "policy-head", seed=0)
+    second = add_trained_cell(tmp_path / "b", rng, "cell", "gpt-scratch", SCRATCH, "policy-head", seed=1)
+    write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report")
+    row = pd.read_csv(tmp_path / "report" / "success.csv").iloc[0]
+    assert (row.seeds, row.successes, row.episodes) == (2, *pooled([first, second]))
+    assert pd.read_csv(tmp_path / "report" / "cells.csv").run.tolist() == ["a", "b"]
+
+
+def test_mixing_benchmarks_is_refused(tmp_path):
+    add_cell(tmp_path / "a", "zero", status="complete", kind="baseline", policy="zero", benchmark="metaworld")
+    add_cell(tmp_path / "b", "zero", status="complete", kind="baseline", policy="zero", benchmark="calvin")
+    with pytest.raises(ReportError, match="different benchmarks.*'calvin'.*'metaworld'"):
+        write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report")
+
+
+def test_mixing_splits_is_refused(tmp_path):
+    add_cell(tmp_path / "a", "zero", status="complete", kind="baseline", policy="zero", split="ABC->D")
+    add_cell(tmp_path / "b", "zero", status="complete", kind="baseline", policy="zero", split="D->D")
+    with pytest.raises(ReportError, match="different splits of metaworld"):
+        write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report")
+
+
+def test_a_path_that_is_not_a_sweep_run_dir_is_refused(tmp_path):
+    with pytest.raises(ReportError, match="not a sweep run directory"):
+        write_report([tmp_path], tmp_path / "report")
+
+
+def test_cli_report_writes_the_report_and_says_where(tmp_path):
+    add_cell(tmp_path / "run", "zero", episode_records(np.random.default_rng(0), 0.0), status="complete",
+             kind="baseline", policy="zero")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "index.html" in result.output and (tmp_path / "report" / "index.html").is_file()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_html_renders_alone_in_headless_chromium_with_every_image_loaded(sweep, tmp_path):
+    alone = tmp_path / "index.html"  # copied away from the PNGs: the page must carry its own images
+    shutil.copy(sweep[0] / "index.html", alone)
+    dom = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", alone.as_uri()],
+                         capture_output=True, text=True, timeout=60).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, "the page's script did not run"
+    assert int(loaded[2]) == 4 and loaded[1] == loaded[2]
