@@ -77,7 +77,7 @@ class TrainingConfig(_Strict):
     validation_fraction: float = Field(0.0, ge=0, lt=1)  # episodes per task held out for val/loss (same for any seed)
     validate_every: int = Field(100, ge=1)  # steps between validations
     validation_batches: int = Field(4, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # per device
     max_steps: int = Field(1000, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -187,7 +187,8 @@ class _WarmupCosine:
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Batches `start`..`end`-1 of a run; batch k is a function of (seed, k) only."""
+    """Batches `start`..`end`-1 of a run; batch k is a function of (seed, k) only. Under DDP each of W processes
+    takes its own slice of one global batch of W * batch_size windows."""
 
     def __init__(self, windows: int, batch_size: int, seed: int, start: int, end: int):
         self.windows, self.batch_size, self.seed, self.start, self.end = windows, batch_size, seed, start, end
@@ -196,9 +197,12 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.end - self.start)
 
     def __iter__(self):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        size = self.batch_size * world
         for step in range(self.start, self.end):
-            rng = np.random.default_rng([self.seed, step])
-            yield rng.choice(self.windows, self.batch_size, replace=self.batch_size > self.windows).tolist()
+            windows = np.random.default_rng([self.seed, step]).choice(self.windows, size, replace=size > self.windows)
+            yield windows[rank * self.batch_size:(rank + 1) * self.batch_size].tolist()
 
 
 def _batch_as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +283,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
         accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
         log_every_n_steps=config.log_every, enable_progress_bar=progress, enable_model_summary=progress,
         num_sanity_val_steps=0, val_check_interval=config.validate_every, check_val_every_n_epoch=None,
-        limit_val_batches=config.validation_batches if validation else 0,
+        limit_val_batches=config.validation_batches if validation else 0, use_distributed_sampler=False,
         logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
         callbacks=[ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step{step}", save_last=True,
                                    every_n_train_steps=config.checkpoint_every, save_top_k=-1,
