@@ -180,15 +180,20 @@ def sweep_command(
         sweep = load_sweep(file)
         rows = estimate_cost(sweep, expand_cells(sweep))
         table = Table(title=f"sweep {sweep.name}: {len(rows)} cells (estimates on this machine)")
-        columns = list(dict.fromkeys(key for row in rows for key in row))
+        columns = list(rows[0])
         for column in columns:
-            table.add_column(column, justify="right" if column.endswith("_s") else "left")
+            table.add_column(column, justify="right" if column.endswith("_s") else "left",
+                             no_wrap=column == "cell")
         for row in rows:
-            table.add_row(*(f"{row[c]:.0f}" if c.endswith("_s") else str(row.get(c, "")) for c in columns))
+            table.add_row(*(f"{row[c]:.0f}" if c.endswith("_s") else str(row[c]) for c in columns))
         console.print(table)
-        total = sum(row["train_s"] + row["eval_max_s"] for row in rows)
-        console.print(f"about {total / 60:.0f} min of one worker in all (evaluation counted at its upper bound), "
-                      f"{total / 60 / max(workers, 1):.0f} min with {workers} worker(s)")
+        measured = [row for row in rows if row["train_s"] == row["train_s"]]  # NaN: a pretrained cell
+        total = sum(row["train_s"] + row["eval_max_s"] for row in measured)
+        console.print(f"about {total / 60:.0f} min of one worker for {len(measured)} cells (evaluation counted at its "
+                      f"upper bound), {total / 60 / max(workers, 1):.0f} min with {workers} worker(s)")
+        if len(measured) < len(rows):
+            console.print(f"{len(rows) - len(measured)} cells with pretrained backbones are not measured here: "
+                          f"time a few steps on the machine that will run them")
         return
     _run_sweep_command(file, workers, storage, retry_failed, "grid")
 

@@ -14,7 +14,9 @@ from robovlms.store import EpisodeStore
 
 
 class WindowDataset(Dataset):
-    """Window i ends at one frame t of one episode and holds frames t-H+1..t and, for each frame j, actions j..j+L-1.
+    """Window i ends at one frame t of one episode and holds frames t-(H-1)s, ..., t-s, t (s: `frame_stride`) and,
+    for each frame j, actions j..j+L-1. A stride of L matches a policy that executes each chunk open-loop and
+    observes again only after it.
 
     Frames before the episode start repeat its first frame and actions after its end repeat its last action;
     `frame_mask` and `action_mask` mark what is real. Batches are gathered in one vectorised read
@@ -22,10 +24,11 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, store: EpisodeStore, history: int = 1, chunk: int = 1, episodes: Sequence[int] | None = None,
-                 cameras: Sequence[str] | None = None):
-        if history < 1 or chunk < 1:
-            raise WindowError(f"history and chunk must be at least 1, got history={history}, chunk={chunk}")
-        self.store, self.history, self.chunk = store, history, chunk
+                 cameras: Sequence[str] | None = None, frame_stride: int = 1):
+        if history < 1 or chunk < 1 or frame_stride < 1:
+            raise WindowError(f"history, chunk and frame_stride must be at least 1, got history={history}, "
+                              f"chunk={chunk}, frame_stride={frame_stride}")
+        self.store, self.history, self.chunk, self.frame_stride = store, history, chunk, frame_stride
         self.cameras = tuple(cameras or store.layout.cameras)
         for camera in self.cameras:
             if camera not in store.layout.cameras:
@@ -34,9 +37,11 @@ class WindowDataset(Dataset):
         if len(index) == 0:
             raise WindowError("no episodes selected")
         lengths = index["length"].to_numpy()
-        if history + chunk - 1 > lengths.max():
-            raise WindowError(f"a window of history {history} and chunk {chunk} needs episodes of at least "
-                              f"{history + chunk - 1} frames; the longest episode of {store.path} has {lengths.max()}")
+        span = (history - 1) * frame_stride + chunk
+        if span > lengths.max():
+            raise WindowError(f"a window of history {history} (frame stride {frame_stride}) and chunk {chunk} needs "
+                              f"episodes of at least {span} frames; the longest episode of {store.path} has "
+                              f"{lengths.max()}")
         self.task_names = store.tasks()
         task_ids = index["task"].map({task: i for i, task in enumerate(self.task_names)}).to_numpy()
         self.episode_ids = index.index.to_numpy()
@@ -54,7 +59,7 @@ class WindowDataset(Dataset):
         indices = np.asarray(indices)
         episode, start, length, now = (self._episode[indices], self._start[indices], self._length[indices],
                                        self._time[indices])
-        frame_time = now[:, None] + np.arange(1 - self.history, 1)  # (B, H)
+        frame_time = now[:, None] + np.arange(1 - self.history, 1) * self.frame_stride  # (B, H)
         frame_mask = frame_time >= 0
         frame_time = np.maximum(frame_time, 0)
         frames = start[:, None] + frame_time  # (B, H)

@@ -1,9 +1,11 @@
 """A rollout policy from a trained run directory: it keeps the observation history, asks the formulation for the
 next chunk, un-normalises it and executes it as the run's `execution` setting says.
 
-Each observation is encoded once (`Formulation.encode`) and kept for the next H-1 steps; for policy-head the
+Each observation is encoded once (`Formulation.encode`) and kept while the history needs it; for policy-head the
 encoding is the backbone pass, so a step costs one backbone pass whatever H is. Before an episode has H frames
-the first one repeats, exactly as training windows are padded.
+the first one repeats, exactly as training windows are padded. History frames are `frame_stride` env steps apart,
+as in training: with `chunk` execution the policy observes every L steps, so a run trained with frame_stride L
+sees consecutive observations.
 
 Execution of a predicted chunk of L actions:
     first     the first action only, predicting again at every step (RoboVLMs' CALVIN evaluation)
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from robovlms.benchmark import EpisodeSpec, Observation
-from robovlms.errors import UnknownNameError
+from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.formulation import Formulation
 
 EXECUTIONS = ("first", "ensemble", "chunk")
@@ -30,7 +32,7 @@ EXECUTIONS = ("first", "ensemble", "chunk")
 
 class CheckpointPolicy:
     def __init__(self, formulation: Formulation, cameras: list[str], execution: str = "first",
-                 ensemble_decay: float = 0.01):
+                 ensemble_decay: float = 0.01, frame_stride: int = 1):
         if execution not in EXECUTIONS:
             raise UnknownNameError("chunk execution", execution, EXECUTIONS)
         self.formulation = formulation.eval()
@@ -38,7 +40,13 @@ class CheckpointPolicy:
         self.execution = execution
         self.ensemble_decay = ensemble_decay
         self.history = formulation.history
-        self._frames: deque[dict[str, torch.Tensor]] = deque(maxlen=self.history)
+        steps_between_observations = formulation.chunk if execution == "chunk" else 1
+        if self.history > 1 and frame_stride % steps_between_observations:
+            raise ConfigError(f"history frames {frame_stride} env steps apart cannot be observed when each chunk of "
+                              f"{formulation.chunk} runs open-loop; train with frame_stride {formulation.chunk} (or a "
+                              f"multiple) for `chunk` execution, or execute with `first` or `ensemble`")
+        self._every = max(1, frame_stride // steps_between_observations)  # observations between history frames
+        self._frames: deque[dict[str, torch.Tensor]] = deque(maxlen=(self.history - 1) * self._every + 1)
         self._chunks: list[np.ndarray] = []  # the unexecuted rest of each recent chunk, oldest first
         self._instruction = ""
 
@@ -54,7 +62,8 @@ class CheckpointPolicy:
         state = torch.from_numpy(np.asarray(observation.state, dtype=np.float32))
         frame = self.formulation.encode(images[None, None], state[None, None], instructions)  # each (1, 1, ...)
         self._frames.append(frame)
-        frames = [self._frames[0]] * (self.history - len(self._frames)) + list(self._frames)
+        newest = len(self._frames) - 1
+        frames = [self._frames[max(0, newest - k * self._every)] for k in reversed(range(self.history))]
         window = {key: torch.cat([f[key] for f in frames], dim=1) for key in frame}
         predicted = self.formulation.predict(window, instructions)[0].float()  # (L, A)
         actions = self.formulation.actions.unnormalise(predicted[:, :-1], predicted[:, -1]).numpy()
@@ -77,7 +86,8 @@ def load_policy(run_dir: str | Path, execution: str | None = None, checkpoint: s
     from robovlms.training import LAST_CHECKPOINT, load_formulation
 
     formulation, config = load_formulation(run_dir, checkpoint or LAST_CHECKPOINT)
-    return CheckpointPolicy(formulation, config.cameras, execution or config.execution)
+    return CheckpointPolicy(formulation, config.cameras, execution or config.execution,
+                            frame_stride=config.frame_stride)
 
 
 def policy_factory(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None):

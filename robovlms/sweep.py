@@ -732,7 +732,9 @@ def _run_worker_processes(name: str, url: str, workers: int, run_dir: Path, repo
         log = open(logs / f"worker-{index}.log", "a")
         command = [sys.executable, "-m", "robovlms.cli", "worker", "--storage", url, "--study", name,
                    "--run-dir", str(run_dir)]
-        processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        threads = str(max(1, (os.cpu_count() or 1) // workers))  # workers share the cores instead of fighting
+        environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
     try:
         while any(process.poll() is None for process, _ in processes):
             report()
@@ -770,10 +772,14 @@ def estimate_cost(sweep: SweepConfig, cells: list[Cell], measure_steps: int = 2)
     episodes = len(benchmark.tasks()) * sweep.evaluation.episodes_per_task
     rows, measured = [], {}
     for cell in cells:
-        row = {"cell": cell.cell_id, **cell.axes, "train_s": 0.0}
+        row = {"cell": cell.cell_id, "backbone": cell.policy, "formulation": "", "H": "", "L": "", "fraction": "",
+               "seed": "", "train_s": 0.0}
         steps_per_observation = 1
         if cell.kind == "trained":
             config = load_config({**cell.training, "store": "-", "run_dir": "-"})
+            row.update(backbone=f"{config.backbone.name} ({config.backbone.size})",
+                       formulation=config.formulation.name, H=config.history, L=config.chunk,
+                       fraction=config.data_fraction, seed=config.seed)
             shape_key = json.dumps([config.backbone.model_dump(), config.formulation.model_dump(), config.history,
                                     config.chunk, config.batch_size, config.use_state], sort_keys=True, default=str)
             if config.backbone.size == "tiny" and shape_key not in measured:

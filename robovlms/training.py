@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.utils.data import DataLoader, Sampler
 
+from robovlms.augmentation import augment_images
 from robovlms.backbone import BACKBONES, create_backbone
 from robovlms.dataset import WindowDataset
 from robovlms.errors import ConfigError, RobovlmsError, WindowError
@@ -71,8 +72,10 @@ class TrainingConfig(_Strict):
     formulation: FormulationSettings = FormulationSettings()
     history: int = Field(1, ge=1)  # H frames per window
     chunk: int = Field(1, ge=1)  # L future actions predicted per frame
+    frame_stride: int = Field(1, ge=1)  # env steps between history frames; = chunk for `execution: chunk` with H > 1
     use_state: bool = True  # proprio state as an input
     cameras: list[str] | None = None  # default: every camera of the store
+    augment: bool = False  # random shifts and colour jitter of training images (robovlms/augmentation.py)
     data_fraction: float = Field(1.0, gt=0, le=1)  # of the episodes left after validation's, nested across fractions
     validation_fraction: float = Field(0.0, ge=0, lt=1)  # episodes per task held out for val/loss (same for any seed)
     validate_every: int = Field(100, ge=1)  # steps between validations
@@ -135,6 +138,9 @@ class FormulationModule(L.LightningModule):
         self.config = config
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.config.augment:  # drawn from (seed, step): a resumed run sees the images an uninterrupted one would
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.global_step)
+            batch = {**batch, "images": augment_images(batch["images"], generator)}
         loss, metrics = self.formulation.loss(batch)
         if not torch.isfinite(loss):
             self._diverged(f"the loss became {loss.item()} at step {self.global_step}")
@@ -255,9 +261,11 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     validation = store.holdout(config.validation_fraction)
     episodes = store.subset(config.data_fraction, config.seed, exclude=validation)
     shortest = int(store.episodes.iloc[episodes]["length"].min())
-    if config.history > shortest or config.chunk > shortest:
-        raise WindowError(f"history {config.history} and chunk {config.chunk} must each be at most the length of "
-                          f"the shortest episode used for training ({shortest} frames in {store.path})")
+    history_span = (config.history - 1) * config.frame_stride + 1
+    if history_span > shortest or config.chunk > shortest:
+        raise WindowError(f"history {config.history} (spanning {history_span} frames at frame stride "
+                          f"{config.frame_stride}) and chunk {config.chunk} must each be at most the length of the "
+                          f"shortest episode used for training ({shortest} frames in {store.path})")
     action_statistics = check_statistics(store.action_statistics, "action", store.layout.action_dim, store.path)
     state_statistics = (check_statistics(store.state_statistics, "state", store.layout.state_dim, store.path)
                         if config.use_state else None)
@@ -274,7 +282,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
 
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     start = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.exists() else 0
-    dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras)
+    dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras, config.frame_stride)
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), config.batch_size, config.seed, start,
                                                                 config.max_steps), collate_fn=_batch_as_is)
     validation_loader = _validation_loader(store, validation, config, cameras) if validation else None
@@ -296,7 +304,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
 def _validation_loader(store: EpisodeStore, episodes: list[int], config: TrainingConfig,
                        cameras: list[str]) -> DataLoader:
     """The same windows at every validation: `validation_batches` batches drawn once from the held-out episodes."""
-    dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras)
+    dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras, config.frame_stride)
     rng = np.random.default_rng(VALIDATION_SEED)
     count = min(len(dataset), config.validation_batches * config.batch_size)
     windows = sorted(rng.choice(len(dataset), count, replace=False).tolist())

@@ -77,3 +77,14 @@ def test_loader_yields_batches(counting_store):
     assert [len(b["instruction"]) for b in batches] == [3, 3, 2]
     again = list(window_loader(WindowDataset(counting_store, history=2, chunk=2), batch_size=3, seed=0))
     assert all((a["state"] == b["state"]).all() for a, b in zip(batches, again))
+
+
+def test_history_frames_are_a_frame_stride_apart_and_padded_with_the_first(counting_store):
+    window = WindowDataset(counting_store, history=3, chunk=1, frame_stride=2)[3]  # frame 3 of episode a
+    assert window["state"][:, 0].tolist() == [0, 1, 3]  # frames -1 (padded with frame 0), 1, 3
+    assert window["frame_mask"].tolist() == [False, True, True]
+
+
+def test_a_window_whose_strided_history_outspans_every_episode_is_refused(counting_store):
+    with pytest.raises(WindowError, match="frame stride 3"):
+        WindowDataset(counting_store, history=3, chunk=1, frame_stride=3)

@@ -91,31 +91,51 @@ def observation(batch, index, frame):
                        state=batch["state"][index, frame].numpy(), instruction=batch["instruction"][index])
 
 
-def episode_windows(store, formulation, episode=1):
-    dataset = WindowDataset(store, formulation.history, formulation.chunk, episodes=[episode])
+def episode_windows(store, formulation, episode=1, frame_stride=1):
+    dataset = WindowDataset(store, formulation.history, formulation.chunk, episodes=[episode],
+                            frame_stride=frame_stride)
     return dataset.__getitems__(list(range(len(dataset))))
 
 
 @pytest.mark.parametrize("name", list(HISTORY))
 def test_rollout_policy_steps_equal_the_batched_forward_on_the_same_window(store, name):
+    """Executing whole chunks, the policy observes every L-th frame: its history matches windows of stride L."""
     formulation = make_formulation(store, name).eval()
-    windows = episode_windows(store, formulation)
+    stride = formulation.chunk
+    windows = episode_windows(store, formulation, frame_stride=stride)
     batched = formulation.act(windows["images"], windows["state"], windows["instruction"])  # (T, L, A)
-    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="chunk")
+    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="chunk", frame_stride=stride)
+    policy.reset(EpisodeSpec("button-press-topdown", "A", windows["instruction"][0], 0))
+    for t in range(0, len(windows["instruction"]), stride):
+        np.testing.assert_allclose(policy.step(observation(windows, t, -1)), batched[t].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["interleaved", "policy-head"])
+def test_a_policy_observing_every_step_keeps_history_frames_a_stride_apart(store, name):
+    formulation = make_formulation(store, name).eval()
+    windows = episode_windows(store, formulation, frame_stride=3)
+    batched = formulation.act(windows["images"], windows["state"], windows["instruction"])  # (T, L, A)
+    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="first", frame_stride=3)
     policy.reset(EpisodeSpec("button-press-topdown", "A", windows["instruction"][0], 0))
     for t in range(len(windows["instruction"])):
-        np.testing.assert_allclose(policy.step(observation(windows, t, -1)), batched[t].numpy(), atol=1e-5)
+        np.testing.assert_allclose(policy.step(observation(windows, t, -1)), batched[t, 0].numpy(), atol=1e-5)
+
+
+def test_history_frames_that_chunk_execution_cannot_observe_are_refused(store):
+    formulation = make_formulation(store, "policy-head").eval()
+    with pytest.raises(ConfigError, match="frame_stride"):
+        CheckpointPolicy(formulation, ["rgb_static"], execution="chunk", frame_stride=1)
 
 
 @pytest.mark.parametrize("head", ["lstm", "gpt", "mlp"])
 def test_policy_head_cache_gives_the_actions_of_recomputing_with_one_backbone_pass_per_step(store, head):
     formulation = make_formulation(store, "policy-head", history=5, head=head).eval()
-    windows = episode_windows(store, formulation)
+    windows = episode_windows(store, formulation, frame_stride=formulation.chunk)
     calls = []
     formulation.backbone.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
-    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="chunk")
+    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="chunk", frame_stride=formulation.chunk)
     policy.reset(EpisodeSpec("button-press-topdown", "A", windows["instruction"][0], 0))
-    for t in range(len(windows["instruction"])):
+    for t in range(0, len(windows["instruction"]), formulation.chunk):
         calls.clear()
         cached = policy.step(observation(windows, t, -1))
         assert calls == [1]  # one backbone pass over one frame

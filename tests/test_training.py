@@ -49,8 +49,9 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_resumed_run_continues_with_the_same_next_step_loss(store, tmp_path, monkeypatch):
-    settings = {"max_steps": 8, "checkpoint_every": 4, "warmup_steps": 2}
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_resumed_run_continues_with_the_same_next_step_loss(store, tmp_path, monkeypatch, augment):
+    settings = {"max_steps": 8, "checkpoint_every": 4, "warmup_steps": 2, "augment": augment}
     uninterrupted = logged(train(config(store, tmp_path / "straight", **settings)))["train/loss"]
 
     original_step = FormulationModule.training_step
