@@ -7,7 +7,7 @@ SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6
 # tests use a real database for multi-machine sweeps and a real browser for reports
 TEST_SYSTEM_PACKAGES := postgresql chromium
 PLUGIN := examples/robovlms-llava-plugin
-DEMO_STORE := data/demo
+DEMO_RUN := runs/demo
 DEMO_REPORT := reports/demo
 WORKERS ?= 2
 
@@ -37,13 +37,10 @@ $(VENV)/.installed: pyproject.toml $(PLUGIN)/pyproject.toml | system-packages
 	$(BIN)/pip install -q --no-deps -e $(PLUGIN)
 	touch $@
 
+# The main job: demonstrations (made by the sweep when missing), experiments/demo.yaml, then its report.
 demo: install
-	@test -f $(DEMO_STORE)/meta.json || $(BIN)/robovlms data generate $(DEMO_STORE) --tasks demo --split 'ABC->D' \
-	  --episodes 10 --cameras rgb_static --workers $(WORKERS)
-	@for policy in expert zero mean replay; do \
-	  $(BIN)/robovlms evaluate --policy $$policy --store $(DEMO_STORE) --split 'ABC->D' --episodes 10 \
-	    --workers $(WORKERS) --out $(DEMO_REPORT)/$$policy || exit 1; \
-	done
+	@$(BIN)/robovlms sweep experiments/demo.yaml --workers $(WORKERS) || failed=1; \
+	$(BIN)/robovlms report $(DEMO_RUN) --out $(DEMO_REPORT) && exit $${failed:-0}
 
 test-system-packages:
 	@$(MAKE) --no-print-directory system-packages PACKAGES="$(TEST_SYSTEM_PACKAGES)"
@@ -53,6 +50,7 @@ test: install test-system-packages
 
 benchmarks: install
 	$(BIN)/python benchmarks/data_and_rollouts.py
+	$(BIN)/python benchmarks/training_and_policy.py
 
 clean:
-	rm -rf $(VENV) data/demo reports/demo
+	rm -rf $(VENV) data/demo $(DEMO_RUN) $(DEMO_REPORT)

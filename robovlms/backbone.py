@@ -145,6 +145,10 @@ class Backbone(nn.Module, abc.ABC):
             return f"{self.name} ({self.size}, random init)"
         return f"{self.name} (pretrained: {self.origin})"
 
+    def describe(self) -> str:
+        """What size this backbone is, for reports: "hidden 64, 64 px images, 0.31M parameters"."""
+        return f"hidden {self.hidden_size}, {self.image_size} px images, {self.num_parameters() / 1e6:.2f}M parameters"
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

@@ -183,7 +183,7 @@ def sweep_command(
         columns = list(rows[0])
         for column in columns:
             table.add_column(column, justify="right" if column.endswith("_s") else "left",
-                             no_wrap=column == "cell")
+                             overflow="fold", max_width=24 if column == "cell" else None)
         for row in rows:
             table.add_row(*(f"{row[c]:.0f}" if c.endswith("_s") else str(row[c]) for c in columns))
         console.print(table)

@@ -209,12 +209,15 @@ def cost_table(runs: SweepRuns) -> pd.DataFrame:
     rows = []
     for key, group in _complete(runs).groupby(CONFIGURATION, sort=False):
         latency = group.step_latency_ms.astype(float).mean()
-        rows.append({**dict(zip(CONFIGURATION, key)), "parameters": group.parameters.astype(float).max(),
+        sizes = group.backbone_size.dropna() if "backbone_size" in group else []
+        rows.append({**dict(zip(CONFIGURATION, key)), "backbone_size": sizes.iloc[0] if len(sizes) else "",
+                     "parameters": group.parameters.astype(float).max(),
                      "trainable_parameters": group.trainable_parameters.astype(float).max(),
                      "train_seconds": group.train_seconds.astype(float).mean(), "step_latency_ms": latency,
                      "steps_per_second": 1000 / latency if latency > 0 else math.nan,
                      **_rate(group.successes.sum(), group.episodes.sum())})
-    return pd.DataFrame(rows, columns=[*CONFIGURATION, "parameters", "trainable_parameters", "train_seconds",
+    return pd.DataFrame(rows, columns=[*CONFIGURATION, "backbone_size", "parameters", "trainable_parameters",
+                                       "train_seconds",
                                        "step_latency_ms", "steps_per_second", *RATE_COLUMNS])
 
 
@@ -387,10 +390,10 @@ def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
     cost = cost_table(runs)
     if cost.empty:
         return None
-    section = Section("Cost", ["Parameters of the policy, mean training time, and the median time of one policy "
-                               "step (observation in, action out), averaged over seeds."])
+    section = Section("Cost", ["The backbone's size, parameters of the whole policy, mean training time, and the "
+                               "median time of one policy step (observation in, action out), averaged over seeds."])
     section.tables.append(Table("cost", cost, _shown(cost, {
-        **SHOWN_CONFIGURATION, "parameters": lambda row: _number(row.parameters),
+        **SHOWN_CONFIGURATION, "backbone size": "backbone_size", "parameters": lambda row: _number(row.parameters),
         "trainable": lambda row: _number(row.trainable_parameters),
         "training (s)": lambda row: _number(row.train_seconds),
         "step (ms)": lambda row: _number(row.step_latency_ms, 1),

@@ -49,6 +49,7 @@ class CellResult:
     policy: str  # "trained", or the baseline's name: "zero", "mean", "replay"
     backbone: str | None = None  # registered name, None for baselines
     backbone_label: str | None = None  # e.g. "gpt-scratch (tiny, random init)"
+    backbone_size: str | None = None  # e.g. "hidden 64, 64 px images, 0.31M parameters"
     random_init: bool | None = None
     formulation: str | None = None
     history: int | None = None

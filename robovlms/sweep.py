@@ -459,7 +459,7 @@ def _train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResu
     result.train_seconds = time.perf_counter() - started
     formulation, config = load_formulation(train_dir)
     result.backbone, result.backbone_label = config.backbone.name, formulation.backbone.label
-    result.random_init = formulation.backbone.random_init
+    result.random_init, result.backbone_size = formulation.backbone.random_init, formulation.backbone.describe()
     result.formulation, result.history, result.chunk = config.formulation.name, config.history, config.chunk
     result.data_fraction, result.seed = config.data_fraction, config.seed
     result.parameters = sum(p.numel() for p in formulation.parameters())
