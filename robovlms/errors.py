@@ -43,3 +43,22 @@ class ShapeError(RobovlmsError, ValueError):
 class ReportError(RobovlmsError, ValueError):
     """Sweep run directories that cannot be reported: not a run directory, or runs that are not comparable
     (different benchmarks or splits)."""
+
+
+def config_error(what: str, model, error) -> ConfigError:
+    """A ConfigError from a pydantic ValidationError of `model`: each problem names its key and, for an unknown
+    key, the valid ones."""
+    return ConfigError(f"{what}:\n" + "\n".join(_describe(model, problem) for problem in error.errors()))
+
+
+def _describe(model, problem: dict) -> str:
+    location = ".".join(str(part) for part in problem["loc"])
+    for part in problem["loc"][:-1]:
+        annotation = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
+        annotation = next((a for a in getattr(annotation, "__args__", ()) if hasattr(a, "model_fields")), annotation)
+        model = annotation if hasattr(annotation, "model_fields") else model
+    if problem["type"] == "extra_forbidden":
+        return f"  unknown key {location!r}; valid keys: {', '.join(model.model_fields)}"
+    if problem["type"] == "missing":
+        return f"  missing key {location!r}"
+    return f"  {location}: {problem['msg']} (got {problem.get('input')!r})"

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from robovlms.baselines import BASELINES, baseline_factory
 from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
-from robovlms.errors import ConfigError, RobovlmsError
+from robovlms.errors import ConfigError, RobovlmsError, config_error
 from robovlms.results import (CELLS_DIR, RESULTS_DIR, TRAIN_DIR, CellResult, gather, read_cell_result,
                               read_training_curve, software_versions, write_cell_result, write_json_atomic,
                               write_records)
@@ -135,21 +135,7 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError("invalid sweep file:\n" + "\n".join(_describe(e) for e in error.errors())) from None
-
-
-def _describe(error: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in error["loc"])
-    model: type[BaseModel] = SweepConfig
-    for part in error["loc"][:-1]:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        annotation = next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)), annotation)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
-    if error["type"] == "extra_forbidden":
-        return f"  unknown key {location!r}; valid keys: {', '.join(model.model_fields)}"
-    if error["type"] == "missing":
-        return f"  missing key {location!r}"
-    return f"  {location}: {error['msg']} (got {error.get('input')!r})"
+        raise config_error("invalid sweep file", SweepConfig, error) from None
 
 
 def expand_cells(sweep: SweepConfig) -> list[Cell]:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from robovlms.augmentation import augment_images
 from robovlms.backbone import BACKBONES, create_backbone
 from robovlms.dataset import WindowDataset
-from robovlms.errors import ConfigError, RobovlmsError, WindowError
+from robovlms.errors import ConfigError, RobovlmsError, WindowError, config_error
 from robovlms.formulation import Formulation, check_statistics, create_formulation
 from robovlms.store import VALIDATION_SEED, EpisodeStore, Statistics
 
@@ -110,20 +110,7 @@ def load_config(source: TrainingConfig | dict[str, Any] | str | Path) -> Trainin
     try:
         return TrainingConfig.model_validate(source)
     except ValidationError as error:
-        raise ConfigError("invalid training config:\n" + "\n".join(_describe(e) for e in error.errors())) from None
-
-
-def _describe(error: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in error["loc"])
-    model = TrainingConfig
-    for part in error["loc"][:-1]:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
-    if error["type"] == "extra_forbidden":
-        return f"  unknown key {location!r}; valid keys: {', '.join(model.model_fields)}"
-    if error["type"] == "missing":
-        return f"  missing key {location!r}"
-    return f"  {location}: {error['msg']} (got {error.get('input')!r})"
+        raise config_error("invalid training config", TrainingConfig, error) from None
 
 
 # ---- the Lightning side --------------------------------------------------------------------------------------
