@@ -257,7 +257,7 @@ def open_storage(url: str, heartbeat_seconds: int | None = None):
 def _redact(url: str) -> str:
     """A storage URL without its password, for messages."""
     scheme, _, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
+    credentials, _, host = rest.rpartition("@")
     if ":" in credentials:
         return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
     return url
@@ -503,6 +503,20 @@ def _record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseEx
     return message
 
 
+def _record_abandoned(study, sweep: SweepConfig, cells: list[Cell], run_dir: Path) -> None:
+    """Cells whose workers died every time they were retried are recorded as failed, so reports list them."""
+    from optuna.trial import TrialState
+
+    trials = _cell_trials(study)
+    for cell in cells:
+        attempts = trials.get(cell.cell_id, [])
+        if attempts and all(t.state == TrialState.FAIL for t in attempts) and read_cell_result(
+                run_dir / CELLS_DIR / cell.cell_id) is None:
+            error = RuntimeError(f"its worker stopped without a result in all {len(attempts)} attempts (killed, out "
+                                 f"of memory, machine lost); run the sweep again with --retry-failed to try again")
+            _record_failure(sweep, cell, run_dir, error, attempts[-1].number)
+
+
 # ---- workers ------------------------------------------------------------------------------------------------
 
 
@@ -702,6 +716,7 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
     else:
         _run_worker_processes(study.study_name, url, workers, run_dir, report)
         work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
+    _record_abandoned(study, sweep, cells, run_dir)
     status = sweep_status(study, cells, run_dir)
     report()
     gather(run_dir)

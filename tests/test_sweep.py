@@ -270,3 +270,17 @@ def test_two_different_sweep_files_on_one_study_are_refused_and_nothing_changes(
     with pytest.raises(ConfigError, match="belongs to another sweep file"):
         prepare_sweep(second)
     assert len(study_of(first).get_trials()) == trials
+
+
+def test_a_cell_whose_workers_all_died_is_recorded_failed_with_the_reason(tmp_path, demo_store):
+    from robovlms.sweep import _record_abandoned
+
+    path = sweep_file(tmp_path, demo_store, baselines=[])
+    sweep, cells, study, _ = prepare_sweep(path)
+    for _ in cells:
+        study.tell(study.ask(), state=TrialState.FAIL)  # as a stale trial is failed when its worker dies
+    _record_abandoned(study, sweep, cells, tmp_path / "run")
+    results = read_cell_results(tmp_path / "run")
+    assert len(results) == len(cells) and all(r.status == "failed" for r in results)
+    assert all("stopped without a result in all 1 attempts" in r.error for r in results)
+    assert {r.backbone_label for r in results} == {"gpt-scratch (tiny, random init)", "kosmos2 (tiny, random init)"}
