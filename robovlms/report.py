@@ -22,10 +22,9 @@ from scipy.stats import binomtest
 
 from robovlms import plots
 from robovlms.errors import ReportError
-from robovlms.results import (CELLS_DIR, RESULT_FILE, CellResult, read_cell_records, read_cell_results,
-                              read_training_curve)
+from robovlms.results import (CELLS_DIR, RESULT_FILE, SWEEP_FILE, CellResult, read_cell_records,
+                              read_cell_results, read_training_curve)
 
-SWEEP_FILE = "sweep.yaml"
 CONFIDENCE = 0.95
 CHAIN_LENGTH = 5  # CALVIN's protocol: chains of five subtasks
 # The columns that name one configuration; seeds of a configuration are pooled into one row.

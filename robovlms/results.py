@@ -29,6 +29,7 @@ import pandas as pd
 from robovlms.benchmark import EpisodeRecord
 from robovlms.rollout import records_frame
 
+SWEEP_FILE = "sweep.yaml"
 CELLS_DIR = "cells"
 RESULTS_DIR = "results"
 RESULT_FILE = "result.json"

@@ -33,12 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from robovlms.baselines import BASELINES, baseline_factory
 from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.errors import ConfigError, RobovlmsError, config_error
-from robovlms.results import (CELLS_DIR, RESULTS_DIR, TRAIN_DIR, CellResult, gather, read_cell_result,
-                              read_training_curve, software_versions, write_cell_result, write_json_atomic,
-                              write_records)
+from robovlms.results import (CELLS_DIR, RESULTS_DIR, SWEEP_FILE, TRAIN_DIR, CellResult, gather,
+                              read_cell_result, read_training_curve, software_versions, write_cell_result,
+                              write_json_atomic, write_records)
 from robovlms.store import EpisodeStore
 
-SWEEP_FILE = "sweep.yaml"
 STUDY_SPEC = "robovlms_sweep"  # study user attributes: the validated sweep file and its fingerprint
 STUDY_FINGERPRINT = "robovlms_fingerprint"
 STUDY_MODE = "robovlms_mode"  # "grid" (`robovlms sweep`) or "search" (`robovlms tune`, study "<name>-search")
