@@ -144,6 +144,7 @@ def _progress_printer():
     task = bar.add_task("cells", total=None)
 
     def update(status) -> None:
+        bar.start()  # on the first report, once the sweep file is validated and its cells queued
         bar.update(task, total=status.cells, completed=status.done + status.failed,
                    description=f"cells: {status.done} done, {status.running} running, {status.waiting} waiting, "
                                f"{status.failed} failed")
@@ -155,9 +156,11 @@ def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_fail
     from robovlms.sweep import run_sweep
 
     bar, update = _progress_printer()
-    with bar:
+    try:
         status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
                            progress=update)
+    finally:
+        bar.stop()
     console.print(f"{status.done} of {status.cells} cells done, {status.failed} failed; results in the run "
                   f"directory's results/ (make a report with `robovlms report RUN_DIR`)")
     if status.failed:

@@ -17,7 +17,6 @@ record: a cell directory without it is unfinished.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -26,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.benchmark import EpisodeRecord
 from robovlms.rollout import records_frame
 
@@ -86,27 +86,20 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w") as file:
-        json.dump(payload, file, indent=2, default=str)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+def write_table(frame: pd.DataFrame, directory: Path, stem: str) -> None:
+    """`stem`.parquet and `stem`.csv, each written atomically."""
+    write_atomically(directory / f"{stem}.parquet", lambda temporary: frame.to_parquet(temporary, index=False))
+    write_atomically(directory / f"{stem}.csv", lambda temporary: frame.to_csv(temporary, index=False))
 
 
 def write_records(cell_dir: Path, records: list[EpisodeRecord]) -> None:
-    frame = records_frame(records)
-    for name, write in ((RECORDS_FILE, frame.to_parquet), ("records.csv", frame.to_csv)):
-        temporary = cell_dir / f".{name}.{os.getpid()}.tmp"
-        write(temporary, index=False)
-        os.replace(temporary, cell_dir / name)
+    write_table(records_frame(records), cell_dir, Path(RECORDS_FILE).stem)
 
 
 def write_cell_result(cell_dir: Path, result: CellResult) -> None:
     """Commit a cell: result.json is written last and atomically, so a crash leaves the cell unfinished."""
     cell_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cell_dir / RESULT_FILE, asdict(result))
+    write_json_atomically(cell_dir / RESULT_FILE, asdict(result))
 
 
 def read_cell_result(cell_dir: Path) -> CellResult | None:
@@ -148,11 +141,8 @@ def gather(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         len(frame) for frame in episodes) else pd.DataFrame()
     out = run_dir / RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("cells", cells), ("episodes", episodes)):
-        for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
-            temporary = out / f".{name}{suffix}.{os.getpid()}.tmp"
-            write(temporary, index=False)
-            os.replace(temporary, out / f"{name}{suffix}")
+    write_table(cells, out, "cells")
+    write_table(episodes, out, "episodes")
     return cells, episodes
 
 

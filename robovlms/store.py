@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from robovlms.atomic_files import write_json_atomically
 from robovlms.errors import ConfigError, StoreError
 
 SCHEMA_VERSION = 1
@@ -80,15 +81,6 @@ class Episode:
         return len(self.actions)
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as file:
-        json.dump(payload, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def _fsync_directory(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -134,7 +126,7 @@ class EpisodeStoreWriter:
             handle.truncate(frames * int(np.prod(shape)) * dtype.itemsize)  # drop frames of an unjournaled episode
             handle.seek(0, os.SEEK_END)
             self._files[key] = handle
-        _write_json_atomic(self.partial / "layout.json", asdict(layout))
+        write_json_atomically(self.partial / "layout.json", asdict(layout))
         if not resume:
             self._journal.write_text("")
 
@@ -206,7 +198,7 @@ class EpisodeStoreWriter:
             "statistics": {"actions": asdict(Statistics.of(actions)), "state": asdict(Statistics.of(state))},
             "metadata": self.metadata,
         }
-        _write_json_atomic(self.partial / "meta.json", meta)
+        write_json_atomically(self.partial / "meta.json", meta)
         self._journal.unlink()
         (self.partial / "layout.json").unlink()
         _fsync_directory(self.partial)

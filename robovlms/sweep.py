@@ -30,12 +30,13 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.baselines import BASELINES, baseline_factory
 from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.errors import ConfigError, RobovlmsError, config_error
 from robovlms.results import (CELLS_DIR, RESULTS_DIR, SWEEP_FILE, TRAIN_DIR, CellResult, gather,
                               read_cell_result, read_training_curve, software_versions, write_cell_result,
-                              write_json_atomic, write_records)
+                              write_records)
 from robovlms.store import EpisodeStore
 
 STUDY_SPEC = "robovlms_sweep"  # study user attributes: the validated sweep file and its fingerprint
@@ -310,6 +311,8 @@ def join_study(url: str, name: str):
     """A worker's view of a running sweep: the study, its sweep file, cells and mode, from the storage alone."""
     import optuna
 
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no sweep storage at {url}: the SQLite file does not exist")
     storage = open_storage(url)
     if name not in {summary.study_name for summary in optuna.get_all_study_summaries(storage)}:
         raise ConfigError(f"no study {name!r} in {_redact(url)}; start it with `robovlms sweep FILE`")
@@ -413,9 +416,10 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     specs = benchmark.evaluation_episodes(sweep.benchmark.split, sweep.evaluation.episodes_per_task)
     if cell.kind == "baseline":
         factory = baseline_factory(cell.policy, benchmark, store.path, seed=0)
+        local_policy = factory()
         result.config = {"policy": cell.policy, "store": str(store.path)}
     else:
-        factory = _train_cell(sweep, cell, cell_dir, result, callbacks, progress)
+        factory, local_policy = _train_cell(sweep, cell, cell_dir, result, callbacks, progress)
     started = time.perf_counter()
     from robovlms.rollout import evaluate
 
@@ -423,7 +427,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
                        video_dir=cell_dir / "videos" if sweep.evaluation.videos_per_task else None,
                        videos_per_task=sweep.evaluation.videos_per_task, description=cell.cell_id)
     result.eval_seconds = time.perf_counter() - started
-    result.step_latency_ms = _step_latency_ms(factory, store, specs[0], sweep.evaluation.latency_steps)
+    result.step_latency_ms = _step_latency_ms(local_policy, store, specs[0], sweep.evaluation.latency_steps)
     result.episodes, result.successes = len(records), int(sum(record.success for record in records))
     result.success = result.successes / result.episodes
     result.scores = benchmark.score(records)
@@ -434,7 +438,9 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
 
 def _train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResult, callbacks: tuple,
                 progress: bool):
-    from robovlms.policy import policy_factory
+    """Train, fill in what the trained formulation tells; return the evaluation workers' policy factory and a
+    policy in this process (the formulation already loaded), for timing a step."""
+    from robovlms.policy import CheckpointPolicy, policy_factory
     from robovlms.training import CHECKPOINT_DIR, LAST_CHECKPOINT, load_config, load_formulation, train
 
     train_dir = cell_dir / TRAIN_DIR
@@ -454,17 +460,18 @@ def _train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResu
     curve = read_training_curve(cell_dir.parent.parent, cell.cell_id)
     if "train/loss" in curve:
         result.final_train_loss = float(curve["train/loss"].dropna().iloc[-1])
-    return policy_factory(train_dir, sweep.evaluation.execution)
+    execution = sweep.evaluation.execution or config.execution
+    local_policy = CheckpointPolicy(formulation, config.cameras, execution, frame_stride=config.frame_stride)
+    return policy_factory(train_dir, sweep.evaluation.execution), local_policy
 
 
-def _step_latency_ms(factory: Callable, store: EpisodeStore, spec: EpisodeSpec, steps: int) -> float:
+def _step_latency_ms(policy, store: EpisodeStore, spec: EpisodeSpec, steps: int) -> float:
     """Median wall time of one policy step on a stored frame, in this process (one thread)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        policy = factory()
         row = store.episodes.iloc[0]
         frame = int(row["start"])
         observation = Observation(images={camera: np.array(images[frame]) for camera, images in store.images.items()},
@@ -685,17 +692,12 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     study = open_study(sweep, cells, url, mode, create=True)
     run_dir = Path(sweep.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml_atomic(run_dir / SWEEP_FILE, sweep.model_dump(mode="json"))
+    spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+    write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
     store = ensure_store(sweep)
     sweep_benchmark(sweep, store)
     enqueue_cells(study, cells, run_dir, retry_failed)
     return sweep, cells, study, url
-
-
-def write_yaml_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(yaml.safe_dump(payload, sort_keys=False))
-    os.replace(temporary, path)
 
 
 def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None, retry_failed: bool = False,
@@ -753,9 +755,9 @@ def _write_best(study, run_dir: Path) -> None:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return
     best = study.best_trial
-    write_json_atomic(run_dir / RESULTS_DIR / "best.json",
-                      {"trial": best.number, "value": best.value, "params": best.params,
-                       "cell": best.user_attrs.get("cell"), "direction": study.direction.name.lower()})
+    write_json_atomically(run_dir / RESULTS_DIR / "best.json",
+                          {"trial": best.number, "value": best.value, "params": best.params,
+                           "cell": best.user_attrs.get("cell"), "direction": study.direction.name.lower()})
 
 
 def estimate_cost(sweep: SweepConfig, cells: list[Cell], measure_steps: int = 2) -> list[dict[str, Any]]:
