@@ -241,7 +241,8 @@ def open_storage(url: str, heartbeat_seconds: int | None = None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if url.startswith("sqlite"):
-        engine = {"connect_args": {"timeout": 60}}
+        # sqlite3 in autocommit mode, so that each transaction's BEGIN is ours (see below)
+        engine = {"connect_args": {"timeout": 60, "isolation_level": None}}
     else:
         engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     heartbeat = {}
@@ -249,9 +250,16 @@ def open_storage(url: str, heartbeat_seconds: int | None = None):
         heartbeat = {"heartbeat_interval": heartbeat_seconds, "grace_period": 2 * heartbeat_seconds,
                      "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRIES)}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         raise ConfigError(f"cannot reach the Optuna storage {_redact(url)}: {str(error).splitlines()[0]}") from None
+    if url.startswith("sqlite"):
+        # SQLite ignores the SELECT ... FOR UPDATE with which Optuna pops a waiting trial, so two workers could
+        # both read it as waiting and run the same cell; a transaction that takes the write lock when it begins
+        # makes the pop atomic.
+        sqlalchemy.event.listen(storage.engine, "begin", lambda connection: connection.exec_driver_sql(
+            "BEGIN IMMEDIATE"))
+    return storage
 
 
 def _redact(url: str) -> str:

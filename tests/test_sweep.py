@@ -146,6 +146,35 @@ def test_two_workers_sharing_one_sqlite_storage_split_the_cells_with_no_duplicat
     assert_split_without_duplicates(cells, study, tmp_path / "run")
 
 
+POP_WAITING_TRIALS = """
+import json, sys, optuna
+from robovlms.sweep import open_storage
+study = optuna.load_study(study_name="queue", storage=open_storage(sys.argv[1]))
+popped = []
+while (trial := study._pop_waiting_trial_id()) is not None:
+    popped.append(trial)
+print(json.dumps(popped))
+"""
+
+
+def assert_workers_pop_each_waiting_trial_once(url):
+    """The worker queue's atomicity, which a whole sweep exercises only by chance: many processes race to pop
+    the same waiting trials."""
+    from robovlms.sweep import open_storage
+
+    study = optuna.create_study(study_name="queue", storage=open_storage(url))
+    for number in range(120):
+        study.enqueue_trial({"cell": str(number)})
+    workers = [subprocess.Popen([sys.executable, "-c", POP_WAITING_TRIALS, url], stdout=subprocess.PIPE)
+               for _ in range(4)]
+    popped = [trial for worker in workers for trial in json.loads(worker.communicate(timeout=120)[0])]
+    assert sorted(popped) == sorted(t._trial_id for t in study.get_trials())
+
+
+def test_workers_sharing_a_sqlite_storage_never_pop_the_same_waiting_cell(tmp_path):
+    assert_workers_pop_each_waiting_trial_once(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
 @pytest.fixture
 def postgres():
     """A PostgreSQL server of our own on a free loopback port, in a temporary directory the server's user can
@@ -179,6 +208,10 @@ def test_two_workers_sharing_a_postgresql_storage_split_the_cells_with_no_duplic
     cells, study = run_two_workers(small_grid, postgres)
     assert_split_without_duplicates(cells, study, tmp_path / "run")
     assert not (tmp_path / "run" / "optuna.db").exists()
+
+
+def test_workers_sharing_a_postgresql_storage_never_pop_the_same_waiting_cell(postgres):
+    assert_workers_pop_each_waiting_trial_once(postgres)
 
 
 @pytest.mark.slow
