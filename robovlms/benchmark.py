@@ -114,6 +114,9 @@ class Benchmark(ABC):
     def make_environment(self) -> Environment:
         """Build the simulator; called once per worker process."""
 
+    def check_available(self) -> None:
+        """Raise MissingDependencyError, saying what to install, when the simulator cannot be built here."""
+
     def options(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this benchmark (stored with the data it produced)."""
         return {}
@@ -136,11 +139,19 @@ class Benchmark(ABC):
         `trajectory` is given every step is observed and recorded; `on_frame(observation)` sees every observation.
         """
         started = time.perf_counter()
-        observe_every_step = trajectory is not None or on_frame is not None
         observation = environment.reset(spec)
         policy.reset(spec)
         if on_frame is not None:
             on_frame(observation)
+        success, steps, _ = self.act_until_solved(environment, policy, observation, trajectory, on_frame)
+        return EpisodeRecord(task=spec.task, scene=spec.scene, instruction=spec.instruction, seed=spec.seed,
+                             success=success, steps=steps, seconds=time.perf_counter() - started)
+
+    def act_until_solved(self, environment: Environment, policy: Policy, observation: Observation,
+                         trajectory: Trajectory | None = None, on_frame: Any = None) -> tuple[bool, int, Observation]:
+        """Step the policy from `observation` until the environment says solved or `max_steps` pass; returns
+        (solved, steps taken, last observation)."""
+        observe_every_step = trajectory is not None or on_frame is not None
         steps, success = 0, False
         while steps < self.max_steps and not success:
             chunk = np.atleast_2d(np.asarray(policy.step(observation), dtype=np.float32))
@@ -160,8 +171,7 @@ class Benchmark(ABC):
                         on_frame(observation)
                 if success:
                     break
-        return EpisodeRecord(task=spec.task, scene=spec.scene, instruction=spec.instruction, seed=spec.seed,
-                             success=success, steps=steps, seconds=time.perf_counter() - started)
+        return success, steps, observation
 
     def score(self, records: Sequence[EpisodeRecord]) -> dict[str, float]:
         """Success rate overall and per task."""

@@ -16,7 +16,7 @@ from robovlms.errors import RobovlmsError
 
 app = typer.Typer(help="robovlms: build, train, sweep and compare vision-language-action robot policies.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Episode stores: generate demonstrations, inspect.", no_args_is_help=True)
+data_app = typer.Typer(help="Episode stores: generate demonstrations, import datasets, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 
@@ -52,6 +52,23 @@ def data_generate(
     store = generate_demonstrations(bench, split, episodes, out, scenes=scenes, workers=workers,
                                     overwrite=overwrite, resume=resume)
     _print_store(store)
+
+
+@data_app.command("import-calvin")
+def data_import_calvin(
+    split: Annotated[Path, typer.Argument(help="A CALVIN dataset folder such as .../task_ABC_D.")],
+    out: Annotated[Path, typer.Argument(help="Directory of the episode store to write.")],
+    folder: Annotated[str, typer.Option(help="Which part of the split: training or validation.")] = "training",
+    image_size: Annotated[int, typer.Option(help="Square size every camera is resized to.")] = 200,
+    cameras: Annotated[str, typer.Option(help="Comma-separated cameras.")] = "rgb_static,rgb_gripper",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store (only once the new one is complete).")] = False,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted import, keeping the windows already written.")] = False,
+) -> None:
+    """Import the language-annotated windows of a CALVIN split into an episode store, one window per episode."""
+    from robovlms.benchmarks.calvin_import import import_calvin
+
+    _print_store(import_calvin(split, out, folder=folder, image_size=image_size, cameras=_split_list(cameras),
+                               overwrite=overwrite, resume=resume))
 
 
 @data_app.command("info")
@@ -103,6 +120,7 @@ def evaluate_command(
     if tasks is not None:
         options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
     bench = create_benchmark(benchmark, **options)
+    bench.check_available()
     factory = bench.scripted_expert() if policy == "expert" else baseline_factory(policy, bench, store, seed)
     specs = bench.evaluation_episodes(split, episodes)
     records = evaluate(bench, factory, specs, workers=workers,

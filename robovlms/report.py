@@ -132,7 +132,8 @@ def _with_configuration(cells: pd.DataFrame) -> pd.DataFrame:
     cells["formulation"] = cells.formulation.fillna("")
     for column in ("history", "chunk"):
         cells[column] = [_integer_text(value) for value in cells[column]]
-    cells["data_fraction"] = ["" if pd.isna(value) else f"{value:g}" for value in cells.fraction]
+    cells["data_fraction"] = ["" if pd.isna(value) else f"{value:g}" + ("" if pd.isna(per_task) else f", {per_task:g}/task")
+                              for value, per_task in zip(cells.fraction, cells.episodes_per_task)]
     return cells
 
 
@@ -168,10 +169,27 @@ def success_table(runs: SweepRuns) -> pd.DataFrame:
 
 
 def breakdown_table(runs: SweepRuns, by: str) -> pd.DataFrame:
-    """Success per configuration and per value of an episode column (`task`, `scene`), from the episode records."""
+    """Success per configuration and per value of an episode column (`task`, `scene`), from the episode records.
+    For chain benchmarks `task` means each subtask, over the chains that reached it."""
+    episodes = _subtask_attempts(runs.episodes) if by == "task" and _chained(runs.episodes) else runs.episodes
     rows = [{**dict(zip([*CONFIGURATION, by], key)), **_rate(group.success.sum(), len(group))}
-            for key, group in runs.episodes.groupby([*CONFIGURATION, by], sort=False)] if by in runs.episodes else []
+            for key, group in episodes.groupby([*CONFIGURATION, by], sort=False)] if by in episodes else []
     return pd.DataFrame(rows, columns=[*CONFIGURATION, by, *RATE_COLUMNS])
+
+
+def _chained(episodes: pd.DataFrame) -> bool:
+    return "subtasks_completed" in episodes and episodes.subtasks_completed.notna().any()
+
+
+def _subtask_attempts(episodes: pd.DataFrame) -> pd.DataFrame:
+    """One row per subtask a chain attempted: its configuration, `task` the subtask, and whether it succeeded."""
+    rows = []
+    for episode in episodes.dropna(subset=["subtasks_completed"]).itertuples(index=False):
+        extra = json.loads(episode.extra)
+        for subtask, success in zip(extra.get("subtasks", []), extra.get("subtask_success", [])):
+            rows.append({**{column: getattr(episode, column) for column in CONFIGURATION}, "task": subtask,
+                         "success": bool(success)})
+    return pd.DataFrame(rows, columns=[*CONFIGURATION, "task", "success"])
 
 
 def chain_table(runs: SweepRuns) -> pd.DataFrame:
@@ -354,7 +372,8 @@ def _breakdown_section(runs: SweepRuns, by: str) -> Section | None:
     if table.empty:
         return None
     shown = _wide(table, by, lambda row: f"{_percent(row.success)} ({row.successes}/{row.episodes})")
-    return Section(f"Success per {by}", [f"Split {runs.split}. Each cell: success rate (successes/episodes of that "
+    attempts = "subtask attempts (chains that reached it)" if by == "task" and _chained(runs.episodes) else "episodes"
+    return Section(f"Success per {by}", [f"Split {runs.split}. Each cell: success rate (successes/{attempts} of that "
                                          f"{by}, seeds pooled)."], [Table(f"per_{by}", table, shown)])
 
 

@@ -56,6 +56,7 @@ class CellResult:
     history: int | None = None
     chunk: int | None = None
     data_fraction: float | None = None
+    episodes_per_task: int | None = None  # few-shot: training episodes per task
     seed: int = 0
     error: str | None = None  # why a failed cell failed
     episodes: int = 0

@@ -237,7 +237,8 @@ class EpisodeStore:
                                  f"to finish it, or delete it")
             if self.path.exists():
                 raise StoreError(f"{self.path} is not an episode store (no meta.json)")
-            raise StoreError(f"no episode store at {self.path}; create one with `robovlms data generate`")
+            raise StoreError(f"no episode store at {self.path}; create one with `robovlms data generate` "
+                             f"(`robovlms data import-calvin` for CALVIN)")
         meta = json.loads(meta_path.read_text())
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has store schema version {meta.get('schema_version')}; this robovlms "
@@ -275,18 +276,22 @@ class EpisodeStore:
                        images={camera: np.asarray(images[frames]) for camera, images in self.images.items()},
                        state=np.asarray(self.state[frames]), actions=np.asarray(self.actions[frames]))
 
-    def subset(self, fraction: float, seed: int = 0, exclude: Sequence[int] = ()) -> list[int]:
-        """Episode indices of a deterministic per-task fraction of the episodes not in `exclude`; a smaller fraction
-        is a subset of a larger one."""
+    def subset(self, fraction: float, seed: int = 0, exclude: Sequence[int] = (),
+               per_task: int | None = None) -> list[int]:
+        """Episode indices of a deterministic per-task fraction of the episodes not in `exclude`, at most
+        `per_task` of each task (few-shot); a smaller fraction or count is a subset of a larger one."""
         if not 0 < fraction <= 1:
             raise ConfigError(f"data fraction must be in (0, 1], got {fraction}")
+        if per_task is not None and per_task < 1:
+            raise ConfigError(f"episodes per task must be at least 1, got {per_task}")
         rng = np.random.default_rng(seed)
         excluded = set(exclude)
         chosen = []
         for task in self.tasks():
             episodes = [i for i in self.episodes.index[self.episodes["task"] == task] if i not in excluded]
             order = rng.permutation(episodes)
-            chosen.extend(order[: max(1, math.ceil(fraction * len(order)))].tolist())
+            take = max(1, math.ceil(fraction * len(order)))
+            chosen.extend(order[: min(take, per_task or take)].tolist())
         return sorted(chosen)
 
     def holdout(self, fraction: float) -> list[int]:

@@ -461,6 +461,7 @@ def _train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResu
     result.random_init, result.backbone_size = formulation.backbone.random_init, formulation.backbone.describe()
     result.formulation, result.history, result.chunk = config.formulation.name, config.history, config.chunk
     result.data_fraction, result.seed = config.data_fraction, config.seed
+    result.episodes_per_task = config.episodes_per_task
     result.parameters = sum(p.numel() for p in formulation.parameters())
     result.trainable_parameters = sum(p.numel() for p in formulation.parameters() if p.requires_grad)
     result.checkpoint = str(train_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
@@ -511,6 +512,7 @@ def _record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseEx
                                  else f"{backbone.name} (pretrained: {backbone.path})")
         result.formulation, result.history, result.chunk = config.formulation.name, config.history, config.chunk
         result.data_fraction, result.seed = config.data_fraction, config.seed
+        result.episodes_per_task = config.episodes_per_task
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     write_cell_result(cell_dir, result)
     (cell_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
@@ -703,7 +705,7 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
     write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
     store = ensure_store(sweep)
-    sweep_benchmark(sweep, store)
+    sweep_benchmark(sweep, store).check_available()
     enqueue_cells(study, cells, run_dir, retry_failed)
     return sweep, cells, study, url
 

@@ -77,6 +77,7 @@ class TrainingConfig(_Strict):
     cameras: list[str] | None = None  # default: every camera of the store
     augment: bool = False  # random shifts and colour jitter of training images (robovlms/augmentation.py)
     data_fraction: float = Field(1.0, gt=0, le=1)  # of the episodes left after validation's, nested across fractions
+    episodes_per_task: int | None = Field(None, ge=1)  # few-shot: at most N training episodes of each task, nested
     validation_fraction: float = Field(0.0, ge=0, lt=1)  # episodes per task held out for val/loss (same for any seed)
     validate_every: int = Field(100, ge=1)  # steps between validations
     validation_batches: int = Field(4, ge=1)
@@ -246,7 +247,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     config = config.model_copy(update={"cameras": cameras})
     _claim_run_dir(run_dir, config)
     validation = store.holdout(config.validation_fraction)
-    episodes = store.subset(config.data_fraction, config.seed, exclude=validation)
+    episodes = store.subset(config.data_fraction, config.seed, exclude=validation, per_task=config.episodes_per_task)
     shortest = int(store.episodes.iloc[episodes]["length"].min())
     history_span = (config.history - 1) * config.frame_stride + 1
     if history_span > shortest or config.chunk > shortest:

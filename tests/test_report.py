@@ -18,6 +18,7 @@ from robovlms.results import CellResult, write_cell_result, write_records
 CHROMIUM = Path("/usr/bin/chromium")
 TASKS = ("door-open", "button-press-topdown")
 SCENES = ("C", "D")
+CHAIN = ("open_drawer", "turn_on_led", "move_slider_left", "lift_red_block_table", "place_in_slider")
 SCRATCH = "gpt-scratch (tiny, random init)"
 PRETRAINED = "kosmos2 (pretrained: microsoft/kosmos-2)"
 VERSIONS = {"python": "3.11.9", "robovlms": "0.1.0", "torch": "2.13.0"}
@@ -31,8 +32,11 @@ def episode_records(rng, success_rate, chain=False):
             for seed in range(3):
                 completed = int(rng.integers(0, 6)) if chain else None
                 success = completed == 5 if chain else bool(rng.random() < success_rate)
+                extra = {"subtasks": list(CHAIN), "subtask_success": [True] * completed + [False] * (completed < 5)
+                         } if chain else {}
                 records.append(EpisodeRecord(task=task, scene=scene, instruction=f"do {task}", seed=seed,
-                                             success=success, steps=50, seconds=0.1, subtasks_completed=completed))
+                                             success=success, steps=50, seconds=0.1, subtasks_completed=completed,
+                                             extra=extra))
     return records
 
 
@@ -256,6 +260,11 @@ def test_chain_benchmarks_get_tasks_in_a_row_and_average_length(tmp_path):
         assert row[str(k)] == pytest.approx((completed >= k).mean())
     assert row.average_length == pytest.approx(completed.mean())
     assert row.backbone_label == SCRATCH
+    per_subtask = pd.read_csv(out / "per_task.csv").set_index("task")
+    assert list(per_subtask.index) == list(CHAIN)  # subtasks, over the chains that reached each
+    assert per_subtask.loc["open_drawer", "episodes"] == len(records)
+    assert per_subtask.loc["turn_on_led", "episodes"] == (completed >= 1).sum()
+    assert per_subtask.loc["turn_on_led", "successes"] == (completed >= 2).sum()
 
 
 def test_single_task_benchmarks_get_no_chain_table(sweep):

@@ -72,6 +72,17 @@ def test_fraction_subsets_are_deterministic_nested_and_per_task(tmp_path):
         store.subset(0.0)
 
 
+def test_few_shot_subsets_take_at_most_n_episodes_of_each_task_nested(tmp_path):
+    rng = np.random.default_rng(2)
+    store = write_store(tmp_path / "store", [synthetic_episode(rng, task, 2) for task in ["a"] * 20 + ["b"] * 3])
+    two, five = store.subset(1.0, seed=3, per_task=2), store.subset(1.0, seed=3, per_task=5)
+    tasks = store.episodes["task"]
+    assert sorted(tasks[two]) == ["a", "a", "b", "b"] and sorted(tasks[five]) == ["a"] * 5 + ["b"] * 3
+    assert set(two) <= set(five) <= set(store.subset(1.0, seed=3))
+    with pytest.raises(ConfigError, match="at least 1"):
+        store.subset(1.0, per_task=0)
+
+
 def test_existing_store_is_not_overwritten_without_overwrite(tmp_path):
     rng = np.random.default_rng(3)
     write_store(tmp_path / "store", [synthetic_episode(rng, "a", 4)])

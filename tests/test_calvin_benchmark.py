@@ -1,0 +1,212 @@
+"""The CALVIN adapter against a stand-in with `calvin_env`'s interface: the benchmark's protocol (chains, initial
+states, oracle, instructions, policy resets), the observation and action mapping, scoring, and what happens
+without the real packages."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from calvin_split import write_calvin_split
+
+from robovlms.benchmark import EpisodeRecord, create_benchmark
+from robovlms.benchmarks.calvin import (NEUTRAL_ROBOT_OBS, SLIDER_POSITIONS, TABLE_POSITIONS, CalvinBenchmark,
+                                        CalvinEnvironment, env_action, find_calvin_conf, initial_env_state)
+from robovlms.benchmarks.calvin_import import import_calvin
+from robovlms.errors import ConfigError, MissingDependencyError
+
+FIRST_CHAINS = Path(__file__).resolve().parents[2] / "shared" / "calvin" / "eval_sequences_first10.json"
+IMPOSSIBLE = "turn_off_lightbulb"
+
+
+class StandInPlayTable:
+    """`calvin_env`'s PlayTableSimEnv interface: reset(robot_obs, scene_obs), step(7-D relative action) ->
+    (obs, reward, done, info), get_obs(), get_info(). The arm moves along x by the action's first dimension."""
+
+    def __init__(self):
+        self.x = 0.0
+        self.resets, self.actions = [], []
+
+    def reset(self, robot_obs=None, scene_obs=None):
+        self.resets.append((np.array(robot_obs), np.array(scene_obs)))
+        self.x = 0.0
+        return self.get_obs()
+
+    def step(self, action):
+        assert len(action) == 7 and action[6] in (-1, 1)  # calvin_env asserts the gripper is exactly -1 or 1
+        self.actions.append(np.array(action))
+        self.x += 0.02 * action[0]  # rel_actions are in units of 2 cm
+        return self.get_obs(), 0, False, self.get_info()
+
+    def get_obs(self):
+        return {"rgb_obs": {"rgb_static": np.full((200, 200, 3), 100, np.uint8),
+                            "rgb_gripper": np.full((84, 84, 3), 50, np.int64)},  # pybullet may give ints
+                "depth_obs": {}, "robot_obs": np.full(15, self.x), "scene_obs": np.zeros(24)}
+
+    def get_info(self):
+        return {"robot_info": {"tcp_pos": [self.x, 0, 0]}, "scene_info": {}}
+
+
+class StandInOracle:
+    """`calvin_env.envs.tasks.Tasks.get_task_info_for_set`: a subtask is solved once the arm moved 2 cm."""
+
+    def get_task_info_for_set(self, start_info, end_info, task_filter):
+        moved = end_info["robot_info"]["tcp_pos"][0] - start_info["robot_info"]["tcp_pos"][0]
+        return {task for task in task_filter if task != IMPOSSIBLE and moved >= 0.02 - 1e-9}
+
+
+class PushRight:
+    """Moves 0.25 x 2 cm per step, so a subtask takes 4 steps; remembers what it was told at each reset."""
+
+    def __init__(self):
+        self.resets = []
+
+    def reset(self, spec):
+        self.resets.append(spec)
+
+    def step(self, observation):
+        assert observation.images["rgb_static"].shape == (64, 64, 3)
+        assert observation.images["rgb_gripper"].dtype == np.uint8
+        return np.array([0.25, 0, 0, 0, 0, 0, 0.3], dtype=np.float32)
+
+
+def instructions(benchmark):
+    return {task: f"please {task.replace('_', ' ')}" for task in benchmark.tasks()}
+
+
+@pytest.fixture
+def benchmark():
+    return CalvinBenchmark(image_size=64)
+
+
+def run_chain(benchmark, spec, policy=None):
+    table = StandInPlayTable()
+    environment = CalvinEnvironment(table, StandInOracle(), instructions(benchmark), benchmark.cameras, 64)
+    policy = policy or PushRight()
+    return benchmark.run_episode(environment, spec, policy), table, policy
+
+
+def chain_with(benchmark, impossible_at=None):
+    for spec in benchmark.evaluation_episodes("ABC->D", 1000):
+        if (IMPOSSIBLE in spec.subtasks) == (impossible_at is not None) and (
+                impossible_at is None or spec.subtasks.index(IMPOSSIBLE) == impossible_at):
+            return spec
+    raise AssertionError("no such chain")
+
+
+def test_a_chain_runs_its_subtasks_in_order_from_its_initial_state_resetting_the_policy_each_time(benchmark):
+    spec = chain_with(benchmark)
+    record, table, policy = run_chain(benchmark, spec)
+    assert record.subtasks_completed == 5 and record.success and record.steps == 20
+    assert len(table.resets) == 1  # one reset per chain; subtasks follow on from each other
+    robot_obs, scene_obs = table.resets[0]
+    from robovlms.benchmarks.calvin import evaluation_chains
+
+    expected_robot, expected_scene = initial_env_state(evaluation_chains(spec.seed + 1)[spec.seed][0])
+    np.testing.assert_array_equal(robot_obs, expected_robot)
+    np.testing.assert_array_equal(scene_obs, expected_scene)
+    assert [s.instruction for s in policy.resets] == [f"please {t.replace('_', ' ')}" for t in spec.subtasks]
+    assert [s.task for s in policy.resets] == list(spec.subtasks)
+    assert all(action[6] == 1.0 for action in table.actions)  # 0.3 > 0: open
+
+
+def test_a_chain_stops_at_its_first_failed_subtask_after_360_steps(benchmark):
+    spec = chain_with(benchmark, impossible_at=2)
+    record, table, policy = run_chain(benchmark, spec)
+    assert record.subtasks_completed == 2 and not record.success
+    assert record.steps == 2 * 4 + 360 and len(policy.resets) == 3
+    assert record.extra["subtask_success"] == [True, True, False]
+
+
+def test_chain_scores_count_chains_completing_at_least_k_subtasks(benchmark):
+    records = [EpisodeRecord("chain", "D", "", i, completed == 5, 0, 0.0, subtasks_completed=completed,
+                             extra={"subtasks": ["a", "b", "c", "d", "e"],
+                                    "subtask_success": [True] * completed + [False] * (completed < 5)})
+               for i, completed in enumerate([5, 3, 0, 1, 2])]
+    scores = benchmark.score(records)
+    assert [scores[f"chain/{k}"] for k in range(1, 6)] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.2])
+    assert scores["average_length"] == pytest.approx(2.2) and scores["success"] == pytest.approx(0.2)
+    assert scores["success/a"] == pytest.approx(0.8) and scores["success/c"] == pytest.approx(2 / 3)
+
+
+def test_the_evaluation_chains_are_the_benchmarks_first_chains(benchmark):
+    if not FIRST_CHAINS.is_file():
+        pytest.skip(f"{FIRST_CHAINS} (the benchmark's own first chains) is not beside this checkout")
+    published = json.loads(FIRST_CHAINS.read_text())
+    specs = benchmark.evaluation_episodes("ABC->D", 10)
+    assert [list(spec.subtasks) for spec in specs] == [subtasks for _, subtasks in published]
+    assert [spec.seed for spec in specs] == list(range(10)) and {spec.scene for spec in specs} == {"D"}
+
+
+def test_an_initial_condition_places_blocks_sliders_and_lights_as_the_benchmark_does():
+    condition = {"led": 1, "lightbulb": 1, "slider": "left", "drawer": "open", "red_block": "slider_left",
+                 "blue_block": "table", "pink_block": "slider_right", "grasped": 0}
+    robot_obs, scene_obs = initial_env_state(condition)
+    np.testing.assert_array_equal(robot_obs, NEUTRAL_ROBOT_OBS)
+    assert scene_obs[:6].tolist() == [0.28, 0.22, 0.0, 0.088, 1, 1]
+    assert scene_obs[6:9].tolist() == SLIDER_POSITIONS["slider_left"]
+    assert scene_obs[18:21].tolist() == SLIDER_POSITIONS["slider_right"]
+    assert scene_obs[12:15].tolist() in TABLE_POSITIONS
+    assert all(np.pi / 2 - np.pi / 8 <= scene_obs[i] <= np.pi / 2 + np.pi / 8 for i in (11, 17, 23))
+    np.testing.assert_array_equal(initial_env_state(condition)[1], scene_obs)  # the condition's hash seeds it
+    closed = initial_env_state({**condition, "slider": "right", "drawer": "closed", "lightbulb": 0, "led": 0})[1]
+    assert closed[:6].tolist() == [0.0] * 6
+
+
+def test_policy_actions_reach_calvin_env_as_relative_actions_with_a_binary_gripper():
+    np.testing.assert_array_equal(env_action(np.array([2.0, -3, 0.5, 0, 0, 0.1, -0.2])),
+                                  [1.0, -1.0, 0.5, 0, 0, 0.1, -1.0])
+    with pytest.raises(ValueError, match="7-D"):
+        env_action(np.zeros(4))
+
+
+@pytest.fixture
+def without_calvin(monkeypatch):
+    """As on a machine without CALVIN's packages, even where they are installed."""
+    for module in ("calvin_env", "calvin_agent"):
+        monkeypatch.setitem(sys.modules, module, None)
+
+
+def test_without_calvin_env_the_error_says_what_to_install(benchmark, without_calvin):
+    with pytest.raises(MissingDependencyError, match="git clone --recurse-submodules https://github.com/mees/calvin"):
+        benchmark.check_available()
+    with pytest.raises(MissingDependencyError, match="calvin_conf"):
+        find_calvin_conf(None)
+
+
+def test_a_calvin_conf_folder_without_the_task_definitions_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="new_playtable_tasks.yaml is missing"):
+        find_calvin_conf(str(tmp_path))
+
+
+def test_a_sweep_on_calvin_without_calvin_env_fails_before_any_training(tmp_path, without_calvin):
+    from robovlms.sweep import prepare_sweep
+
+    store = import_calvin(write_calvin_split(tmp_path / "split"), tmp_path / "store", image_size=64, progress=False)
+    sweep = {"name": "calvin", "run_dir": str(tmp_path / "run"), "store": {"path": str(store.path)},
+             "benchmark": {"name": "calvin", "split": "ABC->D"}, "baselines": ["zero"],
+             "grid": {"backbone": ["gpt-scratch"], "formulation": ["policy-head"]}, "train": {"max_steps": 2}}
+    (tmp_path / "calvin.yaml").write_text(yaml.safe_dump(sweep))
+    with pytest.raises(MissingDependencyError, match="mees/calvin"):
+        prepare_sweep(tmp_path / "calvin.yaml")
+    assert not (tmp_path / "run" / "cells").exists()
+
+
+def test_calvin_is_a_registered_benchmark():
+    assert isinstance(create_benchmark("calvin", image_size=64), CalvinBenchmark)
+
+
+@pytest.mark.slow
+def test_a_policy_trained_on_an_imported_calvin_split_runs_a_chain(tmp_path, benchmark):
+    from robovlms.policy import load_policy
+    from robovlms.training import train
+
+    store = import_calvin(write_calvin_split(tmp_path / "split"), tmp_path / "store", image_size=64, progress=False)
+    run_dir = train({"store": str(store.path), "run_dir": str(tmp_path / "run"), "history": 2, "chunk": 2,
+                     "formulation": {"name": "policy-head"}, "backbone": {"name": "gpt-scratch"},
+                     "batch_size": 4, "max_steps": 2, "checkpoint_every": 2, "log_every": 1}, progress=False)
+    record, table, _ = run_chain(benchmark, benchmark.evaluation_episodes("ABC->D", 1)[0], load_policy(run_dir))
+    assert 0 <= record.subtasks_completed <= 5 and table.actions
+    assert all(len(action) == 7 and action[6] in (-1, 1) and np.abs(action[:6]).max() <= 1 for action in table.actions)
