@@ -96,23 +96,36 @@ def _print_store(store) -> None:
 
 @app.command("evaluate")
 def evaluate_command(
-    policy: Annotated[str, typer.Option(help=f"Policy to roll out: {', '.join(POLICIES)}.")],
+    policy: Annotated[str | None, typer.Option(help=f"Policy to roll out: {', '.join(POLICIES)}.")] = None,
+    run: Annotated[Path | None, typer.Option(help="A trained run directory: roll out its last checkpoint.")] = None,
     store: Annotated[Path | None, typer.Option(help="Training store: benchmark settings and baseline data.")] = None,
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
     tasks: Annotated[str | None, typer.Option(help="Tasks to evaluate (default: the store's).")] = None,
     split: Annotated[str, typer.Option(help="Scene split; evaluation uses its held-out scenes.")] = "ABC->D",
-    episodes: Annotated[int, typer.Option(help="Evaluation episodes per task.")] = 10,
+    episodes: Annotated[int, typer.Option(help="Evaluation episodes per task (CALVIN: chains).")] = 10,
+    shard: Annotated[str | None, typer.Option(help="K/N: only the K-th of N disjoint parts, for N machines.")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the replay baseline's choice of demonstration.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for records.parquet/.csv and videos.")] = None,
     videos: Annotated[int, typer.Option(help="Episodes per task to save as MP4 (needs --out).")] = 0,
 ) -> None:
-    """Roll out a baseline or the scripted expert on a split's evaluation episodes and print per-task success."""
+    """Roll out a trained run, a baseline or the scripted expert on a split's evaluation episodes and print the
+    benchmark's scores. With --shard K/N each machine runs one part; `robovlms merge-evaluation` joins them."""
     from robovlms.baselines import baseline_factory
     from robovlms.benchmark import create_benchmark
-    from robovlms.rollout import evaluate, records_frame
+    from robovlms.errors import ConfigError
+    from robovlms.rollout import evaluate, parse_shard, shard_specs, write_shard
     from robovlms.store import EpisodeStore
 
+    if (policy is None) == (run is None):
+        raise ConfigError("give either --policy (a baseline or expert) or --run (a trained run directory)")
+    if policy is not None and policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; valid choices: {', '.join(POLICIES)}")
+    if run is not None:
+        from robovlms.policy import policy_factory
+        from robovlms.training import CONFIG_FILE, load_config
+
+        store = store or Path(load_config(run / CONFIG_FILE).store)
     options = {}
     if store is not None:
         meta = EpisodeStore(store).metadata
@@ -121,16 +134,48 @@ def evaluate_command(
         options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
     bench = create_benchmark(benchmark, **options)
     bench.check_available()
-    factory = bench.scripted_expert() if policy == "expert" else baseline_factory(policy, bench, store, seed)
+    if run is not None:
+        factory = policy_factory(run)
+    elif policy == "expert":
+        factory = bench.scripted_expert()
+    else:
+        factory = baseline_factory(policy, bench, store, seed)
     specs = bench.evaluation_episodes(split, episodes)
+    part = parse_shard(shard) if shard else (1, 1)
+    total = len(specs)
+    specs = shard_specs(specs, *part)
     records = evaluate(bench, factory, specs, workers=workers,
                        video_dir=(out / "videos") if out and videos else None, videos_per_task=videos)
-    frame = records_frame(records)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(out / "records.parquet", index=False)
-        frame.to_csv(out / "records.csv", index=False)
-    table = Table(title=f"{policy} on {bench.name} {split}: {len(records)} episodes")
+        write_shard(out, records, {"benchmark": bench.name, "benchmark_options": bench.options(), "split": split,
+                                   "episodes": total, "policy": str(run.resolve()) if run else policy,
+                                   "shard": list(part)})
+    _print_scores(f"{run or policy} on {bench.name} {split}" + (f", shard {part[0]}/{part[1]}" if shard else ""),
+                  bench, records)
+
+
+@app.command("merge-evaluation")
+def merge_evaluation_command(
+    shards: Annotated[list[Path], typer.Argument(help="The --out directories of every shard of one evaluation.")],
+    out: Annotated[Path, typer.Option(help="Directory for the merged records.parquet/.csv.")],
+) -> None:
+    """Join the shards of one evaluation (checked complete and disjoint) and print its scores, exactly as one
+    machine running every episode would."""
+    from robovlms.benchmark import create_benchmark
+    from robovlms.rollout import merge_shards, records_from_frame, write_shard
+
+    evaluation, frame = merge_shards(shards)
+    bench = create_benchmark(evaluation["benchmark"], **evaluation["benchmark_options"])
+    records = records_from_frame(frame)
+    write_shard(out, records, {**evaluation, "shard": [1, 1]})
+    _print_scores(f"{evaluation['policy']} on {bench.name} {evaluation['split']}", bench, records)
+
+
+def _print_scores(title: str, bench, records) -> None:
+    from robovlms.rollout import records_frame
+
+    frame = records_frame(records)
+    table = Table(title=f"{title}: {len(records)} episodes")
     for column in ("task", "successes", "rate", "mean steps"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, group in frame.groupby("task"):

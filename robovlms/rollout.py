@@ -15,6 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from robovlms.benchmark import Benchmark, EpisodeRecord, EpisodeSpec, Policy, Trajectory
+from robovlms.errors import ConfigError
 
 PolicyFactory = Callable[[], Policy]  # picklable: each worker builds its own policy
 
@@ -101,3 +102,67 @@ def records_frame(records: Sequence[EpisodeRecord]) -> pd.DataFrame:
     for row in rows:
         row["extra"] = json.dumps(row["extra"], sort_keys=True)
     return pd.DataFrame(rows)
+
+
+# ---- one evaluation split over machines ---------------------------------------------------------------------
+
+SHARD_FILE = "shard.json"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"K/N" (1-based) -> (K, N)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"shard {text!r} must be K/N, e.g. 2/8") from None
+    if not 1 <= index <= count:
+        raise ConfigError(f"shard {text!r}: K must be between 1 and N")
+    return index, count
+
+
+def shard_specs(specs: Sequence[EpisodeSpec], index: int, count: int) -> list[EpisodeSpec]:
+    """Every count-th episode from the index-th (1-based): shards are disjoint and together are all of `specs`."""
+    return list(specs[index - 1::count])
+
+
+def write_shard(out: Path, records: Sequence[EpisodeRecord], description: dict) -> None:
+    """An evaluation's records and what they are a shard of (benchmark, split, episodes, policy, K/N)."""
+    from robovlms.atomic_files import write_json_atomically
+    from robovlms.results import write_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(records_frame(records), out, "records")
+    write_json_atomically(out / SHARD_FILE, description)
+
+
+def merge_shards(shard_dirs: Sequence[str | Path]) -> tuple[dict, pd.DataFrame]:
+    """The records of every shard of one evaluation, checked complete and disjoint, in episode order."""
+    descriptions, frames = [], []
+    for directory in map(Path, shard_dirs):
+        if not (directory / SHARD_FILE).is_file():
+            raise ConfigError(f"{directory} holds no evaluation shard ({SHARD_FILE} is missing)")
+        descriptions.append(json.loads((directory / SHARD_FILE).read_text()))
+        frames.append(pd.read_parquet(directory / "records.parquet"))
+    evaluation = {key: value for key, value in descriptions[0].items() if key != "shard"}
+    for directory, description in zip(shard_dirs, descriptions):
+        if {key: value for key, value in description.items() if key != "shard"} != evaluation:
+            raise ConfigError(f"{directory} is a shard of another evaluation: {description}, not {evaluation}")
+    count = descriptions[0]["shard"][1]
+    found = sorted(description["shard"][0] for description in descriptions)
+    if found != list(range(1, count + 1)):
+        raise ConfigError(f"shards {found} of {count}: each of 1..{count} must be given exactly once")
+    merged = pd.concat(frames, ignore_index=True).sort_values(["seed", "task", "scene"], ignore_index=True)
+    if len(merged) != evaluation["episodes"]:
+        raise ConfigError(f"the shards hold {len(merged)} episodes; the evaluation has {evaluation['episodes']}")
+    return evaluation, merged
+
+
+def records_from_frame(frame: pd.DataFrame) -> list[EpisodeRecord]:
+    rows = frame.to_dict("records")
+    for row in rows:
+        row["extra"] = json.loads(row["extra"])
+        if pd.isna(row.get("subtasks_completed")):
+            row["subtasks_completed"] = None
+        else:
+            row["subtasks_completed"] = int(row["subtasks_completed"])
+    return [EpisodeRecord(**row) for row in rows]
