@@ -52,3 +52,18 @@ def test_a_malformed_shard_is_refused():
     for bad in ("0/3", "4/3", "two", "1/2/3"):
         with pytest.raises(ConfigError, match="shard"):
             parse_shard(bad)
+
+
+@pytest.mark.slow
+def test_a_trained_run_is_evaluated_from_its_directory_with_its_store(tmp_path, demo_store):
+    from robovlms.training import train
+
+    run_dir = train({"store": str(demo_store.path), "run_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4,
+                     "chunk": 4, "execution": "chunk", "checkpoint_every": 2, "log_every": 1,
+                     "backbone": {"options": {"hidden_size": 32, "layers": 1}}}, progress=False)
+    output = run("evaluate", "--run", run_dir, "--episodes", "1", "--workers", "1", "--out", tmp_path / "eval")
+    records = pd.read_parquet(tmp_path / "eval" / "records.parquet")
+    assert sorted(records.task) == ["button-press-topdown", "door-open"] and "2 episodes" in output
+    assert json.loads((tmp_path / "eval" / "shard.json").read_text())["policy"] == str(run_dir.resolve())
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(run_dir), "--policy", "zero"])
+    assert isinstance(result.exception, ConfigError) and "either --policy" in str(result.exception)
