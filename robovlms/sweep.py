@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.baselines import BASELINES, baseline_factory
 from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
-from robovlms.errors import ConfigError, RobovlmsError, config_error
+from robovlms.errors import ConfigError, RobovlmsError, config_error, read_yaml_mapping
 from robovlms.results import (CELLS_DIR, RESULTS_DIR, SWEEP_FILE, TRAIN_DIR, CellResult, gather,
                               read_cell_result, read_training_curve, software_versions, write_cell_result,
                               write_records)
@@ -120,18 +120,7 @@ class Cell:
 
 
 def load_sweep(source: str | Path | dict[str, Any]) -> SweepConfig:
-    if isinstance(source, dict):
-        raw = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"no sweep file at {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sweep settings")
+    raw = source if isinstance(source, dict) else read_yaml_mapping(source, "sweep settings")
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as error:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from robovlms.augmentation import augment_images
 from robovlms.backbone import BACKBONES, create_backbone
 from robovlms.dataset import WindowDataset
-from robovlms.errors import ConfigError, RobovlmsError, WindowError, config_error
+from robovlms.errors import ConfigError, RobovlmsError, WindowError, config_error, read_yaml_mapping
 from robovlms.formulation import Formulation, check_statistics, create_formulation
 from robovlms.store import VALIDATION_SEED, EpisodeStore, Statistics
 
@@ -102,12 +102,7 @@ def load_config(source: TrainingConfig | dict[str, Any] | str | Path) -> Trainin
     if isinstance(source, TrainingConfig):
         return source
     if not isinstance(source, dict):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"no training config at {path}")
-        source = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(source, dict):
-            raise ConfigError(f"{path} must hold a mapping of training settings")
+        source = read_yaml_mapping(source, "training settings")
     try:
         return TrainingConfig.model_validate(source)
     except ValidationError as error:
