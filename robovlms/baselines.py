@@ -67,13 +67,26 @@ class ReplayPolicy:
         return plan
 
 
-def baseline_factory(name: str, benchmark: Benchmark, store: str | Path | None, seed: int = 0):
-    """A picklable factory of a baseline policy, for `robovlms.rollout.evaluate`."""
+def check_baseline_data(name: str, benchmark: Benchmark, store: str | Path | None) -> None:
+    """The mean and replay baselines act from the store's demonstrations of each evaluated task."""
     if name not in BASELINES:
         raise UnknownNameError("baseline", name, BASELINES)
     if name == "zero":
-        return functools.partial(ZeroPolicy, benchmark.action_dim)
+        return
     if store is None:
         raise ConfigError(f"the {name} baseline needs the training store (its demonstrations)")
+    stored = EpisodeStore(store).tasks()
+    missing = sorted(set(benchmark.tasks()) - set(stored))
+    if missing:
+        raise ConfigError(f"the {name} baseline acts from demonstrations of each evaluated task, but {store} has none "
+                          f"of {missing} (its tasks: {stored[:5]}{' ...' if len(stored) > 5 else ''}); datasets that "
+                          f"name tasks by instruction (Open-X) cannot back it: keep only the zero baseline")
+
+
+def baseline_factory(name: str, benchmark: Benchmark, store: str | Path | None, seed: int = 0):
+    """A picklable factory of a baseline policy, for `robovlms.rollout.evaluate`."""
+    check_baseline_data(name, benchmark, store)
+    if name == "zero":
+        return functools.partial(ZeroPolicy, benchmark.action_dim)
     return functools.partial(MeanActionPolicy, str(store)) if name == "mean" else functools.partial(
         ReplayPolicy, str(store), seed)

@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from robovlms.atomic_files import write_atomically, write_json_atomically
-from robovlms.baselines import BASELINES, baseline_factory
+from robovlms.baselines import BASELINES, baseline_factory, check_baseline_data
 from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.errors import ConfigError, RobovlmsError, config_error, read_yaml_mapping
 from robovlms.results import (CELLS_DIR, RESULTS_DIR, SWEEP_FILE, TRAIN_DIR, CellResult, gather,
@@ -695,7 +695,10 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
     write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
     store = ensure_store(sweep)
-    sweep_benchmark(sweep, store).check_available()
+    benchmark = sweep_benchmark(sweep, store)
+    benchmark.check_available()
+    for baseline in sweep.baselines:
+        check_baseline_data(baseline, benchmark, store.path)
     enqueue_cells(study, cells, run_dir, retry_failed)
     return sweep, cells, study, url
 

@@ -4,7 +4,7 @@ import av
 import numpy as np
 import pytest
 
-from robovlms.baselines import MeanActionPolicy, ReplayPolicy, ZeroPolicy
+from robovlms.baselines import MeanActionPolicy, ReplayPolicy, ZeroPolicy, baseline_factory
 from robovlms.benchmark import EpisodeSpec, create_benchmark
 from robovlms.benchmarks.metaworld import (MetaWorldBenchmark, evaluation_instructions, resolve_tasks,
                                            training_instructions)
@@ -55,6 +55,14 @@ def test_baselines_roll_out_from_a_store(demo_store):
                     functools.partial(ReplayPolicy, str(demo_store.path), 0)):
         records = evaluate(benchmark, factory, specs, progress=False)
         assert [r.task for r in records] == ["button-press-topdown", "door-open"]
+
+
+def test_mean_and_replay_baselines_are_refused_when_the_store_lacks_an_evaluated_task(demo_store):
+    benchmark = MetaWorldBenchmark(tasks=["button-press-topdown", "drawer-open"], cameras=("rgb_static",))
+    assert baseline_factory("zero", benchmark, demo_store.path)().step is not None
+    for name in ("mean", "replay"):
+        with pytest.raises(ConfigError, match=r"has none of \['drawer-open'\]"):
+            baseline_factory(name, benchmark, demo_store.path)
 
 
 def test_evaluation_uses_held_out_scene_seeds_and_instructions():
