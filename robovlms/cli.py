@@ -71,6 +71,23 @@ def data_import_calvin(
                                overwrite=overwrite, resume=resume))
 
 
+@data_app.command("import-lerobot")
+def data_import_lerobot(
+    dataset: Annotated[Path, typer.Argument(help="A local LeRobot dataset folder (codebase v2.0, v2.1 or v3.0).")],
+    out: Annotated[Path, typer.Argument(help="Directory of the episode store to write.")],
+    spec: Annotated[str, typer.Option(help="How its features become the store's: bridge, fractal or a YAML file.")],
+    image_size: Annotated[int, typer.Option(help="Square size every camera is resized to.")] = 224,
+    episodes: Annotated[int | None, typer.Option(help="Import only the first K episodes.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store (only once the new one is complete).")] = False,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted import, keeping the episodes already written.")] = False,
+) -> None:
+    """Import the episodes of a LeRobot dataset into an episode store, mapping its features as a spec says."""
+    from robovlms.lerobot_import import import_lerobot
+
+    _print_store(import_lerobot(dataset, out, spec=spec, image_size=image_size, episodes=episodes,
+                                overwrite=overwrite, resume=resume))
+
+
 @data_app.command("info")
 def data_info(store: Annotated[Path, typer.Argument(help="Episode store directory.")]) -> None:
     """Summarise an episode store: episodes per task and scene, layout, action statistics."""
