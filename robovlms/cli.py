@@ -326,12 +326,16 @@ def benchmarks_command() -> None:
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],
     out: Annotated[Path, typer.Option(help="Report directory, e.g. reports/NAME.")],
+    real_world: Annotated[Path | None, typer.Option(help="SimplerEnv runs: real-world success rates (.yaml: "
+                                                         "configuration -> task -> rate; .csv: a `configuration` "
+                                                         "column and one column per task) for the sim-to-real "
+                                                         "agreement.")] = None,
 ) -> None:
     """Compare the cells of sweeps: success with 95% Wilson intervals, per task and scene, data efficiency, cost,
     training curves, failed cells; writes index.md, a self-contained index.html, CSV tables and plots."""
     from robovlms.report import write_report
 
-    index = write_report(run_dirs, out)
+    index = write_report(run_dirs, out, real_world)
     console.print(f"report: {index} (and {index.with_suffix('.md')}, CSV tables and plots in {out})")
 
 

@@ -21,6 +21,8 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from robovlms import plots
+from robovlms.benchmarks.simpler_metrics import (MEAN_ROW, PROTOCOLS, PUBLISHED_SIM_SUCCESS, published_agreement,
+                                                 read_real_world_success, sim_to_real_agreement)
 from robovlms.errors import ReportError
 from robovlms.results import (CELLS_DIR, RESULT_FILE, SWEEP_FILE, CellResult, read_cell_records,
                               read_cell_results, read_training_curve)
@@ -332,15 +334,16 @@ class Section:
     details: list[tuple[str, str]] = field(default_factory=list)  # (summary, JSON text), shown collapsed
 
 
-def build_sections(runs: SweepRuns, out: Path) -> list[Section]:
-    """Every section of the report that has something to show; the plots are written to `out` on the way."""
+def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -> list[Section]:
+    """Every section of the report that has something to show; the plots are written to `out` on the way.
+    `real_world`: real-world success rates of some configurations (SimplerEnv runs), for the sim-to-real section."""
     if runs.cells.empty:
         return [Section("No results", [f"No cell of these runs has committed its {RESULT_FILE} yet."]),
                 _failed_section(runs)]
-    sections = [_success_section(runs, out), _breakdown_section(runs, "task"), _breakdown_section(runs, "scene"),
-                _chain_section(runs), _data_efficiency_section(runs, out), _cost_section(runs, out),
-                _training_curves_section(runs, out), _failed_section(runs), _configuration_section(runs),
-                _versions_section(runs)]
+    sections = [_success_section(runs, out), _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
+                _breakdown_section(runs, "scene"), _chain_section(runs), _data_efficiency_section(runs, out),
+                _cost_section(runs, out), _training_curves_section(runs, out), _failed_section(runs),
+                _configuration_section(runs), _versions_section(runs)]
     return [section for section in sections if section is not None]
 
 
@@ -375,6 +378,96 @@ def _breakdown_section(runs: SweepRuns, by: str) -> Section | None:
     attempts = "subtask attempts (chains that reached it)" if by == "task" and _chained(runs.episodes) else "episodes"
     return Section(f"Success per {by}", [f"Split {runs.split}. Each cell: success rate (successes/{attempts} of that "
                                          f"{by}, seeds pooled)."], [Table(f"per_{by}", table, shown)])
+
+
+def simulated_task_success(runs: SweepRuns) -> dict[str, dict[str, float]]:
+    """{configuration label: {task: success}} from the benchmark's own per-task scores `success/<task>` (which follow
+    its protocol, e.g. SimplerEnv's mean over variants), averaged over seeds. Configurations without them are left
+    out."""
+    rates = {}
+    for _, group in _complete(runs).groupby(CONFIGURATION, sort=False):
+        scores = pd.DataFrame(list(group.scores))
+        per_task = {key.removeprefix("success/"): float(scores[key].mean()) for key in scores
+                    if key.startswith("success/")}
+        if per_task:
+            rates[configuration_label(group.iloc[0])] = per_task
+    return rates
+
+
+def _real_world_success(path: Path, runs: SweepRuns, sim: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The real-world rates of a file, keyed by configuration label (a baseline may be named by its policy name),
+    every label and task checked against the run's."""
+    real = read_real_world_success(path)
+    baselines = _complete(runs)[lambda cells: cells.kind == "baseline"]
+    labels = {**{label: label for label in sim}, **{row.policy: configuration_label(row)
+                                                    for _, row in baselines.iterrows()
+                                                    if configuration_label(row) in sim}}
+    tasks = dict.fromkeys(task for rates in sim.values() for task in rates)
+    by_label = {}
+    for name, rates in real.items():
+        if name not in labels:
+            raise ReportError(f"{path}: no configuration of these runs is labelled {name!r}; valid labels (as in the "
+                              f"success table, or a baseline's name): {'; '.join(labels)}")
+        if labels[name] in by_label:
+            raise ReportError(f"{path}: {labels[name]!r} is given twice (by its label and by its baseline name)")
+        unknown = [task for task in rates if task not in tasks]
+        if unknown:
+            raise ReportError(f"{path}: {name!r} names task {unknown[0]!r}, which these runs did not evaluate; valid "
+                              f"tasks: {', '.join(tasks)}")
+        by_label[labels[name]] = rates
+    return by_label
+
+
+def _agreement_shown(table: pd.DataFrame) -> pd.DataFrame:
+    return _shown(table, {"task": "task", "policies": "policies",
+                          "MMRV (lower is better)": lambda row: f"{row.mmrv:.3f}",
+                          "Pearson r (higher is better)": lambda row: f"{row.pearson:.3f}"})
+
+
+def _sim_to_real_section(runs: SweepRuns, real_world: Path | None) -> Section | None:
+    """SimplerEnv runs: how well this run's simulated success per task predicts real-world success (given a file
+    of real-world rates), beside SimplerEnv's own published agreement for its reference policies."""
+    if runs.benchmark != "simpler":
+        return None
+    section = Section("Sim-to-real agreement", [
+        "How well success in simulation predicts success on the real robot, per task, over policies measured in "
+        "both, as SimplerEnv computes it: MMRV, the mean maximum rank violation (for each policy, the largest "
+        "real-world success gap to a policy that simulation ranks the other way, averaged over policies; 0 is best), "
+        "and the Pearson correlation r of the success rates (1 is best). A task needs at least 2 policies; the row "
+        "\"mean\" averages the tasks and counts the distinct policies."])
+    sim = simulated_task_success(runs)
+    tasks = list(dict.fromkeys(task for rates in sim.values() for task in rates))
+    if real_world is None:
+        section.notes.append("To measure this run's agreement, give the real-world success of at least 2 of its "
+                             "configurations: robovlms report RUN --out DIR --real-world real.yaml (configuration "
+                             "label, as in the success table, or baseline name -> task -> success rate).")
+    else:
+        real = _real_world_success(real_world, runs, sim)
+        pairs = pd.DataFrame([{"configuration": label, "task": task, "sim_success": sim[label][task],
+                               "real_success": rate} for label, rates in real.items() for task, rate in rates.items()
+                              if task in sim[label]], columns=["configuration", "task", "sim_success", "real_success"])
+        agreement = sim_to_real_agreement({label: sim[label] for label in real}, real)
+        section.notes.append(f"This run (the first table, then the rates it compares): the simulated success of its "
+                             f"configurations (the benchmark's per-task score, seeds averaged) against the "
+                             f"real-world success in {real_world}.")
+        if agreement.empty:
+            section.notes.append("No task has a simulated and a real-world rate for at least 2 configurations: "
+                                 "nothing to compare.")
+        else:
+            section.tables.append(Table("sim_to_real_agreement", agreement, _agreement_shown(agreement)))
+            section.tables.append(Table("sim_to_real_pairs", pairs, _shown(pairs, {
+                "configuration": "configuration", "task": "task", "simulated": lambda row: _percent(row.sim_success),
+                "real world": lambda row: _percent(row.real_success)})))
+    published = published_agreement(runs.split, tasks or None) if runs.split in PROTOCOLS else pd.DataFrame()
+    if not published.empty:
+        published_tasks = published.task[published.task != MEAN_ROW]
+        policies = dict.fromkeys(policy for task in published_tasks
+                                 for policy in PUBLISHED_SIM_SUCCESS[runs.split][task])
+        section.notes.append(f"The yardstick (the last table): SimplerEnv's own agreement under {runs.split} on this "
+                             f"run's tasks, the published simulated success of its {len(policies)} reference "
+                             f"policies ({', '.join(policies)}) against their real-world success.")
+        section.tables.append(Table("published_sim_to_real_agreement", published, _agreement_shown(published)))
+    return section
 
 
 def _chain_section(runs: SweepRuns) -> Section | None:
@@ -466,13 +559,18 @@ def _versions_section(runs: SweepRuns) -> Section:
                    [Table("versions", versions, versions)])
 
 
-def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> Path:
-    """Read sweep run directories and write the report to `out`; returns the path of index.html."""
+def write_report(run_dirs: Iterable[str | Path], out: str | Path, real_world: Path | None = None) -> Path:
+    """Read sweep run directories and write the report to `out`; returns the path of index.html. `real_world`: a
+    file of real-world success rates (configuration -> task -> rate) of a SimplerEnv run, for its sim-to-real
+    agreement."""
     run_dirs = [Path(path) for path in run_dirs]
     runs = read_sweep_runs(run_dirs)
+    if real_world is not None and runs.benchmark not in ("simpler", None):
+        raise ReportError(f"real-world success rates ({real_world}) apply to SimplerEnv runs (benchmark simpler); "
+                          f"these runs are of {runs.benchmark}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = build_sections(runs, out)
+    sections = build_sections(runs, out, real_world)
     for section in sections:
         for table in section.tables:
             table.data.to_csv(out / f"{table.name}.csv", index=False)

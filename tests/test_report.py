@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from robovlms.benchmark import EpisodeRecord
@@ -318,3 +319,112 @@ def test_html_renders_alone_in_headless_chromium_with_every_image_loaded(sweep, 
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, "the page's script did not run"
     assert int(loaded[2]) == 4 and loaded[1] == loaded[2]
+
+
+# ---- SimplerEnv: sim-to-real agreement ----------------------------------------------------------------------
+
+COKE, NEAR = "google_robot_pick_coke_can", "google_robot_move_near"
+POLICY_HEAD = f"{SCRATCH} · policy-head · H=2 · L=4 · data 1"  # labels as the success table shows them
+CONTINUOUS = f"{SCRATCH} · one-step-continuous · H=2 · L=4 · data 1"
+KOSMOS = f"{PRETRAINED} · policy-head · H=2 · L=4 · data 1"
+
+
+def add_simpler_cell(run_dir, cell_id, per_task, backbone=None, label=None, formulation=None, seed=0, policy=None):
+    """A committed SimplerEnv cell whose benchmark score holds `per_task` success (`success/<task>`)."""
+    trained = policy is None
+    axes = dict(status="complete", kind="trained" if trained else "baseline", policy=policy or "trained",
+                backbone=backbone, backbone_label=label, formulation=formulation,
+                history=2 if trained else None, chunk=4 if trained else None, data_fraction=1.0 if trained else None)
+    success = float(np.mean(list(per_task.values())))
+    add_cell(run_dir, cell_id, benchmark="simpler", split="visual_matching", seed=seed, episodes=100,
+             successes=round(100 * success), success=success,
+             scores={"success": success, **{f"success/{task}": rate for task, rate in per_task.items()}}, **axes)
+
+
+@pytest.fixture(scope="module")
+def simpler_run(tmp_path_factory):
+    """Three configurations (one with two seeds) and a baseline, simulated success on two Google robot tasks."""
+    run_dir = tmp_path_factory.mktemp("simpler") / "run"
+    add_simpler_cell(run_dir, "ph-0", {COKE: 0.6, NEAR: 0.2}, "gpt-scratch", SCRATCH, "policy-head", seed=0)
+    add_simpler_cell(run_dir, "ph-1", {COKE: 0.8, NEAR: 0.4}, "gpt-scratch", SCRATCH, "policy-head", seed=1)
+    add_simpler_cell(run_dir, "continuous", {COKE: 0.5, NEAR: 0.5}, "gpt-scratch", SCRATCH, "one-step-continuous")
+    add_simpler_cell(run_dir, "kosmos", {COKE: 0.1, NEAR: 0.0}, "kosmos2", PRETRAINED, "policy-head")
+    add_simpler_cell(run_dir, "zero", {COKE: 0.0, NEAR: 0.0}, policy="zero")
+    return run_dir
+
+
+def write_real_world(path, rates):
+    path.write_text(yaml.safe_dump(rates, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="module")
+def simpler_report(simpler_run):
+    real = write_real_world(simpler_run.parent / "real.yaml", {
+        POLICY_HEAD: {COKE: 0.9, NEAR: 0.4}, CONTINUOUS: {COKE: 0.6, NEAR: 0.6}, KOSMOS: {COKE: 0.7},
+        "zero": {NEAR: 0.1}})  # a baseline named by its policy
+    out = simpler_run.parent / "report"
+    write_report([simpler_run], out, real_world=real)
+    return out
+
+
+def test_sim_to_real_agreement_of_a_simpler_run_matches_the_hand_computed_values(simpler_report):
+    table = pd.read_csv(simpler_report / "sim_to_real_agreement.csv").set_index("task")
+    # coke can: real [0.9, 0.6, 0.7], sim [0.7 (seeds averaged), 0.5, 0.1]. Only continuous vs kosmos is misordered
+    # (real gap 0.1, counted at both): MMRV = 0.2 / 3. Pearson: centred real [1/6, -2/15, -1/30], sim [4/15, 1/15,
+    # -1/3]: 0.14/3 / sqrt(0.14/3 * 0.56/3) = 0.5.
+    assert table.loc[COKE, ["policies", "mmrv", "pearson"]].tolist() == pytest.approx([3, 0.2 / 3, 0.5])
+    # move near: real [0.4, 0.6, 0.1] is sim [0.3, 0.5, 0.0] + 0.1: no violation, r = 1
+    assert table.loc[NEAR, ["policies", "mmrv", "pearson"]].tolist() == pytest.approx([3, 0.0, 1.0])
+    assert table.loc["mean", ["policies", "mmrv", "pearson"]].tolist() == pytest.approx([4, 0.1 / 3, 0.75])
+
+
+def test_sim_to_real_section_shows_simplerenvs_published_agreement_for_the_runs_tasks(simpler_report):
+    published = pd.read_csv(simpler_report / "published_sim_to_real_agreement.csv").set_index("task")
+    assert list(published.index) == [COKE, NEAR, "mean"]
+    assert published.loc[COKE, ["policies", "mmrv", "pearson"]].tolist() == pytest.approx([6, 0.031333, 0.975434],
+                                                                                        abs=1e-6)
+    text = (simpler_report / "index.md").read_text()
+    assert "## Sim-to-real agreement" in text and "6 reference policies" in text
+
+
+def test_sim_to_real_section_without_real_world_rates_says_how_to_get_them(simpler_run, tmp_path):
+    write_report([simpler_run], tmp_path / "report")
+    assert "--real-world real.yaml" in (tmp_path / "report" / "index.md").read_text()
+    assert not (tmp_path / "report" / "sim_to_real_agreement.csv").exists()
+    assert (tmp_path / "report" / "published_sim_to_real_agreement.csv").is_file()
+
+
+def test_real_world_rates_of_an_unknown_configuration_are_refused_listing_the_labels(simpler_run, tmp_path):
+    real = write_real_world(tmp_path / "real.yaml", {"gpt-scratch": {COKE: 0.5}, CONTINUOUS: {COKE: 0.6}})
+    with pytest.raises(ReportError, match=f"labelled 'gpt-scratch'; valid labels.*{re.escape(POLICY_HEAD)}"):
+        write_report([simpler_run], tmp_path / "report", real_world=real)
+
+
+def test_real_world_rates_of_a_task_the_run_did_not_evaluate_are_refused(simpler_run, tmp_path):
+    real = write_real_world(tmp_path / "real.yaml", {CONTINUOUS: {"widowx_stack_cube": 0.6}})
+    with pytest.raises(ReportError, match=f"'widowx_stack_cube'.*valid tasks: {COKE}, {NEAR}"):
+        write_report([simpler_run], tmp_path / "report", real_world=real)
+
+
+def test_real_world_rates_outside_the_unit_interval_are_refused_by_the_report(simpler_run, tmp_path):
+    real = write_real_world(tmp_path / "real.yaml", {CONTINUOUS: {COKE: 60}})
+    with pytest.raises(ReportError, match=r"must be a rate in \[0, 1\]; got 60"):
+        write_report([simpler_run], tmp_path / "report", real_world=real)
+
+
+def test_real_world_rates_for_a_run_of_another_benchmark_are_refused(tmp_path):
+    add_cell(tmp_path / "run", "zero", status="complete", kind="baseline", policy="zero")
+    real = write_real_world(tmp_path / "real.yaml", {"zero": {"door-open": 0.0}})
+    with pytest.raises(ReportError, match="apply to SimplerEnv runs.*of metaworld"):
+        write_report([tmp_path / "run"], tmp_path / "report", real_world=real)
+
+
+def test_cli_report_takes_real_world_rates(simpler_run, tmp_path):
+    pd.DataFrame({"configuration": [POLICY_HEAD, CONTINUOUS], COKE: [0.9, 0.6]}).to_csv(tmp_path / "real.csv",
+                                                                                        index=False)
+    result = CliRunner().invoke(app, ["report", str(simpler_run), "--out", str(tmp_path / "report"),
+                                      "--real-world", str(tmp_path / "real.csv")])
+    assert result.exit_code == 0, result.output
+    row = pd.read_csv(tmp_path / "report" / "sim_to_real_agreement.csv").iloc[0]
+    assert (row.task, row.policies, row.mmrv) == (COKE, 2, 0.0)
