@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from robovlms.errors import ConfigError
 from robovlms.registry import Registry
 
 
@@ -116,6 +117,17 @@ class Benchmark(ABC):
 
     def check_available(self) -> None:
         """Raise MissingDependencyError, saying what to install, when the simulator cannot be built here."""
+
+    def check_frames(self, cameras: Sequence[str], image_size: int, action_dim: int, source: str) -> None:
+        """Raise ConfigError unless policies trained on frames of this kind (`source`: a store) can act here: the
+        same cameras at the same size, and actions of this benchmark's dimension."""
+        if tuple(cameras) != tuple(self.cameras) or image_size != self.image_size:
+            raise ConfigError(f"{self.name} is set to observe cameras {list(self.cameras)} at {self.image_size} px; "
+                              f"{source} holds {list(cameras)} at {image_size} px (set benchmark options cameras and "
+                              f"image_size to match)")
+        if action_dim != self.action_dim:
+            raise ConfigError(f"{self.name} takes {self.action_dim}-D actions (arm and gripper); {source} holds "
+                              f"{action_dim}-D actions")
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this benchmark (stored with the data it produced)."""

@@ -150,6 +150,9 @@ def evaluate_command(
     if tasks is not None:
         options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
     bench = create_benchmark(benchmark, **options)
+    if store is not None:
+        layout = EpisodeStore(store).layout
+        bench.check_frames(layout.cameras, layout.image_size, layout.action_dim, f"the store {store}")
     bench.check_available()
     if run is not None:
         factory = policy_factory(run)

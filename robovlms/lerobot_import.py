@@ -366,6 +366,12 @@ def import_lerobot(dataset: str | Path, out: str | Path, *, spec: LeRobotSpec | 
         raise ConfigError(f"--episodes must be at least 1, got {episodes}")
     info = read_info(dataset)
     check_spec(spec, info, dataset)
+    if spec.benchmark is not None:
+        from robovlms.benchmark import create_benchmark
+
+        options = {**spec.benchmark_options, "image_size": image_size, "cameras": list(spec.cameras)}
+        create_benchmark(spec.benchmark, **options).check_frames(
+            list(spec.cameras), image_size, len(_selected(spec.action, info)), f"the spec's selection of {dataset}")
     selected = source_episodes(dataset, info, list(dict.fromkeys(spec.cameras.values())))[:episodes]
     if not selected:
         raise StoreError(f"{dataset} holds no episodes")

@@ -6,11 +6,12 @@ package declares its own, so the core never imports a concrete plugin by name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
-from robovlms.errors import UnknownNameError
+from robovlms.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -47,4 +48,11 @@ class Registry(Generic[T]):
         return factory
 
     def create(self, name: str, *args, **kwargs) -> T:
-        return self.get(name)(*args, **kwargs)
+        """`name`'s plugin built with these options; options it does not take are a ConfigError naming the valid."""
+        factory = self.get(name)
+        try:
+            inspect.signature(factory).bind(*args, **kwargs)
+        except TypeError as error:
+            valid = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
+            raise ConfigError(f"{self.kind} {name}: {error}; its options: {', '.join(valid) or 'none'}") from None
+        return factory(*args, **kwargs)

@@ -381,10 +381,9 @@ def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark
         from robovlms.errors import UnknownNameError
 
         raise UnknownNameError(f"{benchmark.name} split", sweep.benchmark.split, benchmark.splits())
-    if store is not None and (tuple(store.layout.cameras) != tuple(benchmark.cameras)
-                              or store.layout.image_size != benchmark.image_size):
-        raise ConfigError(f"benchmark.options ask for cameras {list(benchmark.cameras)} at {benchmark.image_size} px;"
-                          f" the store {store.path} holds {list(store.layout.cameras)} at {store.layout.image_size} px")
+    if store is not None:
+        benchmark.check_frames(store.layout.cameras, store.layout.image_size, store.layout.action_dim,
+                               f"the store {store.path}")
     return benchmark
 
 

@@ -5,6 +5,7 @@ LeRobot encodes them), with values that say which episode and frame they come fr
 from __future__ import annotations
 
 import json
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def _frames(episode: int, first_index: int, fps: int) -> pd.DataFrame:
 def write_video(path: Path, episodes: list[int], camera: int, codec: str, fps: int) -> None:
     """The frames of `episodes` one after another in one MP4, timestamps continuing across episodes."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    scheduling = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        _encode(path, episodes, camera, codec, fps)
+    finally:
+        # SVT-AV1, run as root, switches the calling thread to real-time SCHED_FIFO at priority 99; processes
+        # started afterwards (sweep workers) would inherit it and starve each other on a small machine.
+        os.sched_setscheduler(0, *scheduling)
+
+
+def _encode(path: Path, episodes: list[int], camera: int, codec: str, fps: int) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps, options={"g": "2"})
         stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"

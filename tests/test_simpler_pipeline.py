@@ -90,3 +90,19 @@ def test_a_sweep_asking_for_the_mean_baseline_on_open_x_data_is_refused_before_a
     with pytest.raises(ConfigError, match="the mean baseline acts from demonstrations of each evaluated task"):
         prepare_sweep(write_sweep(tmp_path, bridge_store, ["zero", "mean"]))
     assert not (tmp_path / "run" / "cells").exists()
+
+
+def test_a_spec_whose_actions_do_not_fit_simpler_is_refused_before_anything_is_written(tmp_path):
+    dataset = write_lerobot_dataset(tmp_path / "dataset")
+    spec = {"cameras": {"rgb_static": "observation.images.image_0"}, "state": {"key": "observation.state"},
+            "action": {"key": "action", "indices": [0, 1, 2, 6]}, "gripper": {"open_above": 0.5},
+            "benchmark": "simpler", "benchmark_options": {"robot": "widowx"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="simpler takes 7-D actions .* holds 4-D actions"):
+        import_lerobot(dataset, tmp_path / "store", spec=tmp_path / "spec.yaml", image_size=64, progress=False)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "store.partial").exists()
+
+
+def test_an_option_the_benchmark_does_not_take_is_refused_naming_the_ones_it_does():
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'protocol'.*robot, tasks, image_size, cameras"):
+        create_benchmark("simpler", robot="widowx", protocol="visual_matching")
