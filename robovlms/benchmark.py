@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from robovlms.errors import ConfigError
 from robovlms.registry import Registry
@@ -191,6 +192,14 @@ class Benchmark(ABC):
         for task in sorted({r.task for r in records}):
             scores[f"success/{task}"] = float(np.mean([r.success for r in records if r.task == task]))
         return scores
+
+
+def square_image(image: np.ndarray, size: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image as (size, size, 3), resized bilinearly: how every simulator's camera and every
+    imported dataset's frames become a store's or an observation's square images."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark", "robovlms.benchmarks")

@@ -30,10 +30,10 @@ from typing import Any, Literal
 import av
 import numpy as np
 import pandas as pd
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
+from robovlms.benchmark import square_image
 from robovlms.errors import ConfigError, StoreError, UnknownNameError, config_error, read_yaml_mapping
 from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
 
@@ -263,12 +263,6 @@ def check_files_exist(episodes: Sequence[SourceEpisode]) -> None:
                          f"(or import fewer episodes with --episodes)")
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-
-
 def decode_frames(path: Path, timestamps: Sequence[float], image_size: int) -> np.ndarray:
     """(T, image_size, image_size, 3) uint8: for each timestamp (seconds into the MP4) the frame within
     TOLERANCE_S of it. Decoding starts at the key frame before the first timestamp, as LeRobot's PyAV backend does."""
@@ -283,7 +277,7 @@ def decode_frames(path: Path, timestamps: Sequence[float], image_size: int) -> n
             for frame in container.decode(stream):
                 image = None
                 while found < len(wanted) and abs(frame.time - wanted[order[found]]) < TOLERANCE_S:
-                    image = _resize(frame.to_ndarray(format="rgb24"), image_size) if image is None else image
+                    image = square_image(frame.to_ndarray(format="rgb24"), image_size) if image is None else image
                     images[order[found]] = image
                     found += 1
                 if found == len(wanted) or frame.time > wanted[order[found]]:

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image
 
-from robovlms.benchmark import Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory
+from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory,
+                                square_image)
 from robovlms.benchmarks.calvin_sequences import CHAIN_LENGTH, SUBTASKS, get_sequences, initial_condition_seed
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
 
@@ -205,7 +205,7 @@ class CalvinEnvironment(Environment):
         return (self._observation(obs) if observe else None), solved
 
     def _observation(self, obs: dict[str, Any]) -> Observation:
-        images = {camera: _square(np.asarray(obs["rgb_obs"][camera]).astype(np.uint8), self.image_size)
+        images = {camera: square_image(np.asarray(obs["rgb_obs"][camera]).astype(np.uint8), self.image_size)
                   for camera in self.cameras}
         return Observation(images=images, state=np.asarray(obs["robot_obs"], dtype=np.float32),
                            instruction=self._instruction,
@@ -223,12 +223,6 @@ def env_action(action: np.ndarray) -> np.ndarray:
     if action.shape != (7,):
         raise ValueError(f"CALVIN takes 7-D relative actions; got shape {action.shape}")
     return np.concatenate([np.clip(action[:6], -1.0, 1.0), [1.0 if action[6] > 0 else -1.0]])
-
-
-def _square(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 # ---- the real packages, imported only here ------------------------------------------------------------------

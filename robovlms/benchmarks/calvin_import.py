@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
+from robovlms.benchmark import square_image
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
 from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
 
@@ -90,12 +90,6 @@ def read_frame(folder: Path, frame: int) -> dict[str, np.ndarray]:
                          f"the import with --resume") from None
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-
-
 def _read_window(folder: Path, window: AnnotatedWindow, cameras: Sequence[str], image_size: int) -> Episode:
     images = {camera: [] for camera in cameras}
     states, actions = [], []
@@ -105,7 +99,7 @@ def _read_window(folder: Path, window: AnnotatedWindow, cameras: Sequence[str], 
         if missing:
             raise StoreError(f"frame file {folder / f'episode_{frame:07d}.npz'} has no {', '.join(missing)}")
         for camera in cameras:
-            images[camera].append(_resize(arrays[camera], image_size))
+            images[camera].append(square_image(arrays[camera], image_size))
         states.append(arrays["robot_obs"])
         actions.append(arrays["rel_actions"])
     return Episode(task=window.task, instruction=window.instruction, scene=window.scene, seed=window.start,

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy.spatial.transform import Rotation
 
-from robovlms.benchmark import Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory
+from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory,
+                                square_image)
 from robovlms.benchmarks.simpler_episodes import (TASKS, SimplerEpisode, check_task, episodes, evenly_spread,
                                                    find_episode, protocols, step_limit)
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
@@ -221,10 +221,7 @@ class SimplerEnvironment(Environment):
         return self.env
 
     def _observation(self, obs: dict) -> Observation:
-        image = np.asarray(self.image_of(self.env.unwrapped, obs))
-        if image.shape[:2] != (self.image_size, self.image_size):
-            image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size),
-                                                             Image.Resampling.BILINEAR))
+        image = square_image(np.asarray(self.image_of(self.env.unwrapped, obs)), self.image_size)
         return Observation(images={CAMERAS[0]: image}, state=proprio_state(self.env.unwrapped, self.robot),
                            instruction=self.instruction)
 
