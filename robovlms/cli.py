@@ -118,7 +118,9 @@ def evaluate_command(
     store: Annotated[Path | None, typer.Option(help="Training store: benchmark settings and baseline data.")] = None,
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
     tasks: Annotated[str | None, typer.Option(help="Tasks to evaluate (default: the store's).")] = None,
-    split: Annotated[str, typer.Option(help="Scene split; evaluation uses its held-out scenes.")] = "ABC->D",
+    split: Annotated[str | None, typer.Option(help="Split: Meta-World, CALVIN scenes such as ABC->D (evaluation uses "
+                                                   "its held-out scenes); SimplerEnv visual_matching or "
+                                                   "variant_aggregation. Default: the benchmark's first.")] = None,
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per task (CALVIN: chains).")] = 10,
     shard: Annotated[str | None, typer.Option(help="K/N: only the K-th of N disjoint parts, for N machines.")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
@@ -130,7 +132,7 @@ def evaluate_command(
     benchmark's scores. With --shard K/N each machine runs one part; `robovlms merge-evaluation` joins them."""
     from robovlms.baselines import baseline_factory
     from robovlms.benchmark import create_benchmark
-    from robovlms.errors import ConfigError
+    from robovlms.errors import ConfigError, UnknownNameError
     from robovlms.rollout import evaluate, parse_shard, shard_specs, write_shard
     from robovlms.store import EpisodeStore
 
@@ -153,6 +155,9 @@ def evaluate_command(
     if store is not None:
         layout = EpisodeStore(store).layout
         bench.check_frames(layout.cameras, layout.image_size, layout.action_dim, f"the store {store}")
+    split = split or bench.splits()[0]
+    if split not in bench.splits():
+        raise UnknownNameError(f"{bench.name} split", split, bench.splits())
     bench.check_available()
     if run is not None:
         factory = policy_factory(run)

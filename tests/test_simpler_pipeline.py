@@ -106,3 +106,16 @@ def test_a_spec_whose_actions_do_not_fit_simpler_is_refused_before_anything_is_w
 def test_an_option_the_benchmark_does_not_take_is_refused_naming_the_ones_it_does():
     with pytest.raises(ConfigError, match="unexpected keyword argument 'protocol'.*robot, tasks, image_size, cameras"):
         create_benchmark("simpler", robot="widowx", protocol="visual_matching")
+
+
+def test_evaluate_on_simpler_checks_the_protocol_then_says_what_to_install(without_simpler_env):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+    from robovlms.errors import UnknownNameError
+
+    runner = CliRunner()
+    wrong = runner.invoke(app, ["evaluate", "--benchmark", "simpler", "--policy", "zero", "--split", "ABC->D"])
+    assert isinstance(wrong.exception, UnknownNameError) and "visual_matching" in str(wrong.exception)
+    missing = runner.invoke(app, ["evaluate", "--benchmark", "simpler", "--policy", "zero"])  # its first protocol
+    assert isinstance(missing.exception, MissingDependencyError)
