@@ -11,13 +11,16 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from robovlms.errors import ConfigError
 from robovlms.registry import Registry
+
+if TYPE_CHECKING:
+    from robovlms.sim_to_real import PublishedAgreement
 
 
 @dataclass
@@ -129,6 +132,12 @@ class Benchmark(ABC):
         if action_dim != self.action_dim:
             raise ConfigError(f"{self.name} takes {self.action_dim}-D actions (arm and gripper); {source} holds "
                               f"{action_dim}-D actions")
+
+    @classmethod
+    def published_agreement(cls, split: str, tasks: Sequence[str]) -> PublishedAgreement | None:
+        """The sim-to-real agreement (robovlms.sim_to_real) published for the benchmark's own reference policies on
+        these tasks under `split`, which reports show as the yardstick; None where nothing is published."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this benchmark (stored with the data it produced)."""

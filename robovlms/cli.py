@@ -334,7 +334,7 @@ def benchmarks_command() -> None:
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],
     out: Annotated[Path, typer.Option(help="Report directory, e.g. reports/NAME.")],
-    real_world: Annotated[Path | None, typer.Option(help="SimplerEnv runs: real-world success rates (.yaml: "
+    real_world: Annotated[Path | None, typer.Option(help="Real-world success rates (.yaml: "
                                                          "configuration -> task -> rate; .csv: a `configuration` "
                                                          "column and one column per task) for the sim-to-real "
                                                          "agreement.")] = None,

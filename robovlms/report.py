@@ -21,11 +21,11 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from robovlms import plots
-from robovlms.benchmarks.simpler_metrics import (MEAN_ROW, PROTOCOLS, PUBLISHED_SIM_SUCCESS, published_agreement,
-                                                 read_real_world_success, sim_to_real_agreement)
-from robovlms.errors import ReportError
+from robovlms.benchmark import BENCHMARKS
+from robovlms.errors import ReportError, UnknownNameError
 from robovlms.results import (CELLS_DIR, RESULT_FILE, SWEEP_FILE, CellResult, read_cell_records,
                               read_cell_results, read_training_curve)
+from robovlms.sim_to_real import PublishedAgreement, read_real_world_success, sim_to_real_agreement
 
 CONFIDENCE = 0.95
 CHAIN_LENGTH = 5  # CALVIN's protocol: chains of five subtasks
@@ -425,9 +425,12 @@ def _agreement_shown(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sim_to_real_section(runs: SweepRuns, real_world: Path | None) -> Section | None:
-    """SimplerEnv runs: how well this run's simulated success per task predicts real-world success (given a file
-    of real-world rates), beside SimplerEnv's own published agreement for its reference policies."""
-    if runs.benchmark != "simpler":
+    """How well this run's simulated success per task predicts real-world success (given a file of real-world
+    rates), beside the agreement its benchmark publishes for its own reference policies (SimplerEnv)."""
+    sim = simulated_task_success(runs)
+    tasks = list(dict.fromkeys(task for rates in sim.values() for task in rates))
+    published = _published_agreement(runs, tasks)
+    if real_world is None and published is None:
         return None
     section = Section("Sim-to-real agreement", [
         "How well success in simulation predicts success on the real robot, per task, over policies measured in "
@@ -435,8 +438,6 @@ def _sim_to_real_section(runs: SweepRuns, real_world: Path | None) -> Section | 
         "real-world success gap to a policy that simulation ranks the other way, averaged over policies; 0 is best), "
         "and the Pearson correlation r of the success rates (1 is best). A task needs at least 2 policies; the row "
         "\"mean\" averages the tasks and counts the distinct policies."])
-    sim = simulated_task_success(runs)
-    tasks = list(dict.fromkeys(task for rates in sim.values() for task in rates))
     if real_world is None:
         section.notes.append("To measure this run's agreement, give the real-world success of at least 2 of its "
                              "configurations: robovlms report RUN --out DIR --real-world real.yaml (configuration "
@@ -458,16 +459,24 @@ def _sim_to_real_section(runs: SweepRuns, real_world: Path | None) -> Section | 
             section.tables.append(Table("sim_to_real_pairs", pairs, _shown(pairs, {
                 "configuration": "configuration", "task": "task", "simulated": lambda row: _percent(row.sim_success),
                 "real world": lambda row: _percent(row.real_success)})))
-    published = published_agreement(runs.split, tasks or None) if runs.split in PROTOCOLS else pd.DataFrame()
-    if not published.empty:
-        published_tasks = published.task[published.task != MEAN_ROW]
-        policies = dict.fromkeys(policy for task in published_tasks
-                                 for policy in PUBLISHED_SIM_SUCCESS[runs.split][task])
-        section.notes.append(f"The yardstick (the last table): SimplerEnv's own agreement under {runs.split} on this "
-                             f"run's tasks, the published simulated success of its {len(policies)} reference "
-                             f"policies ({', '.join(policies)}) against their real-world success.")
-        section.tables.append(Table("published_sim_to_real_agreement", published, _agreement_shown(published)))
+    if published is not None:
+        section.notes.append(f"The yardstick (the last table): {published.source}'s own agreement under {runs.split} "
+                             f"on this run's tasks, the published simulated success of its {len(published.policies)} "
+                             f"reference policies ({', '.join(published.policies)}) against their real-world "
+                             f"success.")
+        section.tables.append(Table("published_sim_to_real_agreement", published.table,
+                                    _agreement_shown(published.table)))
     return section
+
+
+def _published_agreement(runs: SweepRuns, tasks: list[str]) -> PublishedAgreement | None:
+    if runs.benchmark is None or not tasks:
+        return None
+    try:
+        benchmark = BENCHMARKS.get(runs.benchmark)
+    except UnknownNameError:  # a plugin benchmark not installed where the report is made
+        return None
+    return benchmark.published_agreement(runs.split, tasks)
 
 
 def _chain_section(runs: SweepRuns) -> Section | None:
@@ -561,13 +570,9 @@ def _versions_section(runs: SweepRuns) -> Section:
 
 def write_report(run_dirs: Iterable[str | Path], out: str | Path, real_world: Path | None = None) -> Path:
     """Read sweep run directories and write the report to `out`; returns the path of index.html. `real_world`: a
-    file of real-world success rates (configuration -> task -> rate) of a SimplerEnv run, for its sim-to-real
-    agreement."""
+    file of real-world success rates (configuration -> task -> rate), for the run's sim-to-real agreement."""
     run_dirs = [Path(path) for path in run_dirs]
     runs = read_sweep_runs(run_dirs)
-    if real_world is not None and runs.benchmark not in ("simpler", None):
-        raise ReportError(f"real-world success rates ({real_world}) apply to SimplerEnv runs (benchmark simpler); "
-                          f"these runs are of {runs.benchmark}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sections = build_sections(runs, out, real_world)

@@ -329,14 +329,15 @@ CONTINUOUS = f"{SCRATCH} · one-step-continuous · H=2 · L=4 · data 1"
 KOSMOS = f"{PRETRAINED} · policy-head · H=2 · L=4 · data 1"
 
 
-def add_simpler_cell(run_dir, cell_id, per_task, backbone=None, label=None, formulation=None, seed=0, policy=None):
-    """A committed SimplerEnv cell whose benchmark score holds `per_task` success (`success/<task>`)."""
+def add_simpler_cell(run_dir, cell_id, per_task, backbone=None, label=None, formulation=None, seed=0, policy=None,
+                     benchmark="simpler", split="visual_matching"):
+    """A committed cell (SimplerEnv unless told) whose benchmark score holds `per_task` success (`success/<task>`)."""
     trained = policy is None
     axes = dict(status="complete", kind="trained" if trained else "baseline", policy=policy or "trained",
                 backbone=backbone, backbone_label=label, formulation=formulation,
                 history=2 if trained else None, chunk=4 if trained else None, data_fraction=1.0 if trained else None)
     success = float(np.mean(list(per_task.values())))
-    add_cell(run_dir, cell_id, benchmark="simpler", split="visual_matching", seed=seed, episodes=100,
+    add_cell(run_dir, cell_id, benchmark=benchmark, split=split, seed=seed, episodes=100,
              successes=round(100 * success), success=success,
              scores={"success": success, **{f"success/{task}": rate for task, rate in per_task.items()}}, **axes)
 
@@ -413,11 +414,19 @@ def test_real_world_rates_outside_the_unit_interval_are_refused_by_the_report(si
         write_report([simpler_run], tmp_path / "report", real_world=real)
 
 
-def test_real_world_rates_for_a_run_of_another_benchmark_are_refused(tmp_path):
-    add_cell(tmp_path / "run", "zero", status="complete", kind="baseline", policy="zero")
-    real = write_real_world(tmp_path / "real.yaml", {"zero": {"door-open": 0.0}})
-    with pytest.raises(ReportError, match="apply to SimplerEnv runs.*of metaworld"):
-        write_report([tmp_path / "run"], tmp_path / "report", real_world=real)
+def test_any_benchmark_gets_the_agreement_from_real_world_rates_but_only_simpler_a_published_yardstick(tmp_path):
+    run = tmp_path / "run"
+    for cell, rate, formulation in (("ph", 0.2, "policy-head"), ("continuous", 0.6, "one-step-continuous")):
+        add_simpler_cell(run, cell, {"door-open": rate}, "gpt-scratch", SCRATCH, formulation, benchmark="metaworld",
+                         split="ABC->D")
+    write_report([run], tmp_path / "plain")
+    assert "Sim-to-real agreement" not in (tmp_path / "plain" / "index.md").read_text()
+    real = write_real_world(tmp_path / "real.yaml", {POLICY_HEAD: {"door-open": 0.1}, CONTINUOUS: {"door-open": 0.9}})
+    write_report([run], tmp_path / "report", real_world=real)
+    agreement = pd.read_csv(tmp_path / "report" / "sim_to_real_agreement.csv")
+    assert agreement.task.tolist() == ["door-open", "mean"] and agreement.mmrv[0] == 0
+    assert agreement.pearson[0] == pytest.approx(1, abs=1e-6)
+    assert not (tmp_path / "report" / "published_sim_to_real_agreement.csv").exists()
 
 
 def test_cli_report_takes_real_world_rates(simpler_run, tmp_path):

@@ -3,9 +3,9 @@ import math
 import pandas as pd
 import pytest
 
-from robovlms.benchmarks.simpler_metrics import (PUBLISHED_SIM_SUCCESS, REAL_WORLD_SUCCESS,
-                                                 mean_maximum_rank_violation, pearson_correlation,
-                                                 published_agreement, read_real_world_success, sim_to_real_agreement)
+from robovlms.benchmarks.simpler_metrics import PUBLISHED_SIM_SUCCESS, REAL_WORLD_SUCCESS, published_agreement
+from robovlms.sim_to_real import (mean_maximum_rank_violation, pearson_correlation, read_real_world_success,
+                                  sim_to_real_agreement)
 from robovlms.errors import ConfigError, ReportError, UnknownNameError
 
 GOOGLE_TASKS = ["google_robot_pick_coke_can", "google_robot_move_near", "google_robot_open_drawer",
@@ -162,3 +162,15 @@ def test_real_world_csv_without_a_configuration_column_is_refused(tmp_path):
 def test_real_world_file_of_another_format_is_refused(tmp_path):
     with pytest.raises(ReportError, match=r"use \.yaml, \.yml or \.csv"):
         read_real_world_success(tmp_path / "real.json")
+
+
+def test_the_simpler_benchmark_offers_its_published_agreement_as_a_reports_yardstick_and_others_offer_none():
+    from robovlms.benchmarks.metaworld import MetaWorldBenchmark
+    from robovlms.benchmarks.simpler import SimplerBenchmark
+
+    published = SimplerBenchmark.published_agreement("visual_matching", ["widowx_carrot_on_plate", "not_published"])
+    assert published.source == "SimplerEnv" and published.policies == ["RT-1-X", "Octo-Base", "Octo-Small"]
+    assert published.table.task.tolist() == ["widowx_carrot_on_plate", "mean"]
+    assert published.table.mmrv[0] == pytest.approx(0.1113, abs=1e-4)
+    assert SimplerBenchmark.published_agreement("variant_aggregation", ["widowx_carrot_on_plate"]) is None
+    assert MetaWorldBenchmark.published_agreement("ABC->D", ["door-open"]) is None

@@ -20,7 +20,7 @@ import dataclasses
 import importlib.util
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environme
                                 square_image)
 from robovlms.benchmarks.simpler_episodes import (TASKS, SimplerEpisode, check_task, episodes, evenly_spread,
                                                    find_episode, protocols, step_limit)
+from robovlms.benchmarks.simpler_metrics import PUBLISHED_SIM_SUCCESS, published_agreement
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
+from robovlms.sim_to_real import PublishedAgreement
 
 INSTALL = ("SimplerEnv is not installed. Install it from its repository (neither simpler_env nor ManiSkill2_real2sim "
            "is on PyPI):\n"
@@ -288,6 +290,18 @@ class SimplerBenchmark(Benchmark):
             specs += [EpisodeSpec(task=task, scene=listed[index].scene, instruction=listed[index].instruction,
                                   seed=index) for index in evenly_spread(listed, episodes_per_task)]
         return specs
+
+    @classmethod
+    def published_agreement(cls, split: str, tasks: Sequence[str]) -> PublishedAgreement | None:
+        """SimplerEnv's published agreement for its reference policies (simpler_metrics) on the tasks it publishes."""
+        if split not in PUBLISHED_SIM_SUCCESS:
+            return None
+        table = published_agreement(split, tasks)
+        if table.empty:
+            return None
+        published = [task for task in table.task if task in PUBLISHED_SIM_SUCCESS[split]]
+        policies = list(dict.fromkeys(policy for task in published for policy in PUBLISHED_SIM_SUCCESS[split][task]))
+        return PublishedAgreement(table, policies, "SimplerEnv")
 
     def check_available(self) -> None:
         _import_simpler_env()
