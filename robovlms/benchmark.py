@@ -170,17 +170,19 @@ class Benchmark(ABC):
                              success=success, steps=steps, seconds=time.perf_counter() - started)
 
     def act_until_solved(self, environment: Environment, policy: Policy, observation: Observation,
-                         trajectory: Trajectory | None = None, on_frame: Any = None) -> tuple[bool, int, Observation]:
-        """Step the policy from `observation` until the environment says solved or `max_steps` pass; returns
-        (solved, steps taken, last observation)."""
+                         trajectory: Trajectory | None = None, on_frame: Any = None,
+                         max_steps: int | None = None) -> tuple[bool, int, Observation]:
+        """Step the policy from `observation` until the environment says solved or `max_steps` (default: the
+        benchmark's) pass; returns (solved, steps taken, last observation)."""
+        max_steps = max_steps or self.max_steps
         observe_every_step = trajectory is not None or on_frame is not None
         steps, success = 0, False
-        while steps < self.max_steps and not success:
+        while steps < max_steps and not success:
             chunk = np.atleast_2d(np.asarray(policy.step(observation), dtype=np.float32))
             if chunk.shape[-1] != self.action_dim:
                 raise ValueError(f"policy returned actions of dimension {chunk.shape[-1]}; "
                                  f"{self.name} takes {self.action_dim}")
-            chunk = chunk[: self.max_steps - steps]
+            chunk = chunk[: max_steps - steps]
             for index, action in enumerate(chunk):
                 if trajectory is not None:
                     trajectory.append(observation, action)

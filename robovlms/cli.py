@@ -146,14 +146,14 @@ def evaluate_command(
 
         store = store or Path(load_config(run / CONFIG_FILE).store)
     options = {}
-    if store is not None:
-        meta = EpisodeStore(store).metadata
-        benchmark, options = meta["benchmark"], dict(meta["benchmark_options"])
+    training_store = EpisodeStore(store) if store is not None else None
+    if training_store is not None:
+        benchmark, options = training_store.metadata["benchmark"], dict(training_store.metadata["benchmark_options"])
     if tasks is not None:
         options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
     bench = create_benchmark(benchmark, **options)
-    if store is not None:
-        layout = EpisodeStore(store).layout
+    if training_store is not None:
+        layout = training_store.layout
         bench.check_frames(layout.cameras, layout.image_size, layout.action_dim, f"the store {store}")
     split = split or bench.splits()[0]
     if split not in bench.splits():

@@ -360,22 +360,21 @@ def import_lerobot(dataset: str | Path, out: str | Path, *, spec: LeRobotSpec | 
         raise ConfigError(f"--episodes must be at least 1, got {episodes}")
     info = read_info(dataset)
     check_spec(spec, info, dataset)
+    layout = FrameLayout(tuple(spec.cameras), image_size, len(_selected(spec.state, info)),
+                         len(_selected(spec.action, info)))
+    options = {**spec.benchmark_options, "image_size": image_size, "cameras": list(spec.cameras)}
     if spec.benchmark is not None:
         from robovlms.benchmark import create_benchmark
 
-        options = {**spec.benchmark_options, "image_size": image_size, "cameras": list(spec.cameras)}
-        create_benchmark(spec.benchmark, **options).check_frames(
-            list(spec.cameras), image_size, len(_selected(spec.action, info)), f"the spec's selection of {dataset}")
+        create_benchmark(spec.benchmark, **options).check_frames(layout.cameras, image_size, layout.action_dim,
+                                                                 f"the spec's selection of {dataset}")
     selected = source_episodes(dataset, info, list(dict.fromkeys(spec.cameras.values())))[:episodes]
     if not selected:
         raise StoreError(f"{dataset} holds no episodes")
     check_files_exist(selected)
     tasks = read_tasks(dataset, info)
     scene = dataset.name
-    layout = FrameLayout(tuple(spec.cameras), image_size, len(_selected(spec.state, info)),
-                         len(_selected(spec.action, info)))
-    metadata = {"benchmark_options": {**spec.benchmark_options, "image_size": image_size,
-                                      "cameras": list(spec.cameras)},
+    metadata = {"benchmark_options": options,
                 "source": f"LeRobot {dataset.name}", "dataset": str(dataset),
                 "codebase_version": info["codebase_version"], "fps": info["fps"], "spec": spec.model_dump()}
     if spec.benchmark is not None:  # a store without one trains under any benchmark a sweep names

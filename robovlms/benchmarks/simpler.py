@@ -15,7 +15,6 @@ Neither package installs from a registry: the adapter imports them only when an 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import os
@@ -318,9 +317,8 @@ class SimplerBenchmark(Benchmark):
         policy.reset(dataclasses.replace(spec, instruction=observation.instruction))
         if on_frame is not None:
             on_frame(observation)
-        this_episode = copy.copy(self)
-        this_episode.max_steps = environment.step_limit
-        success, steps, _ = this_episode.act_until_solved(environment, policy, observation, trajectory, on_frame)
+        success, steps, _ = self.act_until_solved(environment, policy, observation, trajectory, on_frame,
+                                                  max_steps=environment.step_limit)
         return EpisodeRecord(task=spec.task, scene=spec.scene, instruction=observation.instruction, seed=spec.seed,
                              success=success, steps=steps, seconds=time.perf_counter() - started,
                              extra={"episode_stats": environment.episode_stats})
