@@ -148,7 +148,9 @@ def evaluate_command(
     options = {}
     training_store = EpisodeStore(store) if store is not None else None
     if training_store is not None:
-        benchmark, options = training_store.metadata["benchmark"], dict(training_store.metadata["benchmark_options"])
+        # a store made for no benchmark in particular (an imported dataset) is evaluated on --benchmark
+        benchmark = training_store.metadata.get("benchmark", benchmark)
+        options = dict(training_store.metadata.get("benchmark_options", {}))
     if tasks is not None:
         options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
     bench = create_benchmark(benchmark, **options)

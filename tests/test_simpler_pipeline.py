@@ -119,3 +119,19 @@ def test_evaluate_on_simpler_checks_the_protocol_then_says_what_to_install(witho
     assert isinstance(wrong.exception, UnknownNameError) and "visual_matching" in str(wrong.exception)
     missing = runner.invoke(app, ["evaluate", "--benchmark", "simpler", "--policy", "zero"])  # its first protocol
     assert isinstance(missing.exception, MissingDependencyError)
+
+
+def test_a_store_imported_for_no_benchmark_is_evaluated_on_the_one_named(tmp_path, without_simpler_env):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    dataset = write_lerobot_dataset(tmp_path / "dataset")
+    spec = {"cameras": {"rgb_static": "observation.images.image_0"}, "state": {"key": "observation.state"},
+            "action": {"key": "action"}, "gripper": {"open_above": 0.5}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    store = import_lerobot(dataset, tmp_path / "store", spec=tmp_path / "spec.yaml", image_size=64, progress=False)
+    assert "benchmark" not in store.metadata
+    result = CliRunner().invoke(app, ["evaluate", "--store", str(store.path), "--benchmark", "simpler",
+                                      "--policy", "zero"])
+    assert isinstance(result.exception, MissingDependencyError)  # reached the simulator check, not a KeyError
