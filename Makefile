@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 
 PACKAGES ?= $(SYSTEM_PACKAGES)
 
-.PHONY: install system-packages test-system-packages demo test benchmarks clean
+.PHONY: install system-packages test-system-packages demo test perf clean
 
 install: $(VENV)/.installed
 
@@ -48,9 +48,9 @@ test-system-packages:
 test: install test-system-packages
 	$(BIN)/python -m pytest -q
 
-benchmarks: install
-	$(BIN)/python benchmarks/data_and_rollouts.py
-	$(BIN)/python benchmarks/training_and_policy.py
+perf: install
+	$(BIN)/python perf/data_and_rollouts.py
+	$(BIN)/python perf/training_and_policy.py
 
 clean:
 	rm -rf $(VENV) data/demo $(DEMO_RUN) $(DEMO_REPORT)

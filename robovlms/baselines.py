@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from robovlms.benchmark import Benchmark, EpisodeSpec, Observation
+from robovlms.data.store import EpisodeStore
 from robovlms.errors import ConfigError, UnknownNameError
-from robovlms.store import EpisodeStore
 
 BASELINES = ("zero", "mean", "replay")
 

@@ -44,7 +44,7 @@ def data_generate(
 ) -> None:
     """Run the benchmark's scripted experts and write their successful episodes to an episode store."""
     from robovlms.benchmark import create_benchmark
-    from robovlms.demonstrations import generate_demonstrations
+    from robovlms.data.demonstrations import generate_demonstrations
 
     task_list = tasks if "," not in tasks else _split_list(tasks)
     bench = create_benchmark(benchmark, tasks=task_list, image_size=image_size, cameras=_split_list(cameras),
@@ -65,7 +65,7 @@ def data_import_calvin(
     resume: Annotated[bool, typer.Option(help="Finish an interrupted import, keeping the windows already written.")] = False,
 ) -> None:
     """Import the language-annotated windows of a CALVIN split into an episode store, one window per episode."""
-    from robovlms.benchmarks.calvin_import import import_calvin
+    from robovlms.data.calvin_import import import_calvin
 
     _print_store(import_calvin(split, out, folder=folder, image_size=image_size, cameras=_split_list(cameras),
                                overwrite=overwrite, resume=resume))
@@ -82,7 +82,7 @@ def data_import_lerobot(
     resume: Annotated[bool, typer.Option(help="Finish an interrupted import, keeping the episodes already written.")] = False,
 ) -> None:
     """Import the episodes of a LeRobot dataset into an episode store, mapping its features as a spec says."""
-    from robovlms.lerobot_import import import_lerobot
+    from robovlms.data.lerobot_import import import_lerobot
 
     _print_store(import_lerobot(dataset, out, spec=spec, image_size=image_size, episodes=episodes,
                                 overwrite=overwrite, resume=resume))
@@ -91,7 +91,7 @@ def data_import_lerobot(
 @data_app.command("info")
 def data_info(store: Annotated[Path, typer.Argument(help="Episode store directory.")]) -> None:
     """Summarise an episode store: episodes per task and scene, layout, action statistics."""
-    from robovlms.store import EpisodeStore
+    from robovlms.data.store import EpisodeStore
 
     _print_store(EpisodeStore(store))
 
@@ -134,7 +134,7 @@ def evaluate_command(
     from robovlms.benchmark import create_benchmark
     from robovlms.errors import ConfigError, UnknownNameError
     from robovlms.rollout import evaluate, parse_shard, shard_specs, write_shard
-    from robovlms.store import EpisodeStore
+    from robovlms.data.store import EpisodeStore
 
     if (policy is None) == (run is None):
         raise ConfigError("give either --policy (a baseline or expert) or --run (a trained run directory)")
@@ -189,7 +189,8 @@ def merge_evaluation_command(
     """Join the shards of one evaluation (checked complete and disjoint) and print its scores, exactly as one
     machine running every episode would."""
     from robovlms.benchmark import create_benchmark
-    from robovlms.rollout import merge_shards, records_from_frame, write_shard
+    from robovlms.records import records_from_frame
+    from robovlms.rollout import merge_shards, write_shard
 
     evaluation, frame = merge_shards(shards)
     bench = create_benchmark(evaluation["benchmark"], **evaluation["benchmark_options"])
@@ -199,7 +200,7 @@ def merge_evaluation_command(
 
 
 def _print_scores(title: str, bench, records) -> None:
-    from robovlms.rollout import records_frame
+    from robovlms.records import records_frame
 
     frame = records_frame(records)
     table = Table(title=f"{title}: {len(records)} episodes")

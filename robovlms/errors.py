@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 
 class RobovlmsError(Exception):
@@ -63,21 +62,3 @@ def _describe(model, problem: dict) -> str:
     if problem["type"] == "missing":
         return f"  missing key {location!r}"
     return f"  {location}: {problem['msg']} (got {problem.get('input')!r})"
-
-
-def read_yaml_mapping(path: str | Path, what: str) -> dict:
-    """A YAML file holding a mapping (`what`: e.g. "sweep settings"); every way it can be wrong is a ConfigError."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no {what} file at {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of {what}")
-    return raw

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robovlms.backbone import Backbone
+from robovlms.data.store import Statistics
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
 from robovlms.registry import Registry
-from robovlms.store import Statistics
 
 ARM_LOSSES = ("mse", "huber")
 

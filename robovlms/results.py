@@ -25,9 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-from robovlms.atomic_files import write_atomically, write_json_atomically
+from robovlms.atomic_files import write_json_atomically
 from robovlms.benchmark import EpisodeRecord
-from robovlms.rollout import records_frame
+from robovlms.records import records_frame, write_table
 
 SWEEP_FILE = "sweep.yaml"
 CELLS_DIR = "cells"
@@ -85,12 +85,6 @@ def software_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return versions
-
-
-def write_table(frame: pd.DataFrame, directory: Path, stem: str) -> None:
-    """`stem`.parquet and `stem`.csv, each written atomically."""
-    write_atomically(directory / f"{stem}.parquet", lambda temporary: frame.to_parquet(temporary, index=False))
-    write_atomically(directory / f"{stem}.csv", lambda temporary: frame.to_csv(temporary, index=False))
 
 
 def write_records(cell_dir: Path, records: list[EpisodeRecord]) -> None:

@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -96,12 +95,6 @@ def evaluate(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Sequenc
                                                     progress=progress, description=description)]
 
 
-def records_frame(records: Sequence[EpisodeRecord]) -> pd.DataFrame:
-    """One row per episode; `extra` (benchmark-specific, free-form) is kept as a JSON string."""
-    rows = [asdict(record) for record in records]
-    for row in rows:
-        row["extra"] = json.dumps(row["extra"], sort_keys=True)
-    return pd.DataFrame(rows)
 
 
 # ---- one evaluation split over machines ---------------------------------------------------------------------
@@ -128,7 +121,7 @@ def shard_specs(specs: Sequence[EpisodeSpec], index: int, count: int) -> list[Ep
 def write_shard(out: Path, records: Sequence[EpisodeRecord], description: dict) -> None:
     """An evaluation's records and what they are a shard of (benchmark, split, episodes, policy, K/N)."""
     from robovlms.atomic_files import write_json_atomically
-    from robovlms.results import write_table
+    from robovlms.records import records_frame, write_table
 
     out.mkdir(parents=True, exist_ok=True)
     write_table(records_frame(records), out, "records")
@@ -155,14 +148,3 @@ def merge_shards(shard_dirs: Sequence[str | Path]) -> tuple[dict, pd.DataFrame]:
     if len(merged) != evaluation["episodes"]:
         raise ConfigError(f"the shards hold {len(merged)} episodes; the evaluation has {evaluation['episodes']}")
     return evaluation, merged
-
-
-def records_from_frame(frame: pd.DataFrame) -> list[EpisodeRecord]:
-    rows = frame.to_dict("records")
-    for row in rows:
-        row["extra"] = json.loads(row["extra"])
-        if pd.isna(row.get("subtasks_completed")):
-            row["subtasks_completed"] = None
-        else:
-            row["subtasks_completed"] = int(row["subtasks_completed"])
-    return [EpisodeRecord(**row) for row in rows]

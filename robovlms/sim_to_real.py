@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from robovlms.errors import ConfigError, ReportError, read_yaml_mapping
+from robovlms.errors import ConfigError, ReportError
+from robovlms.yaml_files import read_yaml_mapping
 
 AGREEMENT_COLUMNS = ["task", "policies", "mmrv", "pearson"]
 MEAN_ROW = "mean"

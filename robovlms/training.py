@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from robovlms.augmentation import augment_images
 from robovlms.backbone import BACKBONES, create_backbone
-from robovlms.dataset import WindowDataset
-from robovlms.errors import ConfigError, RobovlmsError, WindowError, config_error, read_yaml_mapping
+from robovlms.data.store import VALIDATION_SEED, EpisodeStore, Statistics
+from robovlms.data.windows import WindowDataset
+from robovlms.errors import ConfigError, RobovlmsError, WindowError, config_error
 from robovlms.formulation import Formulation, check_statistics, create_formulation
-from robovlms.store import VALIDATION_SEED, EpisodeStore, Statistics
+from robovlms.yaml_files import read_yaml_mapping
 
 CONFIG_FILE = "config.yaml"
 STATISTICS_FILE = "statistics.json"

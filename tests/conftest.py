@@ -14,7 +14,7 @@ torch.set_num_threads(1)  # on a loaded 2-core machine, more threads make timing
 def demo_store(tmp_path_factory):
     """Scripted demonstrations of two tasks in two scenes, shared by the tests that only read a real store."""
     from robovlms.benchmarks.metaworld import MetaWorldBenchmark
-    from robovlms.demonstrations import generate_demonstrations
+    from robovlms.data.demonstrations import generate_demonstrations
 
     benchmark = MetaWorldBenchmark(tasks=["button-press-topdown", "door-open"], image_size=64)
     path = tmp_path_factory.mktemp("stores") / "demo"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from robovlms.store import Episode, EpisodeStoreWriter, FrameLayout
+from robovlms.data.store import Episode, EpisodeStoreWriter, FrameLayout
 
 LAYOUT = FrameLayout(cameras=("rgb_static",), image_size=64, state_dim=4, action_dim=4)
 

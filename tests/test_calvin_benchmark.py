@@ -14,7 +14,7 @@ from calvin_split import write_calvin_split
 from robovlms.benchmark import EpisodeRecord, create_benchmark
 from robovlms.benchmarks.calvin import (NEUTRAL_ROBOT_OBS, SLIDER_POSITIONS, TABLE_POSITIONS, CalvinBenchmark,
                                         CalvinEnvironment, env_action, find_calvin_conf, initial_env_state)
-from robovlms.benchmarks.calvin_import import import_calvin
+from robovlms.data.calvin_import import import_calvin
 from robovlms.errors import ConfigError, MissingDependencyError
 
 FIRST_CHAINS = Path(__file__).resolve().parents[2] / "shared" / "calvin" / "eval_sequences_first10.json"

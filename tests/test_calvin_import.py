@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from robovlms.benchmarks import calvin_import
-from robovlms.benchmarks.calvin_import import annotated_windows, import_calvin
+from robovlms.data.calvin_import import annotated_windows, import_calvin
 from robovlms.cli import app
 from robovlms.errors import ConfigError, StoreError
-from robovlms.store import EpisodeStore
+from robovlms.data.store import EpisodeStore
 from calvin_split import WINDOWS, frame_arrays, write_calvin_split
 
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from robovlms.dataset import WindowDataset, window_loader
+from robovlms.data.windows import WindowDataset, window_loader
 from robovlms.errors import WindowError
-from robovlms.store import Episode, EpisodeStoreWriter, FrameLayout
+from robovlms.data.store import Episode, EpisodeStoreWriter, FrameLayout
 
 LAYOUT = FrameLayout(cameras=("rgb_static",), image_size=4, state_dim=1, action_dim=2)
 

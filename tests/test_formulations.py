@@ -7,11 +7,11 @@ from synthetic_store import write_synthetic_store
 
 from robovlms.backbone import create_backbone
 from robovlms.benchmark import EpisodeSpec, Observation
-from robovlms.dataset import WindowDataset
+from robovlms.data.windows import WindowDataset
 from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.formulation import FORMULATIONS, ActionDiscretiser, ActionNormaliser, create_formulation
 from robovlms.policy import CheckpointPolicy
-from robovlms.store import Statistics
+from robovlms.data.store import Statistics
 
 BACKBONES = ["gpt-scratch", "kosmos2", "paligemma", "flamingo"]
 HISTORY = {"one-step-discrete": 1, "one-step-continuous": 1, "interleaved": 3, "policy-head": 3}

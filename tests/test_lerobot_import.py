@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from robovlms import lerobot_import
 from robovlms.cli import app
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
-from robovlms.lerobot_import import LeRobotSpec, import_lerobot, load_spec
-from robovlms.store import EpisodeStore
+from robovlms.data.lerobot_import import LeRobotSpec, import_lerobot, load_spec
+from robovlms.data.store import EpisodeStore
 from lerobot_dataset import CAMERAS, EPISODES, action, pixel, state, write_lerobot_dataset
 
 CODEC_ERROR = 3  # grey levels an H.264 or AV1 round trip of a flat frame may move

@@ -150,7 +150,7 @@ def test_task_sets():
 
 
 def test_records_save_to_parquet_and_csv(tmp_path):
-    from robovlms.rollout import records_frame
+    from robovlms.records import records_frame
 
     benchmark = MetaWorldBenchmark(tasks="button-press-topdown", cameras=("rgb_static",), max_steps=5)
     records = evaluate(benchmark, functools.partial(ZeroPolicy, 4), benchmark.evaluation_episodes("ABC->D", 2),

@@ -12,7 +12,7 @@ from simpler_stand_in import StandInSimulator, get_image_from_maniskill2_obs_dic
 from robovlms.benchmark import create_benchmark
 from robovlms.benchmarks.simpler import SimplerBenchmark, SimplerEnvironment
 from robovlms.errors import ConfigError, MissingDependencyError
-from robovlms.lerobot_import import import_lerobot
+from robovlms.data.lerobot_import import import_lerobot
 
 
 @pytest.fixture

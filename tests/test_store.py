@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from robovlms.errors import ConfigError, StoreError
-from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
+from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
 
 LAYOUT = FrameLayout(cameras=("rgb_static", "rgb_gripper"), image_size=8, state_dim=3, action_dim=4)
 
@@ -121,7 +121,7 @@ CRASHING_WRITER = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_store import LAYOUT, synthetic_episode
-    from robovlms.store import EpisodeStoreWriter
+    from robovlms.data.store import EpisodeStoreWriter
     rng = np.random.default_rng(0)
     writer = EpisodeStoreWriter({path!r}, LAYOUT, resume=True)
     for index in range(len(writer), 6):

@@ -234,22 +234,22 @@ def test_a_search_of_a_few_trials_records_its_best_trial(tmp_path, demo_store):
 
 @pytest.mark.slow
 def test_a_cell_that_raises_is_recorded_failed_and_the_sweep_goes_on(small_grid, tmp_path, monkeypatch):
-    import robovlms.sweep
+    import robovlms.sweep.one_cell
 
-    original = robovlms.sweep._train_cell
+    original = robovlms.sweep.one_cell.train_cell
 
     def diverge_for_policy_head(sweep, cell, *args, **kwargs):
         if cell.training["formulation"]["name"] == "policy-head":
             raise FloatingPointError("the loss became nan at step 2")
         return original(sweep, cell, *args, **kwargs)
 
-    monkeypatch.setattr(robovlms.sweep, "_train_cell", diverge_for_policy_head)
+    monkeypatch.setattr(robovlms.sweep.one_cell, "train_cell", diverge_for_policy_head)
     status = run_sweep(small_grid)
     assert (status.done, status.failed) == (2, 1)
     failed = [r for r in read_cell_results(tmp_path / "run") if r.status == "failed"]
     assert len(failed) == 1 and "the loss became nan" in failed[0].error
     assert run_sweep(small_grid).failed == 1  # not retried unless asked
-    monkeypatch.setattr(robovlms.sweep, "_train_cell", original)
+    monkeypatch.setattr(robovlms.sweep.one_cell, "train_cell", original)
     assert run_sweep(small_grid, retry_failed=True).failed == 0
 
 
@@ -306,13 +306,13 @@ def test_two_different_sweep_files_on_one_study_are_refused_and_nothing_changes(
 
 
 def test_a_cell_whose_workers_all_died_is_recorded_failed_with_the_reason(tmp_path, demo_store):
-    from robovlms.sweep import _record_abandoned
+    from robovlms.sweep.failures import record_abandoned
 
     path = sweep_file(tmp_path, demo_store, baselines=[])
     sweep, cells, study, _ = prepare_sweep(path)
     for _ in cells:
         study.tell(study.ask(), state=TrialState.FAIL)  # as a stale trial is failed when its worker dies
-    _record_abandoned(study, sweep, cells, tmp_path / "run")
+    record_abandoned(study, sweep, cells, tmp_path / "run")
     results = read_cell_results(tmp_path / "run")
     assert len(results) == len(cells) and all(r.status == "failed" for r in results)
     assert all("stopped without a result in all 1 attempts" in r.error for r in results)

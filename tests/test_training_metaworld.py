@@ -11,7 +11,7 @@ import pytest
 
 from robovlms.baselines import MeanActionPolicy, ReplayPolicy, ZeroPolicy
 from robovlms.benchmarks.metaworld import MetaWorldBenchmark
-from robovlms.demonstrations import generate_demonstrations
+from robovlms.data.demonstrations import generate_demonstrations
 from robovlms.policy import policy_factory
 from robovlms.rollout import evaluate
 from robovlms.training import train

@@ -114,7 +114,7 @@ class SimplerActionConverter:
 
 
 def proprio_state(sim: Any, robot: str) -> np.ndarray:
-    """The 8-D state the Open-X stores of this robot hold (robovlms.lerobot_import's built-in specs): the tool
+    """The 8-D state the Open-X stores of this robot hold (robovlms.data.lerobot_import's built-in specs): the tool
     centre point's pose in the robot base's frame and the gripper, read from the environment.
 
     google_robot (RT-1's fractal data): xyz, quaternion (x, y, z, w), gripper closedness (1 closed).

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from robovlms.data.store import EpisodeStore
 from robovlms.errors import WindowError
-from robovlms.store import EpisodeStore
 
 
 class WindowDataset(Dataset):

@@ -1,6 +1,6 @@
 """Costs of the training path and the rollout policy, as ratios measured in one run (one thread).
 
-    python benchmarks/training_and_policy.py [--steps 60]
+    python perf/training_and_policy.py [--steps 60]
 
 Reports: the time of Lightning training steps (FormulationModule with its logging and checks) against a plain
 PyTorch loop on the same model and batches (target: at most 1.05x); policy-head training samples per second when
@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader
 
 from robovlms.backbone import create_backbone
 from robovlms.benchmark import EpisodeSpec, Observation
-from robovlms.dataset import WindowDataset
+from robovlms.data.windows import WindowDataset
 from robovlms.formulation import continuous_action_loss, create_formulation
 from robovlms.policy import CheckpointPolicy
-from robovlms.store import Episode, EpisodeStoreWriter, FrameLayout
+from robovlms.data.store import Episode, EpisodeStoreWriter, FrameLayout
 from robovlms.training import FormulationModule, TrainingConfig, _WarmupCosine
 
 

@@ -1,6 +1,6 @@
 """Training on a GPU through Lightning's settings: fp32 against bf16-mixed, and the DDP strategy, in one run.
 
-    python benchmarks/gpu_training.py [--backbone kosmos2] [--steps 200]
+    python perf/gpu_training.py [--backbone kosmos2] [--steps 200]
 
 Needs a CUDA device. Reports seconds per step for precision 32 and bf16-mixed on the same batches, the final
 losses of both (they should agree to within bf16's noise), and that `strategy: ddp` trains and resumes.
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robovlms.store import Episode, EpisodeStoreWriter, FrameLayout
+from robovlms.data.store import Episode, EpisodeStoreWriter, FrameLayout
 from robovlms.training import train
 
 

@@ -1,6 +1,6 @@
 """Throughput of the embedded benchmark's data path, as ratios measured in one run.
 
-    python benchmarks/data_and_rollouts.py [--episodes 32]
+    python perf/data_and_rollouts.py [--episodes 32]
 
 Reports: demonstrations generated per second; rollout env steps per second with one and two worker processes
 (target: two give at least 1.7x); the saving of rendering only where a chunked policy observes; windows per second
@@ -21,8 +21,8 @@ import torch
 
 from robovlms.backbone import create_backbone
 from robovlms.benchmarks.metaworld import MetaWorldBenchmark
-from robovlms.dataset import WindowDataset, window_loader
-from robovlms.demonstrations import generate_demonstrations
+from robovlms.data.windows import WindowDataset, window_loader
+from robovlms.data.demonstrations import generate_demonstrations
 from robovlms.rollout import evaluate
 
 TASK = "button-press-topdown"

@@ -34,8 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tqdm.auto import tqdm
 
 from robovlms.benchmark import square_image
-from robovlms.errors import ConfigError, StoreError, UnknownNameError, config_error, read_yaml_mapping
-from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
+from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
+from robovlms.errors import ConfigError, StoreError, UnknownNameError, config_error
+from robovlms.yaml_files import read_yaml_mapping
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 TOLERANCE_S = 1e-4  # LeRobotDataset's default tolerance_s between a row's timestamp and its video frame

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from robovlms.benchmark import Benchmark
+from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
 from robovlms.rollout import run_episodes
-from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
 
 
 def generate_demonstrations(benchmark: Benchmark, split: str, episodes_per_scene: int, path: str | Path, *,

@@ -19,8 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from robovlms.benchmark import square_image
+from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
-from robovlms.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
 
 CAMERAS = ("rgb_static", "rgb_gripper")
 ANNOTATIONS = Path("lang_annotations") / "auto_lang_ann.npy"

@@ -1,0 +1,258 @@
+"""The report's sections: each a title, notes, tables and plots, assembled from the tables; the plots are
+written on the way."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from robovlms.benchmark import BENCHMARKS
+from robovlms.errors import ReportError, UnknownNameError
+from robovlms.report import plots
+from robovlms.report.formatting import (HEADERS, SHOWN_CONFIGURATION, configuration_label, number_text, percent_text,
+                                        rate_text, readable, seed_text, shown_table, wide_table)
+from robovlms.report.runs import BASELINE_LABELS, CONFIGURATION, SweepRuns, complete_cells
+from robovlms.report.tables import (CHAIN_LENGTH, breakdown_table, chain_table, chained, configuration_table,
+                                    cost_table, data_efficiency_table, failed_cells_table, simulated_task_success,
+                                    success_table, versions_table)
+from robovlms.results import RESULT_FILE
+from robovlms.sim_to_real import PublishedAgreement, read_real_world_success, sim_to_real_agreement
+
+
+@dataclass
+class Table:
+    name: str  # the CSV file's stem
+    data: pd.DataFrame  # written to CSV
+    shown: pd.DataFrame | None  # formatted for reading; None: only written to CSV
+
+
+@dataclass
+class Section:
+    title: str
+    notes: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)  # plot stems
+    details: list[tuple[str, str]] = field(default_factory=list)  # (summary, JSON text), shown collapsed
+
+
+def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -> list[Section]:
+    """Every section of the report that has something to show; the plots are written to `out` on the way.
+    `real_world`: real-world success rates of some configurations (SimplerEnv runs), for the sim-to-real section."""
+    if runs.cells.empty:
+        return [Section("No results", [f"No cell of these runs has committed its {RESULT_FILE} yet."]),
+                _failed_section(runs)]
+    sections = [_success_section(runs, out), _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
+                _breakdown_section(runs, "scene"), _chain_section(runs), _data_efficiency_section(runs, out),
+                _cost_section(runs, out), _training_curves_section(runs, out), _failed_section(runs),
+                _configuration_section(runs), _versions_section(runs)]
+    return [section for section in sections if section is not None]
+
+
+def _success_section(runs: SweepRuns, out: Path) -> Section:
+    section = Section("Success rate", [
+        f"Benchmark {runs.benchmark}, split {runs.split}. One row per configuration; baselines (no backbone, nothing "
+        "learned from images) each have their own row.",
+        "successes: successes over all evaluation episodes of the row, seeds pooled; episodes is that number. "
+        "[low, high] is the 95% Wilson score interval. seed mean ± std: mean and sample standard deviation of the "
+        "per-seed success rates, where a row has several seeds."])
+    success = success_table(runs)
+    if success.empty:
+        section.notes.append("No cell completed: there is no success to report.")
+        return section
+    section.tables.append(Table("success", success, shown_table(success, {
+        **SHOWN_CONFIGURATION, "seeds": "seeds", "episodes": "episodes",
+        "successes": lambda row: f"{row.successes}/{row.episodes}", "success [95% CI]": rate_text,
+        "seed mean ± std": seed_text})))
+    figure = plots.success_figure([configuration_label(row) for _, row in success.iterrows()], success.success,
+                                  success.wilson_low, success.wilson_high,
+                                  [label in BASELINE_LABELS.values() for label in success.backbone_label])
+    plots.save_figure(figure, out, "success")
+    section.figures.append("success")
+    return section
+
+
+def _breakdown_section(runs: SweepRuns, by: str) -> Section | None:
+    table = breakdown_table(runs, by)
+    if table.empty:
+        return None
+    shown = wide_table(table, by, lambda row: f"{percent_text(row.success)} ({row.successes}/{row.episodes})")
+    attempts = "subtask attempts (chains that reached it)" if by == "task" and chained(runs.episodes) else "episodes"
+    return Section(f"Success per {by}", [f"Split {runs.split}. Each cell: success rate (successes/{attempts} of that "
+                                         f"{by}, seeds pooled)."], [Table(f"per_{by}", table, shown)])
+
+
+def _real_world_success(path: Path, runs: SweepRuns, sim: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The real-world rates of a file, keyed by configuration label (a baseline may be named by its policy name),
+    every label and task checked against the run's."""
+    real = read_real_world_success(path)
+    baselines = complete_cells(runs)[lambda cells: cells.kind == "baseline"]
+    labels = {**{label: label for label in sim}, **{row.policy: configuration_label(row)
+                                                    for _, row in baselines.iterrows()
+                                                    if configuration_label(row) in sim}}
+    tasks = dict.fromkeys(task for rates in sim.values() for task in rates)
+    by_label = {}
+    for name, rates in real.items():
+        if name not in labels:
+            raise ReportError(f"{path}: no configuration of these runs is labelled {name!r}; valid labels (as in the "
+                              f"success table, or a baseline's name): {'; '.join(labels)}")
+        if labels[name] in by_label:
+            raise ReportError(f"{path}: {labels[name]!r} is given twice (by its label and by its baseline name)")
+        unknown = [task for task in rates if task not in tasks]
+        if unknown:
+            raise ReportError(f"{path}: {name!r} names task {unknown[0]!r}, which these runs did not evaluate; valid "
+                              f"tasks: {', '.join(tasks)}")
+        by_label[labels[name]] = rates
+    return by_label
+
+
+def _agreement_shown(table: pd.DataFrame) -> pd.DataFrame:
+    return shown_table(table, {"task": "task", "policies": "policies",
+                          "MMRV (lower is better)": lambda row: f"{row.mmrv:.3f}",
+                          "Pearson r (higher is better)": lambda row: f"{row.pearson:.3f}"})
+
+
+def _sim_to_real_section(runs: SweepRuns, real_world: Path | None) -> Section | None:
+    """How well this run's simulated success per task predicts real-world success (given a file of real-world
+    rates), beside the agreement its benchmark publishes for its own reference policies (SimplerEnv)."""
+    sim = simulated_task_success(runs)
+    tasks = list(dict.fromkeys(task for rates in sim.values() for task in rates))
+    published = _published_agreement(runs, tasks)
+    if real_world is None and published is None:
+        return None
+    section = Section("Sim-to-real agreement", [
+        "How well success in simulation predicts success on the real robot, per task, over policies measured in "
+        "both, as SimplerEnv computes it: MMRV, the mean maximum rank violation (for each policy, the largest "
+        "real-world success gap to a policy that simulation ranks the other way, averaged over policies; 0 is best), "
+        "and the Pearson correlation r of the success rates (1 is best). A task needs at least 2 policies; the row "
+        "\"mean\" averages the tasks and counts the distinct policies."])
+    if real_world is None:
+        section.notes.append("To measure this run's agreement, give the real-world success of at least 2 of its "
+                             "configurations: robovlms report RUN --out DIR --real-world real.yaml (configuration "
+                             "label, as in the success table, or baseline name -> task -> success rate).")
+    else:
+        real = _real_world_success(real_world, runs, sim)
+        pairs = pd.DataFrame([{"configuration": label, "task": task, "sim_success": sim[label][task],
+                               "real_success": rate} for label, rates in real.items() for task, rate in rates.items()
+                              if task in sim[label]], columns=["configuration", "task", "sim_success", "real_success"])
+        agreement = sim_to_real_agreement({label: sim[label] for label in real}, real)
+        section.notes.append(f"This run (the first table, then the rates it compares): the simulated success of its "
+                             f"configurations (the benchmark's per-task score, seeds averaged) against the "
+                             f"real-world success in {real_world}.")
+        if agreement.empty:
+            section.notes.append("No task has a simulated and a real-world rate for at least 2 configurations: "
+                                 "nothing to compare.")
+        else:
+            section.tables.append(Table("sim_to_real_agreement", agreement, _agreement_shown(agreement)))
+            section.tables.append(Table("sim_to_real_pairs", pairs, shown_table(pairs, {
+                "configuration": "configuration", "task": "task", "simulated": lambda row: percent_text(row.sim_success),
+                "real world": lambda row: percent_text(row.real_success)})))
+    if published is not None:
+        section.notes.append(f"The yardstick (the last table): {published.source}'s own agreement under {runs.split} "
+                             f"on this run's tasks, the published simulated success of its {len(published.policies)} "
+                             f"reference policies ({', '.join(published.policies)}) against their real-world "
+                             f"success.")
+        section.tables.append(Table("published_sim_to_real_agreement", published.table,
+                                    _agreement_shown(published.table)))
+    return section
+
+
+def _published_agreement(runs: SweepRuns, tasks: list[str]) -> PublishedAgreement | None:
+    if runs.benchmark is None or not tasks:
+        return None
+    try:
+        benchmark = BENCHMARKS.get(runs.benchmark)
+    except UnknownNameError:  # a plugin benchmark not installed where the report is made
+        return None
+    return benchmark.published_agreement(runs.split, tasks)
+
+
+def _chain_section(runs: SweepRuns) -> Section | None:
+    chain = chain_table(runs)
+    if chain.empty:
+        return None
+    in_a_row = {str(k): (lambda row, k=k: percent_text(row[str(k)])) for k in range(1, CHAIN_LENGTH + 1)}
+    shown = shown_table(chain, {**SHOWN_CONFIGURATION, "episodes": "episodes", **in_a_row,
+                           "average length": lambda row: f"{row.average_length:.2f}"})
+    return Section("Tasks completed in a row", [
+        f"Columns 1 to {CHAIN_LENGTH}: share of episodes that completed at least that many of the chain's subtasks "
+        "in a row; average length: the mean number completed."], [Table("chain", chain, shown)])
+
+
+def _data_efficiency_section(runs: SweepRuns, out: Path) -> Section | None:
+    efficiency = data_efficiency_table(runs)
+    if efficiency.empty:
+        return None
+    shown = wide_table(efficiency.assign(data_fraction=[f"data {value:g}" for value in efficiency.data_fraction]),
+                  "data_fraction", rate_text)
+    series = {configuration_label(group.iloc[0].drop("data_fraction")):
+              (group.data_fraction, group.success, group.wilson_low, group.wilson_high)
+              for _, group in efficiency.groupby(CONFIGURATION[:-1], sort=False)}
+    plots.save_figure(plots.data_efficiency_figure(series), out, "data_efficiency")
+    return Section("Data efficiency", [
+        "Success (95% Wilson interval) against the fraction of training demonstrations used, seeds pooled."],
+        [Table("data_efficiency", efficiency, shown)], ["data_efficiency"])
+
+
+def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
+    cost = cost_table(runs)
+    if cost.empty:
+        return None
+    section = Section("Cost", ["The backbone's size, parameters of the whole policy, mean training time, and the "
+                               "median time of one policy step (observation in, action out), averaged over seeds."])
+    section.tables.append(Table("cost", cost, shown_table(cost, {
+        **SHOWN_CONFIGURATION, "backbone size": "backbone_size", "parameters": lambda row: number_text(row.parameters),
+        "trainable": lambda row: number_text(row.trainable_parameters),
+        "training (s)": lambda row: number_text(row.train_seconds),
+        "step (ms)": lambda row: number_text(row.step_latency_ms, 1),
+        "steps/s (Hz)": lambda row: number_text(row.steps_per_second, 1), "success [95% CI]": rate_text})))
+    timed = cost[cost.step_latency_ms > 0]
+    if len(timed):
+        figure = plots.latency_figure([configuration_label(row) for _, row in timed.iterrows()],
+                                      timed.step_latency_ms, timed.success, timed.wilson_low, timed.wilson_high)
+        plots.save_figure(figure, out, "success_vs_latency")
+        section.figures.append("success_vs_latency")
+    return section
+
+
+def _training_curves_section(runs: SweepRuns, out: Path) -> Section | None:
+    if "train/loss" not in runs.curves:
+        return None
+    cells = runs.cells.set_index(["run", "cell_id"])
+    several_runs = runs.cells.run.nunique() > 1
+    curves = {}
+    for (run, cell_id), curve in runs.curves.dropna(subset=["train/loss"]).groupby(["run", "cell_id"], sort=False):
+        cell = cells.loc[(run, cell_id)]
+        label = f"{configuration_label(cell)} · seed {cell.seed}" + (f" · {run}" if several_runs else "")
+        curves[label + (" (failed)" if cell.status != "complete" else "")] = (curve.step, curve["train/loss"])
+    plots.save_figure(plots.training_curves_figure(curves), out, "training_curves")
+    return Section("Training curves", ["train/loss against optimiser step, one line per trained cell (from "
+                                       "Lightning's CSV log); every logged metric is in training_curves.csv."],
+                   [Table("training_curves", runs.curves, None)], ["training_curves"])
+
+
+def _failed_section(runs: SweepRuns) -> Section:
+    failed = failed_cells_table(runs)
+    if failed.empty:
+        return Section("Failed cells", ["Every cell completed."])
+    return Section("Failed cells", [f"{len(failed)} cell(s) did not complete."],
+                   [Table("failed_cells", failed, readable(failed.rename(columns=HEADERS)))])
+
+
+def _configuration_section(runs: SweepRuns) -> Section:
+    cells = configuration_table(runs)
+    return Section("Configuration of every cell", [
+        "Each cell's axes below; its full resolved config in the collapsed blocks and in cells.json."],
+        [Table("cells", cells, readable(cells.rename(columns=HEADERS)))],
+        details=[(result.cell_id, json.dumps({"axes": result.axes, "config": result.config}, indent=2,
+                                             sort_keys=True, default=str)) for result in runs.results])
+
+
+def _versions_section(runs: SweepRuns) -> Section:
+    versions = versions_table(runs)
+    differ = versions.versions.str.contains(",").any()
+    return Section("Software versions", ["Several versions in one row mean the cells ran on different software."
+                                         if differ else "All cells ran on the same software."],
+                   [Table("versions", versions, versions)])

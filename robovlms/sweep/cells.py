@@ -1,0 +1,130 @@
+"""A sweep's cells: the grid expanded into training configs and baselines, each with a readable, unique id and
+checked before any training."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from robovlms.errors import ConfigError, RobovlmsError
+from robovlms.sweep.config import FIXED_TRAINING_KEYS, SweepConfig
+
+
+@dataclass
+class Cell:
+    """One configuration of a sweep: a training config (kind "trained") or a baseline policy."""
+
+    cell_id: str
+    kind: Literal["trained", "baseline"]
+    training: dict[str, Any] = field(default_factory=dict)  # TrainingConfig without store and run_dir
+    axes: dict[str, Any] = field(default_factory=dict)
+    policy: str = "trained"
+
+
+def expand_cells(sweep: SweepConfig) -> list[Cell]:
+    """The grid's cells (union of its grids, duplicates once), then one cell per baseline, each validated."""
+    from robovlms.training import TrainingConfig
+
+    grids = sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]
+    valid_axes = [key for key in TrainingConfig.model_fields if key not in FIXED_TRAINING_KEYS]
+    for key in sweep.train:
+        if key not in valid_axes:
+            raise ConfigError(f"unknown key 'train.{key}'; valid keys: {', '.join(valid_axes)}")
+    cells: dict[str, Cell] = {}
+    for index, grid in enumerate(grids):
+        where = f"grid[{index}]" if isinstance(sweep.grid, list) else "grid"
+        for axis, values in grid.items():
+            if axis not in valid_axes:
+                raise ConfigError(f"unknown axis '{where}.{axis}'; valid axes: {', '.join(valid_axes)}")
+            if not values:
+                raise ConfigError(f"axis '{where}.{axis}' has no values, so the grid expands to zero cells")
+        for combination in itertools.product(*grid.values()):
+            axes = dict(zip(grid.keys(), combination))
+            training = cell_training(sweep.train, axes)
+            cell = Cell(make_cell_id(training), "trained", training, axes)
+            cells.setdefault(cell.cell_id, cell)
+    trained = list(cells.values())
+    for cell in trained:
+        check_cell(cell)
+    baselines = [Cell(f"baseline-{name}", "baseline", axes={"policy": name}, policy=name) for name in sweep.baselines]
+    if not trained and not baselines:
+        raise ConfigError("the sweep has no cells: give a grid, training settings or baselines")
+    return trained + baselines
+
+
+def sweep_cells(sweep: SweepConfig, mode: str) -> list[Cell]:
+    """A grid's cells and baselines; a search makes its cells as it samples them."""
+    if mode == "grid":
+        return expand_cells(sweep)
+    if sweep.search is None:
+        raise ConfigError("`robovlms tune` needs a `search:` section (trials, space, objective)")
+    base = search_base(sweep)
+    check_cell(base)
+    return []
+
+
+def search_base(sweep: SweepConfig) -> Cell:
+    return Cell("search-base", "trained", cell_training(sweep.train, {}), {})
+
+
+def merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{key: merge(base.get(key), value) for key, value in override.items()}}
+    return override
+
+
+def nested(dotted: str, value: Any) -> dict[str, Any]:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def cell_training(fixed: dict[str, Any], axes: dict[str, Any]) -> dict[str, Any]:
+    training = dict(fixed)
+    for axis, value in axes.items():
+        if axis in ("backbone", "formulation") and isinstance(value, str):
+            value = {"name": value}
+        training[axis] = merge(training.get(axis), value)
+    return training
+
+
+def make_cell_id(training: dict[str, Any]) -> str:
+    """Readable and unique: the main axes, then a hash of the whole training config."""
+    backbone = merge({"name": "gpt-scratch"}, training.get("backbone") or {})["name"]
+    formulation = merge({"name": "policy-head"}, training.get("formulation") or {})["name"]
+    digest = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    parts = [backbone, formulation, f"h{training.get('history', 1)}", f"l{training.get('chunk', 1)}",
+             f"f{training.get('data_fraction', 1.0)}", f"s{training.get('seed', 0)}", digest]
+    return "-".join(str(part) for part in parts)
+
+
+def check_cell(cell: Cell) -> None:
+    """Everything that can be checked before training: config keys and ranges, names, formulation settings."""
+    from robovlms.backbone import BACKBONES
+    from robovlms.formulation import FORMULATIONS
+    from robovlms.training import load_config
+
+    try:
+        config = load_config({**cell.training, "store": "-", "run_dir": "-"})
+        BACKBONES.get(config.backbone.name)
+        FORMULATIONS.get(config.formulation.name).check_settings(config.history, config.chunk,
+                                                                 config.formulation.options)
+    except RobovlmsError as error:
+        error.args = (f"cell {cell.cell_id} ({describe_axes(cell.axes)}): {error}",)
+        raise
+
+
+def describe_axes(axes: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in axes.items()) or "fixed settings"
+
+
+def fingerprint(sweep: SweepConfig, cells: list[Cell]) -> str:
+    """What decides a sweep's results; workers, storage and heartbeats may change between runs."""
+    decisive = sweep.model_dump(mode="json", exclude={"storage", "heartbeat_seconds", "run_dir"})
+    decisive["evaluation"].pop("workers")
+    decisive["store"].pop("generate")
+    decisive["cells"] = [cell.cell_id for cell in cells]
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()

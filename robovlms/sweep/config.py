@@ -1,0 +1,81 @@
+"""The sweep file: its schema, validated before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from robovlms.baselines import BASELINES
+from robovlms.errors import config_error
+from robovlms.yaml_files import read_yaml_mapping
+
+FIXED_TRAINING_KEYS = ("store", "run_dir")  # set by the sweep, never by its grid
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BenchmarkSettings(_Strict):
+    name: str = "metaworld"
+    split: str = "ABC->D"
+    options: dict[str, Any] = {}  # the benchmark's own options (Meta-World: tasks, image_size, cameras, max_steps)
+
+
+class StoreGeneration(_Strict):
+    episodes: int = Field(20, ge=1)  # successful demonstrations per task and training scene
+    scenes: str | None = None  # training scenes instead of the split's
+    workers: int = Field(2, ge=1)
+
+
+class StoreSettings(_Strict):
+    path: str
+    generate: StoreGeneration | None = None  # when the store is missing, make it with the scripted experts
+
+
+class EvaluationSettings(_Strict):
+    episodes_per_task: int = Field(10, ge=1)
+    workers: int = Field(1, ge=1)  # simulator processes per cell
+    execution: Literal["first", "ensemble", "chunk"] | None = None  # overrides each cell's own
+    videos_per_task: int = Field(0, ge=0)
+    latency_steps: int = Field(20, ge=1)  # policy steps timed for the step latency
+
+
+class SearchDimension(_Strict):
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+
+class SearchSettings(_Strict):
+    trials: int = Field(10, ge=1)
+    space: dict[str, SearchDimension]  # training keys, dotted for nested ones (formulation.options.head)
+    objective: Literal["success", "val_loss"] = "success"
+    prune: bool = True  # median pruning on the validation loss
+    seed: int = 0
+
+
+class SweepConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the Optuna study's name
+    run_dir: str
+    storage: str | None = None  # Optuna storage URL; default sqlite:///<run_dir>/optuna.db
+    benchmark: BenchmarkSettings = BenchmarkSettings()
+    store: StoreSettings
+    train: dict[str, Any] = {}  # fixed training settings (robovlms.training.TrainingConfig keys)
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = {}  # axes; a list of grids is their union
+    baselines: list[Literal["zero", "mean", "replay"]] = list(BASELINES)
+    evaluation: EvaluationSettings = EvaluationSettings()
+    search: SearchSettings | None = None  # for `robovlms tune`
+    heartbeat_seconds: int = Field(30, ge=1)  # a worker silent for twice this long is taken for dead
+
+
+def load_sweep(source: str | Path | dict[str, Any]) -> SweepConfig:
+    raw = source if isinstance(source, dict) else read_yaml_mapping(source, "sweep settings")
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as error:
+        raise config_error("invalid sweep file", SweepConfig, error) from None

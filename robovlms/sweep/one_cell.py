@@ -1,0 +1,135 @@
+"""Running one cell: train it (resuming from its last checkpoint), evaluate it by rollouts, time a policy step,
+and commit its files (robovlms/results.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from robovlms.baselines import baseline_factory
+from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
+from robovlms.data.store import EpisodeStore
+from robovlms.errors import ConfigError
+from robovlms.results import (CELLS_DIR, TRAIN_DIR, CellResult, read_training_curve, software_versions,
+                              write_cell_result, write_records)
+from robovlms.sweep.cells import Cell
+from robovlms.sweep.config import SweepConfig
+
+
+def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark:
+    """The sweep's benchmark, with the options its store was generated with, checked against the store."""
+    options = dict(sweep.benchmark.options)
+    if store is not None:
+        if store.metadata.get("benchmark", sweep.benchmark.name) != sweep.benchmark.name:
+            raise ConfigError(f"the store {store.path} holds {store.metadata['benchmark']} data, not "
+                              f"{sweep.benchmark.name}")
+        options = {**store.metadata.get("benchmark_options", {}), **options}
+    benchmark = create_benchmark(sweep.benchmark.name, **options)
+    if sweep.benchmark.split not in benchmark.splits():
+        from robovlms.errors import UnknownNameError
+
+        raise UnknownNameError(f"{benchmark.name} split", sweep.benchmark.split, benchmark.splits())
+    if store is not None:
+        benchmark.check_frames(store.layout.cameras, store.layout.image_size, store.layout.action_dim,
+                               f"the store {store.path}")
+    return benchmark
+
+
+def ensure_store(sweep: SweepConfig) -> EpisodeStore:
+    path = Path(sweep.store.path)
+    if (path / "meta.json").exists() or sweep.store.generate is None:
+        return EpisodeStore(path)
+    from robovlms.data.demonstrations import generate_demonstrations
+
+    benchmark = sweep_benchmark(sweep, None)
+    generation = sweep.store.generate
+    resume = path.with_name(path.name + ".partial").exists()
+    return generate_demonstrations(benchmark, sweep.benchmark.split, generation.episodes, path,
+                                   scenes=generation.scenes, workers=generation.workers, resume=resume)
+
+
+def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (), trial_number: int | None = None,
+             progress: bool = False) -> CellResult:
+    """Train (resuming from the cell's last checkpoint) and evaluate one cell; commit its files."""
+    cell_dir = run_dir / CELLS_DIR / cell.cell_id
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    store = EpisodeStore(sweep.store.path)
+    benchmark = sweep_benchmark(sweep, store)
+    result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=benchmark.name,
+                        split=sweep.benchmark.split, policy=cell.policy, axes=cell.axes, versions=software_versions(),
+                        sweep=sweep.name, trial=trial_number)
+    specs = benchmark.evaluation_episodes(sweep.benchmark.split, sweep.evaluation.episodes_per_task)
+    if cell.kind == "baseline":
+        factory = baseline_factory(cell.policy, benchmark, store.path, seed=0)
+        local_policy = factory()
+        result.config = {"policy": cell.policy, "store": str(store.path)}
+    else:
+        factory, local_policy = train_cell(sweep, cell, cell_dir, result, callbacks, progress)
+    started = time.perf_counter()
+    from robovlms.rollout import evaluate
+
+    records = evaluate(benchmark, factory, specs, workers=sweep.evaluation.workers, progress=progress,
+                       video_dir=cell_dir / "videos" if sweep.evaluation.videos_per_task else None,
+                       videos_per_task=sweep.evaluation.videos_per_task, description=cell.cell_id)
+    result.eval_seconds = time.perf_counter() - started
+    result.step_latency_ms = _step_latency_ms(local_policy, store, specs[0], sweep.evaluation.latency_steps)
+    result.episodes, result.successes = len(records), int(sum(record.success for record in records))
+    result.success = result.successes / result.episodes
+    result.scores = benchmark.score(records)
+    write_records(cell_dir, records)
+    write_cell_result(cell_dir, result)
+    return result
+
+
+def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResult, callbacks: tuple,
+                progress: bool):
+    """Train, fill in what the trained formulation tells; return the evaluation workers' policy factory and a
+    policy in this process (the formulation already loaded), for timing a step."""
+    from robovlms.policy import CheckpointPolicy, policy_factory
+    from robovlms.training import CHECKPOINT_DIR, LAST_CHECKPOINT, load_config, load_formulation, train
+
+    train_dir = cell_dir / TRAIN_DIR
+    config = load_config({**cell.training, "store": sweep.store.path, "run_dir": str(train_dir)})
+    started = time.perf_counter()
+    train(config, progress=progress, callbacks=callbacks)
+    result.train_seconds = time.perf_counter() - started
+    formulation, config = load_formulation(train_dir)
+    result.backbone, result.backbone_label = config.backbone.name, formulation.backbone.label
+    result.random_init, result.backbone_size = formulation.backbone.random_init, formulation.backbone.describe()
+    result.formulation, result.history, result.chunk = config.formulation.name, config.history, config.chunk
+    result.data_fraction, result.seed = config.data_fraction, config.seed
+    result.episodes_per_task = config.episodes_per_task
+    result.parameters = sum(p.numel() for p in formulation.parameters())
+    result.trainable_parameters = sum(p.numel() for p in formulation.parameters() if p.requires_grad)
+    result.checkpoint = str(train_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    result.config = config.model_dump(mode="json")
+    curve = read_training_curve(cell_dir.parent.parent, cell.cell_id)
+    if "train/loss" in curve:
+        result.final_train_loss = float(curve["train/loss"].dropna().iloc[-1])
+    execution = sweep.evaluation.execution or config.execution
+    local_policy = CheckpointPolicy(formulation, config.cameras, execution, frame_stride=config.frame_stride)
+    return policy_factory(train_dir, sweep.evaluation.execution), local_policy
+
+
+def _step_latency_ms(policy, store: EpisodeStore, spec: EpisodeSpec, steps: int) -> float:
+    """Median wall time of one policy step on a stored frame, in this process (one thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = store.episodes.iloc[0]
+        frame = int(row["start"])
+        observation = Observation(images={camera: np.array(images[frame]) for camera, images in store.images.items()},
+                                  state=np.array(store.state[frame]), instruction=spec.instruction)
+        policy.reset(spec)
+        timings = []
+        for _ in range(steps + 3):
+            started = time.perf_counter()
+            policy.step(observation)
+            timings.append(time.perf_counter() - started)
+        return float(np.median(timings[3:]) * 1000)
+    finally:
+        torch.set_num_threads(threads)

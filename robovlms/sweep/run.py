@@ -1,0 +1,130 @@
+"""`robovlms sweep FILE` and `robovlms tune FILE`: validate, open the study, enqueue, run workers, gather."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from robovlms.atomic_files import write_atomically, write_json_atomically
+from robovlms.baselines import check_baseline_data
+from robovlms.results import CELLS_DIR, RESULTS_DIR, SWEEP_FILE, gather, read_cell_result
+from robovlms.sweep.cells import Cell, sweep_cells
+from robovlms.sweep.config import load_sweep
+from robovlms.sweep.failures import record_abandoned
+from robovlms.sweep.one_cell import ensure_store, sweep_benchmark
+from robovlms.sweep.study import cell_trials, enqueue_cells, open_study, storage_url
+from robovlms.sweep.worker import work
+
+
+@dataclass
+class SweepStatus:
+    cells: int
+    done: int = 0
+    running: int = 0
+    failed: int = 0
+    waiting: int = 0
+
+
+def sweep_status(study, cells: list[Cell], run_dir: Path) -> SweepStatus:
+    from optuna.trial import TrialState
+
+    status = SweepStatus(cells=len(cells))
+    trials = cell_trials(study)
+    for cell in cells:
+        states = {trial.state for trial in trials.get(cell.cell_id, [])}
+        result = read_cell_result(run_dir / CELLS_DIR / cell.cell_id)
+        if TrialState.COMPLETE in states:
+            status.done += 1
+        elif TrialState.RUNNING in states:
+            status.running += 1
+        elif TrialState.WAITING in states:
+            status.waiting += 1
+        elif result is not None and result.status == "failed":
+            status.failed += 1
+    return status
+
+
+def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bool = False, mode: str = "grid"):
+    """Validate a sweep file, open (or create) its study, make its store if asked, enqueue unfinished cells."""
+    sweep = load_sweep(path)
+    cells = sweep_cells(sweep, mode)
+    url = storage_url(sweep, storage)
+    study = open_study(sweep, cells, url, mode, create=True)
+    run_dir = Path(sweep.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+    write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
+    store = ensure_store(sweep)
+    benchmark = sweep_benchmark(sweep, store)
+    benchmark.check_available()
+    for baseline in sweep.baselines:
+        check_baseline_data(baseline, benchmark, store.path)
+    enqueue_cells(study, cells, run_dir, retry_failed)
+    return sweep, cells, study, url
+
+
+def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None, retry_failed: bool = False,
+              mode: str = "grid", progress: Callable[[SweepStatus], None] | None = None) -> SweepStatus:
+    """`robovlms sweep FILE` (mode grid) and `robovlms tune FILE` (mode search): every cell trained, evaluated and
+    recorded, results gathered into the run directory."""
+    sweep, cells, study, url = prepare_sweep(path, storage, retry_failed, mode)
+    run_dir = Path(sweep.run_dir)
+
+    def report() -> None:
+        if progress is not None:
+            progress(sweep_status(study, cells, run_dir))
+
+    report()
+    if workers <= 1:
+        work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)
+    else:
+        _run_worker_processes(study.study_name, url, workers, run_dir, report)
+        work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
+    record_abandoned(study, sweep, cells, run_dir)
+    status = sweep_status(study, cells, run_dir)
+    report()
+    gather(run_dir)
+    if mode == "search":
+        _write_best(study, run_dir)
+    return status
+
+
+def _run_worker_processes(name: str, url: str, workers: int, run_dir: Path, report: Callable) -> None:
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    processes = []
+    for index in range(workers):
+        log = open(logs / f"worker-{index}.log", "a")
+        command = [sys.executable, "-m", "robovlms.cli", "worker", "--storage", url, "--study", name,
+                   "--run-dir", str(run_dir)]
+        threads = str(max(1, (os.cpu_count() or 1) // workers))  # workers share the cores instead of fighting
+        environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
+    try:
+        while any(process.poll() is None for process, _ in processes):
+            report()
+            time.sleep(2)
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+            log.close()
+
+
+def _write_best(study, run_dir: Path) -> None:
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return
+    best = study.best_trial
+    write_json_atomically(run_dir / RESULTS_DIR / "best.json",
+                          {"trial": best.number, "value": best.value, "params": best.params,
+                           "cell": best.user_attrs.get("cell"), "direction": study.direction.name.lower()})
