@@ -1,10 +1,16 @@
-"""one-step-discrete (RT-2, OpenVLA): every normalised action dimension of the next L actions is discretised into
-bins mapped onto reserved vocabulary tokens, the gripper being one more token (its bin at -1 or +1). The backbone
-predicts them one after another after the current observation and the instruction: cross-entropy over the action
-tokens in training, greedy decoding constrained to the action tokens at rollout.
+"""one-step-discrete (RT-2, OpenVLA, OpenVLA-OFT): every normalised action dimension of the next L actions is
+discretised into bins mapped onto reserved vocabulary tokens, the gripper being one more token (its bin at -1 or
++1). Cross-entropy over the action tokens in training; at rollout, the argmax over the action tokens.
 
-The first suffix position holds the [LRN] start token (carrying the proprio state if used); position i holds the
-embedding of action token i, and the hidden state at position i predicts token i + 1.
+Two decodings of the L x A tokens after the current observation and the instruction:
+
+    parallel (OpenVLA-OFT): the suffix holds L x A action queries, each the [LRN] embedding (carrying the proprio
+        state if used) plus a learned query of its position; the hidden state at query i predicts token i. One
+        backbone pass per step, and no token is predicted from the previous ones, so every token must be read
+        from the observation.
+    autoregressive (RT-2, OpenVLA): the suffix holds the [LRN] start token, then the embeddings of the tokens
+        decoded so far; the hidden state at position i predicts token i + 1 (teacher forcing in training). One
+        backbone pass per token at rollout.
 """
 
 from __future__ import annotations
@@ -14,27 +20,53 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.formulation import ActionDiscretiser, Formulation
+
+DECODINGS = ("parallel", "autoregressive")
+# Overwriting more than this share of a vocabulary's ordinary tokens turns most instruction words into action
+# tokens (a tiny 512-token vocabulary with 256 bins: 126 of the demo's 158 instruction tokens), and the tied
+# embeddings then mean one thing in the instruction and another in the action.
+MAX_OVERWRITTEN_SHARE = 0.1
 
 
 @dataclass
 class OneStepDiscreteConfig:
     bins: int = 256  # uniform over [-1, 1] per dimension
-    token_mode: str = "overwrite"  # overwrite the last ordinary vocabulary tokens, or append new ones
+    token_mode: str = "append"  # new tokens, or `overwrite` the last ordinary ones (RT-2/OpenVLA on a 32k vocabulary)
+    decoding: str = "parallel"  # parallel (OpenVLA-OFT) | autoregressive (RT-2, OpenVLA)
 
 
 class OneStepDiscrete(Formulation):
     name = "one-step-discrete"
-    description = "current observation -> action tokens (bins per dimension) decoded by the language model"
+    description = "current observation -> action tokens (bins per dimension), decoded in parallel or one by one"
     single_frame = True
     config_class = OneStepDiscreteConfig
+
+    @classmethod
+    def check_settings(cls, history, chunk, options):
+        config = super().check_settings(history, chunk, options)
+        if config.decoding not in DECODINGS:
+            raise UnknownNameError("decoding", config.decoding, DECODINGS)
+        return config
 
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
         self.discretiser = ActionDiscretiser(self.config.bins)
+        ordinary = backbone.tokenizer.vocab_size
+        if self.config.token_mode == "overwrite" and self.config.bins > MAX_OVERWRITTEN_SHARE * ordinary:
+            raise ConfigError(f"token_mode overwrite would turn {self.config.bins} of the {ordinary} ordinary tokens "
+                              f"of {backbone.label} into action tokens (more than {MAX_OVERWRITTEN_SHARE:.0%}), so "
+                              f"instruction words would share embeddings with action bins; use token_mode: append "
+                              f"or fewer bins")
         self.register_buffer("action_token_ids", backbone.reserve_action_tokens(self.config.bins,
                                                                                 self.config.token_mode))
+        self.tokens_per_step = self.chunk * self.action_dim
+        if self.config.decoding == "parallel":
+            embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
+            self.queries = nn.Parameter(torch.randn(self.tokens_per_step, backbone.hidden_size) * embedding_std)
 
     def tokens(self, actions: torch.Tensor) -> torch.Tensor:
         """Raw actions (B, L, A) -> bin indices (B, L * A), dimension by dimension, action by action."""
@@ -42,28 +74,36 @@ class OneStepDiscrete(Formulation):
         values = torch.cat([arm, (2 * gripper - 1).unsqueeze(-1)], dim=-1)
         return self.discretiser.discretise(values).flatten(1)
 
-    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str], bins: torch.Tensor
+    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str], bins: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """bins (B, n) of the tokens decoded so far -> logits over the bins (B, n + 1, bins) of the next ones."""
+        """Logits over the bins. parallel: of all L * A tokens (B, L * A, bins). autoregressive: bins (B, n) of the
+        tokens decoded so far -> logits (B, n + 1, bins) of the next ones."""
         start = self.lrn_embeds(encoded)[:, -1:]  # (B, 1, 1, D)
-        previous = self.backbone.embed_tokens(self.action_token_ids[bins]).unsqueeze(1)  # (B, 1, n, D)
-        suffix = torch.cat([start, previous.to(start.dtype)], dim=2)
-        hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, suffix)  # (B, 1, n + 1, D)
+        if self.config.decoding == "parallel":
+            suffix = start + self.queries.to(start.dtype)  # (B, 1, L * A, D)
+        else:
+            previous = self.backbone.embed_tokens(self.action_token_ids[bins]).unsqueeze(1)  # (B, 1, n, D)
+            suffix = torch.cat([start, previous.to(start.dtype)], dim=2)
+        hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, suffix)  # (B, 1, K, D)
         return self.backbone.lm_logits(hidden[:, 0])[..., self.action_token_ids]
 
     def predict(self, encoded, instructions):
         B = encoded["pixel_values"].shape[0]
-        bins = torch.zeros(B, 0, dtype=torch.long, device=self.lrn.device)
-        for _ in range(self.chunk * self.action_dim):
-            next_bin = self(encoded, instructions, bins)[:, -1].argmax(-1)
-            bins = torch.cat([bins, next_bin.unsqueeze(1)], dim=1)
+        if self.config.decoding == "parallel":
+            bins = self(encoded, instructions).argmax(-1)  # (B, L * A)
+        else:
+            bins = torch.zeros(B, 0, dtype=torch.long, device=self.lrn.device)
+            for _ in range(self.tokens_per_step):
+                next_bin = self(encoded, instructions, bins)[:, -1].argmax(-1)
+                bins = torch.cat([bins, next_bin.unsqueeze(1)], dim=1)
         values = self.discretiser.undiscretise(bins).view(B, self.chunk, self.action_dim)
         return torch.cat([values[..., :-1], (values[..., -1:] > 0).float()], dim=-1)
 
     def loss(self, batch: dict[str, Any]):
         encoded = self.encode(batch["images"], batch["state"], batch["instruction"])
         targets = self.tokens(batch["actions"][:, -1])  # (B, L * A)
-        logits = self(encoded, batch["instruction"], targets[:, :-1])  # (B, L * A, bins)
+        teacher = None if self.config.decoding == "parallel" else targets[:, :-1]
+        logits = self(encoded, batch["instruction"], teacher)  # (B, L * A, bins)
         mask = batch["action_mask"][:, -1].repeat_interleave(self.action_dim, dim=1).float()  # (B, L * A)
         count = mask.sum().clamp_min(1)
         loss = (F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none") * mask).sum() / count
@@ -73,7 +113,13 @@ class OneStepDiscrete(Formulation):
             error = (self.discretiser.undiscretise(predicted) - self.discretiser.undiscretise(targets)).abs()
             dims = torch.arange(targets.shape[1], device=targets.device) % self.action_dim
             arm, gripper = mask * (dims < self.action_dim - 1), mask * (dims == self.action_dim - 1)
+            first_action = mask[:, :self.action_dim]
+            # The first token (x of the first action) is the one that can only be read from the observation;
+            # under teacher forcing the later ones can be copied from the previous action's tokens.
             metrics = {"token_accuracy": (correct * mask).sum() / count,
+                       "first_token_accuracy": correct[:, 0].mean(),
+                       "first_action_accuracy": (correct[:, :self.action_dim] * first_action).sum()
+                       / first_action.sum().clamp_min(1),
                        "arm_error": (error * arm).sum() / arm.sum().clamp_min(1),
                        "gripper_accuracy": (correct * gripper).sum() / gripper.sum().clamp_min(1)}
         return loss, metrics

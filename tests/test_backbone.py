@@ -6,7 +6,7 @@ import torch
 from robovlms.backbone import BACKBONES, backbones_table, create_backbone, list_backbones, load_backbone
 from robovlms.errors import ConfigError, ShapeError, UnknownNameError
 
-BUILT_IN = ["kosmos2", "paligemma", "flamingo", "gpt-scratch"]
+BUILT_IN = ["kosmos2", "paligemma", "flamingo", "gpt-scratch", "film-convnet"]
 INSTRUCTIONS = ["press the button from the top", "open the door"]  # different lengths: rows get padded
 
 VISION_PREFIXES = {
@@ -14,12 +14,14 @@ VISION_PREFIXES = {
     "paligemma": ("model.model.vision_tower.", "model.model.multi_modal_projector."),
     "flamingo": ("model.model.vision_model.", "model.model.perceiver_resampler."),
     "gpt-scratch": ("model.image_encoder.",),
+    "film-convnet": ("model.image_encoder.",),
 }
 LANGUAGE_PREFIXES = {
     "kosmos2": ("model.text_model.",),
     "paligemma": ("model.model.language_model.", "model.lm_head."),
     "flamingo": ("model.model.embed_tokens.", "model.model.layers.", "model.model.norm.", "model.lm_head."),
     "gpt-scratch": ("model.wte.", "model.wpe.", "model.blocks.", "model.ln_f.", "model.lm_head."),
+    "film-convnet": ("model.wte.", "model.wpe.", "model.blocks.", "model.ln_f.", "model.lm_head."),
 }
 
 
@@ -100,6 +102,8 @@ def reference_context_ids(backbone, name, instruction):
         image, slot = ([], backbone.model.config.text_config.num_image_tokens, []), backbone.model.config.image_token_id
     elif name == "flamingo":
         image = ["<fake_token_around_image>", "<image>", "<fake_token_around_image>"], 0, []
+    elif name == "film-convnet":
+        image = [], backbone.model.config.image_tokens, []
     else:
         image = [], (backbone.image_size // 16) ** 2, []
     before, slots, after = image
@@ -112,8 +116,8 @@ def reference_context_ids(backbone, name, instruction):
 def reference_lrn_hidden(backbone, name, pixel_values, instruction, lrn):
     """Hidden state and logits at an [LRN] appended to inputs_embeds, from the wrapped model's own forward."""
     ids, image_mask = reference_context_ids(backbone, name, instruction)
-    embeds = torch.cat([backbone.model.get_input_embeddings()(ids) if name != "gpt-scratch"
-                        else backbone.model.wte(ids), lrn.view(1, 1, -1)], dim=1)
+    embeds = torch.cat([backbone.model.wte(ids) if name in ("gpt-scratch", "film-convnet")
+                        else backbone.model.get_input_embeddings()(ids), lrn.view(1, 1, -1)], dim=1)
     image_mask = torch.cat([image_mask, torch.zeros(1, 1, dtype=torch.long)], dim=1)
     model = backbone.model
     if name == "kosmos2":
@@ -129,6 +133,11 @@ def reference_lrn_hidden(backbone, name, pixel_values, instruction, lrn):
         image_attention_mask[0, 0] = 0  # <s> comes before the image
         out = model(pixel_values=pixel_values.unsqueeze(1), inputs_embeds=embeds,
                     image_attention_mask=image_attention_mask, output_hidden_states=True)
+    elif name == "film-convnet":  # each conv layer modulated by the mean embedding of <s> and the instruction
+        instruction = embeds[0, :-1][image_mask[0, :-1] == 0].mean(0, keepdim=True)
+        embeds = embeds.masked_scatter(image_mask.bool().unsqueeze(-1), model.image_encoder(pixel_values, instruction))
+        hidden = model(embeds)
+        return hidden[0, -1], model.lm_head(hidden)[0, -1]
     else:
         embeds = embeds.masked_scatter(image_mask.bool().unsqueeze(-1), model.image_encoder(pixel_values))
         hidden = model(embeds)
@@ -140,6 +149,10 @@ def reference_lrn_hidden(backbone, name, pixel_values, instruction, lrn):
 def test_hidden_state_at_lrn_equals_the_wrapped_models_own_forward(name):
     torch.manual_seed(0)
     backbone = create_backbone(name).eval()
+    if name == "film-convnet":  # FiLM starts as the identity: make the instruction matter
+        with torch.no_grad():
+            for film in backbone.model.image_encoder.films:
+                film.weight.normal_(std=0.5)
     pixel_values = random_images(backbone, 1, 1, 1)
     lrn, suffix = lrn_token(backbone, 1, 1)
     with torch.no_grad():

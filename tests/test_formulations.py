@@ -13,7 +13,7 @@ from robovlms.formulation import FORMULATIONS, ActionDiscretiser, ActionNormalis
 from robovlms.policy import CheckpointPolicy
 from robovlms.data.store import Statistics
 
-BACKBONES = ["gpt-scratch", "kosmos2", "paligemma", "flamingo"]
+BACKBONES = ["gpt-scratch", "kosmos2", "paligemma", "flamingo", "film-convnet"]
 HISTORY = {"one-step-discrete": 1, "one-step-continuous": 1, "interleaved": 3, "policy-head": 3}
 
 
@@ -174,3 +174,55 @@ def test_temporal_ensemble_averages_every_chunk_covering_a_step_oldest_weighted_
         weights = np.exp(-0.5 * np.arange(len(covering)))
         assert action[0] == pytest.approx(((s + covering) * weights).sum() / weights.sum(), abs=1e-4)
     assert all(a[1] == 1.0 for a in actions)
+
+
+# ---- one-step-discrete decodings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_parallel_decoding_in_one_pass_gives_the_tokens_of_decoding_position_by_position(store, backbone):
+    """The action queries see the observation and the queries before them only: the one-pass logits equal those of
+    a plain loop that decodes position i from the first i + 1 queries."""
+    formulation = make_formulation(store, "one-step-discrete", backbone).eval()
+    windows = episode_windows(store, formulation)
+    encoded = formulation.encode(windows["images"][:3], windows["state"][:3], windows["instruction"][:3])
+    with torch.no_grad():
+        one_pass = formulation(encoded, windows["instruction"][:3])  # (B, L * A, bins)
+        start = formulation.lrn_embeds(encoded)[:, -1:]
+        for i in range(formulation.tokens_per_step):
+            suffix = start + formulation.queries[:i + 1]
+            hidden = formulation.backbone(encoded["pixel_values"][:, -1:], windows["instruction"][:3], suffix)
+            logits = formulation.backbone.lm_logits(hidden[:, 0, -1])[..., formulation.action_token_ids]
+            torch.testing.assert_close(one_pass[:, i], logits, atol=1e-4, rtol=1e-4)
+            assert torch.equal(one_pass[:, i].argmax(-1), logits.argmax(-1))
+
+
+def test_parallel_decoding_takes_one_backbone_pass_per_step_and_autoregressive_one_per_token(store):
+    for decoding in ("parallel", "autoregressive"):
+        formulation = make_formulation(store, "one-step-discrete", decoding=decoding).eval()
+        passes = 1 if decoding == "parallel" else formulation.chunk * formulation.action_dim
+        windows = episode_windows(store, formulation)
+        calls = []
+        formulation.backbone.register_forward_hook(lambda module, args, output: calls.append(1))
+        formulation.act(windows["images"][:1], windows["state"][:1], windows["instruction"][:1])
+        assert len(calls) == passes, decoding
+
+
+def test_the_first_action_token_accuracy_is_logged_on_its_own(store):
+    formulation = make_formulation(store, "one-step-discrete")
+    batch = WindowDataset(store, 1, formulation.chunk).__getitems__(list(range(0, 48, 6)))
+    _, metrics = formulation.loss(batch)
+    assert {"token_accuracy", "first_token_accuracy", "first_action_accuracy"} <= set(metrics)
+    assert 0 <= metrics["first_token_accuracy"] <= 1
+
+
+def test_overwriting_a_large_share_of_a_small_vocabulary_with_action_tokens_is_refused(store):
+    with pytest.raises(ConfigError, match="token_mode overwrite would turn 256 of the .* ordinary tokens"):
+        make_formulation(store, "one-step-discrete", token_mode="overwrite")
+    plain = make_formulation(store, "one-step-discrete", token_mode="overwrite", bins=32, decoding="autoregressive")
+    assert plain.action_token_ids.max() < plain.backbone.tokenizer.vocab_size  # RT-2/OpenVLA's scheme stays
+
+
+def test_an_unknown_decoding_lists_the_valid_ones(store):
+    with pytest.raises(UnknownNameError, match="decoding 'beam'; valid choices: autoregressive, parallel"):
+        make_formulation(store, "one-step-discrete", decoding="beam")
