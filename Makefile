@@ -51,6 +51,7 @@ test: install test-system-packages
 perf: install
 	$(BIN)/python perf/data_and_rollouts.py
 	$(BIN)/python perf/training_and_policy.py
+	$(BIN)/python perf/discrete_decoding.py
 
 clean:
 	rm -rf $(VENV) data/demo $(DEMO_RUN) $(DEMO_REPORT)

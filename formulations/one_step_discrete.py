@@ -26,6 +26,7 @@ from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.formulation import ActionDiscretiser, Formulation
 
 DECODINGS = ("parallel", "autoregressive")
+READOUTS = ("argmax", "expectation")
 # Overwriting more than this share of a vocabulary's ordinary tokens turns most instruction words into action
 # tokens (a tiny 512-token vocabulary with 256 bins: 126 of the demo's 158 instruction tokens), and the tied
 # embeddings then mean one thing in the instruction and another in the action.
@@ -37,6 +38,8 @@ class OneStepDiscreteConfig:
     bins: int = 256  # uniform over [-1, 1] per dimension
     token_mode: str = "append"  # new tokens, or `overwrite` the last ordinary ones (RT-2/OpenVLA on a 32k vocabulary)
     decoding: str = "parallel"  # parallel (OpenVLA-OFT) | autoregressive (RT-2, OpenVLA)
+    label_sigma: float = 0.0  # > 0: ordinal soft targets, a Gaussian over neighbouring bins (in bins)
+    readout: str = "argmax"  # argmax bin, or the expectation of the bin centres under the predicted distribution
 
 
 class OneStepDiscrete(Formulation):
@@ -50,6 +53,10 @@ class OneStepDiscrete(Formulation):
         config = super().check_settings(history, chunk, options)
         if config.decoding not in DECODINGS:
             raise UnknownNameError("decoding", config.decoding, DECODINGS)
+        if config.readout not in READOUTS:
+            raise UnknownNameError("readout", config.readout, READOUTS)
+        if config.label_sigma < 0:
+            raise ConfigError(f"label_sigma must be at least 0, got {config.label_sigma}")
         return config
 
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
@@ -90,14 +97,30 @@ class OneStepDiscrete(Formulation):
     def predict(self, encoded, instructions):
         B = encoded["pixel_values"].shape[0]
         if self.config.decoding == "parallel":
-            bins = self(encoded, instructions).argmax(-1)  # (B, L * A)
+            logits = self(encoded, instructions)  # (B, L * A, bins)
         else:
             bins = torch.zeros(B, 0, dtype=torch.long, device=self.lrn.device)
+            steps = []
             for _ in range(self.tokens_per_step):
-                next_bin = self(encoded, instructions, bins)[:, -1].argmax(-1)
-                bins = torch.cat([bins, next_bin.unsqueeze(1)], dim=1)
-        values = self.discretiser.undiscretise(bins).view(B, self.chunk, self.action_dim)
+                steps.append(self(encoded, instructions, bins)[:, -1])
+                bins = torch.cat([bins, steps[-1].argmax(-1, keepdim=True)], dim=1)
+            logits = torch.stack(steps, dim=1)
+        if self.config.readout == "expectation":
+            centres = self.discretiser.undiscretise(torch.arange(self.config.bins, device=logits.device))
+            values = logits.float().softmax(-1) @ centres
+        else:
+            values = self.discretiser.undiscretise(logits.argmax(-1))
+        values = values.view(B, self.chunk, self.action_dim)
         return torch.cat([values[..., :-1], (values[..., -1:] > 0).float()], dim=-1)
+
+    def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (B, n) of logits (B, n, bins) against target bins (B, n), one-hot or, with label_sigma,
+        spread over the neighbouring bins so that a near miss costs less than a far one."""
+        if self.config.label_sigma == 0:
+            return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        distance = torch.arange(self.config.bins, device=targets.device) - targets.unsqueeze(-1)  # (B, n, bins)
+        soft = torch.softmax(-0.5 * (distance / self.config.label_sigma) ** 2, dim=-1)
+        return -(soft * logits.log_softmax(-1)).sum(-1)
 
     def loss(self, batch: dict[str, Any]):
         encoded = self.encode(batch["images"], batch["state"], batch["instruction"])
@@ -106,7 +129,7 @@ class OneStepDiscrete(Formulation):
         logits = self(encoded, batch["instruction"], teacher)  # (B, L * A, bins)
         mask = batch["action_mask"][:, -1].repeat_interleave(self.action_dim, dim=1).float()  # (B, L * A)
         count = mask.sum().clamp_min(1)
-        loss = (F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none") * mask).sum() / count
+        loss = (self.token_loss(logits.float(), targets) * mask).sum() / count
         with torch.no_grad():
             predicted = logits.argmax(-1)
             correct = (predicted == targets).float()

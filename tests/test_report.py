@@ -318,7 +318,7 @@ def test_html_renders_alone_in_headless_chromium_with_every_image_loaded(sweep, 
                          capture_output=True, text=True, timeout=60).stdout
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, "the page's script did not run"
-    assert int(loaded[2]) == 4 and loaded[1] == loaded[2]
+    assert int(loaded[2]) == 5 and loaded[1] == loaded[2]  # success, main effects, data efficiency, cost, curves
 
 
 # ---- SimplerEnv: sim-to-real agreement ----------------------------------------------------------------------
@@ -437,3 +437,73 @@ def test_cli_report_takes_real_world_rates(simpler_run, tmp_path):
     assert result.exit_code == 0, result.output
     row = pd.read_csv(tmp_path / "report" / "sim_to_real_agreement.csv").iloc[0]
     assert (row.task, row.policies, row.mmrv) == (COKE, 2, 0.0)
+
+
+# ---- main effects ---------------------------------------------------------------------------------------------
+
+
+def fixed_records(successes: int, episodes: int = 60):
+    """`episodes` episodes of one task in one scene, seeds 0.., the first `successes` succeeding."""
+    return [EpisodeRecord(task="door-open", scene="D", instruction="open the door", seed=seed,
+                          success=seed < successes, steps=50, seconds=0.1) for seed in range(episodes)]
+
+
+def add_design_cell(run_dir, backbone, formulation, successes, seed=0, **axes):
+    cell_id = f"{backbone}-{formulation}-s{seed}" + "".join(f"-{key}{value}" for key, value in axes.items())
+    add_cell(run_dir, cell_id, fixed_records(successes), status="complete", kind="trained", policy="trained",
+             backbone=backbone, backbone_label=f"{backbone} (tiny, random init)", random_init=True,
+             formulation=formulation, history=1, chunk=8, data_fraction=1.0, seed=seed,
+             axes={"backbone": backbone, "formulation": formulation, "seed": seed, **axes})
+
+
+def test_main_effects_pool_each_level_over_the_other_axes_and_resolve_only_clear_differences(tmp_path):
+    """continuous beats discrete by 40 points on both backbones (resolved); the backbones differ by 1 point (not)."""
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import main_effects_table, pairwise_table
+
+    run_dir = tmp_path / "run"
+    for backbone, shift in (("gpt-scratch", 0), ("paligemma", 1)):
+        add_design_cell(run_dir, backbone, "one-step-continuous", 45 + shift)
+        add_design_cell(run_dir, backbone, "one-step-discrete", 21 + shift)
+    add_cell(run_dir, "baseline-zero", fixed_records(0), status="complete", kind="baseline", policy="zero")
+    runs = read_sweep_runs([run_dir])
+    effects = main_effects_table(runs).set_index(["axis", "level"])
+    assert set(effects.index.get_level_values("axis")) == {"backbone", "formulation"}  # baselines are no level
+    continuous = effects.loc[("formulation", "one-step-continuous")]
+    assert (continuous.cells, continuous.successes, continuous.episodes) == (2, 91, 120)
+    assert (continuous.wilson_low, continuous.wilson_high) == pytest.approx(wilson_interval(91, 120))
+    pairs = pairwise_table(runs).set_index("axis")
+    formulation, backbone = pairs.loc["formulation"], pairs.loc["backbone"]
+    assert formulation.matched_cells == 2 and formulation.difference == pytest.approx(24 / 60)
+    assert formulation.low > 0.2 and formulation.resolved
+    assert backbone.difference == pytest.approx(-1 / 60) and backbone.low < 0 <= backbone.high
+    assert not backbone.resolved
+
+
+def test_levels_with_no_matched_cells_are_not_compared(tmp_path):
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import pairwise_table
+
+    run_dir = tmp_path / "run"
+    add_design_cell(run_dir, "gpt-scratch", "one-step-continuous", 50, learning_rate=0.001)
+    add_design_cell(run_dir, "paligemma", "one-step-discrete", 10, learning_rate=0.01)
+    pairs = pairwise_table(read_sweep_runs([run_dir]))
+    assert set(pairs.axis) == {"backbone", "formulation", "learning_rate"}
+    assert (pairs.matched_cells == 0).all() and pairs.difference.isna().all()
+
+
+def test_the_report_has_a_main_effects_section_with_its_table_plot_and_differences(tmp_path):
+    run_dir = tmp_path / "run"
+    for seed in (0, 1):
+        add_design_cell(run_dir, "gpt-scratch", "one-step-continuous", 45, seed=seed)
+        add_design_cell(run_dir, "gpt-scratch", "one-step-discrete", 20, seed=seed)
+    write_report([run_dir], tmp_path / "report")
+    markdown = (tmp_path / "report" / "index.md").read_text()
+    section = markdown[markdown.index("## Main effects"):]
+    section = re.sub(" +", " ", section[:section.index("\n## ", 1)])
+    assert "| formulation | one-step-continuous | 2 | 120 | 75% [67%, 82%] |" in section
+    assert re.search(r"\| formulation \| one-step-continuous \| one-step-discrete \| 2 \| \+42 \[\+\d+, \+\d+\] "
+                     r"points \| yes \|", section)
+    assert (tmp_path / "report" / "main_effects.png").is_file()
+    assert set(pd.read_csv(tmp_path / "report" / "main_effect_differences.csv").columns) >= {
+        "axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved"}

@@ -83,3 +83,24 @@ def training_curves_figure(curves: dict[str, tuple[Sequence[float], Sequence[flo
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     return figure
+
+
+def main_effects_figure(effects: dict[str, tuple[Sequence[str], Sequence[float], Sequence[float],
+                                                 Sequence[float]]]) -> Figure:
+    """One panel per design axis: success of each level pooled over the other axes, {axis: (levels, success, low,
+    high)}."""
+    figure = Figure(figsize=(8, 1.0 + sum(0.8 + 0.35 * len(levels) for levels, *_ in effects.values())))
+    panels = figure.subplots(len(effects), 1, squeeze=False, height_ratios=[len(levels) for levels, *_ in
+                                                                            effects.values()])[:, 0]
+    for axes, (axis, (levels, success, low, high)) in zip(panels, effects.items()):
+        rows = np.arange(len(levels))
+        axes.barh(rows, np.nan_to_num(np.asarray(success, dtype=float)), color=TRAINED_COLOUR,
+                  xerr=_error_bars(success, low, high), capsize=3)
+        axes.set_yticks(rows, [str(level) for level in levels], fontsize=8)
+        axes.invert_yaxis()
+        axes.set_xlim(0, 1)
+        axes.set_title(axis, fontsize=9, loc="left")
+        axes.grid(axis="x", alpha=0.3)
+    panels[-1].set_xlabel("success rate, pooled over the other axes (95% Wilson interval)")
+    figure.tight_layout()
+    return figure

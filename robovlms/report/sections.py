@@ -12,6 +12,7 @@ import pandas as pd
 from robovlms.benchmark import BENCHMARKS
 from robovlms.errors import ReportError, UnknownNameError
 from robovlms.report import plots
+from robovlms.report.main_effects import main_effects_table, pairwise_table
 from robovlms.report.formatting import (HEADERS, SHOWN_CONFIGURATION, configuration_label, number_text, percent_text,
                                         rate_text, readable, seed_text, shown_table, wide_table)
 from robovlms.report.runs import BASELINE_LABELS, CONFIGURATION, SweepRuns, complete_cells
@@ -44,7 +45,7 @@ def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -
     if runs.cells.empty:
         return [Section("No results", [f"No cell of these runs has committed its {RESULT_FILE} yet."]),
                 _failed_section(runs)]
-    sections = [_success_section(runs, out), _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
+    sections = [_success_section(runs, out), _main_effects_section(runs, out), _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
                 _breakdown_section(runs, "scene"), _chain_section(runs), _data_efficiency_section(runs, out),
                 _cost_section(runs, out), _training_curves_section(runs, out), _failed_section(runs),
                 _configuration_section(runs), _versions_section(runs)]
@@ -256,3 +257,35 @@ def _versions_section(runs: SweepRuns) -> Section:
     return Section("Software versions", ["Several versions in one row mean the cells ran on different software."
                                          if differ else "All cells ran on the same software."],
                    [Table("versions", versions, versions)])
+
+
+def _main_effects_section(runs: SweepRuns, out: Path) -> Section | None:
+    effects = main_effects_table(runs)
+    if effects.empty:
+        return None
+    pairs = pairwise_table(runs)
+    section = Section("Main effects", [
+        "For each design axis that varies among the trained cells: success of each level, pooled over everything "
+        "else that varies (with its 95% Wilson interval), then each pair of levels compared on matched cells only "
+        "(cells that agree on every other axis and the seed): the mean difference in success with a 95% paired "
+        "bootstrap interval over matched cells and episodes. A difference is resolved when its interval excludes "
+        "0; a pair with no matched cells cannot be compared, because what else differs would be compared too."])
+    section.tables.append(Table("main_effects", effects, shown_table(effects, {
+        "axis": "axis", "level": "level", "cells": "cells", "episodes": "episodes",
+        "success [95% CI]": rate_text})))
+    section.tables.append(Table("main_effect_differences", pairs, shown_table(pairs, {
+        "axis": "axis", "a": "level_a", "b": "level_b", "matched cells": "matched_cells",
+        "a - b [95% CI]": _difference_text,
+        "resolved": lambda row: "" if pd.isna(row.difference) else ("yes" if row.resolved else "no")})))
+    series = {axis: (group.level.tolist(), group.success, group.wilson_low, group.wilson_high)
+              for axis, group in effects.groupby("axis", sort=False)}
+    plots.save_figure(plots.main_effects_figure(series), out, "main_effects")
+    section.figures.append("main_effects")
+    return section
+
+
+def _difference_text(row: pd.Series) -> str:
+    if pd.isna(row.difference):
+        return "no matched cells"
+    return f"{row.difference * 100:+.0f} [{row.low * 100:+.0f}, {row.high * 100:+.0f}] points"
+

@@ -1,0 +1,147 @@
+"""Main effects: for each design axis that varies among a run's trained cells, success pooled over the other axes,
+and which differences between its levels are resolved.
+
+A level's pooled rate mixes whatever else varies with it, so differences are judged on matched cells only: two
+cells form a pair when they agree on every other axis and the seed. The difference of a pair of levels is the mean
+over its matched pairs of (success of a - success of b); its 95% interval is a paired bootstrap that resamples the
+matched pairs and, within each pair, the evaluation episodes (jointly where both cells ran the same episodes). A
+difference is resolved when its interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robovlms.report.runs import SweepRuns, complete_cells
+from robovlms.report.statistics import RATE_COLUMNS, rate
+
+# The axes every trained cell has, as the report names them; further grid axes (learning_rate, ...) come from
+# each cell's `axes`.
+CONFIGURATION_AXES = {"backbone": "backbone_label", "formulation": "formulation", "history": "history",
+                      "chunk": "chunk", "data_fraction": "data_fraction"}
+NOT_AXES = {"seed", "policy"}  # a seed is a replicate, not a design choice
+BOOTSTRAP_SAMPLES = 2000
+EPISODE_KEY = ["task", "scene", "seed"]  # the same episode evaluated by two cells
+
+
+def _level(shown: Any, value: Any) -> str:
+    """A cell's level of an axis: what the report shows for it, plus the options of a {name, options} value, e.g.
+    `one-step-discrete {"decoding": "parallel"}`."""
+    if isinstance(value, dict):
+        options = {**{key: item for key, item in value.items() if key not in ("name", "options")},
+                   **value.get("options", {})}
+        if options:
+            return f"{shown} {json.dumps(options, sort_keys=True)}"
+    return str(shown)
+
+
+def cell_levels(runs: SweepRuns) -> pd.DataFrame:
+    """One row per complete trained cell: run, cell_id, seed, and its level of every axis (as text)."""
+    trained = complete_cells(runs)[lambda cells: cells.kind == "trained"]
+    rows = []
+    for cell in trained.itertuples(index=False):
+        axes = dict(cell.axes or {})
+        levels = {axis: _level(getattr(cell, column), axes.get(axis)) for axis, column in CONFIGURATION_AXES.items()}
+        levels.update({axis: _level(value.get("name", "") if isinstance(value, dict) else value, value)
+                       for axis, value in axes.items() if axis not in CONFIGURATION_AXES and axis not in NOT_AXES})
+        rows.append({"run": cell.run, "cell_id": cell.cell_id, "seed": cell.seed, **levels})
+    return pd.DataFrame(rows)
+
+
+def varying_axes(levels: pd.DataFrame) -> list[str]:
+    return [axis for axis in levels.columns if axis not in ("run", "cell_id", "seed")
+            and levels[axis].fillna("").nunique() > 1]
+
+
+def main_effects_table(runs: SweepRuns) -> pd.DataFrame:
+    """Per varying axis and level: cells, and success pooled over every other axis with its Wilson interval."""
+    levels = cell_levels(runs)
+    columns = ["axis", "level", "cells", *RATE_COLUMNS]
+    if levels.empty:
+        return pd.DataFrame(columns=columns)
+    counts = _episode_counts(runs)
+    rows = []
+    for axis in varying_axes(levels):
+        for level, group in levels.fillna({axis: ""}).groupby(axis, sort=False):
+            successes, episodes = counts.loc[list(zip(group.run, group.cell_id))].sum()
+            rows.append({"axis": axis, "level": level, "cells": len(group), **rate(successes, episodes)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _episode_counts(runs: SweepRuns) -> pd.DataFrame:
+    cells = complete_cells(runs)
+    return cells.set_index(["run", "cell_id"])[["successes", "episodes"]].astype(int)
+
+
+def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
+    """Per varying axis and pair of its levels: matched pairs of cells, the mean difference in success (a - b),
+    its 95% paired-bootstrap interval, and whether the interval excludes 0."""
+    levels = cell_levels(runs)
+    columns = ["axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved"]
+    if levels.empty:
+        return pd.DataFrame(columns=columns)
+    outcomes = _episode_outcomes(runs)
+    rng = np.random.default_rng(seed)
+    rows = []
+    axes = varying_axes(levels)
+    for axis in axes:
+        others = [other for other in levels.columns if other not in ("run", "cell_id", axis)]
+        keyed = levels.fillna("").assign(match=[json.dumps(key) for key in levels.fillna("")[others].astype(str)
+                                                .values.tolist()])
+        for level_a, level_b in itertools.combinations(keyed[axis].unique(), 2):
+            a, b = (keyed.loc[keyed[axis] == level, ["match", "run", "cell_id"]] for level in (level_a, level_b))
+            joined = a.merge(b, on="match", suffixes=("_a", "_b"))
+            matched = [((row.run_a, row.cell_id_a), (row.run_b, row.cell_id_b)) for row in joined.itertuples()]
+            row = {"axis": axis, "level_a": level_a, "level_b": level_b, "matched_cells": len(matched)}
+            if matched:
+                pairs = [_paired_outcomes(outcomes[cell_a], outcomes[cell_b]) for cell_a, cell_b in matched]
+                difference = float(np.mean([x.mean() - y.mean() for x, y in pairs]))
+                low, high = _bootstrap_interval(pairs, rng)
+                row.update(difference=difference, low=low, high=high, resolved=bool(low > 0 or high < 0))
+            rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _episode_outcomes(runs: SweepRuns) -> dict[tuple[str, str], pd.DataFrame]:
+    """Each complete cell's episodes (EPISODE_KEY, success); from its counts alone where its records are missing."""
+    key = [column for column in EPISODE_KEY if column in runs.episodes]
+    outcomes = {(run, cell_id): episodes[[*key, "success"]].reset_index(drop=True)
+                for (run, cell_id), episodes in runs.episodes.groupby(["run", "cell_id"], sort=False)}
+    for (run, cell_id), counts in _episode_counts(runs).iterrows():
+        if (run, cell_id) not in outcomes:
+            outcomes[run, cell_id] = pd.DataFrame({"success": np.arange(counts.episodes) < counts.successes})
+    return outcomes
+
+
+def _paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The two cells' successes, aligned episode by episode when both ran the same episodes (equal length then),
+    otherwise as they are."""
+    key = [column for column in EPISODE_KEY if column in a and column in b]
+    if key and len(a) == len(b) and not a.duplicated(key).any():
+        joined = a.merge(b, on=key, suffixes=("_a", "_b"))
+        if len(joined) == len(a):
+            return joined.success_a.to_numpy(float), joined.success_b.to_numpy(float)
+    return a.success.to_numpy(float), b.success.to_numpy(float)
+
+
+def _bootstrap_interval(pairs: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
+                        samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+    """95% interval of the mean paired difference: resample pairs, then episodes within each (jointly when
+    aligned)."""
+    per_pair = np.empty((samples, len(pairs)))  # one resampled difference per bootstrap sample and pair
+    for j, (a, b) in enumerate(pairs):
+        if len(a) == len(b):
+            index = rng.integers(0, len(a), (samples, len(a)))
+            per_pair[:, j] = (a[index] - b[index]).mean(1)
+        else:
+            per_pair[:, j] = (a[rng.integers(0, len(a), (samples, len(a)))].mean(1)
+                              - b[rng.integers(0, len(b), (samples, len(b)))].mean(1))
+    chosen = rng.integers(0, len(pairs), (samples, len(pairs)))
+    means = np.take_along_axis(per_pair, chosen, axis=1).mean(1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
