@@ -11,6 +11,12 @@ Two decodings of the L x A tokens after the current observation and the instruct
     autoregressive (RT-2, OpenVLA): the suffix holds the [LRN] start token, then the embeddings of the tokens
         decoded so far; the hidden state at position i predicts token i + 1 (teacher forcing in training). One
         backbone pass per token at rollout.
+
+The logits over the bins come from the language model's head restricted to the action tokens (`action_head: lm`,
+as RT-2 and OpenVLA), or from an MLP on the [LRN] state (`action_head: mlp`: a classification head beside the
+continuous formulations' regression head, the same action space through a head that does not go through the
+vocabulary). With tiny random-init backbones the LM head memorises the training episodes; see
+docs/formulations.md for the measurements.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from robovlms.formulation import ActionDiscretiser, Formulation
 
 DECODINGS = ("parallel", "autoregressive")
 READOUTS = ("argmax", "expectation")
+ACTION_HEADS = ("lm", "mlp")
 # Overwriting more than this share of a vocabulary's ordinary tokens turns most instruction words into action
 # tokens (a tiny 512-token vocabulary with 256 bins: 126 of the demo's 158 instruction tokens), and the tied
 # embeddings then mean one thing in the instruction and another in the action.
@@ -40,6 +47,8 @@ class OneStepDiscreteConfig:
     decoding: str = "parallel"  # parallel (OpenVLA-OFT) | autoregressive (RT-2, OpenVLA)
     label_sigma: float = 0.0  # > 0: ordinal soft targets, a Gaussian over neighbouring bins (in bins)
     readout: str = "argmax"  # argmax bin, or the expectation of the bin centres under the predicted distribution
+    action_head: str = "lm"  # lm: the language model's head over action tokens; mlp: an MLP from the [LRN] state
+    head_width: int = 256  # the mlp action head's hidden width
 
 
 class OneStepDiscrete(Formulation):
@@ -53,6 +62,10 @@ class OneStepDiscrete(Formulation):
         config = super().check_settings(history, chunk, options)
         if config.decoding not in DECODINGS:
             raise UnknownNameError("decoding", config.decoding, DECODINGS)
+        if config.action_head not in ACTION_HEADS:
+            raise UnknownNameError("action head", config.action_head, ACTION_HEADS)
+        if config.action_head == "mlp" and config.decoding != "parallel":
+            raise ConfigError("action_head mlp predicts every token from the [LRN] state at once: use decoding parallel")
         if config.readout not in READOUTS:
             raise UnknownNameError("readout", config.readout, READOUTS)
         if config.label_sigma < 0:
@@ -62,6 +75,12 @@ class OneStepDiscrete(Formulation):
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
         self.discretiser = ActionDiscretiser(self.config.bins)
+        self.tokens_per_step = self.chunk * self.action_dim
+        if self.config.action_head == "mlp":
+            D, width = backbone.hidden_size, self.config.head_width
+            self.head = nn.Sequential(nn.Linear(D, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                                      nn.Linear(width, self.tokens_per_step * self.config.bins))
+            return
         ordinary = backbone.tokenizer.vocab_size
         if self.config.token_mode == "overwrite" and self.config.bins > MAX_OVERWRITTEN_SHARE * ordinary:
             raise ConfigError(f"token_mode overwrite would turn {self.config.bins} of the {ordinary} ordinary tokens "
@@ -70,7 +89,6 @@ class OneStepDiscrete(Formulation):
                               f"or fewer bins")
         self.register_buffer("action_token_ids", backbone.reserve_action_tokens(self.config.bins,
                                                                                 self.config.token_mode))
-        self.tokens_per_step = self.chunk * self.action_dim
         if self.config.decoding == "parallel":
             embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
             self.queries = nn.Parameter(torch.randn(self.tokens_per_step, backbone.hidden_size) * embedding_std)
@@ -86,6 +104,9 @@ class OneStepDiscrete(Formulation):
         """Logits over the bins. parallel: of all L * A tokens (B, L * A, bins). autoregressive: bins (B, n) of the
         tokens decoded so far -> logits (B, n + 1, bins) of the next ones."""
         start = self.lrn_embeds(encoded)[:, -1:]  # (B, 1, 1, D)
+        if self.config.action_head == "mlp":
+            hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, start)[:, 0, 0]  # (B, D)
+            return self.head(hidden).view(-1, self.tokens_per_step, self.config.bins)
         if self.config.decoding == "parallel":
             suffix = start + self.queries.to(start.dtype)  # (B, 1, L * A, D)
         else:

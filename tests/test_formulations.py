@@ -226,3 +226,32 @@ def test_overwriting_a_large_share_of_a_small_vocabulary_with_action_tokens_is_r
 def test_an_unknown_decoding_lists_the_valid_ones(store):
     with pytest.raises(UnknownNameError, match="decoding 'beam'; valid choices: autoregressive, parallel"):
         make_formulation(store, "one-step-discrete", decoding="beam")
+
+
+def test_the_mlp_action_head_reads_every_token_from_the_lrn_state_in_one_pass(store):
+    formulation = make_formulation(store, "one-step-discrete", action_head="mlp").eval()
+    windows = episode_windows(store, formulation)
+    suffix_lengths = []
+    formulation.backbone.register_forward_hook(lambda module, args, output: suffix_lengths.append(args[2].shape[2]))
+    encoded = formulation.encode(windows["images"][:2], windows["state"][:2], windows["instruction"][:2])
+    logits = formulation(encoded, windows["instruction"][:2])
+    assert logits.shape == (2, formulation.chunk * formulation.action_dim, formulation.config.bins)
+    assert suffix_lengths == [1]  # the [LRN] token alone
+
+
+def test_the_mlp_action_head_learns_and_needs_parallel_decoding(store):
+    formulation = make_formulation(store, "one-step-discrete", action_head="mlp")
+    batch = WindowDataset(store, 1, formulation.chunk).__getitems__(list(range(0, 48, 6)))
+    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = formulation.loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    with pytest.raises(ConfigError, match="use decoding parallel"):
+        make_formulation(store, "one-step-discrete", action_head="mlp", decoding="autoregressive")
+    with pytest.raises(UnknownNameError, match="action head 'lstm'; valid choices: lm, mlp"):
+        make_formulation(store, "one-step-discrete", action_head="lstm")
