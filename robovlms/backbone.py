@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from robovlms.errors import ConfigError, ShapeError, UnknownNameError
+from robovlms.errors import ConfigError, RobovlmsError, ShapeError, UnknownNameError
 from robovlms.registry import Registry
 
 SIZES = ("tiny", "pretrained")
@@ -404,7 +404,8 @@ def processor_image_settings(image_processor) -> dict[str, Any]:
 
 # ---- registry -----------------------------------------------------------------------------------------------
 
-BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones")
+BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones", Backbone,
+                                                ("name", "description", "lora_target_modules"))
 
 
 def create_backbone(name: str, size: str = "tiny", path: str | None = None, **options) -> Backbone:
@@ -415,11 +416,13 @@ def create_backbone(name: str, size: str = "tiny", path: str | None = None, **op
     if size == "tiny":
         if path is not None:
             raise ConfigError(f"a tiny {name} is built from scratch; path={path!r} is only for size 'pretrained'")
-        return backbone_class.tiny(**options)
+        with BACKBONES.building(name):
+            return backbone_class.tiny(**options)
     if options:
         raise ConfigError(f"options {', '.join(sorted(options))} only apply to size 'tiny'; "
                           f"a pretrained {name} takes its configuration from {path}")
-    return backbone_class.pretrained(path)
+    with BACKBONES.building(name):
+        return backbone_class.pretrained(path)
 
 
 def load_backbone(directory: str | Path) -> Backbone:
@@ -429,30 +432,38 @@ def load_backbone(directory: str | Path) -> Backbone:
     if not spec_file.is_file():
         raise ConfigError(f"{directory} holds no saved backbone ({SPEC_FILE} is missing)")
     spec = json.loads(spec_file.read_text())
-    backbone = BACKBONES.get(spec["name"]).from_saved(directory, spec["size"], spec["origin"])
+    backbone = rebuild_backbone(spec["name"], directory, spec["size"], spec["origin"])
     backbone.freeze(spec["freeze_mode"], lora_rank=spec["lora_rank"] or 8)  # LoRA adapters exist before loading
     load_model(backbone, str(directory / WEIGHTS_FILE))
     return backbone
 
 
-def list_backbones() -> list[dict[str, Any]]:
-    """Every registered backbone with its description and the parameter count of its tiny size."""
-    rows = []
-    for name in BACKBONES.names():
-        backbone_class = BACKBONES.get(name)
-        rows.append({"name": name, "description": backbone_class.description,
-                     "tiny_parameters": backbone_class.tiny().num_parameters(),
-                     "package": backbone_class.__module__.split(".")[0]})
+def rebuild_backbone(name: str, directory: Path, size: str, origin: str | None) -> Backbone:
+    """Backbone `name`'s architecture from the files its `save_files` wrote in `directory`, randomly initialised."""
+    backbone_class = BACKBONES.get(name)
+    with BACKBONES.building(name):
+        return backbone_class.from_saved(Path(directory), size, origin)
+
+
+def list_backbones(parameters: bool = False) -> list[dict[str, Any]]:
+    """Every registered backbone from its package metadata and class (see `Registry.listing`); with
+    `parameters`, also the parameter count of its tiny size, which builds each one (seconds, not milliseconds)."""
+    rows = BACKBONES.listing()
+    if parameters:
+        for row in rows:
+            if row["failed"]:
+                continue
+            try:
+                row["tiny_parameters"] = create_backbone(row["name"]).num_parameters()
+            except RobovlmsError as error:
+                row["description"], row["failed"] = str(error), "yes"
     return rows
 
 
-def backbones_table():
-    """`robovlms backbones`: the registered backbones as a rich table."""
-    from rich.table import Table
-
-    table = Table(title="backbones (entry-point group robovlms.backbones)")
-    for column in ("name", "description", "tiny parameters", "package"):
-        table.add_column(column, justify="right" if column == "tiny parameters" else "left")
-    for row in list_backbones():
-        table.add_row(row["name"], row["description"], f"{row['tiny_parameters'] / 1e6:.2f}M", row["package"])
-    return table
+def backbones_table(rows: list[dict[str, Any]]):
+    """`robovlms backbones`: rows of `list_backbones` as a rich table."""
+    counted = any("tiny_parameters" in row for row in rows)
+    for row in rows:
+        if "tiny_parameters" in row:
+            row["tiny parameters"] = f"{row['tiny_parameters'] / 1e6:.2f}M"
+    return BACKBONES.table(rows, ("tiny parameters",) if counted else ())

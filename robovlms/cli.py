@@ -316,20 +316,28 @@ def worker_command(
 
 
 @app.command("backbones")
-def backbones_command() -> None:
-    """List the registered backbones (built-in and from plugins) with their tiny sizes' parameter counts."""
-    from robovlms.backbone import backbones_table
+def backbones_command(
+    parameters: Annotated[bool, typer.Option(help="Also build each tiny size to count its parameters (slower).")] = False,
+) -> None:
+    """List the registered backbones (built-in and from plugins): entry point, package and version, description;
+    a plugin that fails to load gets a row naming its error. Exits with 1 when one fails."""
+    from robovlms.backbone import backbones_table, list_backbones
 
-    console.print(backbones_table())
+    rows = list_backbones(parameters)
+    console.print(backbones_table(rows))
+    if any(row["failed"] for row in rows):
+        sys.exit(1)
 
 
 @app.command("benchmarks")
 def benchmarks_command() -> None:
-    """List the registered benchmarks."""
+    """List the registered benchmarks, like `robovlms backbones`. Exits with 1 when one fails to load."""
     from robovlms.benchmark import BENCHMARKS
 
-    for name in BENCHMARKS.names():
-        console.print(name)
+    rows = BENCHMARKS.listing()
+    console.print(BENCHMARKS.table(rows))
+    if any(row["failed"] for row in rows):
+        sys.exit(1)
 
 
 @app.command("report")
