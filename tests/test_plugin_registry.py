@@ -10,6 +10,7 @@ from robovlms import cli
 from robovlms.backbone import create_backbone, list_backbones, load_backbone
 from robovlms.benchmark import BENCHMARKS, create_benchmark
 from robovlms.errors import PluginError
+from robovlms.results import software_versions
 from robovlms.sweep import expand_cells, load_sweep
 
 GOOD_BACKBONE = '''
@@ -212,3 +213,23 @@ def test_sweep_dry_run_checks_name_a_plugin_that_fails_to_import(tmp_path, monke
     with pytest.raises(PluginError, match=r"backbone plugin 'broken' \(broken_plugin:Broken, from robovlms-broken "
                                           r"0\.2\.0\) cannot be loaded: ModuleNotFoundError"):
         expand_cells(sweep)
+
+
+def test_software_versions_record_the_package_and_version_of_each_plugin_a_cell_used(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "qwen2vl_plugin", GOOD_BACKBONE,
+                   {"robovlms.backbones": {"renamed-gpt": "qwen2vl_plugin:RenamedGPT"}},
+                   distribution="robovlms-qwen2vl", version="0.1.0")
+    versions = software_versions("metaworld", {"backbone": {"name": "renamed-gpt"},
+                                               "formulation": {"name": "policy-head"}})
+    assert versions["robovlms-qwen2vl"] == "0.1.0" and "torch" in versions
+
+
+def test_software_versions_record_a_benchmark_plugins_package(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "bench_plugin", """
+from robovlms.benchmarks.metaworld import MetaWorldBenchmark
+
+
+class Bench(MetaWorldBenchmark):
+    name = "other-bench"
+""", {"robovlms.benchmarks": {"other-bench": "bench_plugin:Bench"}}, distribution="robovlms-bench", version="1.2.0")
+    assert software_versions("other-bench")["robovlms-bench"] == "1.2.0"
