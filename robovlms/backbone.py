@@ -38,6 +38,7 @@ from robovlms.registry import Registry
 
 SIZES = ("tiny", "pretrained")
 FREEZE_MODES = ("full", "frozen-vision", "frozen-language", "lora")
+MAX_IMAGE_SIZE = 2048  # px; no VLM's vision tower takes larger square images, so a larger "size" is a pixel count
 SPEC_FILE = "backbone.json"
 WEIGHTS_FILE = "backbone.safetensors"
 
@@ -68,6 +69,10 @@ class Backbone(nn.Module, abc.ABC):
     def __init__(self, *, size: str, origin: str | None, tokenizer, image_size: int,
                  image_mean: tuple[float, ...], image_std: tuple[float, ...], rescale_factor: float = 1 / 255):
         super().__init__()
+        if not 8 <= image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"backbone {self.name!r}: image_size {image_size} is not the side of a square image "
+                              f"(8 to {MAX_IMAGE_SIZE} px); if it came from an image processor's size, that size is "
+                              f"something else (Qwen2-VL's shortest_edge is a pixel count): give the side explicitly")
         self.size = size
         self.origin = origin  # the pretrained directory or model id; None for a random init
         self.tokenizer = tokenizer
@@ -317,9 +322,13 @@ class TransformersBackbone(Backbone):
     model_class: ClassVar[type]
     model_types: ClassVar[tuple[str, ...]]  # config.json model_type values this backbone accepts
 
-    def __init__(self, model, processor, size: str, origin: str | None):
-        super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer,
-                         **processor_image_settings(processor.image_processor))
+    def __init__(self, model, processor, size: str, origin: str | None, image_size: int | None = None):
+        """`image_size`: the side of the square images the vision tower takes, when the image processor's size
+        is not one (Qwen2-VL's is a pixel count); by default the processor's, checked against the vision config."""
+        settings = processor_image_settings(processor.image_processor)
+        settings["image_size"] = image_size or settings["image_size"]
+        check_image_size(settings["image_size"], model.config, self.name, declared=image_size is not None)
+        super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer, **settings)
         self.model = model
         self.processor = processor
 
@@ -391,6 +400,22 @@ def resolve_pretrained(path: str | None, model_types: tuple[str, ...], backbone:
         raise ConfigError(f"{directory} holds a {model_type!r} model; backbone {backbone!r} needs a model of type "
                           f"{' or '.join(model_types)}")
     return directory
+
+
+def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:
+    """The image side a backbone derived (or `declared`) agrees with its vision config: equal to its image_size,
+    or a whole number of its patches when it has no fixed size."""
+    vision = getattr(config, "vision_config", None)
+    expected, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    source = "declared image_size" if declared else "image size from its image processor's size"
+    if expected is not None and image_size != expected:
+        raise ConfigError(f"backbone {backbone!r}: {source} {image_size} differs from its vision config's "
+                          f"image_size {expected}; pass image_size= to TransformersBackbone.__init__ when the "
+                          f"processor's size is not the image side")
+    if patch and image_size % patch:
+        raise ConfigError(f"backbone {backbone!r}: {source} {image_size} is not a multiple of its vision config's "
+                          f"patch_size {patch}; pass image_size= to TransformersBackbone.__init__ when the "
+                          f"processor's size is not the image side (Qwen2-VL's is a pixel count)")
 
 
 def processor_image_settings(image_processor) -> dict[str, Any]:

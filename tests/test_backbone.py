@@ -359,3 +359,34 @@ def test_tiny_build_is_deterministic_given_the_seed():
     second = create_backbone("flamingo")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+
+
+def processor_with_shortest_edge(backbone, shortest_edge):
+    """The backbone's processor, its image processor's size a pixel count as Qwen2-VL's is."""
+    from transformers import CLIPImageProcessorPil, Kosmos2Processor
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": shortest_edge}, do_center_crop=False)
+    return Kosmos2Processor(image_processor, backbone.tokenizer)
+
+
+def test_an_image_processor_size_that_is_not_the_vision_configs_image_size_is_refused():
+    from robovlms.backbones.kosmos2 import Kosmos2Backbone
+
+    backbone = create_backbone("kosmos2")
+    with pytest.raises(ConfigError, match="image size from its image processor's size 4096 differs from its vision "
+                                          "config's image_size 64; pass image_size="):
+        Kosmos2Backbone(backbone.model, processor_with_shortest_edge(backbone, 4096), "tiny", None)
+
+
+def test_a_backbone_declares_its_image_size_when_the_processors_size_is_a_pixel_count():
+    from robovlms.backbones.kosmos2 import Kosmos2Backbone
+
+    backbone = create_backbone("kosmos2")
+    declared = Kosmos2Backbone(backbone.model, processor_with_shortest_edge(backbone, 4096), "tiny", None,
+                               image_size=64)
+    assert declared.image_size == 64
+
+
+def test_an_image_size_that_is_no_image_side_is_refused():
+    with pytest.raises(ConfigError, match="image_size 4096 is not the side of a square image \\(8 to 2048 px\\)"):
+        create_backbone("gpt-scratch", image_size=4096)
