@@ -138,6 +138,16 @@ class Backbone(nn.Module, abc.ABC):
 
     lora_target_modules: ClassVar[str]  # regex over `self.model` module names: the LM's attention projections
 
+    # ---- what a backbone may provide ------------------------------------------------------------------------
+
+    def reference_hidden_state(self, image: torch.Tensor, instruction: str,
+                               suffix_embed: torch.Tensor) -> torch.Tensor | None:
+        """The last-layer hidden state (D,) at `suffix_embed` appended to the per-frame context of one uint8
+        image (S, S, 3) and `instruction`, computed by the wrapped model's own forward from its own processor's
+        pixels, token ids and positions; None when there is no such forward. `robovlms check-backbone` checks
+        that `forward` agrees with it."""
+        return None
+
     # ---- the interface the formulations use ---------------------------------------------------------------
 
     @property
@@ -352,6 +362,26 @@ class TransformersBackbone(Backbone):
     def save_files(self, directory: Path) -> None:
         self.processor.save_pretrained(directory)
         self.model.config.save_pretrained(directory)
+
+    def reference_inputs(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor,
+                         image_token_id: int | None = None):
+        """For `reference_hidden_state`: the image as the model's own processor gives it, the documented per-frame
+        context `<s> [image block] instruction [suffix]` spelled out as token ids (image slots hold
+        `image_token_id`, the suffix a placeholder), its embeddings with `suffix_embed` in place, and the mask of
+        the image slots: (pixel_values, ids (1, L), embeds (1, L, D), image_mask (1, L))."""
+        processed = self.processor.image_processor(images=[image.numpy()], return_tensors="pt")
+        pixel_values = processed if torch.is_tensor(processed) else processed.pixel_values  # IDEFICS' is the tensor
+        before, slots, after = self.image_block()
+        slot = self.tokenizer.pad_token_id if image_token_id is None else image_token_id
+        instruction_ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+        ids = [self.tokenizer.bos_token_id, *before, *[slot] * slots, *after, *instruction_ids,
+               self.tokenizer.pad_token_id]
+        image_mask = torch.zeros(1, len(ids), dtype=torch.long)
+        image_mask[0, 1 + len(before):1 + len(before) + slots] = 1
+        ids = torch.tensor([ids])
+        embeds = self.input_embeddings()(ids)
+        embeds[0, -1] = suffix_embed
+        return pixel_values, ids, embeds, image_mask
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()

@@ -340,6 +340,38 @@ def benchmarks_command() -> None:
         sys.exit(1)
 
 
+@app.command("check-backbone")
+def check_backbone_command(
+    name: Annotated[str, typer.Argument(help="A registered backbone (see `robovlms backbones`).")],
+    option: Annotated[list[str] | None, typer.Option(help="An option of its tiny size as KEY=VALUE (the value read "
+                                                          "as YAML), e.g. --option hidden_size=32; repeatable.")] = None,
+) -> None:
+    """Run the backbone conformance kit (robovlms.testing) on a tiny NAME: causality of the suffix and of
+    interleaved frames, batch independence, save / load, freeze modes and LoRA, action tokens, image settings and
+    agreement with the wrapped model's own forward. One line per check; exits with 1 when one fails."""
+    import yaml
+
+    from robovlms.errors import ConfigError
+    from robovlms.testing import check_backbone
+
+    options = {}
+    for item in option or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
+        options[key] = yaml.safe_load(value)
+    results = check_backbone(name, **options)
+    table = Table(title=f"conformance of backbone {name}" + "".join(f" {k}={v}" for k, v in options.items()))
+    for column in ("check", "result", "reason"):
+        table.add_column(column)
+    colours = {"pass": "green", "fail": "red", "skip": "yellow"}
+    for result in results:
+        table.add_row(result.check, f"[{colours[result.status]}]{result.status}[/]", result.reason)
+    console.print(table)
+    if not all(result.passed for result in results):
+        sys.exit(1)
+
+
 @app.command("report")
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],

@@ -5,12 +5,14 @@ import sys
 import textwrap
 
 
-def install_plugin(tmp_path, monkeypatch, module: str, source: str, entry_points: dict[str, dict[str, str]],
+def install_plugin(tmp_path, monkeypatch, module: str, source: str | None, entry_points: dict[str, dict[str, str]],
                    distribution: str = "robovlms-broken", version: str = "0.2.0"):
-    """`entry_points`: group -> name -> "module:attribute"."""
+    """`entry_points`: group -> name -> "module:attribute"; `source`: the module's code, None for a module
+    already importable (one under tests/)."""
     site = tmp_path / "site-packages"
     site.mkdir(exist_ok=True)
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    if source is not None:
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
     dist_info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
@@ -18,4 +20,5 @@ def install_plugin(tmp_path, monkeypatch, module: str, source: str, entry_points
         f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in names.items())
         for group, names in entry_points.items()))
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, module, raising=False)
+    if source is not None:
+        monkeypatch.delitem(sys.modules, module, raising=False)
