@@ -146,3 +146,15 @@ def test_check_backbone_command_refuses_an_option_without_a_value(monkeypatch, c
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 2 and "--option 'hidden_size' is not KEY=VALUE" in capsys.readouterr().out
+
+
+def test_the_backbone_doc_names_everything_a_backbone_must_and_may_provide():
+    from pathlib import Path
+
+    from robovlms.backbone import BACKBONES, Backbone
+
+    doc = (Path(__file__).parent.parent / "docs" / "adding-a-backbone.md").read_text()
+    provides = doc[doc.index("## What a backbone provides"):doc.index("## Registering it")]
+    required = sorted(Backbone.__abstractmethods__) + list(BACKBONES.required_attributes)
+    optional = ["reference_hidden_state", "image_size=", "get_rope_index", "token_type_ids", "ImageProcessorPil"]
+    assert [name for name in required + optional if f"`{name}" not in provides and f"{name}`" not in provides] == []
