@@ -90,11 +90,10 @@ class Registry(Generic[T]):
         try:
             factory = entry_point.load()
         except Exception as error:  # a broken plugin: an ImportError, a wrong attribute name, any import-time bug
-            raise self._plugin_error(name, "cannot be loaded", error) from error
+            raise self._plugin_error(name, f"cannot be loaded: {_one_line(error)}") from error
         problem = self._interface_problem(factory)
         if problem:
-            source = self.source(name)
-            raise PluginError(f"{self.kind} plugin {name!r} ({source.entry_point}, from {source.package}) {problem}")
+            raise self._plugin_error(name, problem)
         self._loaded[name] = factory
         return factory
 
@@ -110,10 +109,9 @@ class Registry(Generic[T]):
             return f"does not set the class attribute(s) {', '.join(missing)}"
         return None
 
-    def _plugin_error(self, name: str, what: str, error: BaseException) -> PluginError:
+    def _plugin_error(self, name: str, problem: str) -> PluginError:
         source = self.source(name)
-        return PluginError(f"{self.kind} plugin {name!r} ({source.entry_point}, from {source.package}) {what}: "
-                           f"{type(error).__name__}: {error}")
+        return PluginError(f"{self.kind} plugin {name!r} ({source.entry_point}, from {source.package}) {problem}")
 
     @contextmanager
     def building(self, name: str) -> Iterator[None]:
@@ -124,7 +122,7 @@ class Registry(Generic[T]):
         except RobovlmsError:
             raise
         except Exception as error:
-            raise self._plugin_error(name, "failed while being built", error) from error
+            raise self._plugin_error(name, f"failed while being built: {_one_line(error)}") from error
 
     def create(self, name: str, *args, **kwargs) -> T:
         """`name`'s plugin built with these options; options it does not take are a ConfigError naming the valid."""
@@ -163,6 +161,12 @@ class Registry(Generic[T]):
             table.add_row(row["name"], description, *(str(row.get(column, "")) for column in extra_columns),
                           row["entry_point"], row["package"])
         return table
+
+
+def _one_line(error: BaseException) -> str:
+    """`KeyError: 'hidden_size'`: the error's type and the first line of its message (the traceback stays chained)."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
 
 
 def describe(factory) -> str:
