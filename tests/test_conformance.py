@@ -11,10 +11,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from robovlms import cli
-from robovlms.backbone import TransformersBackbone
+from robovlms.backbone import TransformersBackbone, create_backbone
 from robovlms.errors import ConfigError
-from robovlms.testing import (assert_backbone_conforms, check_backbone, check_batch_independence,
-                              check_forward_and_gradients, check_reference_forward)
+from robovlms.testing import (assert_backbone_conforms, check_action_tokens, check_backbone,
+                              check_batch_independence, check_forward_and_gradients, check_freeze_modes,
+                              check_image_settings, check_reference_forward)
 
 WRAPS_A_TRANSFORMERS_MODEL = ["kosmos2", "paligemma", "flamingo", "llava", "qwen2vl"]
 
@@ -31,6 +32,17 @@ class SeesTheFuture(GPTScratchBackbone):
     def contextualise(self, context, images, suffix_embeds):
         hidden = super().contextualise(context, images, suffix_embeds)
         return hidden + hidden.mean(dim=1, keepdim=True)
+
+
+class ForgetsItsImageStd(GPTScratchBackbone):
+    name = "forgets-its-image-std"
+    description = "from_saved rebuilds it with another image_std"
+
+    @classmethod
+    def from_saved(cls, directory, size, origin):
+        backbone = super().from_saved(directory, size, origin)
+        backbone.image_std.fill_(0.25)
+        return backbone
 
 
 class SeesTheBatch(GPTScratchBackbone):
@@ -55,7 +67,8 @@ def qwen2vl(tmp_path, monkeypatch):
 def leaky(tmp_path, monkeypatch):
     install_plugin(tmp_path, monkeypatch, "leaky_backbones", LEAKY_BACKBONES,
                    {"robovlms.backbones": {"sees-the-future": "leaky_backbones:SeesTheFuture",
-                                           "sees-the-batch": "leaky_backbones:SeesTheBatch"}})
+                                           "sees-the-batch": "leaky_backbones:SeesTheBatch",
+                                           "forgets-its-image-std": "leaky_backbones:ForgetsItsImageStd"}})
 
 
 @pytest.mark.parametrize("name", ["kosmos2", "paligemma", "flamingo", "gpt-scratch", "llava", "qwen2vl"])
@@ -125,6 +138,40 @@ def test_the_kit_catches_a_backbone_whose_sample_depends_on_its_batch(leaky):
 
     with pytest.raises(AssertionError, match="a sample alone and in a batch differ"):
         check_batch_independence(SeesTheBatch.tiny())
+
+
+def test_the_kit_catches_a_backbone_that_load_backbone_does_not_rebuild(leaky):
+    failed = {result.check: result.reason for result in check_backbone("forgets-its-image-std") if not result.passed}
+    assert set(failed) == {"save and load", "LoRA save and load"}
+    assert "the loaded backbone's outputs differ" in failed["save and load"]
+
+
+def test_the_kit_catches_image_settings_out_of_range():
+    torch.manual_seed(0)
+    backbone = create_backbone("gpt-scratch", image_std=(0.5, 0.5, 2.0))
+    with pytest.raises(AssertionError, match=r"image_std \[0.5, 0.5, 2.0\] must be three values in \(0, 1\]"):
+        check_image_settings(backbone)
+
+
+def test_the_kit_catches_vision_and_language_modules_that_overlap(monkeypatch):
+    backbone = create_backbone("gpt-scratch")
+    monkeypatch.setattr(backbone, "vision_modules", lambda: [backbone.model])
+    with pytest.raises(AssertionError, match="vision and language modules share parameters"):
+        check_freeze_modes(backbone)
+
+
+def test_the_kit_catches_lora_target_modules_that_match_nothing(monkeypatch):
+    backbone = create_backbone("gpt-scratch")
+    monkeypatch.setattr(backbone, "lora_target_modules", r"blocks\.\d+\.no_such_projection")
+    with pytest.raises(Exception, match="no_such_projection"):
+        check_freeze_modes(backbone)
+
+
+def test_the_kit_catches_an_lm_head_that_does_not_grow(monkeypatch):
+    backbone = create_backbone("gpt-scratch")
+    monkeypatch.setattr(backbone, "resize_vocabulary", lambda vocab_size: None)
+    with pytest.raises(Exception, match="index out of range|did not grow"):
+        check_action_tokens(backbone)
 
 
 def test_check_backbone_command_prints_one_row_per_check_and_exits_1_on_a_failure(leaky, monkeypatch):

@@ -233,3 +233,19 @@ class Bench(MetaWorldBenchmark):
     name = "other-bench"
 """, {"robovlms.benchmarks": {"other-bench": "bench_plugin:Bench"}}, distribution="robovlms-bench", version="1.2.0")
     assert software_versions("other-bench")["robovlms-bench"] == "1.2.0"
+
+
+def test_formulations_listing_gives_a_row_to_a_formulation_missing_its_loss(tmp_path, monkeypatch):
+    from robovlms.formulation import FORMULATIONS
+
+    install_plugin(tmp_path, monkeypatch, "broken_plugin", '''
+from robovlms.formulation import Formulation
+
+
+class NoLoss(Formulation):
+    name = "no-loss"
+    description = "forgot loss and predict"
+''', {"robovlms.formulations": {"no-loss": "broken_plugin:NoLoss"}})
+    rows = {row["name"]: row for row in FORMULATIONS.listing()}
+    assert not rows["policy-head"]["failed"] and rows["no-loss"]["failed"]
+    assert "does not implement" in rows["no-loss"]["description"] and "loss" in rows["no-loss"]["description"]
