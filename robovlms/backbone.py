@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from robovlms.errors import ConfigError, RobovlmsError, ShapeError, UnknownNameError
+from robovlms.errors import ConfigError, PluginError, RobovlmsError, ShapeError, UnknownNameError
 from robovlms.registry import Registry
 
 SIZES = ("tiny", "pretrained")
@@ -344,18 +344,16 @@ class TransformersBackbone(Backbone):
 
     @classmethod
     def pretrained(cls, path: str) -> Backbone:
-        from transformers import AutoProcessor
-
         directory = resolve_pretrained(path, cls.model_types, cls.name)
-        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+        processor = auto_processor(directory, cls.name)
         model = cls.model_class.from_pretrained(directory, local_files_only=True)
         return cls(model, processor, "pretrained", str(path))
 
     @classmethod
     def from_saved(cls, directory: Path, size: str, origin: str | None) -> Backbone:
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
-        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+        processor = auto_processor(directory, cls.name)
         model = cls.model_class(AutoConfig.from_pretrained(directory, local_files_only=True))
         return cls(model, processor, size, origin)
 
@@ -446,6 +444,20 @@ def check_image_size(image_size: int, config, backbone: str, declared: bool) -> 
         raise ConfigError(f"backbone {backbone!r}: {source} {image_size} is not a multiple of its vision config's "
                           f"patch_size {patch}; pass image_size= to TransformersBackbone.__init__ when the "
                           f"processor's size is not the image side (Qwen2-VL's is a pixel count)")
+
+
+def auto_processor(directory: Path, backbone: str):
+    """The processor saved in `directory`, through AutoProcessor; one that cannot be built without torchvision
+    (which robovlms never installs) says what to do instead."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(directory, local_files_only=True)
+    except ImportError as error:
+        needs = str(error).strip().splitlines()[0].split(". ")[0]  # "... requires the Torchvision library ..."
+        raise PluginError(f"backbone {backbone!r}: AutoProcessor cannot build the processor in {directory} "
+                          f"({needs}); override pretrained and from_saved to load the tokenizer and the "
+                          f"*ImageProcessorPil class instead (docs/adding-a-backbone.md)") from error
 
 
 def processor_image_settings(image_processor) -> dict[str, Any]:

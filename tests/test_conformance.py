@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from robovlms import cli
 from robovlms.backbone import TransformersBackbone, create_backbone
-from robovlms.errors import ConfigError
+from robovlms.errors import ConfigError, PluginError
 from robovlms.testing import (assert_backbone_conforms, check_action_tokens, check_backbone,
                               check_batch_independence, check_forward_and_gradients, check_freeze_modes,
                               check_image_settings, check_reference_forward)
@@ -125,6 +125,12 @@ def test_qwen2vl_without_image_block_delimiters_fails_with_several_views():
 def test_qwen2vl_taking_its_image_size_from_the_processor_is_refused_when_built():
     with pytest.raises(ConfigError, match="image_size 4096 is not the side of a square image"):
         ImageSizeFromTheProcessor.tiny()
+
+
+def test_qwen2vl_through_autoprocessor_says_to_use_the_pil_image_processor(tmp_path):
+    Qwen2VLBackbone.tiny().save_files(tmp_path)
+    with pytest.raises(PluginError, match="AutoProcessor cannot build the processor .*Torchvision library.*ImageProcessorPil"):
+        TransformersBackbone.from_saved.__func__(Qwen2VLBackbone, tmp_path, "tiny", None)
 
 
 def test_the_kit_catches_a_backbone_that_sees_later_positions(leaky):
