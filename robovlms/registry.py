@@ -11,6 +11,7 @@ it came from, never a bare traceback; listings (`robovlms backbones`) give such 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ class Registry(Generic[T]):
 
     def listing(self) -> list[dict[str, str]]:
         """One row per registered name, from metadata and the plugin's class alone (nothing is built): name,
-        description (its docstring's first line, else its `description`), entry point, package; a plugin
+        description (see `describe`), entry point, package; a plugin
         that does not load has its error as description and `failed` set."""
         rows = []
         for source in self.sources():
@@ -170,6 +171,10 @@ def _one_line(error: BaseException) -> str:
 
 
 def describe(factory) -> str:
-    """A plugin's one-line description: the first line of its own docstring, else its `description`."""
-    doc = (factory.__doc__ or "").strip()  # a class's own: __doc__ is not inherited
-    return doc.splitlines()[0] if doc else getattr(factory, "description", "")
+    """A plugin's one-line description: the first paragraph of its own docstring, else its `description`, else
+    the first paragraph of its module's docstring."""
+    module = sys.modules.get(factory.__module__)
+    for text in (factory.__doc__, getattr(factory, "description", None), getattr(module, "__doc__", None)):
+        if text and text.strip():  # a class's own docstring: __doc__ is not inherited
+            return " ".join(text.strip().split("\n\n")[0].split())
+    return ""
