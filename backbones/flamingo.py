@@ -78,6 +78,14 @@ class FlamingoBackbone(TransformersBackbone):
                                 pixel_values=images.view(rows, images_per_row, *images.shape[1:]),
                                 image_attention_mask=image_attention_mask, use_cache=False).last_hidden_state
 
+    def reference_hidden_state(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor):
+        pixel_values, ids, embeds, _ = self.reference_inputs(image, instruction, suffix_embed)
+        image_attention_mask = torch.ones(1, ids.shape[1], 1, dtype=torch.long)
+        image_attention_mask[0, 0] = 0  # <s> comes before the image
+        out = self.model(pixel_values=pixel_values.unsqueeze(1), inputs_embeds=embeds,
+                         image_attention_mask=image_attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1][0, -1]
+
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.model.vision_model, self.model.model.perceiver_resampler]
 

@@ -72,6 +72,12 @@ class Kosmos2Backbone(TransformersBackbone):
         return self.model.text_model.model(inputs_embeds=embeds, attention_mask=context.attention_mask,
                                            use_cache=False).last_hidden_state
 
+    def reference_hidden_state(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor):
+        pixel_values, _, embeds, image_mask = self.reference_inputs(image, instruction, suffix_embed)
+        out = self.model(pixel_values=pixel_values, inputs_embeds=embeds, image_embeds_position_mask=image_mask,
+                         output_hidden_states=True)
+        return out.hidden_states[-1][0, -1]
+
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.vision_model, self.model.image_to_text_projection]
 

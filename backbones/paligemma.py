@@ -73,6 +73,15 @@ class PaliGemmaBackbone(TransformersBackbone):
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)  # PaliGemma 2 has one
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def reference_hidden_state(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor):
+        pixel_values, ids, embeds, _ = self.reference_inputs(image, instruction, suffix_embed,
+                                                             self.model.config.image_token_id)
+        token_type_ids = torch.zeros_like(ids)
+        token_type_ids[0, -1] = 1  # the suffix is PaliGemma's causal "answer"; the rest its bidirectional prefix
+        out = self.model(pixel_values=pixel_values, inputs_embeds=embeds, token_type_ids=token_type_ids,
+                         output_hidden_states=True)
+        return out.hidden_states[-1][0, -1]
+
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
 

@@ -33,11 +33,12 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from robovlms.errors import ConfigError, ShapeError, UnknownNameError
+from robovlms.errors import ConfigError, PluginError, RobovlmsError, ShapeError, UnknownNameError
 from robovlms.registry import Registry
 
 SIZES = ("tiny", "pretrained")
 FREEZE_MODES = ("full", "frozen-vision", "frozen-language", "lora")
+MAX_IMAGE_SIZE = 2048  # px; no VLM's vision tower takes larger square images, so a larger "size" is a pixel count
 SPEC_FILE = "backbone.json"
 WEIGHTS_FILE = "backbone.safetensors"
 
@@ -68,6 +69,10 @@ class Backbone(nn.Module, abc.ABC):
     def __init__(self, *, size: str, origin: str | None, tokenizer, image_size: int,
                  image_mean: tuple[float, ...], image_std: tuple[float, ...], rescale_factor: float = 1 / 255):
         super().__init__()
+        if not 8 <= image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"backbone {self.name!r}: image_size {image_size} is not the side of a square image "
+                              f"(8 to {MAX_IMAGE_SIZE} px); if it came from an image processor's size, that size is "
+                              f"something else (Qwen2-VL's shortest_edge is a pixel count): give the side explicitly")
         self.size = size
         self.origin = origin  # the pretrained directory or model id; None for a random init
         self.tokenizer = tokenizer
@@ -133,6 +138,16 @@ class Backbone(nn.Module, abc.ABC):
 
     lora_target_modules: ClassVar[str]  # regex over `self.model` module names: the LM's attention projections
 
+    # ---- what a backbone may provide ------------------------------------------------------------------------
+
+    def reference_hidden_state(self, image: torch.Tensor, instruction: str,
+                               suffix_embed: torch.Tensor) -> torch.Tensor | None:
+        """The last-layer hidden state (D,) at `suffix_embed` appended to the per-frame context of one uint8
+        image (S, S, 3) and `instruction`, computed by the wrapped model's own forward from its own processor's
+        pixels, token ids and positions; None when there is no such forward. `robovlms check-backbone` checks
+        that `forward` agrees with it."""
+        return None
+
     # ---- the interface the formulations use ---------------------------------------------------------------
 
     @property
@@ -197,7 +212,8 @@ class Backbone(nn.Module, abc.ABC):
 
         overwrite: reuse the last `count` ids of the base vocabulary (the least used merges of a BPE vocabulary),
         skipping special and added tokens; bin 0 takes the last id, as RT-2 and OpenVLA do.
-        append: add `count` new tokens to the tokenizer and grow the embeddings and LM head.
+        append: add the tokens <action_0> ... <action_{count-1}> to the tokenizer and grow the embeddings and LM
+        head; a tokenizer that holds them already (a backbone rebuilt from a trained run) keeps their ids.
         """
         if mode not in ("overwrite", "append"):
             raise UnknownNameError("action token mode", mode, ["overwrite", "append"])
@@ -210,9 +226,9 @@ class Backbone(nn.Module, abc.ABC):
                 raise ConfigError(f"cannot overwrite {count} tokens: {self.label} has {len(candidates)} ordinary "
                                   f"tokens; use mode='append'")
             return torch.tensor(candidates[:count])
-        first = len(self.tokenizer)
-        self.tokenizer.add_tokens([f"<action_{first + i}>" for i in range(count)], special_tokens=True)
-        ids = torch.arange(first, first + count)
+        names = [f"<action_{i}>" for i in range(count)]
+        self.tokenizer.add_tokens(names, special_tokens=True)  # skips the ones it holds
+        ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(names))
         if len(self.tokenizer) > self.input_embeddings().num_embeddings:
             self.resize_vocabulary(len(self.tokenizer))
         return ids
@@ -317,32 +333,54 @@ class TransformersBackbone(Backbone):
     model_class: ClassVar[type]
     model_types: ClassVar[tuple[str, ...]]  # config.json model_type values this backbone accepts
 
-    def __init__(self, model, processor, size: str, origin: str | None):
-        super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer,
-                         **processor_image_settings(processor.image_processor))
+    def __init__(self, model, processor, size: str, origin: str | None, image_size: int | None = None):
+        """`image_size`: the side of the square images the vision tower takes, when the image processor's size
+        is not one (Qwen2-VL's is a pixel count); by default the processor's, checked against the vision config."""
+        settings = processor_image_settings(processor.image_processor)
+        settings["image_size"] = image_size or settings["image_size"]
+        check_image_size(settings["image_size"], model.config, self.name, declared=image_size is not None)
+        super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer, **settings)
         self.model = model
         self.processor = processor
 
     @classmethod
     def pretrained(cls, path: str) -> Backbone:
-        from transformers import AutoProcessor
-
         directory = resolve_pretrained(path, cls.model_types, cls.name)
-        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+        processor = auto_processor(directory, cls.name)
         model = cls.model_class.from_pretrained(directory, local_files_only=True)
         return cls(model, processor, "pretrained", str(path))
 
     @classmethod
     def from_saved(cls, directory: Path, size: str, origin: str | None) -> Backbone:
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
-        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+        processor = auto_processor(directory, cls.name)
         model = cls.model_class(AutoConfig.from_pretrained(directory, local_files_only=True))
         return cls(model, processor, size, origin)
 
     def save_files(self, directory: Path) -> None:
         self.processor.save_pretrained(directory)
         self.model.config.save_pretrained(directory)
+
+    def reference_inputs(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor,
+                         image_token_id: int | None = None):
+        """For `reference_hidden_state`: the image as the model's own processor gives it, the documented per-frame
+        context `<s> [image block] instruction [suffix]` spelled out as token ids (image slots hold
+        `image_token_id`, the suffix a placeholder), its embeddings with `suffix_embed` in place, and the mask of
+        the image slots: (pixel_values, ids (1, L), embeds (1, L, D), image_mask (1, L))."""
+        processed = self.processor.image_processor(images=[image.numpy()], return_tensors="pt")
+        pixel_values = processed if torch.is_tensor(processed) else processed.pixel_values  # IDEFICS' is the tensor
+        before, slots, after = self.image_block()
+        slot = self.tokenizer.pad_token_id if image_token_id is None else image_token_id
+        instruction_ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+        ids = [self.tokenizer.bos_token_id, *before, *[slot] * slots, *after, *instruction_ids,
+               self.tokenizer.pad_token_id]
+        image_mask = torch.zeros(1, len(ids), dtype=torch.long)
+        image_mask[0, 1 + len(before):1 + len(before) + slots] = 1
+        ids = torch.tensor([ids])
+        embeds = self.input_embeddings()(ids)
+        embeds[0, -1] = suffix_embed
+        return pixel_values, ids, embeds, image_mask
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -393,6 +431,36 @@ def resolve_pretrained(path: str | None, model_types: tuple[str, ...], backbone:
     return directory
 
 
+def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:
+    """The image side a backbone derived (or `declared`) agrees with its vision config: equal to its image_size,
+    or a whole number of its patches when it has no fixed size."""
+    vision = getattr(config, "vision_config", None)
+    expected, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    source = "declared image_size" if declared else "image size from its image processor's size"
+    if expected is not None and image_size != expected:
+        raise ConfigError(f"backbone {backbone!r}: {source} {image_size} differs from its vision config's "
+                          f"image_size {expected}; pass image_size= to TransformersBackbone.__init__ when the "
+                          f"processor's size is not the image side")
+    if patch and image_size % patch:
+        raise ConfigError(f"backbone {backbone!r}: {source} {image_size} is not a multiple of its vision config's "
+                          f"patch_size {patch}; pass image_size= to TransformersBackbone.__init__ when the "
+                          f"processor's size is not the image side (Qwen2-VL's is a pixel count)")
+
+
+def auto_processor(directory: Path, backbone: str):
+    """The processor saved in `directory`, through AutoProcessor; one that cannot be built without torchvision
+    (which robovlms never installs) says what to do instead."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(directory, local_files_only=True)
+    except ImportError as error:
+        needs = str(error).strip().splitlines()[0].split(". ")[0]  # "... requires the Torchvision library ..."
+        raise PluginError(f"backbone {backbone!r}: AutoProcessor cannot build the processor in {directory} "
+                          f"({needs}); override pretrained and from_saved to load the tokenizer and the "
+                          f"*ImageProcessorPil class instead (docs/adding-a-backbone.md)") from error
+
+
 def processor_image_settings(image_processor) -> dict[str, Any]:
     """image_size, image_mean, image_std, rescale_factor as a transformers image processor configures them."""
     size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
@@ -404,7 +472,8 @@ def processor_image_settings(image_processor) -> dict[str, Any]:
 
 # ---- registry -----------------------------------------------------------------------------------------------
 
-BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones")
+BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones", Backbone,
+                                                ("name", "description", "lora_target_modules"))
 
 
 def create_backbone(name: str, size: str = "tiny", path: str | None = None, **options) -> Backbone:
@@ -415,11 +484,13 @@ def create_backbone(name: str, size: str = "tiny", path: str | None = None, **op
     if size == "tiny":
         if path is not None:
             raise ConfigError(f"a tiny {name} is built from scratch; path={path!r} is only for size 'pretrained'")
-        return backbone_class.tiny(**options)
+        with BACKBONES.building(name):
+            return backbone_class.tiny(**options)
     if options:
         raise ConfigError(f"options {', '.join(sorted(options))} only apply to size 'tiny'; "
                           f"a pretrained {name} takes its configuration from {path}")
-    return backbone_class.pretrained(path)
+    with BACKBONES.building(name):
+        return backbone_class.pretrained(path)
 
 
 def load_backbone(directory: str | Path) -> Backbone:
@@ -429,30 +500,38 @@ def load_backbone(directory: str | Path) -> Backbone:
     if not spec_file.is_file():
         raise ConfigError(f"{directory} holds no saved backbone ({SPEC_FILE} is missing)")
     spec = json.loads(spec_file.read_text())
-    backbone = BACKBONES.get(spec["name"]).from_saved(directory, spec["size"], spec["origin"])
+    backbone = rebuild_backbone(spec["name"], directory, spec["size"], spec["origin"])
     backbone.freeze(spec["freeze_mode"], lora_rank=spec["lora_rank"] or 8)  # LoRA adapters exist before loading
     load_model(backbone, str(directory / WEIGHTS_FILE))
     return backbone
 
 
-def list_backbones() -> list[dict[str, Any]]:
-    """Every registered backbone with its description and the parameter count of its tiny size."""
-    rows = []
-    for name in BACKBONES.names():
-        backbone_class = BACKBONES.get(name)
-        rows.append({"name": name, "description": backbone_class.description,
-                     "tiny_parameters": backbone_class.tiny().num_parameters(),
-                     "package": backbone_class.__module__.split(".")[0]})
+def rebuild_backbone(name: str, directory: Path, size: str, origin: str | None) -> Backbone:
+    """Backbone `name`'s architecture from the files its `save_files` wrote in `directory`, randomly initialised."""
+    backbone_class = BACKBONES.get(name)
+    with BACKBONES.building(name):
+        return backbone_class.from_saved(Path(directory), size, origin)
+
+
+def list_backbones(parameters: bool = False) -> list[dict[str, Any]]:
+    """Every registered backbone from its package metadata and class (see `Registry.listing`); with
+    `parameters`, also the parameter count of its tiny size, which builds each one (seconds, not milliseconds)."""
+    rows = BACKBONES.listing()
+    if parameters:
+        for row in rows:
+            if row["failed"]:
+                continue
+            try:
+                row["tiny_parameters"] = create_backbone(row["name"]).num_parameters()
+            except RobovlmsError as error:
+                row["description"], row["failed"] = str(error), "yes"
     return rows
 
 
-def backbones_table():
-    """`robovlms backbones`: the registered backbones as a rich table."""
-    from rich.table import Table
-
-    table = Table(title="backbones (entry-point group robovlms.backbones)")
-    for column in ("name", "description", "tiny parameters", "package"):
-        table.add_column(column, justify="right" if column == "tiny parameters" else "left")
-    for row in list_backbones():
-        table.add_row(row["name"], row["description"], f"{row['tiny_parameters'] / 1e6:.2f}M", row["package"])
-    return table
+def backbones_table(rows: list[dict[str, Any]]):
+    """`robovlms backbones`: rows of `list_backbones` as a rich table."""
+    counted = any("tiny_parameters" in row for row in rows)
+    for row in rows:
+        if "tiny_parameters" in row:
+            row["tiny parameters"] = f"{row['tiny_parameters'] / 1e6:.2f}M"
+    return BACKBONES.table(rows, ("tiny parameters",) if counted else ())

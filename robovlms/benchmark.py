@@ -213,7 +213,7 @@ def square_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
-BENCHMARKS: Registry[Benchmark] = Registry("benchmark", "robovlms.benchmarks")
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark", "robovlms.benchmarks", Benchmark, ("name",))
 
 
 def create_benchmark(name: str, **options: Any) -> Benchmark:

@@ -317,20 +317,60 @@ def worker_command(
 
 
 @app.command("backbones")
-def backbones_command() -> None:
-    """List the registered backbones (built-in and from plugins) with their tiny sizes' parameter counts."""
-    from robovlms.backbone import backbones_table
+def backbones_command(
+    parameters: Annotated[bool, typer.Option(help="Also build each tiny size to count its parameters (slower).")] = False,
+) -> None:
+    """List the registered backbones (built-in and from plugins): entry point, package and version, description;
+    a plugin that fails to load gets a row naming its error. Exits with 1 when one fails."""
+    from robovlms.backbone import backbones_table, list_backbones
 
-    console.print(backbones_table())
+    rows = list_backbones(parameters)
+    console.print(backbones_table(rows))
+    if any(row["failed"] for row in rows):
+        sys.exit(1)
 
 
 @app.command("benchmarks")
 def benchmarks_command() -> None:
-    """List the registered benchmarks."""
+    """List the registered benchmarks, like `robovlms backbones`. Exits with 1 when one fails to load."""
     from robovlms.benchmark import BENCHMARKS
 
-    for name in BENCHMARKS.names():
-        console.print(name)
+    rows = BENCHMARKS.listing()
+    console.print(BENCHMARKS.table(rows))
+    if any(row["failed"] for row in rows):
+        sys.exit(1)
+
+
+@app.command("check-backbone")
+def check_backbone_command(
+    name: Annotated[str, typer.Argument(help="A registered backbone (see `robovlms backbones`).")],
+    option: Annotated[list[str] | None, typer.Option(help="An option of its tiny size as KEY=VALUE (the value read "
+                                                          "as YAML), e.g. --option hidden_size=32; repeatable.")] = None,
+) -> None:
+    """Run the backbone conformance kit (robovlms.testing) on a tiny NAME: causality of the suffix and of
+    interleaved frames, batch independence, save / load, freeze modes and LoRA, action tokens, image settings and
+    agreement with the wrapped model's own forward. One line per check; exits with 1 when one fails."""
+    import yaml
+
+    from robovlms.errors import ConfigError
+    from robovlms.testing import check_backbone
+
+    options = {}
+    for item in option or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
+        options[key] = yaml.safe_load(value)
+    results = check_backbone(name, **options)
+    table = Table(title=f"conformance of backbone {name}" + "".join(f" {k}={v}" for k, v in options.items()))
+    for column in ("check", "result", "reason"):
+        table.add_column(column)
+    colours = {"pass": "green", "fail": "red", "skip": "yellow"}
+    for result in results:
+        table.add_row(result.check, f"[{colours[result.status]}]{result.status}[/]", result.reason)
+    console.print(table)
+    if not all(result.passed for result in results):
+        sys.exit(1)
 
 
 @app.command("report")

@@ -36,6 +36,11 @@ class MissingDependencyError(RobovlmsError, ImportError):
     """An optional package is needed; the message says exactly what to install."""
 
 
+class PluginError(RobovlmsError):
+    """A plugin (backbone, formulation, benchmark) that cannot be loaded, does not implement its interface, or
+    fails while being built; names the plugin, its entry point and the package it came from."""
+
+
 class ShapeError(RobovlmsError, ValueError):
     """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""
 

@@ -221,11 +221,14 @@ class ContinuousFormulation(Formulation):
                                       self.config)
 
 
-FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.formulations")
+FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.formulations", Formulation,
+                                                      ("name", "description", "config_class"))
 
 
 def create_formulation(name: str, backbone: Backbone, action_statistics: Statistics,
                        state_statistics: Statistics | None, **settings) -> Formulation:
     """`create_formulation("policy-head", backbone, store.action_statistics, store.state_statistics,
     history=8, chunk=10, use_state=True, head="lstm")`."""
-    return FORMULATIONS.get(name)(backbone, action_statistics, state_statistics, **settings)
+    formulation_class = FORMULATIONS.get(name)
+    with FORMULATIONS.building(name):
+        return formulation_class(backbone, action_statistics, state_statistics, **settings)

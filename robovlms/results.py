@@ -26,8 +26,9 @@ from typing import Any
 import pandas as pd
 
 from robovlms.atomic_files import write_json_atomically
-from robovlms.benchmark import EpisodeRecord
+from robovlms.benchmark import BENCHMARKS, EpisodeRecord
 from robovlms.records import records_frame, write_table
+from robovlms.registry import PluginSource
 
 SWEEP_FILE = "sweep.yaml"
 CELLS_DIR = "cells"
@@ -77,14 +78,31 @@ class CellResult:
     trial: int | None = None  # the Optuna trial number that produced it
 
 
-def software_versions() -> dict[str, str]:
+def software_versions(benchmark: str | None = None, training: dict[str, Any] | None = None) -> dict[str, str]:
+    """Python, the core packages, and the package and version of each plugin a cell used: its `benchmark` and,
+    for a trained cell (`training`: its training settings), its backbone and formulation."""
     versions = {"python": platform.python_version()}
     for package in VERSIONED_PACKAGES:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             pass
+    for source in _plugin_sources(benchmark, training):
+        if source.distribution is not None:
+            versions[source.distribution] = source.version
     return versions
+
+
+def _plugin_sources(benchmark: str | None, training: dict[str, Any] | None) -> list[PluginSource]:
+    from robovlms.backbone import BACKBONES
+    from robovlms.formulation import FORMULATIONS
+    from robovlms.training import load_config
+
+    sources = [BENCHMARKS.source(benchmark)] if benchmark is not None else []
+    if training is not None:
+        config = load_config({**training, "store": "-", "run_dir": "-"})
+        sources += [BACKBONES.source(config.backbone.name), FORMULATIONS.source(config.formulation.name)]
+    return sources
 
 
 def write_records(cell_dir: Path, records: list[EpisodeRecord]) -> None:

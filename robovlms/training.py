@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.utils.data import DataLoader, Sampler
 
 from robovlms.augmentation import augment_images
-from robovlms.backbone import BACKBONES, create_backbone
+from robovlms.backbone import create_backbone, rebuild_backbone
 from robovlms.data.store import VALIDATION_SEED, EpisodeStore, Statistics
 from robovlms.data.windows import WindowDataset
 from robovlms.errors import ConfigError, RobovlmsError, WindowError, config_error
@@ -219,8 +219,8 @@ def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT) -> 
     checkpoint_path = run_dir / CHECKPOINT_DIR / checkpoint
     if not checkpoint_path.is_file():
         raise ConfigError(f"{run_dir} holds no checkpoint {checkpoint}; train it first with `robovlms train`")
-    backbone = BACKBONES.get(config.backbone.name).from_saved(run_dir / BACKBONE_DIR, config.backbone.size,
-                                                              config.backbone.path)
+    backbone = rebuild_backbone(config.backbone.name, run_dir / BACKBONE_DIR, config.backbone.size,
+                                config.backbone.path)
     formulation = build_formulation(config, backbone, Statistics(**statistics["actions"]),
                                     Statistics(**statistics["state"]) if statistics["state"] else None)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -241,7 +241,6 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     store = EpisodeStore(config.store)
     cameras = config.cameras or list(store.layout.cameras)
     config = config.model_copy(update={"cameras": cameras})
-    _claim_run_dir(run_dir, config)
     validation = store.holdout(config.validation_fraction)
     episodes = store.subset(config.data_fraction, config.seed, exclude=validation, per_task=config.episodes_per_task)
     shortest = int(store.episodes.iloc[episodes]["length"].min())
@@ -253,16 +252,18 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     action_statistics = check_statistics(store.action_statistics, "action", store.layout.action_dim, store.path)
     state_statistics = (check_statistics(store.state_statistics, "state", store.layout.state_dim, store.path)
                         if config.use_state else None)
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    # built before anything is written: a bad backbone or formulation option leaves no run directory behind
+    backbone = create_backbone(config.backbone.name, config.backbone.size, config.backbone.path,
+                               **config.backbone.options)
+    module = FormulationModule(build_formulation(config, backbone, action_statistics, state_statistics), config)
+    _claim_run_dir(run_dir, config)
     (run_dir / STATISTICS_FILE).write_text(json.dumps(
         {"actions": asdict(action_statistics), "state": asdict(state_statistics) if state_statistics else None},
         indent=2))
-
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    backbone = create_backbone(config.backbone.name, config.backbone.size, config.backbone.path,
-                               **config.backbone.options)
     (run_dir / BACKBONE_DIR).mkdir(exist_ok=True)
     backbone.save_files(run_dir / BACKBONE_DIR)
-    module = FormulationModule(build_formulation(config, backbone, action_statistics, state_statistics), config)
 
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     start = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.exists() else 0
@@ -297,11 +298,12 @@ def _validation_loader(store: EpisodeStore, episodes: list[int], config: Trainin
 
 
 def _claim_run_dir(run_dir: Path, config: TrainingConfig) -> None:
-    """Write the resolved config, or check that a run directory being resumed was trained with the same one."""
+    """Write the resolved config, or check that a run directory being resumed was trained with the same one.
+    A run directory without a checkpoint holds nothing trained, whatever config it holds: it starts afresh."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = config.model_dump(mode="json")
     saved_file = run_dir / CONFIG_FILE
-    if saved_file.exists():
+    if saved_file.exists() and any((run_dir / CHECKPOINT_DIR).glob("*.ckpt")):
         saved = yaml.safe_load(saved_file.read_text())
         changed = sorted(key for key in resolved if key != "max_steps" and saved.get(key) != resolved[key])
         if changed:

@@ -250,9 +250,19 @@ def test_append_adds_tokens_and_grows_embeddings_and_lm_head(backbone):
     ids = backbone.reserve_action_tokens(8, mode="append")
     assert ids.tolist() == list(range(vocabulary, vocabulary + 8))
     assert len(backbone.tokenizer) == vocabulary + 8
-    assert backbone.tokenizer.convert_ids_to_tokens(ids.tolist()) == [f"<action_{i}>" for i in ids.tolist()]
+    assert backbone.tokenizer.convert_ids_to_tokens(ids.tolist()) == [f"<action_{i}>" for i in range(8)]
     logits = backbone.lm_logits(backbone.embed_tokens(ids))
     assert logits.shape == (8, vocabulary + 8)
+
+
+def test_appending_action_tokens_a_tokenizer_already_holds_keeps_their_ids(backbone, tmp_path):
+    """A backbone rebuilt from a trained run's files reserves the same tokens again without growing."""
+    ids = backbone.reserve_action_tokens(8, mode="append")
+    backbone.save(tmp_path / "backbone")
+    rebuilt = load_backbone(tmp_path / "backbone")
+    size = rebuilt.input_embeddings().num_embeddings
+    assert rebuilt.reserve_action_tokens(8, mode="append").tolist() == ids.tolist()
+    assert rebuilt.input_embeddings().num_embeddings == size == len(rebuilt.tokenizer)
 
 
 def test_preprocess_matches_the_image_processor_at_native_size():
@@ -356,12 +366,13 @@ def test_labels_mark_random_init():
     assert create_backbone("kosmos2").label == "kosmos2 (tiny, random init)"
 
 
-def test_list_backbones_gives_each_built_in_with_a_small_parameter_count():
-    rows = {row["name"]: row for row in list_backbones()}
-    assert set(BUILT_IN) <= set(rows) <= set(BACKBONES.names())
+def test_list_backbones_with_parameters_gives_each_built_in_with_a_small_parameter_count():
+    rows = list_backbones(parameters=True)
+    counts = {row["name"]: row.get("tiny_parameters") for row in rows}
+    assert set(BUILT_IN) <= set(counts) <= set(BACKBONES.names())
     for name in BUILT_IN:
-        assert 200_000 <= rows[name]["tiny_parameters"] <= 1_000_000
-    assert backbones_table().row_count == len(rows)
+        assert 200_000 <= counts[name] <= 1_000_000
+    assert backbones_table(rows).row_count == len(rows)
 
 
 def test_tiny_build_is_deterministic_given_the_seed():
@@ -371,3 +382,34 @@ def test_tiny_build_is_deterministic_given_the_seed():
     second = create_backbone("flamingo")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+
+
+def processor_with_shortest_edge(backbone, shortest_edge):
+    """The backbone's processor, its image processor's size a pixel count as Qwen2-VL's is."""
+    from transformers import CLIPImageProcessorPil, Kosmos2Processor
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": shortest_edge}, do_center_crop=False)
+    return Kosmos2Processor(image_processor, backbone.tokenizer)
+
+
+def test_an_image_processor_size_that_is_not_the_vision_configs_image_size_is_refused():
+    from robovlms.backbones.kosmos2 import Kosmos2Backbone
+
+    backbone = create_backbone("kosmos2")
+    with pytest.raises(ConfigError, match="image size from its image processor's size 4096 differs from its vision "
+                                          "config's image_size 64; pass image_size="):
+        Kosmos2Backbone(backbone.model, processor_with_shortest_edge(backbone, 4096), "tiny", None)
+
+
+def test_a_backbone_declares_its_image_size_when_the_processors_size_is_a_pixel_count():
+    from robovlms.backbones.kosmos2 import Kosmos2Backbone
+
+    backbone = create_backbone("kosmos2")
+    declared = Kosmos2Backbone(backbone.model, processor_with_shortest_edge(backbone, 4096), "tiny", None,
+                               image_size=64)
+    assert declared.image_size == 64
+
+
+def test_an_image_size_that_is_no_image_side_is_refused():
+    with pytest.raises(ConfigError, match="image_size 4096 is not the side of a square image \\(8 to 2048 px\\)"):
+        create_backbone("gpt-scratch", image_size=4096)

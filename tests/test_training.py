@@ -121,3 +121,26 @@ def test_a_yaml_config_trains(store, tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config(store, tmp_path / "run", max_steps=2)))
     assert (train(path) / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("setting", [{"backbone": {"options": {"hidden_dim": 32}}},
+                                     {"formulation": {"name": "one-step-continuous", "options": {"hiden": 2}}}])
+def test_a_bad_backbone_or_formulation_option_leaves_no_run_directory(store, tmp_path, setting):
+    with pytest.raises(ConfigError):
+        train(config(store, tmp_path / "run", **setting))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_without_a_checkpoint_trains_afresh_with_new_settings(store, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config(store, run_dir, chunk=3, max_steps=2)))
+    (run_dir / "statistics.json").write_text("{}")
+    assert (train(config(store, run_dir, max_steps=2)) / "checkpoints" / "last.ckpt").is_file()
+    assert load_config(run_dir / "config.yaml").chunk == 2
+
+
+def test_a_run_directory_with_a_checkpoint_refuses_other_settings(store, tmp_path):
+    run_dir = train(config(store, tmp_path / "run", max_steps=2))
+    with pytest.raises(ConfigError, match="holds a run trained with other settings \\(chunk\\)"):
+        train(config(store, run_dir, chunk=3, max_steps=2))

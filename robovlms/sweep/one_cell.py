@@ -58,7 +58,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     store = EpisodeStore(sweep.store.path)
     benchmark = sweep_benchmark(sweep, store)
     result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=benchmark.name,
-                        split=sweep.benchmark.split, policy=cell.policy, axes=cell.axes, versions=software_versions(),
+                        split=sweep.benchmark.split, policy=cell.policy, axes=cell.axes,
+                        versions=software_versions(benchmark.name, cell.training if cell.kind == "trained" else None),
                         sweep=sweep.name, trial=trial_number)
     specs = benchmark.evaluation_episodes(sweep.benchmark.split, sweep.evaluation.episodes_per_task)
     if cell.kind == "baseline":

@@ -72,6 +72,12 @@ class LlavaBackbone(TransformersBackbone):
         return self.model.model.language_model(inputs_embeds=embeds, attention_mask=context.attention_mask,
                                                use_cache=False).last_hidden_state
 
+    def reference_hidden_state(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor):
+        pixel_values, _, embeds, _ = self.reference_inputs(image, instruction, suffix_embed,
+                                                           self.model.config.image_token_id)
+        return self.model(pixel_values=pixel_values, inputs_embeds=embeds,
+                          output_hidden_states=True).hidden_states[-1][0, -1]
+
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
 
