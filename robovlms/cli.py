@@ -96,6 +96,19 @@ def data_info(store: Annotated[Path, typer.Argument(help="Episode store director
     _print_store(EpisodeStore(store))
 
 
+@data_app.command("verify")
+def data_verify(store: Annotated[Path, typer.Argument(help="Episode store directory.")]) -> None:
+    """Read every file of an episode store against the checksums recorded when it was written."""
+    from robovlms.data.store import verify_store
+
+    checked = verify_store(store, progress=True)
+    if checked:
+        console.print(f"{store}: intact ({', '.join(checked)} match their checksums)")
+    else:
+        console.print(f"{store} has no checksums (written before robovlms recorded them): its sizes and episode "
+                      f"bounds are consistent, its contents cannot be checked; regenerate or re-import it to add them")
+
+
 def _print_store(store) -> None:
     counts = store.episodes.groupby(["task", "scene"]).size().unstack(fill_value=0)
     table = Table(title=f"{store.path}: {len(store)} episodes, {store.frames} frames")
