@@ -385,7 +385,8 @@ def _read_index(path: Path, frames: int) -> pd.DataFrame:
     try:
         episodes = pd.read_parquet(path)
     except (OSError, ValueError, pyarrow.ArrowException) as error:
-        raise StoreError(f"{path} is corrupt ({' '.join(str(error).split())}); the store cannot be read: regenerate or re-import "
+        reason = " ".join(str(error).split())
+        raise StoreError(f"{path} is corrupt ({reason}); the store cannot be read: regenerate or re-import "
                          f"it") from None
     missing = [column for column in INDEX_COLUMNS if column not in episodes]
     if missing:
