@@ -368,7 +368,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
                                    enable_version_counter=False),  # a resumed run rewrites stepN.ckpt, never -v1
                    clock, *callbacks])
     if start < config.max_steps:
-        trainer.fit(module, loader, validation_loader, ckpt_path=resume_from)
+        trainer.fit(module, loader, validation_loader, ckpt_path=resume_from, weights_only=True)
     return run_dir
 
 
