@@ -58,7 +58,8 @@ class TrainingDivergedError(RobovlmsError):
 
 
 class CheckpointError(RobovlmsError):
-    """A checkpoint file that is truncated, corrupt, or not a robovlms checkpoint."""
+    """A file of a run directory's training state (a checkpoint, training_time.json) that is truncated, corrupt,
+    or not written by robovlms."""
 
 
 class _Strict(BaseModel):
