@@ -169,7 +169,7 @@ def test_a_finished_run_whose_last_checkpoint_is_truncated_gets_it_back_from_the
     truncate(run_dir / "checkpoints" / "last.ckpt")
     with pytest.warns(UserWarning, match="truncated or corrupt"):
         train(config(store, run_dir, **settings))
-    formulation, _ = load_formulation(run_dir)
+    load_formulation(run_dir)
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
