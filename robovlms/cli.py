@@ -41,6 +41,8 @@ def data_generate(
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store (only once the new one is complete).")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run, keeping the episodes it already wrote.")] = False,
+    allow_short: Annotated[bool, typer.Option(help="Commit the store even if the expert fell short of --episodes "
+                                                   "for some task and scene (recorded in its metadata).")] = False,
 ) -> None:
     """Run the benchmark's scripted experts and write their successful episodes to an episode store."""
     from robovlms.benchmark import create_benchmark
@@ -50,7 +52,7 @@ def data_generate(
     bench = create_benchmark(benchmark, tasks=task_list, image_size=image_size, cameras=_split_list(cameras),
                              max_steps=max_steps)
     store = generate_demonstrations(bench, split, episodes, out, scenes=scenes, workers=workers,
-                                    overwrite=overwrite, resume=resume)
+                                    overwrite=overwrite, resume=resume, allow_short=allow_short)
     _print_store(store)
 
 
@@ -94,6 +96,19 @@ def data_info(store: Annotated[Path, typer.Argument(help="Episode store director
     from robovlms.data.store import EpisodeStore
 
     _print_store(EpisodeStore(store))
+
+
+@data_app.command("verify")
+def data_verify(store: Annotated[Path, typer.Argument(help="Episode store directory.")]) -> None:
+    """Read every file of an episode store against the checksums recorded when it was written."""
+    from robovlms.data.store import verify_store
+
+    checked = verify_store(store, progress=True)
+    if checked:
+        console.print(f"{store}: intact ({', '.join(checked)} match their checksums)")
+    else:
+        console.print(f"{store} has no checksums (written before robovlms recorded them): its sizes and episode "
+                      f"bounds are consistent, its contents cannot be checked; regenerate or re-import it to add them")
 
 
 def _print_store(store) -> None:

@@ -11,13 +11,15 @@ A sweep's run directory:
     results/episodes.parquet, .csv    every episode of every cell, with its cell_id
 
 A cell's files are written by the one worker that holds its Optuna trial; result.json is the cell's commit
-record: a cell directory without it is unfinished.
+record: a cell directory without it is unfinished. A result.json that cannot be read (truncated, or keys this
+robovlms does not know) counts as unfinished to the sweep, which runs the cell again, and as damaged to a report.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,6 +29,7 @@ import pandas as pd
 
 from robovlms.atomic_files import write_json_atomically
 from robovlms.benchmark import BENCHMARKS, EpisodeRecord
+from robovlms.errors import RobovlmsError
 from robovlms.records import records_frame, write_table
 from robovlms.registry import PluginSource
 
@@ -115,15 +118,44 @@ def write_cell_result(cell_dir: Path, result: CellResult) -> None:
     write_json_atomically(cell_dir / RESULT_FILE, asdict(result))
 
 
-def read_cell_result(cell_dir: Path) -> CellResult | None:
+class DamagedResultError(RobovlmsError):
+    """A cell's result.json that is not a readable CellResult."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path} is damaged: {reason}")
+
+
+def load_cell_result(cell_dir: Path) -> CellResult | None:
+    """A cell's committed result; None when it has none. DamagedResultError when result.json is truncated or does
+    not hold a CellResult."""
     path = Path(cell_dir) / RESULT_FILE
     if not path.is_file():
         return None
-    return CellResult(**json.loads(path.read_text()))
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedResultError(path, f"{RESULT_FILE} is truncated or not JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise DamagedResultError(path, f"{RESULT_FILE} holds no JSON object")
+    try:
+        return CellResult(**payload)
+    except TypeError as error:  # an unknown or a missing key
+        reason = str(error).removeprefix("CellResult.__init__() ")
+        raise DamagedResultError(path, f"{RESULT_FILE} is not a cell result of this robovlms ({reason})") from None
+
+
+def read_cell_result(cell_dir: Path) -> CellResult | None:
+    """A cell's committed result, as the sweep reads it: a damaged one is None (unfinished: the cell runs again)."""
+    try:
+        return load_cell_result(cell_dir)
+    except DamagedResultError as error:
+        warnings.warn(f"{error}; the cell counts as unfinished", stacklevel=2)
+        return None
 
 
 def read_cell_results(run_dir: str | Path) -> list[CellResult]:
-    """Every committed cell of a sweep's run directory, in cell-id order."""
+    """Every committed cell of a sweep's run directory, in cell-id order (damaged ones left out)."""
     cells = Path(run_dir) / CELLS_DIR
     results = [read_cell_result(cell) for cell in sorted(cells.iterdir())] if cells.is_dir() else []
     return [result for result in results if result is not None]

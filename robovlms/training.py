@@ -5,16 +5,23 @@ A run directory holds everything that rebuilds the trained policy, and nothing e
     statistics.json    the store's action and state statistics the formulation normalises with
     backbone/          the backbone's architecture files (config, tokenizer, processor), before training
     checkpoints/       Lightning checkpoints: last.ckpt and one every `checkpoint_every` steps
+    training_time.json the wall time of every training attempt together, updated at each checkpoint
     logs/, tensorboard/  the CSV and TensorBoard logs of Lightning's loggers
 
-Training resumes from checkpoints/last.ckpt when it exists. Batches are drawn by step (batch k of a run depends
-only on the seed and k), so a resumed run sees the batches an uninterrupted one would have seen.
+Training resumes from the loadable checkpoint of the most steps: last.ckpt, unless it is truncated or a kill came
+between Lightning's stepN.ckpt and last.ckpt, when that checkpoint is copied back to last.ckpt. Batches are drawn by
+step (batch k of a run depends only on the seed and k), so a resumed run sees the batches an uninterrupted one
+would have seen. Checkpoints are only ever loaded with `weights_only=True`: tensors and plain values, never code.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +36,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.utils.data import DataLoader, Sampler
 
+from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.augmentation import augment_images
 from robovlms.backbone import create_backbone, rebuild_backbone
 from robovlms.data.store import VALIDATION_SEED, EpisodeStore, Statistics
@@ -42,10 +50,16 @@ STATISTICS_FILE = "statistics.json"
 BACKBONE_DIR = "backbone"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+TRAINING_TIME_FILE = "training_time.json"
 
 
 class TrainingDivergedError(RobovlmsError):
     """The loss or a gradient stopped being finite; the last good checkpoint is kept."""
+
+
+class CheckpointError(RobovlmsError):
+    """A file of a run directory's training state (a checkpoint, training_time.json) that is truncated, corrupt,
+    or not written by robovlms."""
 
 
 class _Strict(BaseModel):
@@ -223,9 +237,81 @@ def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT) -> 
                                 config.backbone.path)
     formulation = build_formulation(config, backbone, Statistics(**statistics["actions"]),
                                     Statistics(**statistics["state"]) if statistics["state"] else None)
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(checkpoint_path)["state_dict"]
     formulation.load_state_dict({k.removeprefix("formulation."): v for k, v in state.items()})
     return formulation.eval(), config
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint written by `train`, loaded as tensors and plain values only."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:  # torch's text would suggest unsafe loading: never pass it on
+        raise CheckpointError(f"{path} is not a robovlms checkpoint: it holds objects other than tensors and plain "
+                              f"values, so it was not loaded; delete it (train again to replace it)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason}); delete it (training resumes from an "
+                              f"earlier checkpoint)") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= checkpoint.keys():
+        raise CheckpointError(f"{path} is not a robovlms checkpoint (no state_dict and global_step); delete it "
+                              f"(train again to replace it)")
+    return checkpoint
+
+
+def training_seconds(run_dir: str | Path) -> float | None:
+    """The wall time of every training attempt of a run directory together; None before any was recorded."""
+    path = Path(run_dir) / TRAINING_TIME_FILE
+    if not path.is_file():
+        return None
+    try:
+        return float(json.loads(path.read_text())["seconds"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is damaged; delete it (the training time recorded so far is then "
+                              f"lost)") from None
+
+
+class _TrainingClock(L.Callback):
+    """Adds this attempt's wall time (from the start of `train`) to the run's training_time.json at every
+    checkpoint and when training ends or fails, so an attempt killed later counts up to its last checkpoint."""
+
+    def __init__(self, run_dir: Path, every: int):
+        self.file, self.every = run_dir / TRAINING_TIME_FILE, every
+        self.before = training_seconds(run_dir) or 0.0
+        self.started = time.perf_counter()
+
+    def _record(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            write_json_atomically(self.file, {"seconds": self.before + time.perf_counter() - self.started})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self._record(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._record(trainer)
+
+
+def _resume_point(checkpoints: Path) -> tuple[Path | None, int]:
+    """The checkpoint training continues from and its step. Every checkpoint that loads is a candidate and the one
+    of the most steps wins; when that is not last.ckpt (truncated, or older after a kill between Lightning's
+    stepN.ckpt and last.ckpt) it is copied back to last.ckpt."""
+    found = []
+    for path in sorted(checkpoints.glob("*.ckpt")):
+        try:
+            found.append((int(read_checkpoint(path, mmap=True)["global_step"]), path.name == LAST_CHECKPOINT, path))
+        except CheckpointError as error:
+            warnings.warn(f"skipped for resuming: {error}", stacklevel=3)
+    if not found:
+        return None, 0
+    step, is_last, newest = max(found)
+    last = checkpoints / LAST_CHECKPOINT
+    if not is_last:
+        write_atomically(last, lambda temporary: shutil.copyfile(newest, temporary))
+    return last, step
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
@@ -233,11 +319,12 @@ def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT) -> 
 
 def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool = False,
           callbacks: Sequence[L.Callback] = ()) -> Path:
-    """Train one configuration; resume from the run directory's last checkpoint if it has one.
+    """Train one configuration; resume from the run directory's newest loadable checkpoint if it has one.
 
     `callbacks` are added to Lightning's (an Optuna pruning callback, for one)."""
     config = load_config(config)
     run_dir = Path(config.run_dir)
+    clock = _TrainingClock(run_dir, config.checkpoint_every)
     store = EpisodeStore(config.store)
     cameras = config.cameras or list(store.layout.cameras)
     config = config.model_copy(update={"cameras": cameras})
@@ -265,8 +352,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     (run_dir / BACKBONE_DIR).mkdir(exist_ok=True)
     backbone.save_files(run_dir / BACKBONE_DIR)
 
-    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    start = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.exists() else 0
+    resume_from, start = _resume_point(run_dir / CHECKPOINT_DIR)
     dataset = WindowDataset(store, config.history, config.chunk, episodes, cameras, config.frame_stride)
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), config.batch_size, config.seed, start,
                                                                 config.max_steps), collate_fn=_batch_as_is)
@@ -280,9 +366,11 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
         logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
         callbacks=[ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step{step}", save_last=True,
                                    every_n_train_steps=config.checkpoint_every, save_top_k=-1,
-                                   auto_insert_metric_name=False), *callbacks])
+                                   auto_insert_metric_name=False,
+                                   enable_version_counter=False),  # a resumed run rewrites stepN.ckpt, never -v1
+                   clock, *callbacks])
     if start < config.max_steps:
-        trainer.fit(module, loader, validation_loader, ckpt_path=last if last.exists() else None)
+        trainer.fit(module, loader, validation_loader, ckpt_path=resume_from, weights_only=True)
     return run_dir
 
 

@@ -1,5 +1,6 @@
 """Importing a CALVIN split (its own format) into an episode store: annotated windows only, resumable."""
 
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,21 @@ def test_the_command_line_imports_and_reports_errors_in_one_line(split, tmp_path
     failed = subprocess.run([sys.executable, "-m", "robovlms.cli", "data", "import-calvin", str(tmp_path / "nowhere"),
                              str(tmp_path / "other")], capture_output=True, text=True)
     assert failed.returncode == 2 and "not a CALVIN split" in failed.stdout and "Traceback" not in failed.stderr
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("filename", ["lang_annotations/auto_lang_ann.npy", "scene_info.npy"])
+def test_a_pickled_file_that_would_run_code_is_refused_without_running_it(split, tmp_path, filename):
+    marker = tmp_path / "code-ran"
+    np.save(split / "training" / filename, np.array({"info": RunsCode(marker)}, dtype=object))
+    with pytest.raises(StoreError, match=rf"{filename} is not a plain CALVIN data file: its pickle would create "
+                                         r"posix.system, which is refused"):
+        annotated_windows(split / "training")
+    assert not marker.exists()

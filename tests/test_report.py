@@ -14,7 +14,7 @@ from robovlms.benchmark import EpisodeRecord
 from robovlms.cli import app
 from robovlms.errors import ReportError
 from robovlms.report import wilson_interval, write_report
-from robovlms.results import CellResult, write_cell_result, write_records
+from robovlms.results import CellResult, read_cell_result, write_cell_result, write_records
 
 CHROMIUM = Path("/usr/bin/chromium")
 TASKS = ("door-open", "button-press-topdown")
@@ -507,3 +507,42 @@ def test_the_report_has_a_main_effects_section_with_its_table_plot_and_differenc
     assert (tmp_path / "report" / "main_effects.png").is_file()
     assert set(pd.read_csv(tmp_path / "report" / "main_effect_differences.csv").columns) >= {
         "axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved"}
+def two_cell_run(run_dir):
+    rng = np.random.default_rng(3)
+    add_trained_cell(run_dir, rng, "gpt-scratch-policy-head", "gpt-scratch", SCRATCH, "policy-head")
+    add_trained_cell(run_dir, rng, "kosmos2-policy-head", "kosmos2", PRETRAINED, "policy-head")
+    return run_dir / "cells" / "kosmos2-policy-head"
+
+
+def test_a_truncated_result_json_is_listed_as_damaged_and_the_report_goes_on(tmp_path):
+    result = two_cell_run(tmp_path / "run") / "result.json"
+    result.write_text(result.read_text()[:40])
+    write_report([tmp_path / "run"], tmp_path / "report")
+    damaged = row_of(pd.read_csv(tmp_path / "report" / "failed_cells.csv"), cell_id="kosmos2-policy-head")
+    assert damaged.status == "damaged" and damaged.error.startswith("result.json is truncated or not JSON")
+    assert pd.read_csv(tmp_path / "report" / "success.csv").backbone_label.tolist() == [SCRATCH]
+
+
+def test_a_result_json_with_an_unknown_key_is_listed_as_damaged(tmp_path):
+    result = two_cell_run(tmp_path / "run") / "result.json"
+    result.write_text(result.read_text().replace('"cell_id"', '"colour": "red", "cell_id"'))
+    write_report([tmp_path / "run"], tmp_path / "report")
+    damaged = row_of(pd.read_csv(tmp_path / "report" / "failed_cells.csv"), cell_id="kosmos2-policy-head")
+    assert damaged.status == "damaged" and "unexpected keyword argument 'colour'" in damaged.error
+
+
+def test_the_sweep_reads_a_damaged_result_json_as_unfinished(tmp_path):
+    result = two_cell_run(tmp_path / "run") / "result.json"
+    result.write_text("{")
+    with pytest.warns(UserWarning, match="result.json is damaged.*counts as unfinished"):
+        assert read_cell_result(result.parent) is None
+
+
+def test_a_complete_cell_without_records_is_flagged_as_left_out_of_the_per_task_table(tmp_path):
+    (two_cell_run(tmp_path / "run") / "records.parquet").unlink()
+    write_report([tmp_path / "run"], tmp_path / "report")
+    flagged = row_of(pd.read_csv(tmp_path / "report" / "failed_cells.csv"), cell_id="kosmos2-policy-head")
+    assert flagged.status == "complete, records unreadable"
+    assert flagged.error == ("records.parquet is missing: its episodes are left out of the per-task and per-scene "
+                             "tables")
+    assert "records.parquet is missing" in (tmp_path / "report" / "index.md").read_text()

@@ -4,10 +4,13 @@ import sys
 import textwrap
 
 import numpy as np
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from robovlms.cli import app
 from robovlms.errors import ConfigError, StoreError
-from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
+from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout, verify_store
 
 LAYOUT = FrameLayout(cameras=("rgb_static", "rgb_gripper"), image_size=8, state_dim=3, action_dim=4)
 
@@ -146,3 +149,99 @@ def test_crash_mid_write_leaves_no_loadable_store_and_resume_finishes_it(tmp_pat
     store = EpisodeStore(path)
     assert list(store.episodes["seed"]) == [0, 1, 2, 3, 4, 5]
     assert store.frames == 30
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0xFF]))
+
+
+def test_verify_of_an_intact_store_checks_every_file(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(7), "a", 4)])
+    assert sorted(verify_store(tmp_path / "store")) == sorted(
+        ["episodes.parquet", "images.rgb_static.u8", "images.rgb_gripper.u8", "state.f32", "actions.f32"])
+
+
+@pytest.mark.parametrize("filename", ["images.rgb_gripper.u8", "actions.f32"])
+def test_verify_names_a_file_whose_bytes_changed(tmp_path, filename):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(8), "a", 4)])
+    flip_byte(tmp_path / "store" / filename, 5)
+    EpisodeStore(tmp_path / "store")  # opening checks only what is cheap
+    with pytest.raises(StoreError, match=rf"{filename} changed since the store was written"):
+        verify_store(tmp_path / "store")
+
+
+def test_store_written_without_checksums_opens_and_verify_says_so(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(9), "a", 4)])
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    del meta["checksums"]
+    (tmp_path / "store" / "meta.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(app, ["data", "verify", str(tmp_path / "store")])
+    assert result.exit_code == 0
+    assert "has no checksums" in " ".join(result.output.split())
+
+
+def test_episode_with_non_finite_actions_is_refused_naming_it(tmp_path):
+    rng = np.random.default_rng(10)
+    bad = synthetic_episode(rng, "b", 4, scene="B", seed=3)
+    bad.actions[2, 1] = np.nan
+    with EpisodeStoreWriter(tmp_path / "store", LAYOUT) as writer:
+        writer.add(synthetic_episode(rng, "a", 4))
+        with pytest.raises(StoreError, match=r"episode 1 \(task 'b', scene 'B', seed 3\) has non-finite actions at "
+                                             r"frames \[2\]"):
+            writer.add(bad)
+        assert len(writer) == 1
+
+
+def test_episode_with_non_finite_state_is_refused(tmp_path):
+    bad = synthetic_episode(np.random.default_rng(11), "a", 4)
+    bad.state[0, 0] = np.inf
+    with EpisodeStoreWriter(tmp_path / "store", LAYOUT) as writer, pytest.raises(StoreError, match="non-finite state"):
+        writer.add(bad)
+
+
+def test_store_holding_non_finite_actions_names_the_episode_on_open(tmp_path):
+    rng = np.random.default_rng(12)
+    write_store(tmp_path / "store", [synthetic_episode(rng, "a", 4), synthetic_episode(rng, "b", 4)])
+    actions = np.memmap(tmp_path / "store" / "actions.f32", np.float32, "r+", shape=(8, 4))
+    actions[5, 0] = np.nan  # as written by a robovlms that did not refuse it: the statistics are NaN too
+    actions.flush()
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    meta["statistics"]["actions"]["mean"][0] = float("nan")
+    (tmp_path / "store" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"non-finite actions in 1 episode\(s\), first episode 1 \(task 'b'"):
+        EpisodeStore(tmp_path / "store")
+
+
+def test_episode_starting_beyond_the_frames_is_refused_on_open(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(13), "a", 4)])
+    index = pd.read_parquet(tmp_path / "store" / "episodes.parquet")
+    index.loc[0, "start"] = 10
+    index.to_parquet(tmp_path / "store" / "episodes.parquet", index=False)
+    with pytest.raises(StoreError, match=r"1 episode\(s\) lie outside the store's 4 frames \(episode 0 starts at 10"):
+        EpisodeStore(tmp_path / "store")
+
+
+def test_missing_episode_index_is_named(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(14), "a", 4)])
+    (tmp_path / "store" / "episodes.parquet").unlink()
+    with pytest.raises(StoreError, match=r"episodes.parquet is missing \(the store's episode index\)"):
+        EpisodeStore(tmp_path / "store")
+
+
+def test_corrupt_episode_index_is_named(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(15), "a", 4)])
+    (tmp_path / "store" / "episodes.parquet").write_bytes(b"PAR1" + b"\0" * 40 + b"PAR1")
+    with pytest.raises(StoreError, match=r"episodes.parquet is corrupt"):
+        EpisodeStore(tmp_path / "store")
+
+
+def test_truncated_meta_json_is_named(tmp_path):
+    write_store(tmp_path / "store", [synthetic_episode(np.random.default_rng(16), "a", 4)])
+    meta = tmp_path / "store" / "meta.json"
+    meta.write_text(meta.read_text()[:50])
+    with pytest.raises(StoreError, match=r"meta.json is truncated or corrupt"):
+        EpisodeStore(tmp_path / "store")

@@ -1,7 +1,9 @@
 """Training through Lightning: run directories, resuming, divergence, bad input, and a short real training."""
 
 import json
+import os
 import shutil
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,9 @@ import yaml
 from synthetic_store import write_synthetic_store
 
 from robovlms.errors import ConfigError, StoreError, UnknownNameError, WindowError
-from robovlms.training import FormulationModule, TrainingDivergedError, load_config, load_formulation, train
+from robovlms.policy import load_policy
+from robovlms.training import (CheckpointError, FormulationModule, TrainingDivergedError, load_config,
+                               load_formulation, train, training_seconds)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,82 @@ def test_a_run_directory_with_a_checkpoint_refuses_other_settings(store, tmp_pat
     run_dir = train(config(store, tmp_path / "run", max_steps=2))
     with pytest.raises(ConfigError, match="holds a run trained with other settings \\(chunk\\)"):
         train(config(store, run_dir, chunk=3, max_steps=2))
+def steps_trained(monkeypatch):
+    """Record the global step of every training step from now on."""
+    seen, original_step = [], FormulationModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen.append(self.global_step)
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FormulationModule, "training_step", recording_step)
+    return seen
+
+
+def truncate(path):
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncated last.ckpt", "killed before last.ckpt was written"])
+def test_resuming_continues_from_the_newest_checkpoint_that_loads(store, tmp_path, monkeypatch, damage):
+    settings = {"max_steps": 4, "checkpoint_every": 2}
+    checkpoints = train(config(store, tmp_path / "run", **settings)) / "checkpoints"
+    (checkpoints / "step4.ckpt").unlink()
+    if damage == "truncated last.ckpt":
+        truncate(checkpoints / "last.ckpt")
+    else:
+        (checkpoints / "last.ckpt").unlink()
+    seen = steps_trained(monkeypatch)
+    truncated = damage == "truncated last.ckpt"
+    with pytest.warns(UserWarning, match="last.ckpt is truncated") if truncated else nullcontext():
+        train(config(store, tmp_path / "run", **{**settings, "max_steps": 6}))
+    assert seen == [2, 3, 4, 5]
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["last.ckpt", "step2.ckpt", "step4.ckpt",
+                                                                    "step6.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_finished_run_whose_last_checkpoint_is_truncated_gets_it_back_from_the_step_checkpoint(store, tmp_path):
+    settings = {"max_steps": 4, "checkpoint_every": 2}
+    run_dir = train(config(store, tmp_path / "run", **settings))
+    truncate(run_dir / "checkpoints" / "last.ckpt")
+    with pytest.warns(UserWarning, match="truncated or corrupt"):
+        train(config(store, run_dir, **settings))
+    load_formulation(run_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_holding_code_is_refused_in_one_line_that_never_suggests_unsafe_loading(store, tmp_path):
+    run_dir = train(config(store, tmp_path / "run", max_steps=2, checkpoint_every=2))
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "global_step": 2, "payload": RunsCode(marker)}, run_dir / "checkpoints/last.ckpt")
+    with pytest.raises(CheckpointError, match=r"last.ckpt is not a robovlms checkpoint") as error:
+        load_policy(run_dir)
+    assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+def test_training_time_adds_every_attempt_including_an_interrupted_one(store, tmp_path, monkeypatch):
+    original_step = FormulationModule.training_step
+
+    def stop_at_step_three(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise Interrupted
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FormulationModule, "training_step", stop_at_step_three)
+    with pytest.raises(Interrupted):
+        train(config(store, tmp_path / "run", checkpoint_every=2))
+    interrupted = training_seconds(tmp_path / "run")
+    monkeypatch.setattr(FormulationModule, "training_step", original_step)
+    train(config(store, tmp_path / "run", checkpoint_every=2))
+    assert 0 < interrupted < training_seconds(tmp_path / "run")

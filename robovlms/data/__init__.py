@@ -1,14 +1,15 @@
 """Training data: the episode store, the windows served from it, and the ways a store is made.
 
-    store.py            EpisodeStore / EpisodeStoreWriter: memory-mapped frames, an episode index, statistics
+    store.py            EpisodeStore / EpisodeStoreWriter: memory-mapped frames, an episode index, statistics;
+                        verify_store: every file against its checksum (`robovlms data verify`)
     windows.py          WindowDataset / window_loader: H past frames, each with its next L actions
     demonstrations.py   a benchmark's scripted experts, rolled out into a store (`robovlms data generate`)
     calvin_import.py    CALVIN's language-annotated windows into a store (`robovlms data import-calvin`)
     lerobot_import.py   LeRobot datasets (Parquet + MP4) into a store (`robovlms data import-lerobot`)
 """
 
-from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout, Statistics
+from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout, Statistics, verify_store
 from robovlms.data.windows import WindowDataset, window_loader
 
 __all__ = ["Episode", "EpisodeStore", "EpisodeStoreWriter", "FrameLayout", "Statistics", "WindowDataset",
-           "window_loader"]
+           "verify_store", "window_loader"]

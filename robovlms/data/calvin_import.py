@@ -6,14 +6,20 @@ and instruction. As the benchmark's language-conditioned baselines do, only the 
 each as one store episode. Frames are read one at a time (a full split is hundreds of GB) and each window is
 flushed to the store's journal as soon as it is complete, so an interrupted import re-run with `resume=True`
 continues from the first window not yet written.
+
+Both `.npy` files of a split that hold dicts (`auto_lang_ann.npy`, `scene_info.npy`) are pickles; they are read
+with an unpickler that admits only dicts, lists, tuples, strings, numbers and numpy arrays, so a file that would
+run code is refused instead of run.
 """
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,6 +31,39 @@ from robovlms.errors import ConfigError, StoreError, UnknownNameError
 CAMERAS = ("rgb_static", "rgb_gripper")
 ANNOTATIONS = Path("lang_annotations") / "auto_lang_ann.npy"
 STATE_DIM, ACTION_DIM = 15, 7  # robot_obs; rel_actions (xyz, euler xyz, gripper -1 close / 1 open)
+# What pickled numpy arrays and scalars are rebuilt from (numpy 1.x names numpy.core, 2.x numpy._core); nothing else.
+NUMPY_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"),
+                        *((f"numpy.{core}.multiarray", name) for core in ("core", "_core")
+                          for name in ("_reconstruct", "scalar")),
+                        *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core"))}
+
+
+class _RefusedGlobal(Exception):
+    """A pickle asked for a global outside NUMPY_PICKLE_GLOBALS."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in NUMPY_PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_plain_npy(path: Path) -> np.ndarray:
+    """A `.npy` file, its pickled object arrays restricted to dicts, lists, tuples, strings, numbers and numpy
+    arrays; anything else (a pickle that would run code) is a StoreError naming the file."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read_header(file)
+        if not dtype.hasobject:
+            return np.load(path, allow_pickle=False)
+        try:
+            return _PlainDataUnpickler(file).load()
+        except _RefusedGlobal as refused:
+            raise StoreError(f"{path} is not a plain CALVIN data file: its pickle would create {refused}, which is "
+                             f"refused (only dicts, lists, tuples, strings, numbers and numpy arrays are read); "
+                             f"download the split again") from None
 
 
 @dataclass(frozen=True)
@@ -46,10 +85,10 @@ def annotated_windows(folder: str | Path) -> list[AnnotatedWindow]:
         raise ConfigError(f"{folder} is not a CALVIN split folder: {path} is missing (the language annotations; "
                           f"download a split with calvin's dataset/download_data.sh)")
     try:
-        annotations = np.load(path, allow_pickle=True).item()  # CALVIN stores a pickled dict; a trusted dataset file
+        annotations = load_plain_npy(path).item()
         ranges, tasks, instructions = (annotations["info"]["indx"], annotations["language"]["task"],
                                        annotations["language"]["ann"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, pickle.UnpicklingError) as error:
         raise StoreError(f"cannot read the CALVIN annotations {path}: {error!r} (expected a dict with info.indx, "
                          f"language.task and language.ann)") from None
     if not len(ranges) == len(tasks) == len(instructions):
@@ -66,7 +105,7 @@ def _scene_ranges(folder: Path) -> dict[str, tuple[int, int]]:
     path = folder / "scene_info.npy"
     if not path.is_file():
         return {}
-    info = np.load(path, allow_pickle=True).item()
+    info = load_plain_npy(path).item()
     return {name.removeprefix("calvin_scene_"): (int(first), int(last)) for name, (first, last) in info.items()}
 
 

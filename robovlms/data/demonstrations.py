@@ -10,16 +10,19 @@ import numpy as np
 
 from robovlms.benchmark import Benchmark
 from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
+from robovlms.errors import StoreError
 from robovlms.rollout import run_episodes
 
 
 def generate_demonstrations(benchmark: Benchmark, split: str, episodes_per_scene: int, path: str | Path, *,
-                            scenes: str | None = None, workers: int = 1, overwrite: bool = False, resume: bool = False, attempts: int = 3,
-                            progress: bool = True) -> EpisodeStore:
+                            scenes: str | None = None, workers: int = 1, overwrite: bool = False, resume: bool = False,
+                            attempts: int = 3, allow_short: bool = False, progress: bool = True) -> EpisodeStore:
     """Run the scripted expert on every (task, training scene) until `episodes_per_scene` succeed.
 
     `scenes` (e.g. "AB") replaces the split's training scenes. Failed episodes are dropped and replaced by episodes with fresh seeds, at most `attempts` rounds. With
     `resume`, episodes already flushed to an interrupted `<path>.partial` are kept and not generated again.
+    A (task, scene) still short after the last round is a StoreError that leaves the partial store to resume,
+    unless `allow_short`, which commits it with the shortfall in its metadata.
     """
     layout = FrameLayout(benchmark.cameras, benchmark.image_size, benchmark.state_dim, benchmark.action_dim)
     metadata = {"benchmark": benchmark.name, "benchmark_options": benchmark.options(), "split": split, "scenes": scenes,
@@ -56,7 +59,21 @@ def generate_demonstrations(benchmark: Benchmark, split: str, episodes_per_scene
                  for task, scene in {(s.task, s.scene) for s in benchmark.demonstration_episodes(split, 1, 0, scenes)}
                  if have[(task, scene)] < episodes_per_scene}
         if short:
-            warnings.warn(f"the scripted expert fell short after {attempts} rounds: missing episodes {short}")
+            shortfall = (f"the scripted expert fell short of {episodes_per_scene} episodes per task and scene after "
+                         f"{attempts} rounds: {_describe_shortfall(short, episodes_per_scene)}")
+            if not allow_short:
+                raise StoreError(f"{shortfall}. The {len(writer)} episodes written are kept in {writer.partial}: "
+                                 f"re-run with --resume --allow-short (allow_short=True) to commit the store as it is")
+            warnings.warn(shortfall)
         writer.metadata["expert_success_rate"] = kept / attempted if attempted else None
         writer.metadata["shortfall"] = short
         return writer.commit()
+
+
+def _describe_shortfall(short: dict[str, int], wanted: int) -> str:
+    """'scene A: door-open 3/20; scene C: door-open 0/20, reach 18/20' from {"task/scene": missing}."""
+    by_scene: dict[str, list[str]] = {}
+    for key, missing in sorted(short.items()):
+        task, scene = key.rsplit("/", 1)
+        by_scene.setdefault(scene, []).append(f"{task} {wanted - missing}/{wanted}")
+    return "; ".join(f"scene {scene}: {', '.join(tasks)}" for scene, tasks in sorted(by_scene.items()))

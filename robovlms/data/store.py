@@ -1,7 +1,8 @@
 """The episode store: one directory of memory-mapped frames, an episode index and action statistics.
 
 Layout of a finished store:
-    meta.json          schema version, what each frame holds, statistics, provenance (written last)
+    meta.json          schema version, what each frame holds, statistics, provenance, the SHA-256 of every other
+                       file (written last)
     episodes.parquet   one row per episode: task, instruction, scene, seed, first frame, length
     images.<camera>.u8 (frames, H, W, 3) uint8, raw, memory-mapped
     state.f32          (frames, state_dim) float32
@@ -10,10 +11,15 @@ Layout of a finished store:
 A store is written into `<path>.partial/` and renamed into place only once complete, so a crash never leaves a
 directory that loads. The partial directory keeps a journal of the episodes already flushed, so an interrupted
 write (a long import) resumes where it stopped.
+
+Opening a store checks what is cheap (meta.json and episodes.parquet parse, array file sizes, every episode within
+the frames, finite statistics); `verify_store` reads every byte against the checksums. Stores written before
+checksums were recorded still open; `verify_store` says they have none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow
+from tqdm.auto import tqdm
 
 from robovlms.atomic_files import write_json_atomically
 from robovlms.errors import ConfigError, StoreError
@@ -33,6 +41,9 @@ SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 VALIDATION_SEED = 7919
 INDEX_COLUMNS = ["episode", "task", "instruction", "scene", "seed", "start", "length"]
+INDEX_FILE = "episodes.parquet"
+META_FILE = "meta.json"
+CHECKSUM_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,12 @@ class EpisodeStoreWriter:
                                   f"the store holds {list(self.layout.cameras)}")
             if array.shape != (length, *shape):
                 raise ConfigError(f"episode array {key} has shape {array.shape}; expected {(length, *shape)}")
+        for key in ("state", "actions"):
+            bad = np.flatnonzero(~np.isfinite(arrays[key]).all(axis=1))
+            if len(bad):
+                raise StoreError(f"episode {len(self.index)} (task {episode.task!r}, scene {episode.scene!r}, seed "
+                                 f"{episode.seed}) has non-finite {key} at frames {bad[:5].tolist()}; it was not "
+                                 f"written to {self.partial}")
         for key, (_, dtype, _) in _array_files(self.layout).items():
             handle = self._files[key]
             handle.write(np.ascontiguousarray(arrays[key], dtype=dtype).tobytes())
@@ -189,7 +206,8 @@ class EpisodeStoreWriter:
         files = _array_files(self.layout)
         actions = np.memmap(self.partial / files["actions"][0], np.float32, "r", shape=(frames, self.layout.action_dim))
         state = np.memmap(self.partial / files["state"][0], np.float32, "r", shape=(frames, self.layout.state_dim))
-        pd.DataFrame(self.index, columns=INDEX_COLUMNS).to_parquet(self.partial / "episodes.parquet", index=False)
+        pd.DataFrame(self.index, columns=INDEX_COLUMNS).to_parquet(self.partial / INDEX_FILE, index=False)
+        checksums = {name: _sha256(self.partial / name) for name in _store_files(self.layout)}
         meta = {
             "schema_version": SCHEMA_VERSION,
             "layout": asdict(self.layout),
@@ -197,8 +215,9 @@ class EpisodeStoreWriter:
             "frames": frames,
             "statistics": {"actions": asdict(Statistics.of(actions)), "state": asdict(Statistics.of(state))},
             "metadata": self.metadata,
+            "checksums": {"algorithm": "sha256", "files": checksums},
         }
-        write_json_atomically(self.partial / "meta.json", meta)
+        write_json_atomically(self.partial / META_FILE, meta)
         self._journal.unlink()
         (self.partial / "layout.json").unlink()
         _fsync_directory(self.partial)
@@ -228,7 +247,7 @@ class EpisodeStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
+        meta_path = self.path / META_FILE
         if not meta_path.exists():
             partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
             if self.path.name.endswith(PARTIAL_SUFFIX) or partial.exists():
@@ -239,19 +258,23 @@ class EpisodeStore:
                 raise StoreError(f"{self.path} is not an episode store (no meta.json)")
             raise StoreError(f"no episode store at {self.path}; create one with `robovlms data generate` "
                              f"(`robovlms data import-calvin` for CALVIN)")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has store schema version {meta.get('schema_version')}; this robovlms "
                              f"reads version {SCHEMA_VERSION}: regenerate or re-import it")
         self.meta = meta
-        layout = dict(meta["layout"])
-        layout["cameras"] = tuple(layout["cameras"])
-        self.layout = FrameLayout(**layout)
+        try:
+            layout = dict(meta["layout"])
+            layout["cameras"] = tuple(layout["cameras"])
+            self.layout = FrameLayout(**layout)
+            self.frames = int(meta["frames"])
+            self.action_statistics = Statistics(**meta["statistics"]["actions"])
+            self.state_statistics = Statistics(**meta["statistics"]["state"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise StoreError(f"{meta_path} is damaged ({type(error).__name__}: {error}); regenerate or re-import "
+                             f"the store") from None
         self.metadata: dict[str, Any] = meta.get("metadata", {})
-        self.episodes = pd.read_parquet(self.path / "episodes.parquet")
-        self.frames = int(meta["frames"])
-        self.action_statistics = Statistics(**meta["statistics"]["actions"])
-        self.state_statistics = Statistics(**meta["statistics"]["state"])
+        self.episodes = _read_index(self.path / INDEX_FILE, self.frames)
         arrays = {}
         for key, (filename, dtype, shape) in _array_files(self.layout).items():
             file = self.path / filename
@@ -259,9 +282,21 @@ class EpisodeStore:
             if not file.exists() or file.stat().st_size != expected:
                 raise StoreError(f"{file} is missing or truncated: expected {expected} bytes")
             arrays[key] = np.memmap(file, dtype, "r", shape=(self.frames, *shape))
+        for name, statistics in (("actions", self.action_statistics), ("state", self.state_statistics)):
+            if not np.isfinite(np.concatenate([statistics.mean, statistics.std])).all():
+                self._raise_non_finite(name, arrays[name])
         self.images = {camera: arrays[f"images.{camera}"] for camera in self.layout.cameras}
         self.state = arrays["state"]
         self.actions = arrays["actions"]
+
+    def _raise_non_finite(self, name: str, array: np.ndarray) -> None:
+        """Only reached when the statistics are not finite, so reading the (small) array is no cost to a sound
+        store."""
+        finite = np.isfinite(array).all(axis=1)
+        bad = [row for row in self.episodes.itertuples() if not finite[row.start:row.start + row.length].all()]
+        raise StoreError(f"{self.path} holds non-finite {name} in {len(bad)} episode(s), first episode "
+                         f"{bad[0].episode} (task {bad[0].task!r}, scene {bad[0].scene!r}); regenerate or re-import "
+                         f"the store")
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -313,3 +348,73 @@ class EpisodeStore:
                 "tasks": self.tasks(), "scenes": sorted(self.episodes["scene"].unique()),
                 "layout": asdict(self.layout), "metadata": self.metadata}
 
+
+
+def _store_files(layout: FrameLayout) -> list[str]:
+    """Every file of a finished store but meta.json, which records their checksums."""
+    return [INDEX_FILE, *(filename for filename, _, _ in _array_files(layout).values())]
+
+
+def _sha256(path: Path, progress: tqdm | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHECKSUM_CHUNK):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreError(f"{path} is truncated or corrupt ({error}); the store cannot be read: regenerate or "
+                         f"re-import it") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{path} is not a store's meta.json (it holds no JSON object); regenerate or re-import "
+                         f"the store")
+    return meta
+
+
+def _read_index(path: Path, frames: int) -> pd.DataFrame:
+    """The episode index, checked against the frames: every episode's first frame and length lie within them."""
+    if not path.is_file():
+        raise StoreError(f"{path} is missing (the store's episode index); the store cannot be read: regenerate or "
+                         f"re-import it")
+    try:
+        episodes = pd.read_parquet(path)
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        reason = " ".join(str(error).split())
+        raise StoreError(f"{path} is corrupt ({reason}); the store cannot be read: regenerate or re-import "
+                         f"it") from None
+    missing = [column for column in INDEX_COLUMNS if column not in episodes]
+    if missing:
+        raise StoreError(f"{path} has no column {', '.join(missing)}; regenerate or re-import the store")
+    start, length = episodes["start"].to_numpy(), episodes["length"].to_numpy()
+    outside = np.flatnonzero((start < 0) | (length < 1) | (start + length > frames))
+    if len(outside):
+        first = episodes.iloc[outside[0]]
+        raise StoreError(f"{path}: {len(outside)} episode(s) lie outside the store's {frames} frames (episode "
+                         f"{first['episode']} starts at {first['start']} with length {first['length']}); the index "
+                         f"is damaged: regenerate or re-import the store")
+    return episodes
+
+
+def verify_store(path: str | Path, progress: bool = False) -> list[str]:
+    """Read every file of a store (streaming) against the SHA-256 checksums recorded at commit. Returns the files
+    checked: none for a store written before checksums were recorded. Raises StoreError naming every damaged
+    file."""
+    store = EpisodeStore(path)
+    recorded = store.meta.get("checksums", {}).get("files", {})
+    sizes = {name: (store.path / name).stat().st_size for name in recorded}
+    damaged = []
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"verify {store.path.name}",
+              disable=not progress) as bar:
+        for name, checksum in recorded.items():
+            if _sha256(store.path / name, bar) != checksum:
+                damaged.append(name)
+    if damaged:
+        raise StoreError(f"{store.path}: {', '.join(damaged)} changed since the store was written (SHA-256 differs "
+                         f"from meta.json); the store is damaged: regenerate or re-import it")
+    return list(recorded)

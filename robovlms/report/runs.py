@@ -3,18 +3,21 @@ split."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
+import pyarrow
 
 from robovlms.errors import ReportError
-from robovlms.results import (CELLS_DIR, RESULT_FILE, SWEEP_FILE, CellResult, read_cell_records, read_cell_results,
+from robovlms.results import (CELLS_DIR, RECORDS_FILE, SWEEP_FILE, CellResult, DamagedResultError, load_cell_result,
                               read_training_curve)
 
 # The columns that name one configuration; seeds of a configuration are pooled into one row.
 CONFIGURATION = ["backbone_label", "formulation", "history", "chunk", "data_fraction"]
+DAMAGED_COLUMNS = ["run", "cell_id", "status", "axes", "error"]
 BASELINE_LABELS = {"zero": "zero action (baseline)", "mean": "mean action (baseline)",
                    "replay": "demo replay (baseline)", "expert": "scripted expert (baseline)"}
 
@@ -32,6 +35,9 @@ class SweepRuns:
     curves: pd.DataFrame  # Lightning's logged metrics of every trained cell: run, cell_id, step, train/loss, ...
     unfinished: pd.DataFrame  # run, cell_id of cell directories without result.json
     results: list[CellResult]
+    # run, cell_id, status, axes, error of cells whose files cannot be read: a damaged result.json (the cell is in
+    # no other table), or a complete cell's missing or corrupt records.parquet (left out of the per-episode tables)
+    damaged: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DAMAGED_COLUMNS))
 
 
 def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
@@ -42,21 +48,35 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
     names = [path.name for path in paths]
     runs = names if len(set(names)) == len(names) else [str(path) for path in paths]
 
-    results, rows, unfinished = [], [], []
+    results, rows, unfinished, damaged = [], [], [], []
     for run, path in zip(runs, paths):
-        for result in read_cell_results(path):
+        cell_dirs = sorted((path / CELLS_DIR).iterdir()) if (path / CELLS_DIR).is_dir() else []
+        for cell in filter(Path.is_dir, cell_dirs):
+            try:
+                result = load_cell_result(cell)
+            except DamagedResultError as error:
+                damaged.append({"run": run, "cell_id": cell.name, "status": "damaged", "axes": "",
+                                "error": error.reason})
+                continue
+            if result is None:
+                unfinished.append({"run": run, "cell_id": cell.name})
+                continue
             results.append(result)
             rows.append({**asdict(result), "run": run, "run_dir": path})
-        cell_dirs = sorted((path / CELLS_DIR).iterdir()) if (path / CELLS_DIR).is_dir() else []
-        unfinished += [{"run": run, "cell_id": cell.name} for cell in cell_dirs
-                       if cell.is_dir() and not (cell / RESULT_FILE).is_file()]
     cells = pd.DataFrame(rows, columns=[f.name for f in fields(CellResult)] + ["run", "run_dir"])
     benchmark = _one_value(cells, "benchmark", "benchmarks")
     split = _one_value(cells, "split", f"splits of {benchmark}")
     cells = _with_configuration(cells)
 
-    episodes = [read_cell_records(cell.run_dir, cell.cell_id).assign(run=cell.run, cell_id=cell.cell_id)
-                for cell in cells[cells.status == "complete"].itertuples()]
+    episodes = []
+    for cell in cells[cells.status == "complete"].itertuples():
+        try:
+            episodes.append(_cell_records(cell.run_dir / CELLS_DIR / cell.cell_id).assign(run=cell.run,
+                                                                                           cell_id=cell.cell_id))
+        except _UnreadableRecords as problem:
+            damaged.append({"run": cell.run, "cell_id": cell.cell_id, "status": "complete, records unreadable",
+                            "axes": json.dumps(cell.axes, sort_keys=True),
+                            "error": f"{problem}: its episodes are left out of the per-task and per-scene tables"})
     episodes = pd.concat([frame for frame in episodes if len(frame)] or [pd.DataFrame(columns=["run", "cell_id"])],
                          ignore_index=True)
     episodes = episodes.merge(cells[["run", "cell_id", *CONFIGURATION]], on=["run", "cell_id"], sort=False)
@@ -66,7 +86,22 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
     curves = pd.concat([frame for frame in curves if "step" in frame] or [pd.DataFrame(columns=["run", "cell_id"])],
                        ignore_index=True)
     return SweepRuns(benchmark, split, cells.drop(columns="run_dir"), episodes, curves,
-                     pd.DataFrame(unfinished, columns=["run", "cell_id"]), results)
+                     pd.DataFrame(unfinished, columns=["run", "cell_id"]), results,
+                     pd.DataFrame(damaged, columns=DAMAGED_COLUMNS))
+
+
+class _UnreadableRecords(Exception):
+    pass
+
+
+def _cell_records(cell_dir: Path) -> pd.DataFrame:
+    path = cell_dir / RECORDS_FILE
+    if not path.is_file():
+        raise _UnreadableRecords(f"{RECORDS_FILE} is missing")
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        raise _UnreadableRecords(f"{RECORDS_FILE} is corrupt ({' '.join(str(error).split())})") from None
 
 
 def _one_value(cells: pd.DataFrame, column: str, what: str) -> str | None:

@@ -236,10 +236,15 @@ def _training_curves_section(runs: SweepRuns, out: Path) -> Section | None:
 
 def _failed_section(runs: SweepRuns) -> Section:
     failed = failed_cells_table(runs)
-    if failed.empty:
+    if failed.empty and runs.damaged.empty:
         return Section("Failed cells", ["Every cell completed."])
-    return Section("Failed cells", [f"{len(failed)} cell(s) did not complete."],
-                   [Table("failed_cells", failed, readable(failed.rename(columns=HEADERS)))])
+    notes = [f"{len(failed)} cell(s) did not complete."] if len(failed) else []
+    if len(runs.damaged):
+        notes.append(f"{len(runs.damaged)} cell(s) have files that cannot be read (status damaged: its "
+                     f"{RESULT_FILE}, so the cell is in no other table; records unreadable: in the success table, "
+                     f"not in the per-task and per-scene tables).")
+    failed = pd.concat([failed, runs.damaged[failed.columns]], ignore_index=True)
+    return Section("Failed cells", notes, [Table("failed_cells", failed, readable(failed.rename(columns=HEADERS)))])
 
 
 def _configuration_section(runs: SweepRuns) -> Section:

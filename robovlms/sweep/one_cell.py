@@ -89,13 +89,13 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
     """Train, fill in what the trained formulation tells; return the evaluation workers' policy factory and a
     policy in this process (the formulation already loaded), for timing a step."""
     from robovlms.policy import CheckpointPolicy, policy_factory
-    from robovlms.training import CHECKPOINT_DIR, LAST_CHECKPOINT, load_config, load_formulation, train
+    from robovlms.training import (CHECKPOINT_DIR, LAST_CHECKPOINT, load_config, load_formulation, train,
+                                   training_seconds)
 
     train_dir = cell_dir / TRAIN_DIR
     config = load_config({**cell.training, "store": sweep.store.path, "run_dir": str(train_dir)})
-    started = time.perf_counter()
     train(config, progress=progress, callbacks=callbacks)
-    result.train_seconds = time.perf_counter() - started
+    result.train_seconds = training_seconds(train_dir)  # every attempt's, a killed one's too
     formulation, config = load_formulation(train_dir)
     result.backbone, result.backbone_label = config.backbone.name, formulation.backbone.label
     result.random_init, result.backbone_size = formulation.backbone.random_init, formulation.backbone.describe()
