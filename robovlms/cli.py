@@ -227,7 +227,8 @@ def train_command(
 
 
 def _progress_printer():
-    """A rich progress bar over a sweep's cells: done, running, waiting and failed."""
+    """A rich progress bar over a sweep's cells (done, running, waiting, failed) or a search's trials (also
+    pruned)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -236,9 +237,10 @@ def _progress_printer():
 
     def update(status) -> None:
         bar.start()  # on the first report, once the sweep file is validated and its cells queued
-        bar.update(task, total=status.cells, completed=status.done + status.failed,
-                   description=f"cells: {status.done} done, {status.running} running, {status.waiting} waiting, "
-                               f"{status.failed} failed")
+        pruned = f", {status.pruned} pruned" if status.unit == "trials" else ""
+        bar.update(task, total=status.cells, completed=status.done + status.failed + status.pruned,
+                   description=f"{status.unit}: {status.done} done{pruned}, {status.running} running, "
+                               f"{status.waiting} waiting, {status.failed} failed")
 
     return bar, update
 
@@ -252,8 +254,9 @@ def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_fail
                            progress=update)
     finally:
         bar.stop()
-    console.print(f"{status.done} of {status.cells} cells done, {status.failed} failed; results in the run "
-                  f"directory's results/ (make a report with `robovlms report RUN_DIR`)")
+    pruned = f", {status.pruned} pruned" if status.unit == "trials" else ""
+    console.print(f"{status.done} of {status.cells} {status.unit} done{pruned}, {status.failed} failed; results in "
+                  f"the run directory's results/ (make a report with `robovlms report RUN_DIR`)")
     if status.failed:
         sys.exit(1)
 
