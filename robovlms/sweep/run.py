@@ -14,7 +14,8 @@ import yaml
 
 from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.baselines import check_baseline_data
-from robovlms.results import CELLS_DIR, RESULTS_DIR, SWEEP_FILE, gather, read_cell_result
+from robovlms.results import (CELLS_DIR, RESULTS_DIR, SEARCH_BEST_FILE, SEARCH_TRIALS_FILE, SWEEP_FILE, gather,
+                              read_cell_result)
 from robovlms.sweep.cells import Cell, sweep_cells
 from robovlms.sweep.config import load_sweep
 from robovlms.sweep.failures import record_abandoned
@@ -104,7 +105,7 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
     report()
     gather(run_dir)
     if mode == "search":
-        write_search_results(study, run_dir)
+        write_search_results(study, run_dir, sweep.search.objective)
     return status
 
 
@@ -131,12 +132,9 @@ def _run_worker_processes(name: str, url: str, workers: int, run_dir: Path, repo
             log.close()
 
 
-SEARCH_TRIALS_FILE = "trials.csv"
-
-
-def write_search_results(study, run_dir: Path) -> None:
+def write_search_results(study, run_dir: Path, objective: str) -> None:
     """results/trials.csv: every trial of the search (Optuna's trials_dataframe: number, state, value, params_*,
-    user_attrs_cell, ...), and results/best.json: the best complete trial."""
+    user_attrs_cell, ...), and results/best.json: the best complete trial and the objective."""
     from optuna.trial import TrialState
 
     trials = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
@@ -145,6 +143,7 @@ def write_search_results(study, run_dir: Path) -> None:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return
     best = study.best_trial
-    write_json_atomically(run_dir / RESULTS_DIR / "best.json",
+    write_json_atomically(run_dir / RESULTS_DIR / SEARCH_BEST_FILE,
                           {"trial": best.number, "value": best.value, "params": best.params,
-                           "cell": best.user_attrs.get("cell"), "direction": study.direction.name.lower()})
+                           "cell": best.user_attrs.get("cell"), "objective": objective,
+                           "direction": study.direction.name.lower()})
