@@ -162,6 +162,8 @@ def evaluate_command(
         raise UnknownNameError(f"{bench.name} split", split, bench.splits())
     bench.check_available()
     if run is not None:
+        from robovlms.policy import policy_digest
+
         factory = policy_factory(run)
     elif policy == "expert":
         factory = bench.scripted_expert()
@@ -175,8 +177,8 @@ def evaluate_command(
                        video_dir=(out / "videos") if out and videos else None, videos_per_task=videos)
     if out is not None:
         write_shard(out, records, {"benchmark": bench.name, "benchmark_options": bench.options(), "split": split,
-                                   "episodes": total, "policy": str(run.resolve()) if run else policy,
-                                   "shard": list(part)})
+                                   "episodes": total, "policy": policy_digest(run) if run else policy,
+                                   "policy_paths": [str(run.resolve())] if run else [], "shard": list(part)})
     _print_scores(f"{run or policy} on {bench.name} {split}" + (f", shard {part[0]}/{part[1]}" if shard else ""),
                   bench, records)
 
@@ -196,7 +198,8 @@ def merge_evaluation_command(
     bench = create_benchmark(evaluation["benchmark"], **evaluation["benchmark_options"])
     records = records_from_frame(frame)
     write_shard(out, records, {**evaluation, "shard": [1, 1]})
-    _print_scores(f"{evaluation['policy']} on {bench.name} {evaluation['split']}", bench, records)
+    policy = ", ".join(evaluation["policy_paths"]) or evaluation["policy"]
+    _print_scores(f"{policy} on {bench.name} {evaluation['split']}", bench, records)
 
 
 def _print_scores(title: str, bench, records) -> None:
