@@ -230,6 +230,20 @@ def test_a_search_of_a_few_trials_records_its_best_trial(tmp_path, demo_store):
     best = json.loads((tmp_path / "run" / "results" / "best.json").read_text())
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
     assert best["direction"] == "minimize" and 1e-4 <= best["params"]["learning_rate"] <= 1e-2
+    assert (status.unit, status.cells, status.done + status.pruned) == ("trials", 3, 3)
+
+
+@pytest.mark.slow
+def test_a_search_report_has_a_row_per_trial_and_lists_the_trials(tmp_path, demo_store):
+    from robovlms.report import write_report
+
+    path = learning_rate_search(tmp_path, demo_store, trials=2)
+    run_sweep(path, mode="search")
+    write_report([tmp_path / "run"], tmp_path / "report")
+    success = pd.read_csv(tmp_path / "report" / "success.csv")
+    trials = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert sorted(success.learning_rate) == sorted(trials.params_learning_rate)
+    assert success.seeds.tolist() == [1, 1] and trials.state.tolist() == ["COMPLETE", "COMPLETE"]
 
 
 def learning_rate_search(tmp_path, store, trials):

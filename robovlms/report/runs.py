@@ -135,7 +135,7 @@ def _setting_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value)  # every digit: values that differ are never shown, or grouped, as one
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
