@@ -97,6 +97,9 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
               if (path / RESULTS_DIR / SEARCH_TRIALS_FILE).is_file()}
     best = {run: json.loads((path / RESULTS_DIR / SEARCH_BEST_FILE).read_text()) for run, path in zip(runs, paths)
             if (path / RESULTS_DIR / SEARCH_BEST_FILE).is_file()}
+    pruned = {(run, cell) for run, frame in trials.items() if "user_attrs_cell" in frame
+              for cell in frame.user_attrs_cell[frame.state == "PRUNED"]}
+    unfinished = [cell for cell in unfinished if (cell["run"], cell["cell_id"]) not in pruned]  # with the trials
     return SweepRuns(benchmark, split, cells.drop(columns="run_dir"), episodes, curves,
                      pd.DataFrame(unfinished, columns=["run", "cell_id"]), results, settings, repeats, trials, best)
 

@@ -107,16 +107,11 @@ def cost_table(runs: SweepRuns) -> pd.DataFrame:
 
 
 def failed_cells_table(runs: SweepRuns) -> pd.DataFrame:
-    """Cells that failed (their axes and error) and cell directories that never committed a result, but for the
-    cells of trials a search pruned (listed with the search's trials)."""
+    """Cells that failed (their axes and error) and cell directories that never committed a result."""
     failed = runs.cells[runs.cells.status != "complete"]
     failed = failed[["run", "cell_id", "status"]].assign(axes=[_json(axes) for axes in failed["axes"]],
                                                          error=failed.error)
-    pruned = {(run, cell) for run, trials in runs.trials.items() if "user_attrs_cell" in trials
-              for cell in trials.user_attrs_cell[trials.state == "PRUNED"]}
-    unfinished = runs.unfinished[[(run, cell) not in pruned for run, cell in zip(runs.unfinished.run,
-                                                                                  runs.unfinished.cell_id)]]
-    unfinished = unfinished.assign(status="unfinished",
+    unfinished = runs.unfinished.assign(status="unfinished",
                                         error=f"no {RESULT_FILE}: the cell is still running or its worker died")
     return pd.concat([failed, unfinished], ignore_index=True)[failed.columns]
 
