@@ -69,7 +69,7 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
         training = base.training
         for key, value in sampled.items():
             training = merge(training, nested(key, value))
-        cell = Cell(search_cell_id(trial, training), "trained", training, sampled)
+        cell = Cell(_search_cell_id(trial, training), "trained", training, sampled)
         trial.set_user_attr("cell", cell.cell_id)
         callbacks = (OptunaPruning(trial),) if search.prune else ()
         try:
@@ -102,7 +102,7 @@ def _earlier_trial_with_params(trial):
                  if other.number < trial.number and other.params == trial.params), None)
 
 
-def search_cell_id(trial, training: dict) -> str:
+def _search_cell_id(trial, training: dict) -> str:
     """A search cell's id holds its trial's number (the first attempt's, when a trial is retried after its worker
     died, so that training resumes), so no two trials ever share a cell directory."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
