@@ -177,6 +177,8 @@ def evaluate_command(
         raise UnknownNameError(f"{bench.name} split", split, bench.splits())
     bench.check_available()
     if run is not None:
+        from robovlms.policy import policy_digest
+
         factory = policy_factory(run)
     elif policy == "expert":
         factory = bench.scripted_expert()
@@ -190,8 +192,8 @@ def evaluate_command(
                        video_dir=(out / "videos") if out and videos else None, videos_per_task=videos)
     if out is not None:
         write_shard(out, records, {"benchmark": bench.name, "benchmark_options": bench.options(), "split": split,
-                                   "episodes": total, "policy": str(run.resolve()) if run else policy,
-                                   "shard": list(part)})
+                                   "episodes": total, "policy": policy_digest(run) if run else policy,
+                                   "policy_paths": [str(run.resolve())] if run else [], "shard": list(part)})
     _print_scores(f"{run or policy} on {bench.name} {split}" + (f", shard {part[0]}/{part[1]}" if shard else ""),
                   bench, records)
 
@@ -211,7 +213,8 @@ def merge_evaluation_command(
     bench = create_benchmark(evaluation["benchmark"], **evaluation["benchmark_options"])
     records = records_from_frame(frame)
     write_shard(out, records, {**evaluation, "shard": [1, 1]})
-    _print_scores(f"{evaluation['policy']} on {bench.name} {evaluation['split']}", bench, records)
+    policy = ", ".join(evaluation["policy_paths"]) or evaluation["policy"]
+    _print_scores(f"{policy} on {bench.name} {evaluation['split']}", bench, records)
 
 
 def _print_scores(title: str, bench, records) -> None:
@@ -242,7 +245,8 @@ def train_command(
 
 
 def _progress_printer():
-    """A rich progress bar over a sweep's cells: done, running, waiting and failed."""
+    """A rich progress bar over a sweep's cells (done, running, waiting, failed) or a search's trials (also
+    pruned)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -251,9 +255,10 @@ def _progress_printer():
 
     def update(status) -> None:
         bar.start()  # on the first report, once the sweep file is validated and its cells queued
-        bar.update(task, total=status.cells, completed=status.done + status.failed,
-                   description=f"cells: {status.done} done, {status.running} running, {status.waiting} waiting, "
-                               f"{status.failed} failed")
+        pruned = f", {status.pruned} pruned" if status.unit == "trials" else ""
+        bar.update(task, total=status.cells, completed=status.done + status.failed + status.pruned,
+                   description=f"{status.unit}: {status.done} done{pruned}, {status.running} running, "
+                               f"{status.waiting} waiting, {status.failed} failed")
 
     return bar, update
 
@@ -267,8 +272,9 @@ def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_fail
                            progress=update)
     finally:
         bar.stop()
-    console.print(f"{status.done} of {status.cells} cells done, {status.failed} failed; results in the run "
-                  f"directory's results/ (make a report with `robovlms report RUN_DIR`)")
+    pruned = f", {status.pruned} pruned" if status.unit == "trials" else ""
+    console.print(f"{status.done} of {status.cells} {status.unit} done{pruned}, {status.failed} failed; results in "
+                  f"the run directory's results/ (make a report with `robovlms report RUN_DIR`)")
     if status.failed:
         sys.exit(1)
 

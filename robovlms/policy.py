@@ -93,3 +93,25 @@ def load_policy(run_dir: str | Path, execution: str | None = None, checkpoint: s
 def policy_factory(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None):
     """A picklable zero-argument factory for `robovlms.rollout.evaluate`: each worker loads its own copy."""
     return functools.partial(load_policy, str(run_dir), execution, checkpoint)
+
+
+def policy_digest(run_dir: str | Path, checkpoint: str | None = None) -> str:
+    """What identifies a trained run's policy wherever the run lies: a SHA-256 over its config (less the paths of
+    its store and run directory), action statistics, backbone files and checkpoint."""
+    import hashlib
+    import json
+
+    from robovlms.training import (BACKBONE_DIR, CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, STATISTICS_FILE,
+                                   load_config)
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_FILE).model_dump(mode="json", exclude={"store", "run_dir"})
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    backbone_files = sorted(path for path in (run_dir / BACKBONE_DIR).rglob("*") if path.is_file())
+    checkpoint_file = run_dir / CHECKPOINT_DIR / (checkpoint or LAST_CHECKPOINT)
+    for path in [run_dir / STATISTICS_FILE, *backbone_files, checkpoint_file]:
+        digest.update(path.relative_to(run_dir).as_posix().encode())
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"

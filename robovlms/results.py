@@ -9,6 +9,7 @@ A sweep's run directory:
         train/                  the training run directory (config.yaml, checkpoints/, logs/, tensorboard/)
     results/cells.parquet, .csv       every cell's CellResult flattened, one row each (gathered by `gather`)
     results/episodes.parquet, .csv    every episode of every cell, with its cell_id
+    results/trials.csv, best.json     a search's trials (Optuna's trials_dataframe) and its best trial
 
 A cell's files are written by the one worker that holds its Optuna trial; result.json is the cell's commit
 record: a cell directory without it is unfinished. A result.json that cannot be read (truncated, or keys this
@@ -37,6 +38,8 @@ SWEEP_FILE = "sweep.yaml"
 CELLS_DIR = "cells"
 RESULTS_DIR = "results"
 RESULT_FILE = "result.json"
+SEARCH_TRIALS_FILE = "trials.csv"
+SEARCH_BEST_FILE = "best.json"
 RECORDS_FILE = "records.parquet"
 TRAIN_DIR = "train"
 VERSIONED_PACKAGES = ("robovlms", "torch", "transformers", "lightning", "optuna", "metaworld", "mujoco", "peft")

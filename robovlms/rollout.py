@@ -129,18 +129,29 @@ def write_shard(out: Path, records: Sequence[EpisodeRecord], description: dict) 
 
 
 def merge_shards(shard_dirs: Sequence[str | Path]) -> tuple[dict, pd.DataFrame]:
-    """The records of every shard of one evaluation, checked complete and disjoint, in episode order."""
+    """The records of every shard of one evaluation, checked complete and disjoint, in episode order. A trained
+    policy is identified by its digest (robovlms.policy.policy_digest), so shards evaluated from copies of one run at
+    different paths merge; `policy_paths` gathers those paths."""
     descriptions, frames = [], []
     for directory in map(Path, shard_dirs):
         if not (directory / SHARD_FILE).is_file():
             raise ConfigError(f"{directory} holds no evaluation shard ({SHARD_FILE} is missing)")
         descriptions.append(json.loads((directory / SHARD_FILE).read_text()))
         frames.append(pd.read_parquet(directory / "records.parquet"))
-    evaluation = {key: value for key, value in descriptions[0].items() if key != "shard"}
+    evaluation = _evaluation(descriptions[0])
     for directory, description in zip(shard_dirs, descriptions):
-        if {key: value for key, value in description.items() if key != "shard"} != evaluation:
-            raise ConfigError(f"{directory} is a shard of another evaluation: {description}, not {evaluation}")
-    count = descriptions[0]["shard"][1]
+        if _evaluation(description) != evaluation:
+            raise ConfigError(f"{directory} is a shard of another evaluation: {_evaluation(description)}, not "
+                              f"{evaluation}")
+    counts = {description["shard"][1] for description in descriptions}
+    if len(counts) > 1:
+        listing = ", ".join(f"{directory} is {description['shard'][0]} of {description['shard'][1]}"
+                            for directory, description in zip(shard_dirs, descriptions))
+        raise ConfigError(f"these are shards of evaluations split in different numbers of parts ({listing}); give "
+                          f"the shards of one --shard K/N, every K once")
+    evaluation["policy_paths"] = list(dict.fromkeys(path for description in descriptions
+                                                    for path in description.get("policy_paths", [])))
+    count = counts.pop()
     found = sorted(description["shard"][0] for description in descriptions)
     if found != list(range(1, count + 1)):
         raise ConfigError(f"shards {found} of {count}: each of 1..{count} must be given exactly once")
@@ -148,3 +159,8 @@ def merge_shards(shard_dirs: Sequence[str | Path]) -> tuple[dict, pd.DataFrame]:
     if len(merged) != evaluation["episodes"]:
         raise ConfigError(f"the shards hold {len(merged)} episodes; the evaluation has {evaluation['episodes']}")
     return evaluation, merged
+
+
+def _evaluation(description: dict) -> dict:
+    """What a shard is a part of: its description less its part and where the policy was read from."""
+    return {key: value for key, value in description.items() if key not in ("shard", "policy_paths")}

@@ -64,6 +64,55 @@ def test_a_trained_run_is_evaluated_from_its_directory_with_its_store(tmp_path, 
     output = run("evaluate", "--run", run_dir, "--episodes", "1", "--workers", "1", "--out", tmp_path / "eval")
     records = pd.read_parquet(tmp_path / "eval" / "records.parquet")
     assert sorted(records.task) == ["button-press-topdown", "door-open"] and "2 episodes" in output
-    assert json.loads((tmp_path / "eval" / "shard.json").read_text())["policy"] == str(run_dir.resolve())
+    assert json.loads((tmp_path / "eval" / "shard.json").read_text())["policy_paths"] == [str(run_dir.resolve())]
     result = CliRunner().invoke(app, ["evaluate", "--run", str(run_dir), "--policy", "zero"])
     assert isinstance(result.exception, ConfigError) and "either --policy" in str(result.exception)
+
+
+def write_zero_shard(out, shard, policy="zero", policy_paths=()):
+    from robovlms.benchmark import EpisodeRecord
+    from robovlms.rollout import write_shard
+
+    records = [EpisodeRecord(task="door-open", scene="D", instruction="open the door", seed=shard[0], success=False,
+                             steps=10, seconds=0.1)]
+    write_shard(out, records, {"benchmark": "metaworld", "benchmark_options": {}, "split": "ABC->D",
+                               "episodes": 2, "policy": policy, "policy_paths": list(policy_paths),
+                               "shard": list(shard)})
+    return out
+
+
+def test_a_shard_and_a_whole_evaluation_are_refused_saying_which_is_which(tmp_path):
+    part = write_zero_shard(tmp_path / "part", (1, 2))
+    whole = write_zero_shard(tmp_path / "whole", (1, 1))
+    with pytest.raises(ConfigError, match=f"{part} is 1 of 2, {whole} is 1 of 1"):
+        merge_shards([part, whole])
+
+
+def test_shards_of_one_policy_read_from_two_paths_merge_and_keep_both_paths(tmp_path):
+    first = write_zero_shard(tmp_path / "first", (1, 2), "sha256:abc", ["/machine-a/runs/demo"])
+    second = write_zero_shard(tmp_path / "second", (2, 2), "sha256:abc", ["/machine-b/demo"])
+    evaluation, records = merge_shards([first, second])
+    assert evaluation["policy_paths"] == ["/machine-a/runs/demo", "/machine-b/demo"] and len(records) == 2
+
+
+@pytest.mark.slow
+def test_shards_evaluated_from_copies_of_a_run_at_two_paths_merge(tmp_path, demo_store):
+    import shutil
+
+    from robovlms.policy import policy_digest
+    from robovlms.training import train
+
+    run_dir = train({"store": str(demo_store.path), "run_dir": str(tmp_path / "a" / "run"), "max_steps": 2,
+                     "batch_size": 4, "chunk": 4, "execution": "chunk", "checkpoint_every": 2, "log_every": 1,
+                     "backbone": {"options": {"hidden_size": 32, "layers": 1}}}, progress=False)
+    copy = shutil.copytree(run_dir, tmp_path / "b" / "copied-run")
+    for k, path in ((1, run_dir), (2, copy)):
+        run("evaluate", "--run", path, "--episodes", "1", "--workers", "1", "--shard", f"{k}/2",
+            "--out", tmp_path / f"shard{k}")
+    output = run("merge-evaluation", tmp_path / "shard1", tmp_path / "shard2", "--out", tmp_path / "merged")
+    assert "2 episodes" in output
+    merged = json.loads((tmp_path / "merged" / "shard.json").read_text())
+    assert merged["policy"].startswith("sha256:")
+    assert merged["policy_paths"] == [str(run_dir.resolve()), str(copy.resolve())]
+    (copy / "checkpoints" / "last.ckpt").write_bytes(b"other weights")
+    assert policy_digest(copy) != policy_digest(run_dir)

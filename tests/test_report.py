@@ -1,3 +1,4 @@
+import json
 import math
 import re
 import shutil
@@ -56,9 +57,9 @@ def add_cell(run_dir, cell_id, records=None, benchmark="metaworld", split="AB->C
 
 
 def add_trained_cell(run_dir, rng, cell_id, backbone, label, formulation, data_fraction=1.0, seed=0, latency=20.0,
-                     chain=False, **fields):
+                     chain=False, settings=None, **fields):
     config = {"backbone": backbone, "formulation": formulation, "history": 2, "chunk": 4,
-              "data_fraction": data_fraction, "seed": seed, "lr": 1e-4}
+              "data_fraction": data_fraction, "seed": seed, "lr": 1e-4, **(settings or {})}
     records = add_cell(run_dir, cell_id, episode_records(rng, rng.uniform(0.2, 0.9), chain), status="complete",
                        kind="trained", policy="trained", backbone=backbone, backbone_label=label,
                        random_init="random init" in label, formulation=formulation, history=2, chunk=4,
@@ -280,6 +281,98 @@ def test_runs_of_one_benchmark_and_split_are_reported_together_seeds_pooled(tmp_
     row = pd.read_csv(tmp_path / "report" / "success.csv").iloc[0]
     assert (row.seeds, row.successes, row.episodes) == (2, *pooled([first, second]))
     assert pd.read_csv(tmp_path / "report" / "cells.csv").run.tolist() == ["a", "b"]
+
+
+def test_a_copied_run_counts_each_seed_once_and_names_the_repeated_cells(tmp_path):
+    records = add_trained_cell(tmp_path / "demo", np.random.default_rng(3), "cell", "gpt-scratch", SCRATCH,
+                               "policy-head")
+    shutil.copytree(tmp_path / "demo", tmp_path / "demo_copy")
+    write_report([tmp_path / "demo", tmp_path / "demo_copy"], tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "success.csv")
+    successes, episodes = pooled([records])
+    assert table.repeat_run.tolist() == ["demo", "demo_copy"]
+    assert table.seeds.tolist() == [1, 1] and table.episodes.tolist() == [episodes, episodes]
+    assert (table.wilson_low[0], table.wilson_high[0]) == pytest.approx(wilson_interval(successes, episodes))
+    assert "is in demo (cell cell), demo_copy (cell cell)" in (tmp_path / "report" / "index.md").read_text()
+
+
+def test_a_repeated_configuration_and_seed_within_one_run_is_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    for cell in ("first", "second"):
+        add_trained_cell(tmp_path / "run", rng, cell, "gpt-scratch", SCRATCH, "policy-head")
+    with pytest.raises(ReportError, match=r"cells run \(cell first\), run \(cell second\) repeat .* seed 0"):
+        write_report([tmp_path / "run"], tmp_path / "report")
+
+
+def test_cells_that_differ_in_another_training_setting_are_separate_rows_not_seeds(tmp_path):
+    rng = np.random.default_rng(5)
+    for rate in (1e-3, 1e-4):
+        add_trained_cell(tmp_path / "run", rng, f"lr{rate}", "gpt-scratch", SCRATCH, "policy-head",
+                         settings={"learning_rate": rate, "formulation_options": {"head": "lstm"}})
+    write_report([tmp_path / "run"], tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "success.csv")
+    assert sorted(table.learning_rate) == [0.0001, 0.001] and table.seeds.tolist() == [1, 1]
+    assert "formulation_options.head" not in table  # the same in every cell
+    assert "differ in learning_rate" in (tmp_path / "report" / "index.md").read_text()
+
+
+def write_sweep_settings(run_dir, tasks=("door-open",), episodes_per_task=10, store="data/demo"):
+    (run_dir / "sweep.yaml").write_text(yaml.safe_dump({
+        "benchmark": {"name": "metaworld", "split": "AB->CD", "options": {"tasks": list(tasks)}},
+        "evaluation": {"episodes_per_task": episodes_per_task, "workers": 1}, "store": {"path": store}}))
+
+
+@pytest.mark.parametrize("setting, values, message", [
+    ("tasks", (["door-open"], ["door-open", "button-press-topdown"]),
+     r'different benchmark option \'tasks\': \["door-open"\] in a; \["door-open", "button-press-topdown"\] in b'),
+    ("episodes_per_task", (10, 50), "different episodes per task: 10 in a; 50 in b"),
+    ("store", ("data/demo", "data/other"), 'different store: "data/demo" in a; "data/other" in b')])
+def test_runs_evaluated_differently_are_refused_naming_the_setting_values_and_runs(tmp_path, setting, values,
+                                                                                  message):
+    for run, value in zip("ab", values):
+        add_cell(tmp_path / run, "zero", status="complete", kind="baseline", policy="zero")
+        write_sweep_settings(tmp_path / run, **{setting: value})
+    with pytest.raises(ReportError, match=message):
+        write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report")
+
+
+@pytest.fixture(scope="module")
+def search_report(tmp_path_factory):
+    """A learning-rate search as `robovlms tune` leaves it: three complete trials and a pruned one."""
+    run_dir = tmp_path_factory.mktemp("search") / "run"
+    rng = np.random.default_rng(6)
+    rates = [1e-3, 1e-4, 1e-5]
+    for trial, rate in enumerate(rates):
+        add_trained_cell(run_dir, rng, f"search-{trial:04d}", "gpt-scratch", SCRATCH, "policy-head", trial=trial,
+                         settings={"learning_rate": rate})
+    (run_dir / "cells" / "search-0003").mkdir()
+    (run_dir / "results").mkdir()
+    pd.DataFrame({"number": [0, 1, 2, 3], "state": ["COMPLETE"] * 3 + ["PRUNED"], "value": [0.5, 0.75, 0.25, None],
+                  "params_learning_rate": [*rates, 0.01],
+                  "user_attrs_cell": [f"search-{trial:04d}" for trial in range(4)]}
+                 ).to_csv(run_dir / "results" / "trials.csv", index=False)
+    (run_dir / "results" / "best.json").write_text(json.dumps({
+        "trial": 1, "value": 0.75, "params": {"learning_rate": 1e-4}, "cell": "search-0001", "objective": "success",
+        "direction": "maximize"}))
+    write_report([run_dir], run_dir.parent / "report")
+    return run_dir.parent / "report"
+
+
+def test_a_search_report_has_a_success_row_per_trial_with_its_parameters(search_report):
+    table = pd.read_csv(search_report / "success.csv")
+    assert table.learning_rate.tolist() == [0.001, 0.0001, 1e-05] and table.seeds.tolist() == [1, 1, 1]
+
+
+def test_a_search_report_lists_every_trial_and_names_the_best(search_report):
+    trials = pd.read_csv(search_report / "trials.csv")
+    assert trials.state.tolist() == ["COMPLETE"] * 3 + ["PRUNED"]
+    text = (search_report / "index.md").read_text()
+    assert "## Search trials" in text
+    assert 'best trial 1, value 0.75, parameters {"learning_rate": 0.0001}, cell search-0001' in text
+
+
+def test_a_pruned_trials_cell_is_not_listed_as_unfinished(search_report):
+    assert not (search_report / "failed_cells.csv").exists()
 
 
 def test_mixing_benchmarks_is_refused(tmp_path):

@@ -230,6 +230,87 @@ def test_a_search_of_a_few_trials_records_its_best_trial(tmp_path, demo_store):
     best = json.loads((tmp_path / "run" / "results" / "best.json").read_text())
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
     assert best["direction"] == "minimize" and 1e-4 <= best["params"]["learning_rate"] <= 1e-2
+    assert (status.unit, status.cells, status.done + status.pruned) == ("trials", 3, 3)
+
+
+@pytest.mark.slow
+def test_a_search_report_has_a_row_per_trial_and_lists_the_trials(tmp_path, demo_store):
+    from robovlms.report import write_report
+
+    path = learning_rate_search(tmp_path, demo_store, trials=2)
+    run_sweep(path, mode="search")
+    write_report([tmp_path / "run"], tmp_path / "report")
+    success = pd.read_csv(tmp_path / "report" / "success.csv")
+    trials = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert sorted(success.learning_rate) == sorted(trials.params_learning_rate)
+    assert success.seeds.tolist() == [1, 1] and trials.state.tolist() == ["COMPLETE", "COMPLETE"]
+
+
+def learning_rate_search(tmp_path, store, trials):
+    return sweep_file(tmp_path, store, name="search", grid={}, baselines=[],
+                      search={"trials": trials, "prune": False,
+                              "space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+
+
+class Stopped(Exception):
+    """Stands for a search killed between two trials."""
+
+
+def run_trials(study, sweep, run_dir, count):
+    """`count` trials of a search by one worker (its own study object and sampler), then stop it."""
+    from robovlms.sweep import work
+
+    finished = len(study.get_trials(states=(TrialState.COMPLETE,)))
+
+    def stop_after_count() -> None:
+        if len(study.get_trials(states=(TrialState.COMPLETE,))) >= finished + count:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        work(study, sweep, [], run_dir, "search", on_change=stop_after_count)
+
+
+def assert_every_trial_drew_new_parameters_and_kept_its_cell(study, run_dir, trials):
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == trials
+    assert len({trial.params["learning_rate"] for trial in complete}) == trials
+    results = read_cell_results(run_dir)
+    assert sorted(result.trial for result in results) == [trial.number for trial in complete]
+    assert {result.cell_id: result.trial for result in results} == {trial.user_attrs["cell"]: trial.number
+                                                                     for trial in complete}
+
+
+@pytest.mark.slow
+def test_a_search_killed_and_resumed_draws_new_parameters_and_overwrites_no_cell(tmp_path, demo_store):
+    path = learning_rate_search(tmp_path, demo_store, trials=4)
+    sweep, cells, study, _ = prepare_sweep(path, mode="search")
+    run_trials(study, sweep, tmp_path / "run", 2)
+    run_sweep(path, mode="search")  # the re-run: a new study object, a new sampler
+    assert_every_trial_drew_new_parameters_and_kept_its_cell(study, tmp_path / "run", 4)
+
+
+@pytest.mark.slow
+def test_two_workers_of_a_search_draw_different_parameters_and_train_different_cells(tmp_path, demo_store):
+    from robovlms.sweep import join_study
+
+    path = learning_rate_search(tmp_path, demo_store, trials=4)
+    sweep, _, _, url = prepare_sweep(path, mode="search")
+    workers = [join_study(url, "search-search")[0] for _ in range(2)]  # as two processes would: two samplers
+    for worker in workers * 2:  # taking turns, so that each draws twice
+        run_trials(worker, sweep, tmp_path / "run", 1)
+    assert_every_trial_drew_new_parameters_and_kept_its_cell(workers[0], tmp_path / "run", 4)
+
+
+def test_a_search_that_draws_an_earlier_trials_parameters_does_not_train_them_again(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, name="search", grid={}, baselines=[],
+                      search={"trials": 2, "prune": False, "space": {"seed": {"type": "categorical", "choices": [0]}}})
+    sweep, _, study, _ = prepare_sweep(path, mode="search")
+    study.add_trial(optuna.create_trial(params={"seed": 0}, distributions={
+        "seed": optuna.distributions.CategoricalDistribution([0])}, value=0.25, user_attrs={"cell": "earlier"}))
+    run_trials(study, sweep, tmp_path / "run", 1)
+    repeated = study.get_trials()[-1]
+    assert (repeated.value, repeated.user_attrs["duplicate_of"]) == (0.25, 0)
+    assert not (tmp_path / "run" / "cells").exists()
 
 
 @pytest.mark.slow
@@ -282,6 +363,14 @@ def test_an_unknown_formulation_in_a_grid_lists_the_valid_ones(tmp_path):
              "grid": {"formulation": ["policy-hed"]}}
     with pytest.raises(UnknownNameError, match="policy-head"):
         expand_cells(load_sweep(sweep))
+
+
+@pytest.mark.parametrize("key, name", [("formulation", "one-step-continuous"), ("backbone", "kosmos2")])
+def test_fixed_training_settings_may_name_a_backbone_or_formulation(tmp_path, key, name):
+    sweep = {"name": "named", "run_dir": str(tmp_path / "run"), "store": {"path": "x"}, "train": {key: name},
+             "baselines": []}
+    (cell,) = expand_cells(load_sweep(sweep))
+    assert cell.training[key] == {"name": name}
 
 
 def test_an_unreachable_storage_fails_at_once(tmp_path, demo_store):

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import pandas as pd
 
-from robovlms.report.runs import CONFIGURATION
+from robovlms.report.runs import REPEAT_RUN
 
-HEADERS = {"backbone_label": "backbone", "data_fraction": "data fraction"}
-SHOWN_CONFIGURATION = {column: column for column in CONFIGURATION}
+HEADERS = {"backbone_label": "backbone", "data_fraction": "data fraction", REPEAT_RUN: "run (repeated seeds)"}
 
 
-def configuration_label(row: pd.Series) -> str:
-    """A configuration in one line: backbone · formulation · H=history · L=chunk · data fraction."""
+def shown_configuration(configuration: list[str]) -> dict[str, str]:
+    return {column: column for column in configuration}
+
+
+def configuration_label(row: pd.Series, settings: list[str] = ()) -> str:
+    """A configuration in one line: backbone · formulation · H=history · L=chunk · data fraction, then its other
+    settings (learning_rate=0.001) and, for a repeated seed, its run."""
     parts = [row.backbone_label, row.formulation, row.history and f"H={row.history}",
-             row.chunk and f"L={row.chunk}", row.get("data_fraction") and f"data {row.data_fraction}"]
+             row.chunk and f"L={row.chunk}", row.get("data_fraction") and f"data {row.data_fraction}",
+             *(row.get(setting) and (f"run {row[setting]}" if setting == REPEAT_RUN else f"{setting}={row[setting]}")
+               for setting in settings)]
     return " · ".join(part for part in parts if part)
 
 
@@ -36,10 +42,10 @@ def readable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), "")
 
 
-def wide_table(table: pd.DataFrame, by: str, cell_text) -> pd.DataFrame:
+def wide_table(table: pd.DataFrame, by: str, cell_text, configuration: list[str]) -> pd.DataFrame:
     """One row per configuration, one column per value of `by`."""
     text = table.assign(text=table.apply(cell_text, axis=1))
-    keys = [key for key in CONFIGURATION if key in table and key != by]
+    keys = [key for key in configuration if key in table and key != by]
     order = list(dict.fromkeys(text[keys].itertuples(index=False, name=None)))
     wide = text.set_index([*keys, by])["text"].unstack(by).reindex(order)
     wide.columns.name = None

@@ -12,10 +12,10 @@ import pandas as pd
 from robovlms.benchmark import BENCHMARKS
 from robovlms.errors import ReportError, UnknownNameError
 from robovlms.report import plots
+from robovlms.report.formatting import (HEADERS, configuration_label, number_text, percent_text, rate_text, readable,
+                                        seed_text, shown_configuration, shown_table, wide_table)
 from robovlms.report.main_effects import main_effects_table, pairwise_table
-from robovlms.report.formatting import (HEADERS, SHOWN_CONFIGURATION, configuration_label, number_text, percent_text,
-                                        rate_text, readable, seed_text, shown_table, wide_table)
-from robovlms.report.runs import BASELINE_LABELS, CONFIGURATION, SweepRuns, complete_cells
+from robovlms.report.runs import BASELINE_LABELS, REPEAT_RUN, SweepRuns, complete_cells
 from robovlms.report.tables import (CHAIN_LENGTH, breakdown_table, chain_table, chained, configuration_table,
                                     cost_table, data_efficiency_table, failed_cells_table, simulated_task_success,
                                     success_table, versions_table)
@@ -45,7 +45,8 @@ def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -
     if runs.cells.empty:
         return [Section("No results", [f"No cell of these runs has committed its {RESULT_FILE} yet."]),
                 _failed_section(runs)]
-    sections = [_success_section(runs, out), _main_effects_section(runs, out), _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
+    sections = [_success_section(runs, out), _search_section(runs), _main_effects_section(runs, out),
+                _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
                 _breakdown_section(runs, "scene"), _chain_section(runs), _data_efficiency_section(runs, out),
                 _cost_section(runs, out), _training_curves_section(runs, out), _failed_section(runs),
                 _configuration_section(runs), _versions_section(runs)]
@@ -59,15 +60,24 @@ def _success_section(runs: SweepRuns, out: Path) -> Section:
         "successes: successes over all evaluation episodes of the row, seeds pooled; episodes is that number. "
         "[low, high] is the 95% Wilson score interval. seed mean ± std: mean and sample standard deviation of the "
         "per-seed success rates, where a row has several seeds."])
+    settings = [setting for setting in runs.settings if setting != REPEAT_RUN]
+    if settings:
+        section.notes.append(f"The cells differ in {', '.join(settings)} beyond the backbone, formulation, history, "
+                             "chunk and data fraction: each value is a row of its own, never pooled as seeds.")
+    if runs.repeats:
+        section.notes.append("A seed counts once, but these runs hold the same configuration and seed more than once "
+                             "(a copied run, or a sweep run twice): " + "; ".join(runs.repeats) + ". Those rows are "
+                             "shown per run (column \"run (repeated seeds)\"), not pooled.")
     success = success_table(runs)
     if success.empty:
         section.notes.append("No cell completed: there is no success to report.")
         return section
     section.tables.append(Table("success", success, shown_table(success, {
-        **SHOWN_CONFIGURATION, "seeds": "seeds", "episodes": "episodes",
+        **shown_configuration(runs.configuration), "seeds": "seeds", "episodes": "episodes",
         "successes": lambda row: f"{row.successes}/{row.episodes}", "success [95% CI]": rate_text,
         "seed mean ± std": seed_text})))
-    figure = plots.success_figure([configuration_label(row) for _, row in success.iterrows()], success.success,
+    figure = plots.success_figure([configuration_label(row, runs.settings) for _, row in success.iterrows()],
+                                  success.success,
                                   success.wilson_low, success.wilson_high,
                                   [label in BASELINE_LABELS.values() for label in success.backbone_label])
     plots.save_figure(figure, out, "success")
@@ -75,11 +85,39 @@ def _success_section(runs: SweepRuns, out: Path) -> Section:
     return section
 
 
+def _search_section(runs: SweepRuns) -> Section | None:
+    """A search's trials (`robovlms tune`): one row each with its parameters, state and objective value, and its
+    best trial."""
+    if not runs.trials:
+        return None
+    section = Section("Search trials", ["One row per trial of the search: its sampled parameters, its state "
+                                        "(COMPLETE; PRUNED: stopped early by the median pruner on val/loss, or the "
+                                        "parameters of an earlier trial, see \"duplicate of\") and the objective "
+                                        "value. Each complete trial is also a row of the success table."])
+    for run, trials in runs.trials.items():
+        name = f"trials_{run}" if len(runs.trials) > 1 else "trials"
+        shown = {"trial": "number", "state": "state", "value": "value",
+                 **{column.removeprefix("params_"): column for column in trials if column.startswith("params_")},
+                 **{column.removeprefix("user_attrs_"): column for column in ("user_attrs_cell", "user_attrs_error")
+                    if column in trials}}
+        if "user_attrs_duplicate_of" in trials:
+            shown["duplicate of"] = lambda row: "" if pd.isna(row.user_attrs_duplicate_of) else \
+                str(int(row.user_attrs_duplicate_of))
+        best = runs.best.get(run)
+        if best is not None:
+            section.notes.append(f"{run}: objective {best.get('objective', 'value')} ({best['direction']}); best "
+                                 f"trial {best['trial']}, value {best['value']:.4g}, parameters "
+                                 f"{json.dumps(best['params'], sort_keys=True)}, cell {best['cell']}.")
+        section.tables.append(Table(name, trials, shown_table(trials, shown)))
+    return section
+
+
 def _breakdown_section(runs: SweepRuns, by: str) -> Section | None:
     table = breakdown_table(runs, by)
     if table.empty:
         return None
-    shown = wide_table(table, by, lambda row: f"{percent_text(row.success)} ({row.successes}/{row.episodes})")
+    shown = wide_table(table, by, lambda row: f"{percent_text(row.success)} ({row.successes}/{row.episodes})",
+                       runs.configuration)
     attempts = "subtask attempts (chains that reached it)" if by == "task" and chained(runs.episodes) else "episodes"
     return Section(f"Success per {by}", [f"Split {runs.split}. Each cell: success rate (successes/{attempts} of that "
                                          f"{by}, seeds pooled)."], [Table(f"per_{by}", table, shown)])
@@ -90,9 +128,9 @@ def _real_world_success(path: Path, runs: SweepRuns, sim: dict[str, dict[str, fl
     every label and task checked against the run's."""
     real = read_real_world_success(path)
     baselines = complete_cells(runs)[lambda cells: cells.kind == "baseline"]
-    labels = {**{label: label for label in sim}, **{row.policy: configuration_label(row)
+    labels = {**{label: label for label in sim}, **{row.policy: configuration_label(row, runs.settings)
                                                     for _, row in baselines.iterrows()
-                                                    if configuration_label(row) in sim}}
+                                                    if configuration_label(row, runs.settings) in sim}}
     tasks = dict.fromkeys(task for rates in sim.values() for task in rates)
     by_label = {}
     for name, rates in real.items():
@@ -175,7 +213,7 @@ def _chain_section(runs: SweepRuns) -> Section | None:
     if chain.empty:
         return None
     in_a_row = {str(k): (lambda row, k=k: percent_text(row[str(k)])) for k in range(1, CHAIN_LENGTH + 1)}
-    shown = shown_table(chain, {**SHOWN_CONFIGURATION, "episodes": "episodes", **in_a_row,
+    shown = shown_table(chain, {**shown_configuration(runs.configuration), "episodes": "episodes", **in_a_row,
                            "average length": lambda row: f"{row.average_length:.2f}"})
     return Section("Tasks completed in a row", [
         f"Columns 1 to {CHAIN_LENGTH}: share of episodes that completed at least that many of the chain's subtasks "
@@ -187,10 +225,11 @@ def _data_efficiency_section(runs: SweepRuns, out: Path) -> Section | None:
     if efficiency.empty:
         return None
     shown = wide_table(efficiency.assign(data_fraction=[f"data {value:g}" for value in efficiency.data_fraction]),
-                  "data_fraction", rate_text)
-    series = {configuration_label(group.iloc[0].drop("data_fraction")):
+                       "data_fraction", rate_text, runs.configuration)
+    series = {configuration_label(group.iloc[0].drop("data_fraction"), runs.settings):
               (group.data_fraction, group.success, group.wilson_low, group.wilson_high)
-              for _, group in efficiency.groupby(CONFIGURATION[:-1], sort=False)}
+              for _, group in efficiency.groupby([column for column in runs.configuration
+                                                  if column != "data_fraction"], sort=False)}
     plots.save_figure(plots.data_efficiency_figure(series), out, "data_efficiency")
     return Section("Data efficiency", [
         "Success (95% Wilson interval) against the fraction of training demonstrations used, seeds pooled."],
@@ -204,14 +243,14 @@ def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
     section = Section("Cost", ["The backbone's size, parameters of the whole policy, mean training time, and the "
                                "median time of one policy step (observation in, action out), averaged over seeds."])
     section.tables.append(Table("cost", cost, shown_table(cost, {
-        **SHOWN_CONFIGURATION, "backbone size": "backbone_size", "parameters": lambda row: number_text(row.parameters),
+        **shown_configuration(runs.configuration), "backbone size": "backbone_size", "parameters": lambda row: number_text(row.parameters),
         "trainable": lambda row: number_text(row.trainable_parameters),
         "training (s)": lambda row: number_text(row.train_seconds),
         "step (ms)": lambda row: number_text(row.step_latency_ms, 1),
         "steps/s (Hz)": lambda row: number_text(row.steps_per_second, 1), "success [95% CI]": rate_text})))
     timed = cost[cost.step_latency_ms > 0]
     if len(timed):
-        figure = plots.latency_figure([configuration_label(row) for _, row in timed.iterrows()],
+        figure = plots.latency_figure([configuration_label(row, runs.settings) for _, row in timed.iterrows()],
                                       timed.step_latency_ms, timed.success, timed.wilson_low, timed.wilson_high)
         plots.save_figure(figure, out, "success_vs_latency")
         section.figures.append("success_vs_latency")
@@ -226,7 +265,7 @@ def _training_curves_section(runs: SweepRuns, out: Path) -> Section | None:
     curves = {}
     for (run, cell_id), curve in runs.curves.dropna(subset=["train/loss"]).groupby(["run", "cell_id"], sort=False):
         cell = cells.loc[(run, cell_id)]
-        label = f"{configuration_label(cell)} · seed {cell.seed}" + (f" · {run}" if several_runs else "")
+        label = f"{configuration_label(cell, runs.settings)} · seed {cell.seed}" + (f" · {run}" if several_runs else "")
         curves[label + (" (failed)" if cell.status != "complete" else "")] = (curve.step, curve["train/loss"])
     plots.save_figure(plots.training_curves_figure(curves), out, "training_curves")
     return Section("Training curves", ["train/loss against optimiser step, one line per trained cell (from "

@@ -9,7 +9,7 @@ import math
 import pandas as pd
 
 from robovlms.report.formatting import configuration_label
-from robovlms.report.runs import CONFIGURATION, SweepRuns, complete_cells
+from robovlms.report.runs import SweepRuns, complete_cells
 from robovlms.report.statistics import RATE_COLUMNS, rate
 from robovlms.results import RESULT_FILE
 
@@ -18,53 +18,58 @@ CHAIN_LENGTH = 5  # CALVIN's protocol: chains of five subtasks
 
 def success_table(runs: SweepRuns) -> pd.DataFrame:
     """One row per configuration (its seeds' episodes pooled) and per baseline: the success rate with its 95%
-    Wilson interval, and the mean and sample standard deviation over seeds where there are several."""
+    Wilson interval, and the mean and sample standard deviation over seeds where there are several. A row holds
+    each seed once (SweepRuns keeps repeated seeds apart)."""
+    configuration = runs.configuration
     rows = []
-    for key, group in complete_cells(runs).groupby(CONFIGURATION, sort=False):
+    for key, group in complete_cells(runs).groupby(configuration, sort=False):
         per_seed = group.success.astype(float)
         several = len(group) > 1
-        rows.append({**dict(zip(CONFIGURATION, key)), "seeds": len(group),
+        rows.append({**dict(zip(configuration, key)), "seeds": group.seed.nunique(),
                      **rate(group.successes.sum(), group.episodes.sum()),
                      "seed_mean": per_seed.mean() if several else math.nan,
                      "seed_std": per_seed.std(ddof=1) if several else math.nan})
-    return pd.DataFrame(rows, columns=[*CONFIGURATION, "seeds", *RATE_COLUMNS, "seed_mean", "seed_std"])
+    return pd.DataFrame(rows, columns=[*configuration, "seeds", *RATE_COLUMNS, "seed_mean", "seed_std"])
 
 
 def breakdown_table(runs: SweepRuns, by: str) -> pd.DataFrame:
     """Success per configuration and per value of an episode column (`task`, `scene`), from the episode records.
     For chain benchmarks `task` means each subtask, over the chains that reached it."""
-    episodes = _subtask_attempts(runs.episodes) if by == "task" and chained(runs.episodes) else runs.episodes
-    rows = [{**dict(zip([*CONFIGURATION, by], key)), **rate(group.success.sum(), len(group))}
-            for key, group in episodes.groupby([*CONFIGURATION, by], sort=False)] if by in episodes else []
-    return pd.DataFrame(rows, columns=[*CONFIGURATION, by, *RATE_COLUMNS])
+    configuration = runs.configuration
+    episodes = (_subtask_attempts(runs.episodes, configuration) if by == "task" and chained(runs.episodes)
+                else runs.episodes)
+    rows = [{**dict(zip([*configuration, by], key)), **rate(group.success.sum(), len(group))}
+            for key, group in episodes.groupby([*configuration, by], sort=False)] if by in episodes else []
+    return pd.DataFrame(rows, columns=[*configuration, by, *RATE_COLUMNS])
 
 
 def chained(episodes: pd.DataFrame) -> bool:
     return "subtasks_completed" in episodes and episodes.subtasks_completed.notna().any()
 
 
-def _subtask_attempts(episodes: pd.DataFrame) -> pd.DataFrame:
+def _subtask_attempts(episodes: pd.DataFrame, configuration: list[str]) -> pd.DataFrame:
     """One row per subtask a chain attempted: its configuration, `task` the subtask, and whether it succeeded."""
     rows = []
-    for episode in episodes.dropna(subset=["subtasks_completed"]).itertuples(index=False):
+    for _, episode in episodes.dropna(subset=["subtasks_completed"]).iterrows():
         extra = json.loads(episode.extra)
         for subtask, success in zip(extra.get("subtasks", []), extra.get("subtask_success", [])):
-            rows.append({**{column: getattr(episode, column) for column in CONFIGURATION}, "task": subtask,
+            rows.append({**{column: episode[column] for column in configuration}, "task": subtask,
                          "success": bool(success)})
-    return pd.DataFrame(rows, columns=[*CONFIGURATION, "task", "success"])
+    return pd.DataFrame(rows, columns=[*configuration, "task", "success"])
 
 
 def chain_table(runs: SweepRuns) -> pd.DataFrame:
     """Chain benchmarks: the share of episodes completing at least 1..5 subtasks in a row, and the average number
     completed. Empty when no record carries `subtasks_completed`."""
-    columns = [*CONFIGURATION, "episodes", *(str(k) for k in range(1, CHAIN_LENGTH + 1)), "average_length"]
+    configuration = runs.configuration
+    columns = [*configuration, "episodes", *(str(k) for k in range(1, CHAIN_LENGTH + 1)), "average_length"]
     if "subtasks_completed" not in runs.episodes:
         return pd.DataFrame(columns=columns)
     rows = []
     chains = runs.episodes.dropna(subset=["subtasks_completed"])
-    for key, group in chains.groupby(CONFIGURATION, sort=False):
+    for key, group in chains.groupby(configuration, sort=False):
         completed = group.subtasks_completed.astype(int)
-        rows.append({**dict(zip(CONFIGURATION, key)), "episodes": len(group),
+        rows.append({**dict(zip(configuration, key)), "episodes": len(group),
                      **{str(k): float((completed >= k).mean()) for k in range(1, CHAIN_LENGTH + 1)},
                      "average_length": float(completed.mean())})
     return pd.DataFrame(rows, columns=columns)
@@ -73,11 +78,11 @@ def chain_table(runs: SweepRuns) -> pd.DataFrame:
 def data_efficiency_table(runs: SweepRuns) -> pd.DataFrame:
     """Success per trained configuration at each fraction of training data. Empty unless there are several."""
     trained = complete_cells(runs)[lambda cells: cells.kind == "trained"]
-    configuration = [column for column in CONFIGURATION if column != "data_fraction"]
+    configuration = [column for column in runs.configuration if column != "data_fraction"]
     columns = [*configuration, "data_fraction", "seeds", *RATE_COLUMNS]
     if trained.fraction.nunique() < 2:
         return pd.DataFrame(columns=columns)
-    rows = [{**dict(zip([*configuration, "data_fraction"], key)), "seeds": len(group),
+    rows = [{**dict(zip([*configuration, "data_fraction"], key)), "seeds": group.seed.nunique(),
              **rate(group.successes.sum(), group.episodes.sum())}
             for key, group in trained.groupby([*configuration, "fraction"], sort=False)]
     return pd.DataFrame(rows, columns=columns)
@@ -85,17 +90,18 @@ def data_efficiency_table(runs: SweepRuns) -> pd.DataFrame:
 
 def cost_table(runs: SweepRuns) -> pd.DataFrame:
     """Per configuration: parameters, mean training time, mean policy step latency (and its rate), success."""
+    configuration = runs.configuration
     rows = []
-    for key, group in complete_cells(runs).groupby(CONFIGURATION, sort=False):
+    for key, group in complete_cells(runs).groupby(configuration, sort=False):
         latency = group.step_latency_ms.astype(float).mean()
         sizes = group.backbone_size.dropna() if "backbone_size" in group else []
-        rows.append({**dict(zip(CONFIGURATION, key)), "backbone_size": sizes.iloc[0] if len(sizes) else "",
+        rows.append({**dict(zip(configuration, key)), "backbone_size": sizes.iloc[0] if len(sizes) else "",
                      "parameters": group.parameters.astype(float).max(),
                      "trainable_parameters": group.trainable_parameters.astype(float).max(),
                      "train_seconds": group.train_seconds.astype(float).mean(), "step_latency_ms": latency,
                      "steps_per_second": 1000 / latency if latency > 0 else math.nan,
                      **rate(group.successes.sum(), group.episodes.sum())})
-    return pd.DataFrame(rows, columns=[*CONFIGURATION, "backbone_size", "parameters", "trainable_parameters",
+    return pd.DataFrame(rows, columns=[*configuration, "backbone_size", "parameters", "trainable_parameters",
                                        "train_seconds",
                                        "step_latency_ms", "steps_per_second", *RATE_COLUMNS])
 
@@ -112,7 +118,7 @@ def failed_cells_table(runs: SweepRuns) -> pd.DataFrame:
 
 def configuration_table(runs: SweepRuns) -> pd.DataFrame:
     """Every committed cell: what it is, its values of the sweep's axes, and its trial."""
-    return runs.cells[["run", "cell_id", "kind", "status", *CONFIGURATION, "seed", "trial"]].assign(
+    return runs.cells[["run", "cell_id", "kind", "status", *runs.configuration, "seed", "trial"]].assign(
         axes=[_json(axes) for axes in runs.cells["axes"]])
 
 
@@ -133,10 +139,10 @@ def simulated_task_success(runs: SweepRuns) -> dict[str, dict[str, float]]:
     its protocol, e.g. SimplerEnv's mean over variants), averaged over seeds. Configurations without them are left
     out."""
     rates = {}
-    for _, group in complete_cells(runs).groupby(CONFIGURATION, sort=False):
+    for _, group in complete_cells(runs).groupby(runs.configuration, sort=False):
         scores = pd.DataFrame(list(group.scores))
         per_task = {key.removeprefix("success/"): float(scores[key].mean()) for key in scores
                     if key.startswith("success/")}
         if per_task:
-            rates[configuration_label(group.iloc[0])] = per_task
+            rates[configuration_label(group.iloc[0], runs.settings)] = per_task
     return rates

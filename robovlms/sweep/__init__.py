@@ -11,6 +11,7 @@ Modules, one concern each:
     config.py     the sweep file's schema (SweepConfig) and load_sweep
     cells.py      grid expansion, cell ids, the checks made before any training
     study.py      the Optuna storage and study: the ledger and the queue
+    search_sampler.py  a search's TPE sampler, seeded per trial so that no trial replays another's draws
     worker.py     the worker loop: pop a cell (or sample a trial), run it, tell Optuna
     one_cell.py   running one cell: train, evaluate, time a step, commit its files
     failures.py   failure records of cells that raised or whose workers died

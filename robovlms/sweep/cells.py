@@ -83,11 +83,13 @@ def nested(dotted: str, value: Any) -> dict[str, Any]:
 
 
 def cell_training(fixed: dict[str, Any], axes: dict[str, Any]) -> dict[str, Any]:
-    training = dict(fixed)
-    for axis, value in axes.items():
-        if axis in ("backbone", "formulation") and isinstance(value, str):
+    """The fixed settings with the axes merged over them; a backbone or formulation may be given by name, in
+    either."""
+    training: dict[str, Any] = {}
+    for key, value in [*fixed.items(), *axes.items()]:
+        if key in ("backbone", "formulation") and isinstance(value, str):
             value = {"name": value}
-        training[axis] = merge(training.get(axis), value)
+        training[key] = merge(training.get(key), value)
     return training
 
 

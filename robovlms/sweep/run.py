@@ -14,7 +14,8 @@ import yaml
 
 from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.baselines import check_baseline_data
-from robovlms.results import CELLS_DIR, RESULTS_DIR, SWEEP_FILE, gather, read_cell_result
+from robovlms.results import (CELLS_DIR, RESULTS_DIR, SEARCH_BEST_FILE, SEARCH_TRIALS_FILE, SWEEP_FILE, gather,
+                              read_cell_result)
 from robovlms.sweep.cells import Cell, sweep_cells
 from robovlms.sweep.config import load_sweep
 from robovlms.sweep.failures import record_abandoned
@@ -25,16 +26,27 @@ from robovlms.sweep.worker import work
 
 @dataclass
 class SweepStatus:
-    cells: int
+    cells: int  # a grid's cells, or a search's trials
     done: int = 0
     running: int = 0
     failed: int = 0
     waiting: int = 0
+    pruned: int = 0
+    unit: str = "cells"  # "trials" for a search
 
 
-def sweep_status(study, cells: list[Cell], run_dir: Path) -> SweepStatus:
+def sweep_status(study, cells: list[Cell], run_dir: Path, trials: int | None = None) -> SweepStatus:
+    """A grid's cells done, running, waiting and failed; for a search (`trials`, its number of trials), its trials
+    complete, pruned, running, waiting and failed by an error (a trial whose worker died is retried, not failed)."""
     from optuna.trial import TrialState
 
+    if trials is not None:
+        found = study.get_trials(deepcopy=False)
+        states = [trial.state for trial in found]
+        return SweepStatus(cells=trials, done=states.count(TrialState.COMPLETE), running=states.count(TrialState.RUNNING),
+                           failed=sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in found),
+                           waiting=states.count(TrialState.WAITING), pruned=states.count(TrialState.PRUNED),
+                           unit="trials")
     status = SweepStatus(cells=len(cells))
     trials = cell_trials(study)
     for cell in cells:
@@ -76,10 +88,11 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
     recorded, results gathered into the run directory."""
     sweep, cells, study, url = prepare_sweep(path, storage, retry_failed, mode)
     run_dir = Path(sweep.run_dir)
+    trials = sweep.search.trials if mode == "search" else None
 
     def report() -> None:
         if progress is not None:
-            progress(sweep_status(study, cells, run_dir))
+            progress(sweep_status(study, cells, run_dir, trials))
 
     report()
     if workers <= 1:
@@ -88,11 +101,11 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
         _run_worker_processes(study.study_name, url, workers, run_dir, report)
         work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
     record_abandoned(study, sweep, cells, run_dir)
-    status = sweep_status(study, cells, run_dir)
+    status = sweep_status(study, cells, run_dir, trials)
     report()
     gather(run_dir)
     if mode == "search":
-        _write_best(study, run_dir)
+        write_search_results(study, run_dir, sweep.search.objective)
     return status
 
 
@@ -119,12 +132,18 @@ def _run_worker_processes(name: str, url: str, workers: int, run_dir: Path, repo
             log.close()
 
 
-def _write_best(study, run_dir: Path) -> None:
+def write_search_results(study, run_dir: Path, objective: str) -> None:
+    """results/trials.csv: every trial of the search (Optuna's trials_dataframe: number, state, value, params_*,
+    user_attrs_cell, ...), and results/best.json: the best complete trial and the objective."""
     from optuna.trial import TrialState
 
+    trials = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    write_atomically(run_dir / RESULTS_DIR / SEARCH_TRIALS_FILE,
+                     lambda temporary: trials.to_csv(temporary, index=False))
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return
     best = study.best_trial
-    write_json_atomically(run_dir / RESULTS_DIR / "best.json",
+    write_json_atomically(run_dir / RESULTS_DIR / SEARCH_BEST_FILE,
                           {"trial": best.number, "value": best.value, "params": best.params,
-                           "cell": best.user_attrs.get("cell"), "direction": study.direction.name.lower()})
+                           "cell": best.user_attrs.get("cell"), "objective": objective,
+                           "direction": study.direction.name.lower()})

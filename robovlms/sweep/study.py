@@ -73,7 +73,9 @@ def _sampler(sweep: SweepConfig, cells: list[Cell], mode: str):
     import optuna
 
     if mode == "search":
-        return optuna.samplers.TPESampler(seed=sweep.search.seed)
+        from robovlms.sweep.search_sampler import TrialSeededTPESampler
+
+        return TrialSeededTPESampler(sweep.search.seed)
     return optuna.samplers.GridSampler({"cell": [cell.cell_id for cell in cells]}, seed=0)
 
 

@@ -47,6 +47,7 @@ def _grid_objective(sweep: SweepConfig, cells: list[Cell], run_dir: Path, progre
 
 def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: bool):
     import optuna
+    from optuna.trial import TrialState
 
     search = sweep.search
 
@@ -59,10 +60,17 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
                 sampled[key] = trial.suggest_int(key, int(dimension.low), int(dimension.high), log=dimension.log)
             else:
                 sampled[key] = trial.suggest_float(key, dimension.low, dimension.high, log=dimension.log)
+        earlier = _earlier_trial_with_params(trial)
+        if earlier is not None:
+            trial.set_user_attr("duplicate_of", earlier.number)
+            if earlier.state == TrialState.COMPLETE:  # Optuna's FAQ: a repeated point takes its earlier value
+                return earlier.value
+            raise optuna.TrialPruned(f"the parameters of trial {earlier.number}, which is {earlier.state.name}")
         training = base.training
         for key, value in sampled.items():
             training = merge(training, nested(key, value))
-        cell = Cell("search-" + make_cell_id(training), "trained", training, sampled)
+        cell = Cell(_search_cell_id(trial, training), "trained", training, sampled)
+        trial.set_user_attr("cell", cell.cell_id)
         callbacks = (OptunaPruning(trial),) if search.prune else ()
         try:
             check_cell(cell)
@@ -73,7 +81,6 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
             message = record_failure(sweep, cell, run_dir, error, trial.number)
             trial.set_user_attr("error", message)
             raise CellFailed(message) from error
-        trial.set_user_attr("cell", cell.cell_id)
         trial.set_user_attr("success", result.success)
         if search.objective == "success":
             return result.success
@@ -83,6 +90,26 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
         return float(curve["val/loss"].dropna().iloc[-1])
 
     return objective
+
+
+def _earlier_trial_with_params(trial):
+    """An earlier trial (complete, pruned or running) that drew the same parameters: possible in an integer or
+    categorical space."""
+    from optuna.trial import TrialState
+
+    considered = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return next((other for other in trial.study.get_trials(deepcopy=False, states=considered)
+                 if other.number < trial.number and other.params == trial.params), None)
+
+
+def _search_cell_id(trial, training: dict) -> str:
+    """A search cell's id holds its trial's number (the first attempt's, when a trial is retried after its worker
+    died, so that training resumes), so no two trials ever share a cell directory."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    frozen = next(other for other in trial.study.get_trials(deepcopy=False) if other.number == trial.number)
+    number = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    return f"search-{trial.number if number is None else number:04d}-{make_cell_id(training)}"
 
 
 class OptunaPruning(L.Callback):
