@@ -37,6 +37,11 @@ class MissingDependencyError(RobovlmsError, ImportError):
     """An optional package is needed; the message says exactly what to install."""
 
 
+class SimulatorProcessError(RobovlmsError, RuntimeError):
+    """A simulator run in its own Python environment that died, speaks another protocol version, or sent a malformed
+    message; the message says which process and quotes its last output."""
+
+
 class ShapeError(RobovlmsError, ValueError):
     """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""
 

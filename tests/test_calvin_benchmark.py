@@ -10,51 +10,16 @@ import numpy as np
 import pytest
 import yaml
 from calvin_split import write_calvin_split
+from calvin_stand_in import IMPOSSIBLE, StandInOracle, StandInPlayTable
 
 from robovlms.benchmark import EpisodeRecord, create_benchmark
 from robovlms.benchmarks.calvin import (NEUTRAL_ROBOT_OBS, SLIDER_POSITIONS, TABLE_POSITIONS, CalvinBenchmark,
                                         CalvinEnvironment, env_action, find_calvin_conf, initial_env_state)
 from robovlms.benchmarks.calvin_import import import_calvin
 from robovlms.errors import ConfigError, MissingDependencyError
+from robovlms.simulators.calvin_play_table import PlayTable
 
 FIRST_CHAINS = Path(__file__).resolve().parents[2] / "shared" / "calvin" / "eval_sequences_first10.json"
-IMPOSSIBLE = "turn_off_lightbulb"
-
-
-class StandInPlayTable:
-    """`calvin_env`'s PlayTableSimEnv interface: reset(robot_obs, scene_obs), step(7-D relative action) ->
-    (obs, reward, done, info), get_obs(), get_info(). The arm moves along x by the action's first dimension."""
-
-    def __init__(self):
-        self.x = 0.0
-        self.resets, self.actions = [], []
-
-    def reset(self, robot_obs=None, scene_obs=None):
-        self.resets.append((np.array(robot_obs), np.array(scene_obs)))
-        self.x = 0.0
-        return self.get_obs()
-
-    def step(self, action):
-        assert len(action) == 7 and action[6] in (-1, 1)  # calvin_env asserts the gripper is exactly -1 or 1
-        self.actions.append(np.array(action))
-        self.x += 0.02 * action[0]  # rel_actions are in units of 2 cm
-        return self.get_obs(), 0, False, self.get_info()
-
-    def get_obs(self):
-        return {"rgb_obs": {"rgb_static": np.full((200, 200, 3), 100, np.uint8),
-                            "rgb_gripper": np.full((84, 84, 3), 50, np.int64)},  # pybullet may give ints
-                "depth_obs": {}, "robot_obs": np.full(15, self.x), "scene_obs": np.zeros(24)}
-
-    def get_info(self):
-        return {"robot_info": {"tcp_pos": [self.x, 0, 0]}, "scene_info": {}}
-
-
-class StandInOracle:
-    """`calvin_env.envs.tasks.Tasks.get_task_info_for_set`: a subtask is solved once the arm moved 2 cm."""
-
-    def get_task_info_for_set(self, start_info, end_info, task_filter):
-        moved = end_info["robot_info"]["tcp_pos"][0] - start_info["robot_info"]["tcp_pos"][0]
-        return {task for task in task_filter if task != IMPOSSIBLE and moved >= 0.02 - 1e-9}
 
 
 class PushRight:
@@ -83,7 +48,7 @@ def benchmark():
 
 def run_chain(benchmark, spec, policy=None):
     table = StandInPlayTable()
-    environment = CalvinEnvironment(table, StandInOracle(), instructions(benchmark), benchmark.cameras, 64)
+    environment = CalvinEnvironment(PlayTable(table, StandInOracle()), instructions(benchmark), benchmark.cameras, 64)
     policy = policy or PushRight()
     return benchmark.run_episode(environment, spec, policy), table, policy
 
