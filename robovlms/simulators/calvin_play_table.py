@@ -36,6 +36,10 @@ class PlayTable:
         obs, _, _, info = self.env.step(action)
         return obs, bool(self.oracle.get_task_info_for_set(self._start_info, info, {self._subtask}))
 
+    def uses_egl(self) -> bool:
+        """Whether the play table renders with EGL (else pybullet's tiny renderer)."""
+        return bool(getattr(self.env, "use_egl", False))
+
     def close(self) -> None:
         """Disconnect from pybullet once. calvin_env's own close fails the second time, and its `__del__` closes
         again: after the first close the play table is marked as holding no client (cid -1)."""
