@@ -198,7 +198,7 @@ def stand_in_calvin(tmp_path, monkeypatch, benchmark):
         tables.append(StandInPlayTable())
         return PlayTable(tables[-1], StandInOracle())
 
-    monkeypatch.setattr(calvin, "_import_calvin_env", lambda: None)
+    monkeypatch.setattr(calvin.CalvinBenchmark, "check_available", lambda self: None)
     monkeypatch.setattr(calvin_play_table, "find_calvin_conf", lambda calvin_conf: str(conf))
     monkeypatch.setattr(calvin_play_table, "open_play_table", open_play_table)
     return tables

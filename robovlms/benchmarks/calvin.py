@@ -22,21 +22,26 @@ from typing import Any
 import numpy as np
 import yaml
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory,
-                                square_image)
+from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
+                                Trajectory, square_image)
 from robovlms.benchmarks.calvin_sequences import CHAIN_LENGTH, SUBTASKS, get_sequences, initial_condition_seed
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
 from robovlms.simulators import calvin_play_table
 from robovlms.simulators.calvin_play_table import ANNOTATIONS_FILE, CAMERA_SIZES, PlayTable
 
-INSTALL = ("CALVIN's simulator is not installed. Install the benchmark from its repository (it is not on PyPI):\n"
+INSTALL = ("CALVIN's simulator is not installed. Install it from its repository (it is not on PyPI), best into an "
+           "environment of its own:\n"
            "  git clone --recurse-submodules https://github.com/mees/calvin.git\n"
-           "  cd calvin && pip install -e calvin_env/tacto && pip install -e calvin_env && pip install -e calvin_models\n"
-           "(editable installs: calvin_env finds its assets relative to its source tree)")
+           "  python3 -m venv calvin-venv && calvin-venv/bin/pip install pybullet gym hydra-core hydra-colorlog "
+           "omegaconf opencv-python-headless numpy-quaternion gitpython cloudpickle scipy\n"
+           "  calvin-venv/bin/pip install --no-deps -e calvin/calvin_env\n"
+           "then set benchmark option python (or ROBOVLMS_CALVIN_PYTHON) to calvin-venv/bin/python and calvin_conf to "
+           "calvin/calvin_models/conf (editable installs: calvin_env finds its assets relative to its source tree)")
 SPLITS = ("ABC->D", "ABCD->D", "D->D")  # every split evaluates on scene D
 STEPS_PER_SUBTASK = 360
 NUM_CHAINS = 1000
 PYTHON_VARIABLE = "ROBOVLMS_CALVIN_PYTHON"  # the interpreter of CALVIN's own environment, when not given
+CONF_VARIABLE = "ROBOVLMS_CALVIN_CONF"  # the calvin repository's calvin_models/conf, when not given
 PLAY_TABLE_MODULE = Path(calvin_play_table.__file__)
 
 # The robot's neutral pose in every evaluation chain (tcp xyz, tcp euler, gripper width, 7 joints, gripper open).
@@ -79,8 +84,8 @@ class CalvinBenchmark(Benchmark):
     """CALVIN's play table, scene D, scored by chains of 5 subtasks.
 
     `evaluation_episodes(split, n)` gives the first n of the benchmark's 1000 chains (n = 1000 for published
-    numbers). `calvin_conf` is the `calvin_models/conf` folder of the calvin repository (found through the
-    installed `calvin_agent` package when not given); `dataset` a CALVIN split whose `validation/.hydra/
+    numbers). `calvin_conf` is the `calvin_models/conf` folder of the calvin repository (default
+    $ROBOVLMS_CALVIN_CONF, else found through the installed `calvin_agent` package); `dataset` a CALVIN split whose `validation/.hydra/
     merged_config.yaml` defines the evaluation scene, as the benchmark's own evaluation uses (without it, scene D
     is composed from calvin_env's own configuration). `use_egl` chooses the renderer: None keeps that
     configuration's (EGL, as CALVIN's dataset was rendered), True/False force EGL or pybullet's tiny renderer.
@@ -102,7 +107,8 @@ class CalvinBenchmark(Benchmark):
         if not 32 <= image_size <= 400:
             raise ConfigError(f"image_size {image_size} is out of range 32 to 400")
         self.image_size, self.cameras = image_size, tuple(cameras)
-        self.calvin_conf, self.dataset, self.use_egl = calvin_conf, dataset, use_egl
+        self.calvin_conf = calvin_conf or os.environ.get(CONF_VARIABLE) or None
+        self.dataset, self.use_egl = dataset, use_egl
         self.python = python or os.environ.get(PYTHON_VARIABLE) or None
 
     def options(self) -> dict[str, Any]:
@@ -123,27 +129,21 @@ class CalvinBenchmark(Benchmark):
         return [EpisodeSpec(task="chain", scene="D", instruction="", seed=index, subtasks=tuple(subtasks))
                 for index, (_, subtasks) in enumerate(evaluation_chains(episodes_per_task))]
 
-    def check_available(self) -> None:
-        if self.python is None:
-            _import_calvin_env()
-            find_calvin_conf(self.calvin_conf)
-            return
-        from robovlms.benchmarks.remote import probe
+    def installation(self) -> Installation:
+        from robovlms.benchmarks.remote import locate_modules
 
-        modules = probe(self.python, ["calvin_env", "hydra"] + (["calvin_agent"] if self.calvin_conf is None else []))["modules"]
-        missing = [name for name, where in modules.items() if where is None]
-        if missing:
-            raise MissingDependencyError(f"{self.python} (benchmark option python) cannot import {', '.join(missing)}; "
-                                         f"install CALVIN into that environment.\n{INSTALL}")
+        needed = ["calvin_env", "hydra", "pybullet"] + (["calvin_agent"] if self.calvin_conf is None else [])
+        python, modules = locate_modules(self.python, needed)
+        return Installation(python, modules, INSTALL, own_environment=self.python is not None)
 
     def make_environment(self) -> CalvinEnvironment:
         if self.python is not None:
             return self._remote_environment()
         while _OPEN_ENVIRONMENTS:  # two play tables in one process clash over pybullet's client
             _OPEN_ENVIRONMENTS.pop().close()
+        self.check_available()
         with _calvin_errors():
             conf = Path(calvin_play_table.find_calvin_conf(self.calvin_conf))
-            _import_calvin_env()
             table = calvin_play_table.open_play_table(list(self.cameras), self.dataset, self.use_egl, str(conf))
         environment = CalvinEnvironment(table, load_instructions(conf), self.cameras, self.image_size)
         _OPEN_ENVIRONMENTS.append(environment)
@@ -270,17 +270,7 @@ def env_action(action: np.ndarray, gripper_now: float = 1.0) -> np.ndarray:
     return np.concatenate([np.clip(action[:6], -1.0, 1.0), [gripper]])
 
 
-# ---- the real packages, imported only here ------------------------------------------------------------------
-
-
-def _import_calvin_env():
-    try:
-        import calvin_env
-        import hydra  # noqa: F401 - calvin_env's dependency, used to build from its configuration
-    except ImportError as error:
-        raise MissingDependencyError(f"{INSTALL}\n(import failed: {error})") from None
-    return calvin_env
-
+# ---- the real packages' errors --------------------------------------------------------------------------------
 
 @contextmanager
 def _calvin_errors():

@@ -10,11 +10,13 @@ files there; what those return that is not plain data stays in the simulator pro
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import weakref
 from collections.abc import Mapping
@@ -146,6 +148,20 @@ def probe(python: str | os.PathLike, modules: list[str]) -> dict[str, Any]:
         raise SimulatorProcessError(f"{python} cannot run the simulator server (it needs numpy): "
                                     f"{found.stderr.strip().splitlines()[-1:] or found.returncode}")
     return json.loads(found.stdout)
+
+
+def locate_modules(python: str | None, modules: list[str]) -> tuple[str, dict[str, str | None]]:
+    """(the interpreter, where it finds each of `modules`): `python`'s, or this process's when None."""
+    if python is not None:
+        return python, probe(python, modules)["modules"]
+    located = {}
+    for name in modules:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # a parent package missing, or a module blocked in sys.modules
+            spec = None
+        located[name] = None if spec is None else (spec.origin or next(iter(spec.submodule_search_locations or []), "?"))
+    return sys.executable, located
 
 
 def _handle_of(value) -> dict:

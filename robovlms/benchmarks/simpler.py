@@ -20,7 +20,6 @@ $ROBOVLMS_SIMPLER_PYTHON) names, and the environment runs there (`robovlms.simul
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +30,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory,
-                                square_image)
+from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
+                                Trajectory, square_image)
 from robovlms.benchmarks.simpler_episodes import (TASKS, SimplerEpisode, check_task, episodes, evenly_spread,
                                                    find_episode, protocols, step_limit)
 from robovlms.benchmarks.simpler_metrics import PUBLISHED_SIM_SUCCESS, published_agreement
@@ -310,18 +309,11 @@ class SimplerBenchmark(Benchmark):
         policies = list(dict.fromkeys(policy for task in published for policy in PUBLISHED_SIM_SUCCESS[split][task]))
         return PublishedAgreement(table, policies, "SimplerEnv")
 
-    def check_available(self) -> None:
-        if self.python is None:
-            if importlib.util.find_spec("mani_skill2_real2sim") is None or importlib.util.find_spec("simpler_env") is None:
-                raise MissingDependencyError(INSTALL)
-            return
-        from robovlms.benchmarks.remote import probe
+    def installation(self) -> Installation:
+        from robovlms.benchmarks.remote import locate_modules
 
-        modules = probe(self.python, ["simpler_env", "mani_skill2_real2sim", "sapien"])["modules"]
-        missing = [name for name, where in modules.items() if where is None]
-        if missing:
-            raise MissingDependencyError(f"{self.python} (benchmark option python) cannot import {', '.join(missing)}; "
-                                         f"install SimplerEnv into that environment.\n{INSTALL}")
+        python, modules = locate_modules(self.python, ["simpler_env", "mani_skill2_real2sim", "sapien"])
+        return Installation(python, modules, INSTALL, own_environment=self.python is not None)
 
     def make_environment(self) -> SimplerEnvironment:
         if self.python is None:
