@@ -112,8 +112,10 @@ class CalvinBenchmark(Benchmark):
         self.python = python or os.environ.get(PYTHON_VARIABLE) or None
 
     def options(self) -> dict[str, Any]:
+        """Without `python`: where the simulator runs is not what it is, and shards of one evaluation may run on
+        machines whose interpreters live elsewhere."""
         return {"image_size": self.image_size, "cameras": list(self.cameras), "calvin_conf": self.calvin_conf,
-                "dataset": self.dataset, "use_egl": self.use_egl, "python": self.python}
+                "dataset": self.dataset, "use_egl": self.use_egl}
 
     def tasks(self) -> list[str]:
         return list(SUBTASKS)

@@ -276,8 +276,10 @@ class SimplerBenchmark(Benchmark):
         self.python = python or os.environ.get(PYTHON_VARIABLE) or None
 
     def options(self) -> dict[str, Any]:
+        """Without `python`: where the simulator runs is not what it is, and shards of one evaluation may run on
+        machines whose interpreters live elsewhere."""
         return {"robot": self.robot, "tasks": list(self._tasks), "image_size": self.image_size,
-                "cameras": list(self.cameras), "python": self.python}
+                "cameras": list(self.cameras)}
 
     def tasks(self) -> list[str]:
         return list(self._tasks)
