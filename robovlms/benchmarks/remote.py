@@ -145,8 +145,8 @@ def probe(python: str | os.PathLike, modules: list[str]) -> dict[str, Any]:
         raise ConfigError(f"no Python interpreter at {python}")
     found = subprocess.run([str(python), str(SERVER_FILE), "--probe", *modules], capture_output=True, text=True)
     if found.returncode != 0:
-        raise SimulatorProcessError(f"{python} cannot run the simulator server (it needs numpy): "
-                                    f"{found.stderr.strip().splitlines()[-1:] or found.returncode}")
+        last = (found.stderr.strip().splitlines() or [f"exit code {found.returncode}"])[-1]
+        raise SimulatorProcessError(f"{python} cannot run the simulator server (it needs numpy): {last}")
     return json.loads(found.stdout)
 
 
