@@ -106,7 +106,8 @@ def test_the_server_refuses_a_client_of_another_version():
 
 
 def test_a_simulator_that_dies_mid_call_is_reported_with_its_exit_code_and_last_output(simulator):
-    with pytest.raises(SimulatorProcessError, match="exited with code 7 during calvin_stand_in.py:exit_abruptly") as error:
+    with pytest.raises(SimulatorProcessError, match="exited with code 7 during calvin_stand_in.py:exit_abruptly") as \
+            error:
         simulator.call(STAND_IN, "exit_abruptly", 7)
     assert "renderer: lost the device" in str(error.value)
     with pytest.raises(SimulatorProcessError, match="exited with code 7"):  # and so does every later call

@@ -85,11 +85,11 @@ class CalvinBenchmark(Benchmark):
 
     `evaluation_episodes(split, n)` gives the first n of the benchmark's 1000 chains (n = 1000 for published
     numbers). `calvin_conf` is the `calvin_models/conf` folder of the calvin repository (default
-    $ROBOVLMS_CALVIN_CONF, else found through the installed `calvin_agent` package); `dataset` a CALVIN split whose `validation/.hydra/
-    merged_config.yaml` defines the evaluation scene, as the benchmark's own evaluation uses (without it, scene D
-    is composed from calvin_env's own configuration). `use_egl` chooses the renderer: None keeps that
-    configuration's (EGL, as CALVIN's dataset was rendered), True/False force EGL or pybullet's tiny renderer.
-    `python` is the interpreter of an environment where CALVIN is installed: the simulator then runs in a
+    $ROBOVLMS_CALVIN_CONF, else found through the installed `calvin_agent` package); `dataset` a CALVIN split whose
+    `validation/.hydra/merged_config.yaml` defines the evaluation scene, as the benchmark's own evaluation uses
+    (without it, scene D is composed from calvin_env's own configuration). `use_egl` chooses the renderer: None
+    keeps that configuration's (EGL, as CALVIN's dataset was rendered), True/False force EGL or pybullet's tiny
+    renderer. `python` is the interpreter of an environment where CALVIN is installed: the simulator then runs in a
     subprocess of it (`robovlms.benchmarks.remote`); default $ROBOVLMS_CALVIN_PYTHON, else this process.
     """
 

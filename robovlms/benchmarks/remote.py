@@ -10,13 +10,11 @@ files there; what those return that is not plain data stays in the simulator pro
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import weakref
 from collections.abc import Mapping
@@ -25,6 +23,7 @@ from typing import Any
 
 from robovlms.errors import ConfigError, SimulatorProcessError
 from robovlms.simulators.server import PROTOCOL, VERSION, ProtocolError, read_message, write_message
+from robovlms.simulators.server import probe as probe_here
 
 SERVER_FILE = Path(__file__).resolve().parents[1] / "simulators" / "server.py"
 SIMULATORS_DIR = SERVER_FILE.parent
@@ -152,16 +151,8 @@ def probe(python: str | os.PathLike, modules: list[str]) -> dict[str, Any]:
 
 def locate_modules(python: str | None, modules: list[str]) -> tuple[str, dict[str, str | None]]:
     """(the interpreter, where it finds each of `modules`): `python`'s, or this process's when None."""
-    if python is not None:
-        return python, probe(python, modules)["modules"]
-    located = {}
-    for name in modules:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):  # a parent package missing, or a module blocked in sys.modules
-            spec = None
-        located[name] = None if spec is None else (spec.origin or next(iter(spec.submodule_search_locations or []), "?"))
-    return sys.executable, located
+    found = probe(python, modules) if python is not None else probe_here(modules)
+    return found["executable"] if python is None else python, found["modules"]
 
 
 def _handle_of(value) -> dict:

@@ -5,11 +5,11 @@ The protocol is SimplerEnv's own: the episodes its scripts run (`simpler_episode
 with the scripts' arguments and reset with their options, at 3 Hz (Google robot) or 5 Hz (WidowX), for the task's
 whole step limit. Building is slow, so for the tasks where a reused environment was shown to give what a fresh one
 gives (`REUSABLE_TASKS`) an environment is reused while the arguments stay the same, reset with the episode seed a
-freshly built one gets; every other episode gets a fresh environment. As simpler_env's evaluator does, an episode is not stopped when the task is
-first solved: success is the environment's `success` at its last step (a coke can lifted and dropped again is a
-failure), and the instruction is the environment's own. A policy's raw action is converted the way SimplerEnv's Octo
-and OpenVLA policies convert theirs (`SimplerActionConverter`). A task's score is the mean over its variants of each
-variant's success rate.
+freshly built one gets; every other episode gets a fresh environment. As simpler_env's evaluator does, an episode is
+not stopped when the task is first solved: success is the environment's `success` at its last step (a coke can lifted
+and dropped again is a failure), and the instruction is the environment's own. A policy's raw action is converted the
+way SimplerEnv's Octo and OpenVLA policies convert theirs (`SimplerActionConverter`). A task's score is the mean over
+its variants of each variant's success rate.
 
 Neither package installs from a registry, and their dependencies (numpy<2, gymnasium<1.0) cannot share robovlms'
 environment: they live in an environment of their own, whose interpreter the benchmark option `python` (default
@@ -48,7 +48,8 @@ INSTALL = ("SimplerEnv is not installed. Install it from its repository (neither
            "  simpler-venv/bin/pip install -e SimplerEnv/ManiSkill2_real2sim && simpler-venv/bin/pip install --no-deps "
            "-e SimplerEnv\n"
            "then set benchmark option python (or ROBOVLMS_SIMPLER_PYTHON) to simpler-venv/bin/python. Its renderer, "
-           "SAPIEN, draws with Vulkan: an NVIDIA GPU and its driver, or Mesa's lavapipe on a CPU (docs/simpler.md); see "
+           "SAPIEN, draws with Vulkan: an NVIDIA GPU and its driver, or Mesa's lavapipe on a CPU (docs/simpler.md); "
+           "see "
            "https://maniskill.readthedocs.io/en/latest/user_guide/getting_started/installation.html#vulkan")
 PYTHON_VARIABLE = "ROBOVLMS_SIMPLER_PYTHON"  # the interpreter of SimplerEnv's own environment, when not given
 SCENE_MODULE = Path(simpler_scene.__file__)

@@ -114,7 +114,8 @@ def open_play_table(cameras: list[str], dataset: str | None, use_egl: bool | Non
         config.cameras = {name: camera for name, camera in config.cameras.items() if name in names}
     else:
         env_conf = Path(calvin_env.__file__).resolve().parents[1] / "conf"
-        sizes = [f"cameras.{name}.{side}={CAMERA_SIZES['rgb_' + name]}" for name in names for side in ("width", "height")]
+        sizes = [f"cameras.{name}.{side}={CAMERA_SIZES['rgb_' + name]}"
+                 for name in names for side in ("width", "height")]
         with initialize_config_dir(config_dir=str(env_conf), version_base=None):
             config = compose("config_data_collection", overrides=[
                 "cameras=static_and_gripper", "scene=calvin_scene_D", "use_vr=false", *sizes])

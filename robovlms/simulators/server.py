@@ -228,9 +228,9 @@ def probe(modules: list[str]) -> dict:
     for name in modules:
         try:
             spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
+        except (ImportError, ValueError):  # a parent package missing, or a module blocked in sys.modules
             spec = None
-        found[name] = None if spec is None else (spec.origin or next(iter(spec.submodule_search_locations or []), "?"))
+        found[name] = None if spec is None else spec.origin or next(iter(spec.submodule_search_locations or []))
     return {"python": sys.version.split()[0], "executable": sys.executable, "numpy": np.__version__,
             "modules": found}
 

@@ -75,7 +75,8 @@ def scene_description(sim) -> dict:
         assets.append([str(Path(sim.scene_root) / "stages" / f"{stage}.glb")])
     for obj in loose:
         model = Path(sim.asset_root) / "models" / obj.name
-        assets += [[str(model / "collision.obj")], [str(model / f"textured.{suffix}") for suffix in ("obj", "dae", "glb")]]
+        visuals = [str(model / f"textured.{suffix}") for suffix in ("obj", "dae", "glb")]
+        assets += [[str(model / "collision.obj")], visuals]
     if sim.rgb_overlay_path:
         assets.append([str(sim.rgb_overlay_path)])
     return {"assets": assets, "objects": {obj.name: float(obj.pose.p[2]) for obj in loose},
