@@ -16,7 +16,6 @@ The server speaks first: {"protocol": PROTOCOL, "version": VERSION, "python": ..
 {"ok": true, "result": ...} or {"ok": false, "type": exception class name, "error": message, "traceback": ...}:
   {"op": "call", "module": FILE, "function": NAME, "args": [...], "kwargs": {...}}  a function of a module file
   {"op": "call", "target": HANDLE, "method": NAME, "args": [...], "kwargs": {...}}  a method of a held object
-  {"op": "release", "target": HANDLE}                                               forget a held object
   {"op": "shutdown"}                                                                answer, then exit
 A result that is not data (an environment, say) is held by the server and sent as a handle. The server exits when
 its stdin closes (its client died). `python server.py --probe MODULE...` prints, as JSON, where each module would be
@@ -187,9 +186,6 @@ class Server:
 
     def _answer(self, request: dict):
         op = request.get("op")
-        if op == "release":
-            self.held.pop(request["target"], None)
-            return None
         if op != "call":
             raise ProtocolError(f"unknown operation {op!r}")
         if request.get("target") is not None:
