@@ -7,6 +7,7 @@ in a row succeeded.
 
 from __future__ import annotations
 
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
-from robovlms.errors import ConfigError
+from robovlms.errors import ConfigError, MissingDependencyError
 from robovlms.registry import Registry
 
 if TYPE_CHECKING:
@@ -81,6 +82,22 @@ class Policy(Protocol):
         """One action (A,), or a chunk (k, A) executed open-loop before the policy observes again."""
 
 
+@dataclass
+class Installation:
+    """Where a benchmark's simulator runs and what it needs there: `python` the interpreter (this process's, or that
+    of the simulator's own environment), `modules` where each needed module is found (None: missing), `install`
+    what to run to install the rest."""
+
+    python: str
+    modules: dict[str, str | None] = field(default_factory=dict)
+    install: str = ""
+    own_environment: bool = False  # the simulator runs in a subprocess of `python`
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name, where in self.modules.items() if where is None]
+
+
 class Environment(ABC):
     """One simulator instance, owned by one process."""
 
@@ -119,8 +136,18 @@ class Benchmark(ABC):
     def make_environment(self) -> Environment:
         """Build the simulator; called once per worker process."""
 
+    def installation(self) -> Installation:
+        """Where the simulator runs and which of the modules it needs are found there (`robovlms doctor`)."""
+        return Installation(python=sys.executable)
+
     def check_available(self) -> None:
         """Raise MissingDependencyError, saying what to install, when the simulator cannot be built here."""
+        installation = self.installation()
+        if installation.missing:
+            where = f"{installation.python} (benchmark option python)" if installation.own_environment else \
+                "this Python environment"
+            raise MissingDependencyError(f"{self.name}: {where} cannot import {', '.join(installation.missing)}.\n"
+                                         f"{installation.install}")
 
     def check_frames(self, cameras: Sequence[str], image_size: int, action_dim: int, source: str) -> None:
         """Raise ConfigError unless policies trained on frames of this kind (`source`: a store) can act here: the

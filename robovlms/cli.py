@@ -394,6 +394,34 @@ def check_backbone_command(
         sys.exit(1)
 
 
+@app.command("doctor")
+def doctor_command() -> None:
+    """Per benchmark: where its simulator runs (this process, or the interpreter of its own environment named by
+    the benchmark's python option or ROBOVLMS_<NAME>_PYTHON), which of the modules it needs are found there and
+    where, and what to run to install the rest."""
+    from robovlms.benchmark import BENCHMARKS, create_benchmark
+
+    table = Table(title="benchmarks")
+    for column in ("benchmark", "status", "runs in", "modules"):
+        table.add_column(column)
+    to_install = {}
+    for name in BENCHMARKS.names():
+        try:
+            installation = create_benchmark(name).installation()
+        except RobovlmsError as error:
+            table.add_row(name, "[red]error[/red]", "", str(error))
+            continue
+        where = installation.python + (" (own environment)" if installation.own_environment else " (this process)")
+        modules = "\n".join(f"{module}: {path or '[red]missing[/red]'}" for module, path in installation.modules.items())
+        status = "[red]missing[/red]" if installation.missing else "[green]ready[/green]"
+        table.add_row(name, status, where, modules or "installed with robovlms")
+        if installation.missing:
+            to_install[name] = installation.install
+    console.print(table)
+    for name, install in to_install.items():
+        console.print(f"\n[bold]{name}[/bold]: {install}", highlight=False)
+
+
 @app.command("report")
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],

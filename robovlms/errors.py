@@ -41,6 +41,11 @@ class PluginError(RobovlmsError):
     fails while being built; names the plugin, its entry point and the package it came from."""
 
 
+class SimulatorProcessError(RobovlmsError, RuntimeError):
+    """A simulator run in its own Python environment that died, speaks another protocol version, or sent a malformed
+    message; the message says which process and quotes its last output."""
+
+
 class ShapeError(RobovlmsError, ValueError):
     """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""
 

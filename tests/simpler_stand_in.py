@@ -3,16 +3,18 @@ with the interface of a ManiSkill2_real2sim environment under gymnasium, as far 
 
 The toy task: push the task's object at least 5 cm along +x (the action's first component, in metres); success is
 judged at every step, so pushing it back undoes it. Objects rest on the table after reset, or, built with
-`table_missing`, lie far below it, as when a scene's mesh is missing.
+`table_missing`, lie far below it, as when a scene's mesh is missing. At reset the environment writes the asset files
+its scene refers to (the stage, its objects' meshes, the overlay), as in a complete checkout, except those named in
+`missing` (paths relative to the asset folder). Imports only numpy, so a simulator server can load it too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 CAMERA_SHAPES = {"overhead_camera": (512, 640), "3rd_view_camera": (480, 640)}  # the robots' default cameras
 CAMERA_FILL = {"overhead_camera": 90, "3rd_view_camera": 170}
@@ -48,18 +50,17 @@ class StandInEnv:
     reads: robot_uid, scene_name, scene_root, asset_root, scene_table_height, rgb_overlay_path, agent, tcp and the
     task's objects (`obj`, `episode_objs`, or a drawer `obj` of the cabinet `art_obj`)."""
 
-    def __init__(self, env_name: str, asset_dir: Path, table_missing: bool, **kwargs):
+    def __init__(self, env_name: str, asset_dir: Path, table_missing: bool, missing: tuple[str, ...] = (), **kwargs):
         self.unwrapped = self
         self.env_name, self.build_kwargs = env_name, kwargs
         self.robot_uid, self.scene_name = kwargs["robot"], kwargs["scene_name"]
         self.max_episode_steps, self.rgb_overlay_path = kwargs["max_episode_steps"], kwargs["rgb_overlay_path"]
         self.scene_root, self.asset_root = asset_dir / "hab2_bench_assets", asset_dir / "custom"
         self.scene_table_height = TABLE_HEIGHT_M
-        self.table_missing = table_missing
+        self.asset_dir, self.table_missing, self.missing = Path(asset_dir), table_missing, set(missing)
         self.agent = Agent()
-        base = self.agent.robot.pose
-        pointing_down = Rotation.from_quat(np.roll(base.q, -1)) * Rotation.from_euler("y", 90, degrees=True)
-        self.tcp = Actor("tcp", Pose(base.p + [-0.1, 0.0, 0.2], np.roll(pointing_down.as_quat(), 1)))
+        base = self.agent.robot.pose  # half a turn about z; the tool 10 cm behind it in the world, 20 cm up
+        self.tcp = Actor("tcp", Pose(base.p + [-0.1, 0.0, 0.2], np.array([0.0, -np.sqrt(0.5), 0.0, np.sqrt(0.5)])))
         self.resets, self.actions, self.closed = [], [], False
         self.pushed, self.steps, self.instruction = 0.0, 0, ""
 
@@ -78,7 +79,19 @@ class StandInEnv:
                                  Actor("sink_target", Pose(np.array([-0.12, 0.03, height])))]
             self.instruction = f"move object {options['obj_init_options'].get('episode_id')} near the other"
         self.pushed, self.steps = 0.0, 0
+        self._write_assets()
         return self._obs(), {}
+
+    def _write_assets(self) -> None:
+        models = [] if hasattr(self, "art_obj") else [self.obj] if hasattr(self, "obj") else self.episode_objs
+        files = [self.scene_root / "stages" / f"{self.scene_name}.glb"]
+        files += [Path(self.rgb_overlay_path)] if self.rgb_overlay_path else []
+        for obj in models:
+            files += [self.asset_root / "models" / obj.name / name for name in ("collision.obj", "textured.dae")]
+        for path in files:
+            if str(path.relative_to(self.asset_dir)) not in self.missing:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
 
     def step(self, action):
         assert np.asarray(action).shape == (7,)
@@ -105,12 +118,12 @@ class StandInEnv:
 class StandInSimulator:
     """build_maniskill2_env over StandInEnv; keeps every environment it built."""
 
-    def __init__(self, asset_dir: Path, table_missing: bool = False):
-        self.asset_dir, self.table_missing = asset_dir, table_missing
+    def __init__(self, asset_dir: Path, table_missing: bool = False, missing: tuple[str, ...] = ()):
+        self.asset_dir, self.table_missing, self.missing = Path(asset_dir), table_missing, tuple(missing)
         self.built: list[StandInEnv] = []
 
     def build(self, env_name: str, **kwargs) -> StandInEnv:
-        env = StandInEnv(env_name, self.asset_dir, self.table_missing, **kwargs)
+        env = StandInEnv(env_name, self.asset_dir, self.table_missing, self.missing, **kwargs)
         self.built.append(env)
         return env
 
@@ -120,3 +133,13 @@ def get_image_from_maniskill2_obs_dict(env, obs, camera_name=None):
     if camera_name is None:
         camera_name = "overhead_camera" if "google_robot" in env.robot_uid else "3rd_view_camera"
     return obs["image"][camera_name]["rgb"]
+
+
+def stand_in_scene(scene_module: str, asset_dir: str, **simulator_options):
+    """A SimplerScene over a StandInSimulator, with SimplerScene loaded from its file (`scene_module`), as a simulator
+    server in an interpreter without robovlms builds one."""
+    spec = importlib.util.spec_from_file_location("stand_in_simpler_scene", scene_module)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    simulator = StandInSimulator(Path(asset_dir), **simulator_options)
+    return module.SimplerScene(simulator.build, get_image_from_maniskill2_obs_dict, str(asset_dir))

@@ -3,6 +3,7 @@ states, oracle, instructions, policy resets), the observation and action mapping
 without the real packages."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,51 +11,16 @@ import numpy as np
 import pytest
 import yaml
 from calvin_split import write_calvin_split
+from calvin_stand_in import IMPOSSIBLE, StandInOracle, StandInPlayTable
 
 from robovlms.benchmark import EpisodeRecord, create_benchmark
 from robovlms.benchmarks.calvin import (NEUTRAL_ROBOT_OBS, SLIDER_POSITIONS, TABLE_POSITIONS, CalvinBenchmark,
                                         CalvinEnvironment, env_action, find_calvin_conf, initial_env_state)
 from robovlms.data.calvin_import import import_calvin
-from robovlms.errors import ConfigError, MissingDependencyError
+from robovlms.errors import ConfigError, MissingDependencyError, SimulatorProcessError
+from robovlms.simulators.calvin_play_table import PlayTable
 
 FIRST_CHAINS = Path(__file__).resolve().parents[2] / "shared" / "calvin" / "eval_sequences_first10.json"
-IMPOSSIBLE = "turn_off_lightbulb"
-
-
-class StandInPlayTable:
-    """`calvin_env`'s PlayTableSimEnv interface: reset(robot_obs, scene_obs), step(7-D relative action) ->
-    (obs, reward, done, info), get_obs(), get_info(). The arm moves along x by the action's first dimension."""
-
-    def __init__(self):
-        self.x = 0.0
-        self.resets, self.actions = [], []
-
-    def reset(self, robot_obs=None, scene_obs=None):
-        self.resets.append((np.array(robot_obs), np.array(scene_obs)))
-        self.x = 0.0
-        return self.get_obs()
-
-    def step(self, action):
-        assert len(action) == 7 and action[6] in (-1, 1)  # calvin_env asserts the gripper is exactly -1 or 1
-        self.actions.append(np.array(action))
-        self.x += 0.02 * action[0]  # rel_actions are in units of 2 cm
-        return self.get_obs(), 0, False, self.get_info()
-
-    def get_obs(self):
-        return {"rgb_obs": {"rgb_static": np.full((200, 200, 3), 100, np.uint8),
-                            "rgb_gripper": np.full((84, 84, 3), 50, np.int64)},  # pybullet may give ints
-                "depth_obs": {}, "robot_obs": np.full(15, self.x), "scene_obs": np.zeros(24)}
-
-    def get_info(self):
-        return {"robot_info": {"tcp_pos": [self.x, 0, 0]}, "scene_info": {}}
-
-
-class StandInOracle:
-    """`calvin_env.envs.tasks.Tasks.get_task_info_for_set`: a subtask is solved once the arm moved 2 cm."""
-
-    def get_task_info_for_set(self, start_info, end_info, task_filter):
-        moved = end_info["robot_info"]["tcp_pos"][0] - start_info["robot_info"]["tcp_pos"][0]
-        return {task for task in task_filter if task != IMPOSSIBLE and moved >= 0.02 - 1e-9}
 
 
 class PushRight:
@@ -83,7 +49,7 @@ def benchmark():
 
 def run_chain(benchmark, spec, policy=None):
     table = StandInPlayTable()
-    environment = CalvinEnvironment(table, StandInOracle(), instructions(benchmark), benchmark.cameras, 64)
+    environment = CalvinEnvironment(PlayTable(table, StandInOracle()), instructions(benchmark), benchmark.cameras, 64)
     policy = policy or PushRight()
     return benchmark.run_episode(environment, spec, policy), table, policy
 
@@ -212,3 +178,132 @@ def test_a_policy_trained_on_an_imported_calvin_split_runs_a_chain(tmp_path, ben
     record, table, _ = run_chain(benchmark, benchmark.evaluation_episodes("ABC->D", 1)[0], load_policy(run_dir))
     assert 0 <= record.subtasks_completed <= 5 and table.actions
     assert all(len(action) == 7 and action[6] in (-1, 1) and np.abs(action[:6]).max() <= 1 for action in table.actions)
+
+
+# ---- closing, renderer, gripper, a simulator in its own environment ---------------------------------------------
+
+@pytest.fixture
+def stand_in_calvin(tmp_path, monkeypatch, benchmark):
+    """CalvinBenchmark.make_environment builds play tables over the stand-in (all kept, in order)."""
+    from robovlms.benchmarks import calvin
+    from robovlms.simulators import calvin_play_table
+
+    conf = tmp_path / "conf"
+    (conf / "annotations").mkdir(parents=True)
+    (conf / "annotations" / "new_playtable_validation.yaml").write_text(
+        yaml.safe_dump({task: [text] for task, text in instructions(benchmark).items()}))
+    tables = []
+
+    def open_play_table(cameras, dataset, use_egl, calvin_conf):
+        tables.append(StandInPlayTable())
+        return PlayTable(tables[-1], StandInOracle())
+
+    monkeypatch.setattr(calvin.CalvinBenchmark, "check_available", lambda self: None)
+    monkeypatch.setattr(calvin_play_table, "find_calvin_conf", lambda calvin_conf: str(conf))
+    monkeypatch.setattr(calvin_play_table, "open_play_table", open_play_table)
+    return tables
+
+
+def test_closing_an_environment_twice_closes_its_play_table_once(benchmark, stand_in_calvin):
+    environment = benchmark.make_environment()
+    environment.close()
+    environment.close()
+    assert not stand_in_calvin[0].connected
+
+
+def test_a_closed_play_table_leaves_calvin_envs_destructor_no_client_to_disconnect():
+    class PlayTableSimEnv(StandInPlayTable):
+        cid = 0  # calvin_env's __del__ closes again while cid >= 0
+
+    env = PlayTableSimEnv()
+    PlayTable(env, StandInOracle()).close()
+    assert env.cid == -1 and not env.connected
+
+
+def test_two_evaluations_in_one_process_each_build_and_close_their_own_play_table(benchmark, stand_in_calvin):
+    from robovlms.rollout import evaluate
+
+    specs = [chain_with(benchmark)]
+    for _ in range(2):
+        records = evaluate(benchmark, PushRight, specs, progress=False)
+        assert records[0].subtasks_completed == 5
+    assert len(stand_in_calvin) == 2 and not any(table.connected for table in stand_in_calvin)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_calvin_cells_runs_end_to_end_in_one_process(tmp_path, stand_in_calvin):
+    from robovlms.sweep import run_sweep
+
+    store = import_calvin(write_calvin_split(tmp_path / "split"), tmp_path / "store", image_size=64, progress=False)
+    sweep = {"name": "calvin-two-cells", "run_dir": str(tmp_path / "run"), "store": {"path": str(store.path)},
+             "benchmark": {"name": "calvin", "split": "ABC->D"}, "baselines": ["zero"],
+             "grid": {"backbone": ["gpt-scratch"], "formulation": ["policy-head", "interleaved"]},
+             "train": {"max_steps": 2, "batch_size": 4, "history": 2, "chunk": 2},
+             "evaluation": {"episodes_per_task": 1, "latency_steps": 1}}
+    (tmp_path / "calvin.yaml").write_text(yaml.safe_dump(sweep))
+    status = run_sweep(tmp_path / "calvin.yaml")
+    assert (status.cells, status.done, status.failed) == (3, 3, 0)
+    assert len(stand_in_calvin) == 3 and not any(table.connected for table in stand_in_calvin)
+
+
+def test_the_renderer_is_the_configurations_unless_asked_or_egl_is_missing():
+    from robovlms.simulators.calvin_play_table import renders_with_egl
+
+    assert renders_with_egl(configured=True, requested=None, egl_installed=True)  # calvin_env's default: EGL
+    assert not renders_with_egl(configured=False, requested=None, egl_installed=True)  # a dataset rendered without
+    assert not renders_with_egl(configured=True, requested=False, egl_installed=True)
+    with pytest.warns(UserWarning, match="tiny renderer"):
+        assert not renders_with_egl(configured=True, requested=None, egl_installed=False)
+
+
+def test_the_benchmark_leaves_the_renderer_to_the_configuration_by_default(benchmark):
+    assert benchmark.use_egl is None and benchmark.options()["use_egl"] is None
+
+
+def test_a_zero_gripper_command_keeps_the_grippers_current_command():
+    zero = np.zeros(7)
+    assert env_action(zero, gripper_now=1.0)[6] == 1.0
+    assert env_action(zero, gripper_now=-1.0)[6] == -1.0
+    assert env_action(np.array([0, 0, 0, 0, 0, 0, 1e-6]), gripper_now=-1.0)[6] == 1.0
+
+
+def test_the_zero_action_leaves_the_gripper_open_through_a_chain(benchmark):
+    class Zero(PushRight):
+        def step(self, observation):
+            return np.zeros(7, dtype=np.float32)
+
+    _, table, _ = run_chain(benchmark, chain_with(benchmark), Zero())
+    assert len(table.actions) == 360 and all(action[6] == 1.0 for action in table.actions)
+
+
+def test_a_chain_runs_the_same_with_the_play_table_in_another_interpreter(benchmark):
+    from robovlms.benchmarks.remote import SIMULATORS_DIR, SimulatorProcess
+
+    stand_in = Path(__file__).with_name("calvin_stand_in.py")
+    process = SimulatorProcess(sys.executable)
+    table = process.call(SIMULATORS_DIR / "calvin_play_table.py", "PlayTable",
+                         process.call(stand_in, "StandInPlayTable"), process.call(stand_in, "StandInOracle"))
+    environment = CalvinEnvironment(table, instructions(benchmark), benchmark.cameras, 64, process)
+    spec = chain_with(benchmark, impossible_at=2)
+    remote = benchmark.run_episode(environment, spec, PushRight())
+    environment.close()
+    local, _, _ = run_chain(benchmark, spec)
+    assert (remote.subtasks_completed, remote.steps, remote.extra) == (local.subtasks_completed, local.steps,
+                                                                        local.extra)
+    assert process.server_info["pid"] != os.getpid()
+    with pytest.raises(SimulatorProcessError, match="closed"):
+        table.reset(NEUTRAL_ROBOT_OBS, np.zeros(24))
+
+
+def test_a_python_option_names_the_interpreter_that_runs_calvin(monkeypatch):
+    monkeypatch.setenv("ROBOVLMS_CALVIN_PYTHON", "/opt/calvin/bin/python")
+    assert CalvinBenchmark().python == "/opt/calvin/bin/python"
+    assert CalvinBenchmark(python="/elsewhere/python").python == "/elsewhere/python"
+    # where it runs is not what it is: stores and evaluation shards stay comparable across machines
+    assert "python" not in CalvinBenchmark(python="/elsewhere/python").options()
+
+
+def test_an_interpreter_without_calvin_env_says_what_to_install_there(monkeypatch):
+    benchmark = CalvinBenchmark(python=sys.executable, calvin_conf="/conf")
+    with pytest.raises(MissingDependencyError, match=f"{sys.executable} .* cannot import calvin_env, hydra"):
+        benchmark.check_available()

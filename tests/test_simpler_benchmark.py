@@ -14,6 +14,7 @@ from simpler_stand_in import CAMERA_FILL, Actor, Agent, Pose, StandInSimulator, 
 from robovlms.benchmark import EpisodeRecord, EpisodeSpec
 from robovlms.benchmarks.simpler import (BRIDGE_TOP_DOWN, EPISODE_SEED, SimplerActionConverter, SimplerBenchmark,
                                          SimplerEnvironment, euler_to_axis_angle, proprio_state)
+from robovlms.simulators.simpler_scene import SimplerScene, robot_poses
 from robovlms.benchmarks.simpler_episodes import episodes, robot_init_quat
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
 
@@ -34,10 +35,14 @@ class Push:
         return np.array([push, 0, 0, 0, 0, 0, 1.0], dtype=np.float32)
 
 
+def stand_in_environment(robot, simulator, image_size=64):
+    scene = SimplerScene(simulator.build, get_image_from_maniskill2_obs_dict, str(simulator.asset_dir))
+    return SimplerEnvironment(robot, image_size, scene, simulator.asset_dir)
+
+
 def run(benchmark, spec, tmp_path, policy=None, simulator=None):
     simulator = simulator or StandInSimulator(tmp_path / "data")
-    environment = SimplerEnvironment(benchmark.robot, benchmark.image_size, simulator.build,
-                                     get_image_from_maniskill2_obs_dict, tmp_path / "data")
+    environment = stand_in_environment(benchmark.robot, simulator, benchmark.image_size)
     return benchmark.run_episode(environment, spec, policy or Push()), simulator, environment
 
 
@@ -194,18 +199,16 @@ def test_success_is_judged_at_the_last_step_not_when_first_reached(google, tmp_p
 
 def test_observations_are_the_robots_default_camera_resized_square_and_its_8d_state(tmp_path):
     simulator = StandInSimulator(tmp_path / "data")
-    environment = SimplerEnvironment("widowx", 64, simulator.build, get_image_from_maniskill2_obs_dict,
-                                     tmp_path / "data")
+    environment = stand_in_environment("widowx", simulator)
     observation = environment.reset(spec_of("widowx_stack_cube", "visual_matching", 0))
     image = observation.images["rgb_static"]
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and (image == CAMERA_FILL["3rd_view_camera"]).all()
     assert observation.state.shape == (8,) and observation.state.dtype == np.float32
 
 
-def test_the_environment_is_rebuilt_only_when_build_arguments_change(tmp_path):
+def test_a_pick_coke_can_environment_is_reused_until_build_arguments_change(tmp_path):
     simulator = StandInSimulator(tmp_path / "data")
-    environment = SimplerEnvironment("google_robot", 64, simulator.build, get_image_from_maniskill2_obs_dict,
-                                     tmp_path / "data")
+    environment = stand_in_environment("google_robot", simulator)
     for index in (0, 1, 25):  # 0 and 1 share a variant; 25 is the next URDF
         environment.reset(spec_of("google_robot_pick_coke_can", "visual_matching", index))
     built = simulator.built
@@ -230,7 +233,7 @@ def test_the_state_is_the_tool_pose_in_the_robot_base_frame():
     tool = Actor("tcp", Pose(base.p + base_rotation.apply([0.1, 0.0, 0.2]), np.roll(top_down.as_quat(), 1)))
     agent.closedness = 0.25
     sim = SimpleNamespace(agent=agent, tcp=tool)  # the tool 10 cm ahead of the base, 20 cm up, pointing down
-    fractal, bridge = proprio_state(sim, "google_robot"), proprio_state(sim, "widowx")
+    fractal, bridge = proprio_state(robot_poses(sim), "google_robot"), proprio_state(robot_poses(sim), "widowx")
     np.testing.assert_allclose(fractal[:3], [0.1, 0.0, 0.2], atol=1e-6)
     np.testing.assert_allclose(np.abs(fractal[3:7]), np.abs(Rotation.from_matrix(BRIDGE_TOP_DOWN).as_quat()), atol=1e-6)
     assert fractal[7] == 0.25  # closedness
@@ -289,18 +292,35 @@ def test_options_rebuild_the_same_benchmark(google):
     assert rebuilt.options() == google.options() and rebuilt.tasks() == google.tasks()
 
 
-def test_objects_fallen_through_the_table_name_the_missing_scene_file(google, tmp_path):
+def test_a_missing_stage_mesh_is_named(google, tmp_path):
     data = tmp_path / "data"
-    for name in ("collision.obj", "textured.dae"):
-        (data / "custom" / "models" / "opened_coke_can").mkdir(parents=True, exist_ok=True)
-        (data / "custom" / "models" / "opened_coke_can" / name).write_text("mesh")
-    (data / "real_inpainting").mkdir()
-    (data / "real_inpainting" / "google_coke_can_real_eval_1.png").write_bytes(b"png")
-    scene = data / "hab2_bench_assets" / "stages" / "google_pick_coke_can_1_v4.glb"
-    with pytest.raises(MissingDependencyError, match="fell through the table") as error:
+    stage = "hab2_bench_assets/stages/google_pick_coke_can_1_v4.glb"
+    with pytest.raises(MissingDependencyError, match=f"Missing: {data / stage}. Point MS2_ASSET_DIR"):
         run(google, spec_of("google_robot_pick_coke_can", "visual_matching", 0), tmp_path,
-            simulator=StandInSimulator(data, table_missing=True))
-    assert f"Missing: {scene}." in str(error.value)
+            simulator=StandInSimulator(data, table_missing=True, missing=(stage,)))
+
+
+def test_a_missing_visual_mesh_is_named_though_nothing_fell(google, tmp_path):
+    data = tmp_path / "data"
+    model = data / "custom" / "models" / "eggplant"
+    with pytest.raises(MissingDependencyError, match="incomplete") as error:
+        run(google, spec_of("google_robot_move_near", "visual_matching", 0), tmp_path,
+            simulator=StandInSimulator(data, missing=("custom/models/eggplant/textured.dae",)))
+    assert f"Missing: {model / 'textured.obj'} or {model / 'textured.dae'} or {model / 'textured.glb'}." in str(
+        error.value)
+
+
+def test_a_missing_overlay_is_named(widowx, tmp_path):
+    data = tmp_path / "data"
+    with pytest.raises(MissingDependencyError, match="real_inpainting/bridge_real_eval_1.png"):
+        run(widowx, spec_of("widowx_carrot_on_plate", "visual_matching", 0), tmp_path,
+            simulator=StandInSimulator(data, missing=("real_inpainting/bridge_real_eval_1.png",)))
+
+
+def test_objects_fallen_through_the_table_with_every_asset_present_may_be_damaged(google, tmp_path):
+    with pytest.raises(MissingDependencyError, match="fell through the table .* may be damaged"):
+        run(google, spec_of("google_robot_pick_coke_can", "visual_matching", 0), tmp_path,
+            simulator=StandInSimulator(tmp_path / "data", table_missing=True))
 
 
 def test_without_simpler_env_the_error_says_what_to_install(google, monkeypatch):
@@ -309,4 +329,76 @@ def test_without_simpler_env_the_error_says_what_to_install(google, monkeypatch)
     with pytest.raises(MissingDependencyError,
                        match="git clone https://github.com/simpler-env/SimplerEnv --recurse-submodules") as error:
         google.check_available()
-    assert "pip install -e ." in str(error.value) and "Vulkan" in str(error.value)
+    assert "pip install -e SimplerEnv/ManiSkill2_real2sim" in str(error.value) and "Vulkan" in str(error.value)
+    assert "ROBOVLMS_SIMPLER_PYTHON" in str(error.value)
+
+
+# ---- robot and tasks, environment reuse, a simulator in its own environment -----------------------------------
+
+def test_one_task_given_as_a_string_is_that_task():
+    assert SimplerBenchmark(tasks="widowx_stack_cube").tasks() == ["widowx_stack_cube"]
+
+
+def test_the_robot_is_the_one_whose_tasks_are_given():
+    assert SimplerBenchmark(tasks=["google_robot_move_near"]).robot == "google_robot"
+    assert SimplerBenchmark(tasks="google_robot_pick_coke_can").robot == "google_robot"
+    assert SimplerBenchmark().robot == "widowx"
+
+
+def test_tasks_of_both_robots_are_refused():
+    with pytest.raises(ConfigError, match="two robots"):
+        SimplerBenchmark(tasks=["widowx_stack_cube", "google_robot_move_near"])
+
+
+def test_evaluate_takes_one_google_robot_task_without_a_store(monkeypatch):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    for module in ("simpler_env", "mani_skill2_real2sim"):
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delenv("ROBOVLMS_SIMPLER_PYTHON", raising=False)
+    result = CliRunner().invoke(app, ["evaluate", "--benchmark", "simpler", "--tasks", "google_robot_pick_coke_can",
+                                      "--split", "variant_aggregation", "--policy", "zero"])
+    assert isinstance(result.exception, MissingDependencyError)  # it got as far as looking for SimplerEnv
+
+
+def test_move_near_episodes_each_get_a_fresh_environment(tmp_path):
+    simulator = StandInSimulator(tmp_path / "data")
+    environment = stand_in_environment("google_robot", simulator)
+    first, second = episodes("google_robot_move_near", "visual_matching")[:2]
+    assert first.build_kwargs(tmp_path) == second.build_kwargs(tmp_path)
+    for index in (0, 1):
+        environment.reset(spec_of("google_robot_move_near", "visual_matching", index))
+    assert len(simulator.built) == 2 and simulator.built[0].closed and len(simulator.built[1].resets) == 1
+
+
+def test_an_episode_runs_the_same_with_the_simulator_in_another_interpreter(google, tmp_path):
+    from simpler_stand_in import __file__ as stand_in_file
+
+    from robovlms.benchmarks.remote import SimulatorProcess
+    from robovlms.benchmarks.simpler import SCENE_MODULE
+
+    process = SimulatorProcess(sys.executable)
+    scene = process.call(stand_in_file, "stand_in_scene", SCENE_MODULE, str(tmp_path / "remote"))
+    environment = SimplerEnvironment("google_robot", 64, scene, tmp_path / "remote", process)
+    spec = spec_of("google_robot_pick_coke_can", "visual_matching", 3)
+    remote = google.run_episode(environment, spec, Push([0.02] * 3))
+    environment.close()
+    local, _, _ = run(google, spec, tmp_path, Push([0.02] * 3))
+    assert (remote.success, remote.steps, remote.instruction, remote.extra) == (
+        local.success, local.steps, local.instruction, local.extra)
+    assert remote.success
+
+
+def test_a_python_option_names_the_interpreter_that_runs_simpler_env(monkeypatch):
+    monkeypatch.setenv("ROBOVLMS_SIMPLER_PYTHON", "/opt/simpler/bin/python")
+    assert SimplerBenchmark().python == "/opt/simpler/bin/python"
+    assert SimplerBenchmark(python="/elsewhere/python").python == "/elsewhere/python"
+    # where it runs is not what it is: stores and evaluation shards stay comparable across machines
+    assert "python" not in SimplerBenchmark(python="/elsewhere/python").options()
+
+
+def test_an_interpreter_without_simpler_env_says_what_to_install_there():
+    with pytest.raises(MissingDependencyError, match=f"{sys.executable} .* cannot import simpler_env"):
+        SimplerBenchmark(python=sys.executable).check_available()

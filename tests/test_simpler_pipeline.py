@@ -13,6 +13,7 @@ from robovlms.benchmark import create_benchmark
 from robovlms.benchmarks.simpler import SimplerBenchmark, SimplerEnvironment
 from robovlms.errors import ConfigError, MissingDependencyError
 from robovlms.data.lerobot_import import import_lerobot
+from robovlms.simulators.simpler_scene import SimplerScene
 
 
 @pytest.fixture
@@ -62,8 +63,8 @@ def test_a_policy_trained_on_an_imported_lerobot_dataset_drives_a_widowx_episode
     benchmark = create_benchmark("simpler", **bridge_store.metadata["benchmark_options"])
     spec = benchmark.evaluation_episodes("visual_matching", 1)[0]
     simulator = StandInSimulator(tmp_path / "assets")
-    environment = SimplerEnvironment("widowx", benchmark.image_size, simulator.build,
-                                     get_image_from_maniskill2_obs_dict, tmp_path / "assets")
+    scene = SimplerScene(simulator.build, get_image_from_maniskill2_obs_dict, str(tmp_path / "assets"))
+    environment = SimplerEnvironment("widowx", benchmark.image_size, scene, tmp_path / "assets")
     record = benchmark.run_episode(environment, spec, load_policy(run_dir))
     env = simulator.built[-1]
     assert record.steps == env.max_episode_steps == 60 and len(env.actions) == 60  # WidowX tasks run 60 steps

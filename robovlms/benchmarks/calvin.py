@@ -13,29 +13,36 @@ Neither package installs from a registry: the adapter imports them only when an 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory,
-                                square_image)
+from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
+                                Trajectory, square_image)
 from robovlms.benchmarks.calvin_sequences import CHAIN_LENGTH, SUBTASKS, get_sequences, initial_condition_seed
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
+from robovlms.simulators import calvin_play_table
+from robovlms.simulators.calvin_play_table import ANNOTATIONS_FILE, CAMERA_SIZES, PlayTable
 
-INSTALL = ("CALVIN's simulator is not installed. Install the benchmark from its repository (it is not on PyPI):\n"
+INSTALL = ("CALVIN's simulator is not installed. Install it from its repository (it is not on PyPI), best into an "
+           "environment of its own:\n"
            "  git clone --recurse-submodules https://github.com/mees/calvin.git\n"
-           "  cd calvin && pip install -e calvin_env/tacto && pip install -e calvin_env && pip install -e calvin_models\n"
-           "(editable installs: calvin_env finds its assets relative to its source tree)")
+           "  python3 -m venv calvin-venv && calvin-venv/bin/pip install pybullet gym hydra-core hydra-colorlog "
+           "omegaconf opencv-python-headless numpy-quaternion gitpython cloudpickle scipy\n"
+           "  calvin-venv/bin/pip install --no-deps -e calvin/calvin_env\n"
+           "then set benchmark option python (or ROBOVLMS_CALVIN_PYTHON) to calvin-venv/bin/python and calvin_conf to "
+           "calvin/calvin_models/conf (editable installs: calvin_env finds its assets relative to its source tree)")
 SPLITS = ("ABC->D", "ABCD->D", "D->D")  # every split evaluates on scene D
 STEPS_PER_SUBTASK = 360
 NUM_CHAINS = 1000
-TASKS_FILE = Path("callbacks") / "rollout" / "tasks" / "new_playtable_tasks.yaml"
-ANNOTATIONS_FILE = Path("annotations") / "new_playtable_validation.yaml"
-CAMERA_SIZES = {"rgb_static": 200, "rgb_gripper": 84}  # as in the dataset
+PYTHON_VARIABLE = "ROBOVLMS_CALVIN_PYTHON"  # the interpreter of CALVIN's own environment, when not given
+CONF_VARIABLE = "ROBOVLMS_CALVIN_CONF"  # the calvin repository's calvin_models/conf, when not given
+PLAY_TABLE_MODULE = Path(calvin_play_table.__file__)
 
 # The robot's neutral pose in every evaluation chain (tcp xyz, tcp euler, gripper width, 7 joints, gripper open).
 NEUTRAL_ROBOT_OBS = np.array([0.02586889, -0.2313129, 0.5712808, 3.09045411, -0.02908596, 1.50013585, 0.07999963,
@@ -77,10 +84,13 @@ class CalvinBenchmark(Benchmark):
     """CALVIN's play table, scene D, scored by chains of 5 subtasks.
 
     `evaluation_episodes(split, n)` gives the first n of the benchmark's 1000 chains (n = 1000 for published
-    numbers). `calvin_conf` is the `calvin_models/conf` folder of the calvin repository (found through the
-    installed `calvin_agent` package when not given); `dataset` a CALVIN split whose `validation/.hydra/
-    merged_config.yaml` defines the evaluation scene, as the benchmark's own evaluation uses (without it, scene D
-    is composed from calvin_env's own configuration).
+    numbers). `calvin_conf` is the `calvin_models/conf` folder of the calvin repository (default
+    $ROBOVLMS_CALVIN_CONF, else found through the installed `calvin_agent` package); `dataset` a CALVIN split whose
+    `validation/.hydra/merged_config.yaml` defines the evaluation scene, as the benchmark's own evaluation uses
+    (without it, scene D is composed from calvin_env's own configuration). `use_egl` chooses the renderer: None
+    keeps that configuration's (EGL, as CALVIN's dataset was rendered), True/False force EGL or pybullet's tiny
+    renderer. `python` is the interpreter of an environment where CALVIN is installed: the simulator then runs in a
+    subprocess of it (`robovlms.benchmarks.remote`); default $ROBOVLMS_CALVIN_PYTHON, else this process.
     """
 
     name = "calvin"
@@ -89,16 +99,21 @@ class CalvinBenchmark(Benchmark):
     max_steps = STEPS_PER_SUBTASK
 
     def __init__(self, image_size: int = 200, cameras: tuple[str, ...] | list[str] = tuple(CAMERA_SIZES),
-                 calvin_conf: str | None = None, dataset: str | None = None, use_egl: bool = False):
+                 calvin_conf: str | None = None, dataset: str | None = None, use_egl: bool | None = None,
+                 python: str | None = None):
         for camera in cameras:
             if camera not in CAMERA_SIZES:
                 raise UnknownNameError("CALVIN camera", camera, CAMERA_SIZES)
         if not 32 <= image_size <= 400:
             raise ConfigError(f"image_size {image_size} is out of range 32 to 400")
         self.image_size, self.cameras = image_size, tuple(cameras)
-        self.calvin_conf, self.dataset, self.use_egl = calvin_conf, dataset, use_egl
+        self.calvin_conf = calvin_conf or os.environ.get(CONF_VARIABLE) or None
+        self.dataset, self.use_egl = dataset, use_egl
+        self.python = python or os.environ.get(PYTHON_VARIABLE) or None
 
     def options(self) -> dict[str, Any]:
+        """Without `python`: where the simulator runs is not what it is, and shards of one evaluation may run on
+        machines whose interpreters live elsewhere."""
         return {"image_size": self.image_size, "cameras": list(self.cameras), "calvin_conf": self.calvin_conf,
                 "dataset": self.dataset, "use_egl": self.use_egl}
 
@@ -116,18 +131,39 @@ class CalvinBenchmark(Benchmark):
         return [EpisodeSpec(task="chain", scene="D", instruction="", seed=index, subtasks=tuple(subtasks))
                 for index, (_, subtasks) in enumerate(evaluation_chains(episodes_per_task))]
 
-    def check_available(self) -> None:
-        _import_calvin_env()
-        find_calvin_conf(self.calvin_conf)
+    def installation(self) -> Installation:
+        from robovlms.benchmarks.remote import locate_modules
+
+        needed = ["calvin_env", "hydra", "pybullet"] + (["calvin_agent"] if self.calvin_conf is None else [])
+        python, modules = locate_modules(self.python, needed)
+        return Installation(python, modules, INSTALL, own_environment=self.python is not None)
 
     def make_environment(self) -> CalvinEnvironment:
-        conf = find_calvin_conf(self.calvin_conf)
+        if self.python is not None:
+            return self._remote_environment()
         while _OPEN_ENVIRONMENTS:  # two play tables in one process clash over pybullet's client
             _OPEN_ENVIRONMENTS.pop().close()
-        environment = CalvinEnvironment(build_play_table(self.cameras, self.dataset, self.use_egl), load_task_oracle(conf),
-                                        load_instructions(conf), self.cameras, self.image_size)
+        self.check_available()
+        with _calvin_errors():
+            conf = Path(calvin_play_table.find_calvin_conf(self.calvin_conf))
+            table = calvin_play_table.open_play_table(list(self.cameras), self.dataset, self.use_egl, str(conf))
+        environment = CalvinEnvironment(table, load_instructions(conf), self.cameras, self.image_size)
         _OPEN_ENVIRONMENTS.append(environment)
         return environment
+
+    def _remote_environment(self) -> CalvinEnvironment:
+        from robovlms.benchmarks.remote import SimulatorProcess
+
+        process = SimulatorProcess(self.python)
+        try:
+            with _calvin_errors():
+                conf = Path(process.call(PLAY_TABLE_MODULE, "find_calvin_conf", self.calvin_conf))
+                table = process.call(PLAY_TABLE_MODULE, "open_play_table", list(self.cameras), self.dataset,
+                                     self.use_egl, str(conf))
+        except BaseException:
+            process.close()
+            raise
+        return CalvinEnvironment(table, load_instructions(conf), self.cameras, self.image_size, process)
 
     def run_episode(self, environment: CalvinEnvironment, spec: EpisodeSpec, policy: Policy,
                     trajectory: Trajectory | None = None, on_frame: Any = None) -> EpisodeRecord:
@@ -173,15 +209,15 @@ _OPEN_ENVIRONMENTS: list[CalvinEnvironment] = []
 
 
 class CalvinEnvironment(Environment):
-    """A `calvin_env` play table (or any object with its interface), its task oracle and instructions."""
+    """A play table with its task oracle (`calvin_play_table.PlayTable`, here or in the simulator `process`) and
+    the subtasks' instructions."""
 
-    def __init__(self, env: Any, oracle: Any, instructions: dict[str, str], cameras: tuple[str, ...],
-                 image_size: int):
-        self.env, self.oracle, self.instructions = env, oracle, instructions
+    def __init__(self, table: PlayTable, instructions: dict[str, str], cameras: tuple[str, ...], image_size: int,
+                 process: Any = None):
+        self.table, self.instructions, self.process = table, instructions, process
         self.cameras, self.image_size = cameras, image_size
-        self._subtask: str | None = None
-        self._start_info: dict | None = None
         self._instruction = ""
+        self._gripper = 1.0
 
     def reset(self, spec: EpisodeSpec) -> Observation:
         condition, subtasks = evaluation_chains(spec.seed + 1)[spec.seed]
@@ -189,22 +225,22 @@ class CalvinEnvironment(Environment):
             raise ConfigError(f"chain {spec.seed} of the benchmark is {list(subtasks)}, not {list(spec.subtasks)}")
         robot_obs, scene_obs = initial_env_state(condition)
         self._instruction = ""
-        return self._observation(self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs))
+        return self._observation(self.table.reset(robot_obs, scene_obs))
 
     def begin_subtask(self, subtask: str) -> Observation:
         """Judge success from here on against the state now, as the benchmark does at each subtask's start."""
         if subtask not in self.instructions:
             raise UnknownNameError("CALVIN subtask", subtask, self.instructions)
-        self._subtask, self._instruction = subtask, self.instructions[subtask]
-        self._start_info = self.env.get_info()
-        return self._observation(self.env.get_obs())
+        self._instruction = self.instructions[subtask]
+        return self._observation(self.table.begin_subtask(subtask))
 
     def step(self, action: np.ndarray, observe: bool) -> tuple[Observation | None, bool]:
-        obs, _, _, info = self.env.step(env_action(action))
-        solved = bool(self.oracle.get_task_info_for_set(self._start_info, info, {self._subtask}))
-        return (self._observation(obs) if observe else None), solved
+        obs, solved = self.table.step(env_action(action, self._gripper))
+        observation = self._observation(obs)
+        return (observation if observe else None), solved
 
     def _observation(self, obs: dict[str, Any]) -> Observation:
+        self._gripper = float(obs["robot_obs"][14])  # the gripper command the robot holds now
         images = {camera: square_image(np.asarray(obs["rgb_obs"][camera]).astype(np.uint8), self.image_size)
                   for camera in self.cameras}
         return Observation(images=images, state=np.asarray(obs["robot_obs"], dtype=np.float32),
@@ -212,89 +248,55 @@ class CalvinEnvironment(Environment):
                            privileged_state=np.asarray(obs["scene_obs"], dtype=np.float32))
 
     def close(self) -> None:
-        close = getattr(self.env, "close", None)
-        if close is not None:
-            close()
+        """Close the play table (and its simulator process) once; later calls do nothing."""
+        if self.table is not None:
+            table, self.table = self.table, None
+            try:
+                table.close()
+            finally:
+                if self.process is not None:
+                    self.process.close()
+        if self in _OPEN_ENVIRONMENTS:
+            _OPEN_ENVIRONMENTS.remove(self)
 
 
-def env_action(action: np.ndarray) -> np.ndarray:
-    """A policy's 7-D relative action as `calvin_env` takes it: arm clipped to [-1, 1], gripper exactly -1 or 1."""
+def env_action(action: np.ndarray, gripper_now: float = 1.0) -> np.ndarray:
+    """A policy's 7-D relative action as `calvin_env` takes it: arm clipped to [-1, 1], gripper exactly -1 (close)
+    or 1 (open) by its sign. A gripper of exactly 0 states no preference and keeps the robot's current command
+    (`gripper_now`, robot_obs[14]; open at a chain's start): calvin_env accepts only -1 and 1, and mapping 0 to
+    either would make a policy that outputs nothing move the gripper."""
     action = np.asarray(action, dtype=np.float64).reshape(-1)
     if action.shape != (7,):
         raise ValueError(f"CALVIN takes 7-D relative actions; got shape {action.shape}")
-    return np.concatenate([np.clip(action[:6], -1.0, 1.0), [1.0 if action[6] > 0 else -1.0]])
+    gripper = np.sign(action[6]) or (1.0 if gripper_now > 0 else -1.0)
+    return np.concatenate([np.clip(action[:6], -1.0, 1.0), [gripper]])
 
 
-# ---- the real packages, imported only here ------------------------------------------------------------------
+# ---- the real packages' errors --------------------------------------------------------------------------------
 
-
-def _import_calvin_env():
+@contextmanager
+def _calvin_errors():
+    """Turns what `calvin_play_table` raises (here or in a simulator process) into robovlms' errors."""
     try:
-        import calvin_env
-        import hydra  # noqa: F401 - calvin_env's dependency, used to build from its configuration
+        yield
+    except MissingDependencyError:
+        raise
     except ImportError as error:
-        raise MissingDependencyError(f"{INSTALL}\n(import failed: {error})") from None
-    return calvin_env
+        raise MissingDependencyError(
+            f"CALVIN's task definitions and evaluation instructions live in its repository's calvin_models/conf; "
+            f"install calvin_models (below) or set benchmark option calvin_conf to that folder.\n{INSTALL}\n"
+            f"(import failed: {error})") from None
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
 
 
 def find_calvin_conf(calvin_conf: str | None) -> Path:
     """The calvin repository's `calvin_models/conf` folder: given, or next to the installed `calvin_agent`."""
-    if calvin_conf is None:
-        try:
-            import calvin_agent
-        except ImportError:
-            raise MissingDependencyError(
-                f"CALVIN's task definitions and evaluation instructions live in its repository's calvin_models/conf; "
-                f"install calvin_models (below) or set benchmark option calvin_conf to that folder.\n{INSTALL}"
-            ) from None
-        conf = Path(calvin_agent.__file__).resolve().parents[1] / "conf"
-    else:
-        conf = Path(calvin_conf)
-    for needed in (TASKS_FILE, ANNOTATIONS_FILE):
-        if not (conf / needed).is_file():
-            raise ConfigError(f"{conf / needed} is missing: calvin_conf must be the calvin repository's "
-                              f"calvin_models/conf folder")
-    return conf
+    with _calvin_errors():
+        return Path(calvin_play_table.find_calvin_conf(calvin_conf))
 
 
 def load_instructions(conf: Path) -> dict[str, str]:
     """Each subtask's evaluation instruction: the first of its validation annotations."""
     annotations = yaml.safe_load((conf / ANNOTATIONS_FILE).read_text())
     return {task: instructions[0] for task, instructions in annotations.items()}
-
-
-def load_task_oracle(conf: Path):
-    _import_calvin_env()
-    import hydra
-    from omegaconf import OmegaConf
-
-    return hydra.utils.instantiate(OmegaConf.load(conf / TASKS_FILE))
-
-
-def build_play_table(cameras: tuple[str, ...], dataset: str | None, use_egl: bool):
-    """calvin_env's play table in scene D, headless (pybullet DIRECT), with the static and gripper cameras."""
-    calvin_env = _import_calvin_env()
-    import hydra
-    import calvin_env.envs.play_table_env as play_table_env
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    # calvin_env logs its git commit at start-up and fails outside a git checkout (a pip install).
-    play_table_env.get_git_commit_hash = lambda *args, **kwargs: "unknown"
-    names = [camera.removeprefix("rgb_") for camera in cameras]
-    merged = Path(dataset) / "validation" / ".hydra" / "merged_config.yaml" if dataset else None
-    if merged is not None and not merged.is_file():
-        warnings.warn(f"{merged} is missing; scene D is composed from calvin_env's own configuration instead")
-        merged = None
-    if merged is not None:
-        config = OmegaConf.load(merged)
-        config.cameras = {name: camera for name, camera in config.cameras.items() if name in names}
-        config.env.use_egl = use_egl
-    else:
-        conf = Path(calvin_env.__file__).resolve().parents[1] / "conf"
-        sizes = [f"cameras.{name}.{side}={CAMERA_SIZES['rgb_' + name]}" for name in names for side in ("width", "height")]
-        with initialize_config_dir(config_dir=str(conf), version_base=None):
-            config = compose("config_data_collection", overrides=[
-                "cameras=static_and_gripper", "scene=calvin_scene_D", "use_vr=false", f"env.use_egl={use_egl}",
-                *sizes])
-    return hydra.utils.instantiate(config.env, show_gui=False, use_vr=False, use_scene_info=True)

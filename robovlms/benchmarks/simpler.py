@@ -3,44 +3,56 @@ Google robot and WidowX tasks, evaluated by visual matching and (Google robot) v
 
 The protocol is SimplerEnv's own: the episodes its scripts run (`simpler_episodes`), each in an environment built
 with the scripts' arguments and reset with their options, at 3 Hz (Google robot) or 5 Hz (WidowX), for the task's
-whole step limit. Building is slow, so an environment is reused while the arguments stay the same, reset with the
-episode seed a freshly built one gets. As simpler_env's evaluator does, an episode is not stopped when the task is
-first solved: success is the environment's `success` at its last step (a coke can lifted and dropped again is a
-failure), and the instruction is the environment's own. A policy's raw action is converted the way SimplerEnv's Octo
-and OpenVLA policies convert theirs (`SimplerActionConverter`). A task's score is the mean over its variants of each
-variant's success rate.
+whole step limit. Building is slow, so for the tasks where a reused environment was shown to give what a fresh one
+gives (`REUSABLE_TASKS`) an environment is reused while the arguments stay the same, reset with the episode seed a
+freshly built one gets; every other episode gets a fresh environment. As simpler_env's evaluator does, an episode is
+not stopped when the task is first solved: success is the environment's `success` at its last step (a coke can lifted
+and dropped again is a failure), and the instruction is the environment's own. A policy's raw action is converted the
+way SimplerEnv's Octo and OpenVLA policies convert theirs (`SimplerActionConverter`). A task's score is the mean over
+its variants of each variant's success rate.
 
-Neither package installs from a registry: the adapter imports them only when an environment is built.
+Neither package installs from a registry, and their dependencies (numpy<2, gymnasium<1.0) cannot share robovlms'
+environment: they live in an environment of their own, whose interpreter the benchmark option `python` (default
+$ROBOVLMS_SIMPLER_PYTHON) names, and the environment runs there (`robovlms.simulators.simpler_scene` behind
+`robovlms.benchmarks.remote`). Without it, the adapter imports them in this process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Observation, Policy, Trajectory,
-                                square_image)
+from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
+                                Trajectory, square_image)
 from robovlms.benchmarks.simpler_episodes import (TASKS, SimplerEpisode, check_task, episodes, evenly_spread,
                                                    find_episode, protocols, step_limit)
 from robovlms.benchmarks.simpler_metrics import PUBLISHED_SIM_SUCCESS, published_agreement
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
 from robovlms.sim_to_real import PublishedAgreement
+from robovlms.simulators import simpler_scene
+from robovlms.simulators.simpler_scene import SimplerScene
 
 INSTALL = ("SimplerEnv is not installed. Install it from its repository (neither simpler_env nor ManiSkill2_real2sim "
-           "is on PyPI):\n"
+           "is on PyPI) into an environment of its own (it needs numpy<2 and gymnasium<1.0):\n"
            "  git clone https://github.com/simpler-env/SimplerEnv --recurse-submodules\n"
-           "  cd SimplerEnv/ManiSkill2_real2sim && pip install -e . && cd .. && pip install -e .\n"
-           "(SimplerEnv's README also pins numpy<2, which pinocchio's inverse kinematics needs.) Its renderer, SAPIEN, "
-           "draws with Vulkan: it needs an NVIDIA GPU and its Vulkan driver; see "
+           "  python3 -m venv simpler-venv && simpler-venv/bin/pip install 'numpy<2' 'gymnasium<1.0' sapien==2.2.2 "
+           "'setuptools<80' 'opencv-python<4.12'\n"
+           "  simpler-venv/bin/pip install -e SimplerEnv/ManiSkill2_real2sim && simpler-venv/bin/pip install --no-deps "
+           "-e SimplerEnv\n"
+           "then set benchmark option python (or ROBOVLMS_SIMPLER_PYTHON) to simpler-venv/bin/python. Its renderer, "
+           "SAPIEN, draws with Vulkan: an NVIDIA GPU and its driver, or Mesa's lavapipe on a CPU (docs/simpler.md); "
+           "see "
            "https://maniskill.readthedocs.io/en/latest/user_guide/getting_started/installation.html#vulkan")
+PYTHON_VARIABLE = "ROBOVLMS_SIMPLER_PYTHON"  # the interpreter of SimplerEnv's own environment, when not given
+SCENE_MODULE = Path(simpler_scene.__file__)
 ROBOTS = ("google_robot", "widowx")
 CAMERAS = ("rgb_static",)  # the robot's default camera: the Google robot's overhead camera, WidowX's 3rd-view camera
 ASSETS_HINT = ("Point MS2_ASSET_DIR (MS2_REAL2SIM_ASSET_DIR in later versions) at the data folder of a complete "
@@ -50,6 +62,11 @@ ASSETS_HINT = ("Point MS2_ASSET_DIR (MS2_REAL2SIM_ASSET_DIR in later versions) a
 # without a seed, so every episode it runs draws the first number of that generator as its episode seed (it decides
 # distractor placements, for one). Reusing an environment, the adapter passes that seed explicitly.
 EPISODE_SEED = int(np.random.RandomState(2022).randint(2**32))
+
+# Tasks whose environment, reset again with the same seed and options, renders what a freshly built one renders
+# (checked against the real simulator: pick coke can and carrot on plate are pixel-identical; move near's differs
+# in 440 pixels at 224 x 224). Every other task's episodes are run in a fresh environment.
+REUSABLE_TASKS = frozenset({"google_robot_pick_coke_can", "widowx_carrot_on_plate"})
 
 # Objects are dropped from 0.5 m above the table at reset; one found this far below the table top fell through it.
 FALLEN_BELOW_TABLE_M = 0.5
@@ -113,20 +130,19 @@ class SimplerActionConverter:
         return change
 
 
-def proprio_state(sim: Any, robot: str) -> np.ndarray:
+def proprio_state(poses: dict, robot: str) -> np.ndarray:
     """The 8-D state the Open-X stores of this robot hold (robovlms.data.lerobot_import's built-in specs): the tool
-    centre point's pose in the robot base's frame and the gripper, read from the environment.
+    centre point's pose in the robot base's frame and the gripper, from `simpler_scene.robot_poses`.
 
     google_robot (RT-1's fractal data): xyz, quaternion (x, y, z, w), gripper closedness (1 closed).
     widowx (Bridge): xyz, roll/pitch/yaw relative to Bridge's top-down gripper pose, a 0 pad, gripper openness.
     These follow the SimplerEnv adapters of open-pi-zero (src/agent/env_adapter/simpler.py) and GR00T
     (simpler_env/policies/gr00t/gr00t_model.py). RoboVLMs- and OpenVLA-style policies read no state.
     """
-    base, tcp = sim.agent.robot.pose, sim.tcp.pose
-    base_rotation = Rotation.from_quat(np.roll(base.q, -1))  # sapien quaternions are w, x, y, z
-    position = base_rotation.inv().apply(np.asarray(tcp.p) - np.asarray(base.p))
-    rotation = base_rotation.inv() * Rotation.from_quat(np.roll(tcp.q, -1))
-    closedness = float(sim.agent.get_gripper_closedness())
+    base_rotation = Rotation.from_quat(np.roll(poses["base_q"], -1))  # sapien quaternions are w, x, y, z
+    position = base_rotation.inv().apply(np.asarray(poses["tcp_p"]) - np.asarray(poses["base_p"]))
+    rotation = base_rotation.inv() * Rotation.from_quat(np.roll(poses["tcp_q"], -1))
+    closedness = float(poses["closedness"])
     if robot == "google_robot":
         state = np.concatenate([position, rotation.as_quat(), [closedness]])
     else:
@@ -135,53 +151,37 @@ def proprio_state(sim: Any, robot: str) -> np.ndarray:
     return state.astype(np.float32)
 
 
-def check_objects_on_table(sim: Any) -> None:
-    """Raise MissingDependencyError when the task's loose objects fell through the table at reset.
+def check_scene(scene: dict) -> None:
+    """Raise MissingDependencyError when a file the scene was built from is missing, or when its loose objects fell
+    through the table at reset (`scene`: `simpler_scene.scene_description`).
 
-    ManiSkill2_real2sim does not fail when a scene's mesh is missing: the table is simply not there, objects fall
-    and episodes run on. The error names the asset files the environment refers to that are missing.
+    ManiSkill2_real2sim does not fail when a mesh is missing: without the stage the table is simply not there and
+    objects fall; without an object's visual mesh the object is invisible; episodes run on either way.
     """
-    if hasattr(sim, "art_obj"):  # drawer tasks: `obj` is a link of a cabinet fixed to the ground
-        return
-    objects = list(getattr(sim, "episode_objs", None) or [sim.obj]) + list(getattr(sim, "distractor_objs", []))
-    fallen = [obj for obj in objects if obj.pose.p[2] < sim.scene_table_height - FALLEN_BELOW_TABLE_M]
-    if not fallen:
-        return
-    where = ", ".join(f"{obj.name} at z={obj.pose.p[2]:.2f} m" for obj in fallen)
-    files = _asset_files(sim, fallen)
-    missing = [str(path) for path in files if not path.exists()]
+    missing = [" or ".join(alternatives) for alternatives in scene["assets"]
+               if not any(Path(path).exists() for path in alternatives)]
     if missing:
+        raise MissingDependencyError(f"ManiSkill2_real2sim's assets are incomplete. Missing: {', '.join(missing)}. "
+                                     f"{ASSETS_HINT}")
+    table = scene["table_height"]
+    fallen = {name: z for name, z in scene["objects"].items() if z < table - FALLEN_BELOW_TABLE_M}
+    if fallen:
+        where = ", ".join(f"{name} at z={z:.2f} m" for name, z in fallen.items())
+        files = ", ".join(path for alternatives in scene["assets"] for path in alternatives if Path(path).exists())
         raise MissingDependencyError(
-            f"objects fell through the table at reset ({where}; the table top is at {sim.scene_table_height} m): "
-            f"ManiSkill2_real2sim's assets are incomplete. Missing: {', '.join(missing)}. {ASSETS_HINT}")
-    raise MissingDependencyError(
-        f"objects fell through the table at reset ({where}; the table top is at {sim.scene_table_height} m) although "
-        f"the assets it uses exist: {', '.join(map(str, files))}; one of them may be damaged")
-
-
-def _asset_files(sim: Any, objects: list) -> list[Path]:
-    """The scene mesh, each object's collision and visual mesh, and the overlay photograph `sim` loads
-    (CustomSceneEnv._load_arena_helper, CustomOtherObjectsInSceneEnv._build_actor_helper, rgb_overlay_path)."""
-    files = [] if "dummy" in sim.scene_name else [Path(sim.scene_root) / "stages" / f"{sim.scene_name}.glb"]
-    for obj in objects:
-        model = Path(sim.asset_root) / "models" / obj.name
-        visuals = [model / f"textured.{suffix}" for suffix in ("obj", "dae", "glb")]
-        files += [model / "collision.obj", next((path for path in visuals if path.exists()), visuals[-1])]
-    if sim.rgb_overlay_path:
-        files.append(Path(sim.rgb_overlay_path))
-    return files
+            f"objects fell through the table at reset ({where}; the table top is at {table} m) although the assets it "
+            f"uses exist: {files}; one of them may be damaged")
 
 
 class SimplerEnvironment(Environment):
-    """simpler_env environments, one at a time: `make_env(env_name, **kwargs)` builds one (simpler_env's
-    build_maniskill2_env, or a stand-in) and it is reused while episodes need the same build arguments."""
+    """simpler_env environments, one at a time, through a `SimplerScene` (in this process, or held by the simulator
+    `process`): each episode builds one with its build arguments, or reuses the last one where its task is in
+    REUSABLE_TASKS and the arguments are the same."""
 
-    def __init__(self, robot: str, image_size: int, make_env: Callable[..., Any],
-                 image_of: Callable[[Any, dict], np.ndarray], asset_dir: Path):
+    def __init__(self, robot: str, image_size: int, scene: SimplerScene, asset_dir: Path, process: Any = None):
         self.robot, self.image_size = robot, image_size
-        self.make_env, self.image_of, self.asset_dir = make_env, image_of, Path(asset_dir)
+        self.scene, self.asset_dir, self.process = scene, Path(asset_dir), process
         self.actions = SimplerActionConverter(robot)
-        self.env: Any = None
         self._built_with: tuple[str, dict] | None = None
         self.episode: SimplerEpisode | None = None
         self.instruction = ""
@@ -195,41 +195,46 @@ class SimplerEnvironment(Environment):
         episode = find_episode(spec.task, spec.scene, spec.seed)
         if TASKS[episode.task] != self.robot:
             raise ConfigError(f"{episode.task} is a {TASKS[episode.task]} task; this environment drives {self.robot}")
-        env = self._environment_for(episode)
-        obs, _ = env.reset(seed=EPISODE_SEED, options=episode.reset_options())
-        check_objects_on_table(env.unwrapped)
+        self._build_for(episode)
+        state = self.scene.reset(EPISODE_SEED, episode.reset_options())
+        check_scene(state["scene"])
         self.episode, self.episode_stats = episode, {}
-        self.instruction = env.unwrapped.get_language_instruction()
+        self.instruction = state["instruction"]
         self.actions.reset()
-        return self._observation(obs)
+        return self._observation(state)
 
     def step(self, action: np.ndarray, observe: bool) -> tuple[Observation | None, bool]:
         """Apply one action; solved is the environment's success at the episode's last step, False before it."""
-        obs, _, success, truncated, info = self.env.step(self.actions(action))
-        self.episode_stats = {key: value.item() if isinstance(value, np.generic) else value
-                              for key, value in info.get("episode_stats", {}).items()}
-        return (self._observation(obs) if observe else None), bool(success and truncated)
+        state = self.scene.step(self.actions(action), observe)
+        self.episode_stats = state["episode_stats"]
+        return (self._observation(state) if observe else None), state["success"] and state["truncated"]
 
-    def _environment_for(self, episode: SimplerEpisode):
+    def _build_for(self, episode: SimplerEpisode) -> None:
         built_with = (episode.env_name, episode.build_kwargs(self.asset_dir))
-        if built_with != self._built_with:
-            self.close()
-            try:
-                self.env = self.make_env(built_with[0], **built_with[1])
-            except FileNotFoundError as error:
-                raise MissingDependencyError(f"{error}\n{ASSETS_HINT}") from None
-            self._built_with = built_with
-        return self.env
+        if built_with == self._built_with and episode.task in REUSABLE_TASKS:
+            return
+        self._built_with = None
+        try:
+            self.scene.build(*built_with)
+        except FileNotFoundError as error:
+            raise MissingDependencyError(f"{error}\n{ASSETS_HINT}") from None
+        self._built_with = built_with
 
-    def _observation(self, obs: dict) -> Observation:
-        image = square_image(np.asarray(self.image_of(self.env.unwrapped, obs)), self.image_size)
-        return Observation(images={CAMERAS[0]: image}, state=proprio_state(self.env.unwrapped, self.robot),
+    def _observation(self, state: dict) -> Observation:
+        image = square_image(np.asarray(state["image"]), self.image_size)
+        return Observation(images={CAMERAS[0]: image}, state=proprio_state(state["robot"], self.robot),
                            instruction=self.instruction)
 
     def close(self) -> None:
-        if self.env is not None:
-            self.env.close()
-        self.env, self._built_with = None, None
+        """Close the environment (and its simulator process); later calls do nothing."""
+        if self.scene is not None:
+            scene, self.scene = self.scene, None
+            try:
+                scene.close()
+            finally:
+                if self.process is not None:
+                    self.process.close()
+        self._built_with = None
 
 
 class SimplerBenchmark(Benchmark):
@@ -249,8 +254,10 @@ class SimplerBenchmark(Benchmark):
     action_dim = 7  # xyz, roll/pitch/yaw deltas, gripper +1 open / -1 closed
     state_dim = 8
 
-    def __init__(self, robot: str = "widowx", tasks: list[str] | tuple[str, ...] | None = None,
-                 image_size: int = 224, cameras: tuple[str, ...] | list[str] = CAMERAS):
+    def __init__(self, robot: str | None = None, tasks: str | list[str] | tuple[str, ...] | None = None,
+                 image_size: int = 224, cameras: tuple[str, ...] | list[str] = CAMERAS, python: str | None = None):
+        tasks = [tasks] if isinstance(tasks, str) else tasks
+        robot = robot or robot_of(tasks)
         if robot not in ROBOTS:
             raise UnknownNameError("SimplerEnv robot", robot, ROBOTS)
         own = [task for task, owner in TASKS.items() if owner == robot]
@@ -267,8 +274,11 @@ class SimplerBenchmark(Benchmark):
         self.robot, self._tasks = robot, list(tasks or own)
         self.image_size, self.cameras = image_size, tuple(cameras)
         self.max_steps = max(step_limit(task) for task in self._tasks)
+        self.python = python or os.environ.get(PYTHON_VARIABLE) or None
 
     def options(self) -> dict[str, Any]:
+        """Without `python`: where the simulator runs is not what it is, and shards of one evaluation may run on
+        machines whose interpreters live elsewhere."""
         return {"robot": self.robot, "tasks": list(self._tasks), "image_size": self.image_size,
                 "cameras": list(self.cameras)}
 
@@ -302,12 +312,29 @@ class SimplerBenchmark(Benchmark):
         policies = list(dict.fromkeys(policy for task in published for policy in PUBLISHED_SIM_SUCCESS[split][task]))
         return PublishedAgreement(table, policies, "SimplerEnv")
 
-    def check_available(self) -> None:
-        _import_simpler_env()
+    def installation(self) -> Installation:
+        from robovlms.benchmarks.remote import locate_modules
+
+        python, modules = locate_modules(self.python, ["simpler_env", "mani_skill2_real2sim", "sapien"])
+        return Installation(python, modules, INSTALL, own_environment=self.python is not None)
 
     def make_environment(self) -> SimplerEnvironment:
-        make_env, image_of, asset_dir = _import_simpler_env()
-        return SimplerEnvironment(self.robot, self.image_size, make_env, image_of, asset_dir)
+        if self.python is None:
+            self.check_available()
+            with _simpler_errors():
+                scene = simpler_scene.open_simpler()
+            return SimplerEnvironment(self.robot, self.image_size, scene, Path(scene.asset_dir()))
+        from robovlms.benchmarks.remote import SimulatorProcess
+
+        process = SimulatorProcess(self.python)
+        try:
+            with _simpler_errors():
+                scene = process.call(SCENE_MODULE, "open_simpler")
+                asset_dir = Path(scene.asset_dir())
+        except BaseException:
+            process.close()
+            raise
+        return SimplerEnvironment(self.robot, self.image_size, scene, asset_dir, process)
 
     def run_episode(self, environment: SimplerEnvironment, spec: EpisodeSpec, policy: Policy,
                     trajectory: Trajectory | None = None, on_frame: Any = None) -> EpisodeRecord:
@@ -347,23 +374,26 @@ def _mean_over_variants(records: list[EpisodeRecord], value: Callable[[EpisodeRe
     return float(np.mean([np.mean(outcomes) for outcomes in variants.values()]))
 
 
-# ---- the real packages, imported only here ------------------------------------------------------------------
+def robot_of(tasks: Sequence[str] | None) -> str:
+    """The robot whose tasks `tasks` are (WidowX when none are given)."""
+    if not tasks:
+        return "widowx"
+    for task in tasks:
+        check_task(task)
+    robots = sorted({TASKS[task] for task in tasks})
+    if len(robots) > 1:
+        raise ConfigError(f"tasks {', '.join(tasks)} are of two robots ({' and '.join(robots)}); a SimplerEnv "
+                          f"benchmark drives one: evaluate each robot's tasks separately")
+    return robots[0]
 
-def _import_simpler_env() -> tuple[Callable[..., Any], Callable[[Any, dict], np.ndarray], Path]:
-    """simpler_env's environment builder and camera-image accessor, and ManiSkill2_real2sim's asset folder."""
-    real2sim = importlib.util.find_spec("mani_skill2_real2sim")
-    if real2sim is None or importlib.util.find_spec("simpler_env") is None:
-        raise MissingDependencyError(INSTALL)
-    # ManiSkill2_real2sim reads its asset folder from the environment at import (MS2_ASSET_DIR, later versions
-    # MS2_REAL2SIM_ASSET_DIR), relative to the working directory when unset: default it to the checkout's data.
-    data = Path(real2sim.origin).resolve().parents[1] / "data"
-    if data.is_dir():
-        for variable in ("MS2_ASSET_DIR", "MS2_REAL2SIM_ASSET_DIR"):
-            os.environ.setdefault(variable, str(data))
+
+@contextmanager
+def _simpler_errors():
+    """Turns what `simpler_scene` raises where SimplerEnv is not installed (here or in a simulator process) into a
+    MissingDependencyError."""
     try:
-        import mani_skill2_real2sim
-        from simpler_env.utils.env.env_builder import build_maniskill2_env
-        from simpler_env.utils.env.observation_utils import get_image_from_maniskill2_obs_dict
+        yield
+    except MissingDependencyError:
+        raise
     except ImportError as error:
         raise MissingDependencyError(f"{INSTALL}\n(import failed: {error})") from None
-    return build_maniskill2_env, get_image_from_maniskill2_obs_dict, Path(mani_skill2_real2sim.ASSET_DIR)

@@ -1,0 +1,1 @@
+"""Code that runs next to a simulator, in the simulator's own Python environment: standard library and numpy only."""

@@ -1,0 +1,141 @@
+"""The simulator protocol (robovlms.simulators.server, robovlms.benchmarks.remote) with a stand-in simulator run by a
+separate interpreter in which neither robovlms nor torch can be imported: handshake, calls and held objects, data
+round trips, versions, a crashing simulator, errors raised there, and shutdown."""
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robovlms.benchmarks.remote import SERVER_FILE, SimulatorProcess, probe
+from robovlms.errors import ConfigError, SimulatorProcessError
+from robovlms.simulators.server import PROTOCOL, VERSION, read_message, write_message
+
+STAND_IN = Path(__file__).with_name("calvin_stand_in.py")
+PLAY_TABLE_MODULE = SERVER_FILE.with_name("calvin_play_table.py")
+
+
+@pytest.fixture
+def without_robovlms(tmp_path):
+    """Environment variables under which the server's interpreter cannot import robovlms or torch."""
+    for package in ("robovlms", "torch"):
+        (tmp_path / "blocked" / package).mkdir(parents=True)
+        (tmp_path / "blocked" / package / "__init__.py").write_text(
+            f"raise ImportError('{package} is not importable next to the simulator')")
+    return {"PYTHONPATH": str(tmp_path / "blocked")}
+
+
+@pytest.fixture
+def simulator(without_robovlms):
+    process = SimulatorProcess(sys.executable, environment=without_robovlms)
+    yield process
+    process.close()
+
+
+def test_the_handshake_names_the_protocol_version_and_the_servers_interpreter(simulator):
+    assert simulator.server_info["protocol"] == PROTOCOL and simulator.server_info["version"] == VERSION
+    assert simulator.server_info["pid"] == simulator.pid != os.getpid()
+    assert simulator.server_info["executable"] == sys.executable
+
+
+def test_the_server_runs_without_robovlms_or_torch(simulator):
+    assert not simulator.call(STAND_IN, "importable", "robovlms")
+    assert not simulator.call(STAND_IN, "importable", "torch")
+    assert simulator.call(STAND_IN, "importable", "numpy")
+
+
+def test_an_object_built_there_is_driven_through_its_methods(simulator):
+    table = simulator.call(STAND_IN, "StandInPlayTable")
+    obs = table.reset(robot_obs=np.ones(15), scene_obs=np.zeros(24))
+    obs, _, _, info = table.step([1.0, 0, 0, 0, 0, 0, -1])
+    assert obs["robot_obs"][0] == pytest.approx(0.02) and obs["robot_obs"][14] == -1
+    assert info == {"robot_info": {"tcp_pos": (0.02, 0, 0)}, "scene_info": {"contacts": ((1, 2), (3, 4))}}
+
+
+def test_arrays_keep_their_dtype_and_shape_and_sets_and_tuples_survive(simulator):
+    table = simulator.call(STAND_IN, "StandInPlayTable")
+    obs = table.reset(robot_obs=np.ones(15), scene_obs=np.zeros(24))
+    assert obs["rgb_obs"]["rgb_static"].dtype == np.uint8 and obs["rgb_obs"]["rgb_static"].shape == (200, 200, 3)
+    assert obs["rgb_obs"]["rgb_gripper"].dtype == np.int64
+    oracle = simulator.call(STAND_IN, "StandInOracle")
+    start, end = {"robot_info": {"tcp_pos": (0.0,)}}, {"robot_info": {"tcp_pos": (0.03,)}}
+    assert oracle.get_task_info_for_set(start, end, {"open_drawer", "turn_off_lightbulb"}) == {"open_drawer"}
+
+
+def test_held_objects_can_be_passed_back_as_arguments(simulator):
+    table = simulator.call(PLAY_TABLE_MODULE, "PlayTable", simulator.call(STAND_IN, "StandInPlayTable"),
+                           simulator.call(STAND_IN, "StandInOracle"))
+    robot_obs = np.ones(15)
+    table.reset(robot_obs, np.zeros(24))
+    table.begin_subtask("open_drawer")
+    _, solved = table.step(np.array([1.0, 0, 0, 0, 0, 0, 1.0]))
+    assert solved is True
+
+
+def test_an_exception_raised_there_is_raised_here_with_the_simulators_traceback(simulator):
+    table = simulator.call(STAND_IN, "StandInPlayTable")
+    table.close()
+    with pytest.raises(RuntimeError, match="Not connected to physics server") as error:
+        table.close()
+    assert "in the simulator process" in "".join(error.value.__notes__)
+    with pytest.raises(FileNotFoundError):
+        simulator.call(STAND_IN.with_name("no_such_module.py"), "build")
+
+
+def test_a_server_of_another_protocol_version_is_refused(tmp_path):
+    other = tmp_path / "server.py"
+    other.write_text(SERVER_FILE.read_text().replace(f"VERSION = {VERSION}\n", "VERSION = 99\n"))
+    with pytest.raises(SimulatorProcessError, match=f"speaks {PROTOCOL} version 99; this robovlms speaks "
+                                                    f"{PROTOCOL} version {VERSION}"):
+        SimulatorProcess(sys.executable, server=other)
+
+
+def test_the_server_refuses_a_client_of_another_version():
+    import subprocess
+
+    server = subprocess.Popen([sys.executable, str(SERVER_FILE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    assert read_message(server.stdout)["version"] == VERSION
+    write_message(server.stdin, {"op": "hello", "version": VERSION + 1})
+    answer = read_message(server.stdout)
+    assert not answer["ok"] and f"version {VERSION + 1}" in answer["error"]
+    assert server.wait(timeout=60) == 1
+
+
+def test_a_simulator_that_dies_mid_call_is_reported_with_its_exit_code_and_last_output(simulator):
+    with pytest.raises(SimulatorProcessError, match="exited with code 7 during calvin_stand_in.py:exit_abruptly") as \
+            error:
+        simulator.call(STAND_IN, "exit_abruptly", 7)
+    assert "renderer: lost the device" in str(error.value)
+    with pytest.raises(SimulatorProcessError, match="exited with code 7"):  # and so does every later call
+        simulator.call(STAND_IN, "importable", "numpy")
+
+
+def test_close_stops_the_server_and_may_be_called_again(without_robovlms):
+    process = SimulatorProcess(sys.executable, environment=without_robovlms)
+    process.close()
+    assert process._process.returncode == 0 and not process.log_path.exists()
+    process.close()
+
+
+def test_a_missing_interpreter_is_a_config_error():
+    with pytest.raises(ConfigError, match="no Python interpreter at /no/such/python"):
+        SimulatorProcess("/no/such/python")
+
+
+def test_probe_says_which_modules_an_interpreter_can_import(without_robovlms):
+    found = probe(sys.executable, ["numpy", "no_such_simulator"])
+    assert found["modules"]["numpy"] and found["modules"]["no_such_simulator"] is None
+
+
+def test_messages_refuse_arrays_that_would_need_unpickling():
+    stream = io.BytesIO()
+    write_message(stream, {"image": np.zeros((2, 2), np.uint8), "names": np.array(["a", "b"], dtype=object)})
+    stream.seek(0)
+    message = read_message(stream)
+    assert message["image"].dtype == np.uint8 and message["names"] == ["a", "b"]  # object arrays travel as lists
+    with pytest.raises(TypeError, match="cannot send a object"):
+        write_message(io.BytesIO(), {"what": object()})
