@@ -78,10 +78,12 @@ class Block(nn.Module):
 
 
 class GPTScratch(nn.Module):
+    image_encoder_class = ConvImageEncoder
+
     def __init__(self, config: GPTScratchConfig):
         super().__init__()
         self.config = config
-        self.image_encoder = ConvImageEncoder(config)
+        self.image_encoder = self.image_encoder_class(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_positions, config.hidden_size)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
@@ -97,7 +99,7 @@ class GPTScratch(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         L = inputs_embeds.shape[1]
         if L > self.config.max_positions:
-            raise ConfigError(f"context of {L} tokens exceeds gpt-scratch max_positions={self.config.max_positions}")
+            raise ConfigError(f"context of {L} tokens exceeds max_positions={self.config.max_positions}")
         x = inputs_embeds + self.wpe(torch.arange(L, device=inputs_embeds.device))
         for block in self.blocks:
             x = block(x)
@@ -109,25 +111,27 @@ class GPTScratchBackbone(Backbone):
     description = "no VLM pre-training: conv image stem + nanoGPT-style decoder, trained from scratch"
     model_types = ("gpt-scratch",)
     lora_target_modules = r"blocks\.\d+\.attn\.(qkv|proj)"
+    config_class = GPTScratchConfig
+    model_class = GPTScratch
 
     def __init__(self, config: GPTScratchConfig, tokenizer, size: str, origin: str | None):
         super().__init__(size=size, origin=origin, tokenizer=tokenizer, image_size=config.image_size,
                          image_mean=config.image_mean, image_std=config.image_std)
-        self.model = GPTScratch(config)
+        self.model = self.model_class(config)
 
     @classmethod
     def tiny(cls, **options) -> GPTScratchBackbone:
-        tokenizer_vocab_size = options.pop("vocab_size", GPTScratchConfig.vocab_size)
+        tokenizer_vocab_size = options.pop("vocab_size", cls.config_class.vocab_size)
         tokenizer = train_instruction_tokenizer(tokenizer_vocab_size)
-        config = options_to_config(GPTScratchConfig, {**options, "vocab_size": len(tokenizer)}, cls.name)
+        config = options_to_config(cls.config_class, {**options, "vocab_size": len(tokenizer)}, cls.name)
         return cls(config, tokenizer, "tiny", None)
 
     @classmethod
     def pretrained(cls, path: str) -> GPTScratchBackbone:
-        """gpt-scratch has no public weights: `path` is a directory saved from a gpt-scratch trained earlier."""
+        """No public weights: `path` is a directory saved from a backbone of this kind trained earlier."""
         directory = resolve_pretrained(path, cls.model_types, cls.name)
         if not (directory / SPEC_FILE).is_file():
-            raise ConfigError(f"{directory} holds no saved gpt-scratch backbone ({SPEC_FILE} is missing)")
+            raise ConfigError(f"{directory} holds no saved {cls.name} backbone ({SPEC_FILE} is missing)")
         backbone = load_backbone(directory)
         backbone.size, backbone.origin = "pretrained", str(path)
         return backbone
@@ -136,11 +140,11 @@ class GPTScratchBackbone(Backbone):
     def from_saved(cls, directory: Path, size: str, origin: str | None) -> GPTScratchBackbone:
         saved = json.loads((directory / "config.json").read_text())
         saved.pop("model_type")
-        config = GPTScratchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         return cls(config, PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True), size, origin)
 
     def save_files(self, directory: Path) -> None:
-        config = {"model_type": "gpt-scratch", **asdict(self.model.config)}
+        config = {"model_type": self.model_types[0], **asdict(self.model.config)}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         self.tokenizer.save_pretrained(directory)
 

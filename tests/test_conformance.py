@@ -71,7 +71,7 @@ def leaky(tmp_path, monkeypatch):
                                            "forgets-its-image-std": "leaky_backbones:ForgetsItsImageStd"}})
 
 
-@pytest.mark.parametrize("name", ["kosmos2", "paligemma", "flamingo", "gpt-scratch", "llava", "qwen2vl"])
+@pytest.mark.parametrize("name", ["kosmos2", "paligemma", "flamingo", "gpt-scratch", "film-convnet", "llava", "qwen2vl"])
 def test_backbone_passes_the_conformance_kit(name, qwen2vl):
     if name == "llava" and importlib.util.find_spec("robovlms_llava") is None:
         pytest.skip("example plugin not installed: pip install --no-deps -e examples/robovlms-llava-plugin")
