@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -244,9 +245,11 @@ def train_command(
     console.print(f"trained: {run_dir} (checkpoints in {run_dir / 'checkpoints'})")
 
 
-def _progress_printer():
-    """A rich progress bar over a sweep's cells (done, running, waiting, failed) or a search's trials (also
-    pruned)."""
+def _progress_printer(run_dir: Path):
+    """How a sweep shows progress: on a terminal, a rich bar over its cells (done, running, waiting, failed) or a
+    search's trials (also pruned); otherwise (`make demo > log`) one line per cell as it is committed."""
+    if not console.is_terminal:
+        return (lambda: None), _line_per_cell(run_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -260,18 +263,52 @@ def _progress_printer():
                    description=f"{status.unit}: {status.done} done{pruned}, {status.running} running, "
                                f"{status.waiting} waiting, {status.failed} failed")
 
-    return bar, update
+    return bar.stop, update
+
+
+def _line_per_cell(run_dir: Path):
+    from robovlms.results import read_cell_results
+
+    printed: set[str] | None = None
+    finished = -1
+    started = time.monotonic()
+
+    def update(status) -> None:
+        nonlocal printed, finished
+        if status.done + status.failed + status.pruned == finished:
+            return  # nothing committed since the last report: no need to read the cells again
+        finished = status.done + status.failed + status.pruned
+        results = read_cell_results(run_dir)
+        left = status.cells - finished
+        if printed is None:
+            printed = {result.cell_id for result in results}
+            print(f"{status.cells} {status.unit}: {len(printed)} committed before, {left} to run", flush=True)
+            return
+        for result in results:
+            if result.cell_id in printed:
+                continue
+            printed.add(result.cell_id)
+            if result.status == "complete":
+                outcome = f"success {result.successes}/{result.episodes} ({result.success:.0%})"
+            else:
+                outcome = f"{result.status}: {(result.error or '').splitlines()[0][:100]}"
+            cost = ", ".join(f"{what} {seconds:.0f} s" for what, seconds in (("train", result.train_seconds),
+                                                                             ("eval", result.eval_seconds)) if seconds)
+            print(f"[{(time.monotonic() - started) / 60:.1f} min] {result.cell_id}: {outcome}"
+                  + (f", {cost}" if cost else "") + f"; {left} {status.unit} left", flush=True)
+
+    return update
 
 
 def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_failed: bool, mode: str) -> None:
-    from robovlms.sweep import run_sweep
+    from robovlms.sweep import load_sweep, run_sweep
 
-    bar, update = _progress_printer()
+    stop, update = _progress_printer(Path(load_sweep(file).run_dir))
     try:
         status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
                            progress=update)
     finally:
-        bar.stop()
+        stop()
     pruned = f", {status.pruned} pruned" if status.unit == "trials" else ""
     console.print(f"{status.done} of {status.cells} {status.unit} done{pruned}, {status.failed} failed; results in "
                   f"the run directory's results/ (make a report with `robovlms report RUN_DIR`)")

@@ -16,9 +16,12 @@ would have seen. Checkpoints are only ever loaded with `weights_only=True`: tens
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import pickle
+import re
 import shutil
 import time
 import warnings
@@ -357,21 +360,49 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), config.batch_size, config.seed, start,
                                                                 config.max_steps), collate_fn=_batch_as_is)
     validation_loader = _validation_loader(store, validation, config, cameras) if validation else None
-    trainer = L.Trainer(
-        max_steps=config.max_steps, precision=config.precision, gradient_clip_val=config.gradient_clip,
-        accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
-        log_every_n_steps=config.log_every, enable_progress_bar=progress, enable_model_summary=progress,
-        num_sanity_val_steps=0, val_check_interval=config.validate_every, check_val_every_n_epoch=None,
-        limit_val_batches=config.validation_batches if validation else 0, use_distributed_sampler=False,
-        logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
-        callbacks=[ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step{step}", save_last=True,
-                                   every_n_train_steps=config.checkpoint_every, save_top_k=-1,
-                                   auto_insert_metric_name=False,
-                                   enable_version_counter=False),  # a resumed run rewrites stepN.ckpt, never -v1
-                   clock, *callbacks])
-    if start < config.max_steps:
-        trainer.fit(module, loader, validation_loader, ckpt_path=resume_from, weights_only=True)
+    with _without_lightning_notices():
+        trainer = L.Trainer(
+            max_steps=config.max_steps, precision=config.precision, gradient_clip_val=config.gradient_clip,
+            accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
+            log_every_n_steps=config.log_every, enable_progress_bar=progress, enable_model_summary=progress,
+            num_sanity_val_steps=0, val_check_interval=config.validate_every, check_val_every_n_epoch=None,
+            limit_val_batches=config.validation_batches if validation else 0, use_distributed_sampler=False,
+            logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
+            callbacks=[ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step{step}", save_last=True,
+                                       every_n_train_steps=config.checkpoint_every, save_top_k=-1,
+                                       auto_insert_metric_name=False,
+                                       enable_version_counter=False),  # a resumed run rewrites stepN.ckpt, never -v1
+                       clock, *callbacks])
+        if start < config.max_steps:
+            trainer.fit(module, loader, validation_loader, ckpt_path=resume_from, weights_only=True)
     return run_dir
+
+
+# Said by Lightning at every fit and harmless here: a run without validation episodes skips the validation loop,
+# torch deprecates the LeafSpec check Lightning still makes, and tips to install its cloud logger and registry.
+LIGHTNING_NOTICES = (r"You defined a `validation_step` but have no `val_dataloader`",
+                     r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"💡 Tip: ")
+
+
+class _NoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(re.search(notice, record.getMessage()) for notice in LIGHTNING_NOTICES)
+
+
+@contextlib.contextmanager
+def _without_lightning_notices():
+    handlers = logging.getLogger("lightning.pytorch").handlers
+    notice_filter = _NoticeFilter()
+    for handler in handlers:
+        handler.addFilter(notice_filter)
+    try:
+        with warnings.catch_warnings():
+            for notice in LIGHTNING_NOTICES:
+                warnings.filterwarnings("ignore", message=notice)
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(notice_filter)
 
 
 def _validation_loader(store: EpisodeStore, episodes: list[int], config: TrainingConfig,

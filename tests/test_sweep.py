@@ -1,6 +1,7 @@
 """Sweeps: grids expanded into cells, each cell a trial of an Optuna study, resumable, shared by workers."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -406,3 +407,21 @@ def test_a_cell_whose_workers_all_died_is_recorded_failed_with_the_reason(tmp_pa
     assert len(results) == len(cells) and all(r.status == "failed" for r in results)
     assert all("stopped without a result in all 1 attempts" in r.error for r in results)
     assert {r.backbone_label for r in results} == {"gpt-scratch (tiny, random init)", "kosmos2 (tiny, random init)"}
+
+
+def test_a_sweep_without_a_terminal_prints_one_line_per_committed_cell(tmp_path, demo_store):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "formulation": ["one-step-continuous"]},
+                      baselines=["zero", "mean"])
+    result = CliRunner().invoke(app, ["sweep", str(path)])  # CliRunner's output is not a terminal
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "3 cells: 0 committed before, 3 to run"
+    cell_lines = [line for line in lines if re.match(r"\[\d+\.\d min\] ", line)]
+    assert len(cell_lines) == 3 and cell_lines[-1].endswith("; 0 cells left")
+    trained = next(line for line in cell_lines if "gpt-scratch-one-step-continuous" in line)
+    assert re.search(r": success \d/1 \(\d+%\), train \d+ s, eval \d+ s; [0-2] cells left$", trained)
+    assert any(re.search(r"\] baseline-zero: success 0/1 \(0%\)", line) for line in cell_lines)

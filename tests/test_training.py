@@ -227,3 +227,10 @@ def test_training_time_adds_every_attempt_including_an_interrupted_one(store, tm
     monkeypatch.setattr(FormulationModule, "training_step", original_step)
     train(config(store, tmp_path / "run", checkpoint_every=2))
     assert 0 < interrupted < training_seconds(tmp_path / "run")
+
+
+def test_lightnings_repeated_notices_stay_out_of_the_output(store, tmp_path, capfd):
+    """A sweep's log is for its cells: no cloud-logger tip, no skipped-validation or LeafSpec notice per cell."""
+    train(config(store, tmp_path / "run"))
+    output = "".join(capfd.readouterr())
+    assert "Tip:" not in output and "LeafSpec" not in output and "val_dataloader" not in output
