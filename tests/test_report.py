@@ -639,3 +639,33 @@ def test_a_complete_cell_without_records_is_flagged_as_left_out_of_the_per_task_
     assert flagged.error == ("records.parquet is missing: its episodes are left out of the per-task and per-scene "
                              "tables")
     assert "records.parquet is missing" in (tmp_path / "report" / "index.md").read_text()
+
+
+# ---- plots and cost, readable ---------------------------------------------------------------------------------
+
+
+def test_baselines_show_no_policy_step_cost(sweep):
+    markdown = re.sub(" +", " ", (sweep[0] / "index.md").read_text())
+    cost = markdown[markdown.index("## Cost"):]
+    cost = cost[:cost.index("\n## ", 1)]
+    baseline_rows = [line for line in cost.splitlines() if "(baseline) |" in line]
+    assert baseline_rows and all("| - | - |" in line for line in baseline_rows)
+
+
+def test_training_curves_get_one_panel_per_formulation():
+    from robovlms.report.plots import training_curves_figure
+
+    figure = training_curves_figure({"one-step-discrete": {"a": ([0, 10], [4.0, 3.0])},
+                                     "policy-head": {"b": ([0, 10], [0.2, 0.1]), "c": ([0, 10], [0.3, 0.1])}})
+    assert [axes.get_title(loc="left") for axes in figure.axes] == ["one-step-discrete", "policy-head"]
+    assert [len(axes.get_lines()) for axes in figure.axes] == [1, 2]
+
+
+def test_latency_points_are_numbered_and_named_in_a_legend_not_labelled_in_place():
+    from robovlms.report.plots import latency_figure
+
+    labels = ["gpt-scratch · policy-head", "gpt-scratch · interleaved"]
+    figure = latency_figure(labels, [5.0, 5.1], [0.5, 0.52], [0.4, 0.42], [0.6, 0.62])
+    axes = figure.axes[0]
+    assert [text.get_text() for text in axes.texts] == ["1", "2"]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [f"1  {labels[0]}", f"2  {labels[1]}"]

@@ -58,30 +58,35 @@ def data_efficiency_figure(series: dict[str, tuple[Sequence[float], Sequence[flo
 
 def latency_figure(labels: Sequence[str], latency_ms: Sequence[float], success: Sequence[float],
                    low: Sequence[float], high: Sequence[float]) -> Figure:
-    """Success against policy step latency, each point labelled with its configuration."""
-    figure = Figure(figsize=(7, 4.5))
+    """Success against policy step latency: each point numbered, the numbers named in a legend beside the plot
+    (labels written at the points overlap when configurations cost alike)."""
+    figure = Figure(figsize=(9, 4.5))
     axes = figure.subplots()
-    axes.errorbar(latency_ms, success, yerr=_error_bars(success, low, high), fmt="o", capsize=3)
-    for label, x, y in zip(labels, latency_ms, success):
-        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    axes.errorbar(latency_ms, success, yerr=_error_bars(success, low, high), fmt="o", capsize=3, zorder=1)
+    for number, (label, x, y) in enumerate(zip(labels, latency_ms, success), start=1):
+        axes.annotate(str(number), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, weight="bold")
+        axes.plot([], [], " ", label=f"{number}  {label}")
     axes.set_xscale("log")
     axes.set_xlabel("policy step latency (ms, log scale)")
     axes.set_ylabel("success rate (95% Wilson interval)")
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), handlelength=0, frameon=False)
     return figure
 
 
-def training_curves_figure(curves: dict[str, tuple[Sequence[float], Sequence[float]]]) -> Figure:
-    """Training loss against optimiser step, one line per trained cell: {label: (step, loss)}."""
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    for label, (step, loss) in curves.items():
-        axes.plot(step, loss, label=label, linewidth=1)
-    axes.set_xlabel("step")
-    axes.set_ylabel("train/loss")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+def training_curves_figure(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]]) -> Figure:
+    """Training loss against optimiser step: one panel per group (formulation), one line per trained cell,
+    {panel: {label: (step, loss)}}."""
+    figure = Figure(figsize=(8, 3.2 * len(panels)))
+    for axes, (title, curves) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels.items()):
+        for label, (step, loss) in curves.items():
+            axes.plot(step, loss, label=label, linewidth=1)
+        axes.set_title(title, fontsize=9, loc="left")
+        axes.set_xlabel("step")
+        axes.set_ylabel("train/loss")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     return figure
 
 

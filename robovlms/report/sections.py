@@ -246,9 +246,10 @@ def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
         **shown_configuration(runs.configuration), "backbone size": "backbone_size", "parameters": lambda row: number_text(row.parameters),
         "trainable": lambda row: number_text(row.trainable_parameters),
         "training (s)": lambda row: number_text(row.train_seconds),
-        "step (ms)": lambda row: number_text(row.step_latency_ms, 1),
-        "steps/s (Hz)": lambda row: number_text(row.steps_per_second, 1), "success [95% CI]": rate_text})))
-    timed = cost[cost.step_latency_ms > 0]
+        "step (ms)": lambda row: _policy_cost(row, number_text(row.step_latency_ms, 1)),
+        "steps/s (Hz)": lambda row: _policy_cost(row, number_text(row.steps_per_second, 1)),
+        "success [95% CI]": rate_text})))
+    timed = cost[(cost.step_latency_ms > 0) & ~cost.backbone_label.isin(BASELINE_LABELS.values())]
     if len(timed):
         figure = plots.latency_figure([configuration_label(row, runs.settings) for _, row in timed.iterrows()],
                                       timed.step_latency_ms, timed.success, timed.wilson_low, timed.wilson_high)
@@ -257,19 +258,27 @@ def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
     return section
 
 
+def _policy_cost(row: pd.Series, text: str) -> str:
+    """A baseline's step costs microseconds of table lookups, not a model's inference: shown as "-"."""
+    return "-" if row.backbone_label in BASELINE_LABELS.values() else text
+
+
 def _training_curves_section(runs: SweepRuns, out: Path) -> Section | None:
     if "train/loss" not in runs.curves:
         return None
     cells = runs.cells.set_index(["run", "cell_id"])
     several_runs = runs.cells.run.nunique() > 1
-    curves = {}
+    panels: dict[str, dict] = {}  # one per formulation: their losses differ in kind and scale
     for (run, cell_id), curve in runs.curves.dropna(subset=["train/loss"]).groupby(["run", "cell_id"], sort=False):
         cell = cells.loc[(run, cell_id)]
         label = f"{configuration_label(cell, runs.settings)} · seed {cell.seed}" + (f" · {run}" if several_runs else "")
+        curves = panels.setdefault(cell.formulation or "(unknown formulation)", {})
         curves[label + (" (failed)" if cell.status != "complete" else "")] = (curve.step, curve["train/loss"])
-    plots.save_figure(plots.training_curves_figure(curves), out, "training_curves")
-    return Section("Training curves", ["train/loss against optimiser step, one line per trained cell (from "
-                                       "Lightning's CSV log); every logged metric is in training_curves.csv."],
+    plots.save_figure(plots.training_curves_figure(panels), out, "training_curves")
+    return Section("Training curves", ["train/loss against optimiser step, one line per trained cell and one panel "
+                                       "per formulation, whose losses differ in kind (cross-entropy over action "
+                                       "bins, regression) and scale (from Lightning's CSV log); every logged metric "
+                                       "is in training_curves.csv."],
                    [Table("training_curves", runs.curves, None)], ["training_curves"])
 
 
