@@ -327,17 +327,22 @@ def sweep_command(
 ) -> None:
     """Train, evaluate and record every cell of a sweep grid; re-running resumes where it stopped."""
     if dry_run:
+        from robovlms.results import CELLS_DIR, read_cell_result
         from robovlms.sweep import estimate_cost, expand_cells, load_sweep
 
         sweep = load_sweep(file)
-        rows = estimate_cost(sweep, expand_cells(sweep))
+        cells = expand_cells(sweep)
+        rows = estimate_cost(sweep, cells)
         table = Table(title=f"sweep {sweep.name}: {len(rows)} cells (estimates on this machine)")
-        columns = list(rows[0])
-        for column in columns:
-            table.add_column(column, justify="right" if column.endswith("_s") else "left",
-                             overflow="fold", max_width=24 if column == "cell" else None)
+        headers = {"cell": "id", "fraction": "data", "train_s": "train s", "step_ms": "step ms", "eval_max_s": "eval ≤ s"}
+        for column in rows[0]:
+            table.add_column(headers.get(column, column), justify="right" if column.endswith("s") else "left",
+                             overflow="fold")
         for row in rows:
-            table.add_row(*(f"{row[c]:.0f}" if c.endswith("_s") else str(row[c]) for c in columns))
+            # a cell id ends with the digest of its settings, which the other columns spell out
+            shown = {**row, "cell": row["cell"].rsplit("-", 1)[-1] if row["formulation"] else ""}
+            table.add_row(*(f"{value:.1f}" if column == "step_ms" else f"{value:.0f}" if column.endswith("_s")
+                            else str(value) for column, value in shown.items()))
         console.print(table)
         measured = [row for row in rows if row["train_s"] == row["train_s"]]  # NaN: a pretrained cell
         total = sum(row["train_s"] + row["eval_max_s"] for row in measured)
@@ -346,6 +351,11 @@ def sweep_command(
         if len(measured) < len(rows):
             console.print(f"{len(rows) - len(measured)} cells with pretrained backbones are not measured here: "
                           f"time a few steps on the machine that will run them")
+        results = [read_cell_result(Path(sweep.run_dir) / CELLS_DIR / cell.cell_id) for cell in cells]
+        done = sum(result is not None and result.status == "complete" for result in results)
+        if done:
+            console.print(f"{done} of {len(cells)} cells are done in {sweep.run_dir}"
+                          + (": the sweep is finished" if done == len(cells) else "; running it takes the rest"))
         return
     _run_sweep_command(file, workers, storage, retry_failed, "grid")
 

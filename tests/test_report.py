@@ -545,7 +545,7 @@ def add_design_cell(run_dir, backbone, formulation, successes, seed=0, **axes):
     cell_id = f"{backbone}-{formulation}-s{seed}" + "".join(f"-{key}{value}" for key, value in axes.items())
     add_cell(run_dir, cell_id, fixed_records(successes), status="complete", kind="trained", policy="trained",
              backbone=backbone, backbone_label=f"{backbone} (tiny, random init)", random_init=True,
-             formulation=formulation, history=1, chunk=8, data_fraction=1.0, seed=seed,
+             formulation=formulation, history=axes.get("history", 1), chunk=8, data_fraction=1.0, seed=seed,
              axes={"backbone": backbone, "formulation": formulation, "seed": seed, **axes})
 
 
@@ -669,3 +669,23 @@ def test_latency_points_are_numbered_and_named_in_a_legend_not_labelled_in_place
     axes = figure.axes[0]
     assert [text.get_text() for text in axes.texts] == ["1", "2"]
     assert [text.get_text() for text in axes.get_legend().get_texts()] == [f"1  {labels[0]}", f"2  {labels[1]}"]
+
+
+def test_an_axis_each_level_sets_is_named_not_matched_on(tmp_path):
+    """The demo's formulations set their own history: one-step-continuous (H=1) and policy-head (H=2) are
+    compared as configured, and the comparison says they also differ in history; history itself cannot be
+    compared, since at H=1 and H=2 the formulations differ."""
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import pairwise_table
+
+    run_dir = tmp_path / "run"
+    add_design_cell(run_dir, "gpt-scratch", "one-step-continuous", 30, history=1)
+    add_design_cell(run_dir, "gpt-scratch", "one-step-discrete", 20, history=1)
+    add_design_cell(run_dir, "gpt-scratch", "policy-head", 40, history=2)
+    pairs = pairwise_table(read_sweep_runs([run_dir])).set_index(["axis", "level_a", "level_b"])
+    continuous_policy_head = pairs.loc[("formulation", "one-step-continuous", "policy-head")]
+    assert continuous_policy_head.matched_cells == 1
+    assert continuous_policy_head.difference == pytest.approx(-10 / 60)
+    assert continuous_policy_head.also_differs == "history"
+    assert pairs.loc[("formulation", "one-step-continuous", "one-step-discrete")].also_differs == ""
+    assert pairs.loc[("history", "1", "2")].matched_cells == 0

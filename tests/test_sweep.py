@@ -425,3 +425,71 @@ def test_a_sweep_without_a_terminal_prints_one_line_per_committed_cell(tmp_path,
     trained = next(line for line in cell_lines if "gpt-scratch-one-step-continuous" in line)
     assert re.search(r": success \d/1 \(\d+%\), train \d+ s, eval \d+ s; [0-2] cells left$", trained)
     assert any(re.search(r"\] baseline-zero: success 0/1 \(0%\)", line) for line in cell_lines)
+
+
+# ---- the dry run ----------------------------------------------------------------------------------------------
+
+
+def test_the_evaluation_bound_counts_the_policys_step_latency_per_observation(tmp_path, demo_store, monkeypatch):
+    import robovlms.sweep.cost as cost
+    from robovlms.sweep import estimate_cost, expand_cells, load_sweep
+
+    monkeypatch.setattr(cost, "_training_step_seconds", lambda *args: 0.01)
+    monkeypatch.setattr(cost, "_policy_step_seconds", lambda *args: 0.5)
+    sweep = load_sweep(sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"],
+                                                              "formulation": ["one-step-continuous"]}))
+    trained, zero = estimate_cost(sweep, expand_cells(sweep))
+    observations = 1 * 15 / 2  # one episode of button-press-topdown, 15 steps, chunks of 2 run open-loop
+    assert trained["step_ms"] == 500 and trained["eval_max_s"] == pytest.approx(observations * (1 / 60 + 0.5))
+    assert trained["train_s"] == pytest.approx(0.01 * 3)
+    assert zero["eval_max_s"] == pytest.approx(15 / 60)
+
+
+def test_the_policy_step_estimate_runs_a_whole_decoding(store_for_decoding):
+    """Autoregressive discrete decoding passes the backbone once per action token; the estimate times all of them."""
+    import robovlms.sweep.cost as cost
+    from robovlms.backbone import create_backbone
+    from robovlms.benchmarks.metaworld import MetaWorldBenchmark
+    from robovlms.formulation import create_formulation
+    from robovlms.training import load_config
+
+    benchmark = MetaWorldBenchmark(tasks=["button-press-topdown"], image_size=64)
+    config = load_config({"store": "-", "run_dir": "-", "chunk": 2})
+    for decoding, passes in (("parallel", 1), ("autoregressive", 2 * benchmark.action_dim)):
+        formulation = create_formulation("one-step-discrete", create_backbone("gpt-scratch"),
+                                         *store_for_decoding, chunk=2, decoding=decoding)
+        calls = []
+        formulation.backbone.register_forward_hook(lambda module, args, output: calls.append(1))
+        cost._policy_step_seconds(formulation, benchmark, config, repeats=1)
+        assert len(calls) == 2 * passes, decoding  # a warm-up call and one timed
+
+
+@pytest.fixture
+def store_for_decoding():
+    from robovlms.sweep.cost import _unit_statistics
+
+    return _unit_statistics(4), _unit_statistics(39)
+
+
+def test_a_dry_run_shows_short_ids_and_says_when_the_sweep_is_finished(tmp_path, demo_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    import robovlms.sweep.cost as cost
+    from robovlms.cli import app
+    from robovlms.results import CellResult, write_cell_result
+    from robovlms.sweep import expand_cells, load_sweep
+
+    monkeypatch.setattr(cost, "_training_step_seconds", lambda *args: 0.01)
+    monkeypatch.setattr(cost, "_policy_step_seconds", lambda *args: 0.001)
+    path = sweep_file(tmp_path, demo_store)
+    first = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"], terminal_width=80)
+    assert first.exit_code == 0, first.output
+    assert "done" not in first.output and not any(len(line) > 80 for line in first.output.splitlines())
+    cells = expand_cells(load_sweep(path))
+    for cell in cells:
+        write_cell_result(tmp_path / "run" / "cells" / cell.cell_id,
+                          CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark="metaworld",
+                                     split="ABC->D", policy=cell.policy))
+    finished = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"], terminal_width=80)
+    said = " ".join(finished.output.split())
+    assert f"{len(cells)} of {len(cells)} cells are done" in said and "the sweep is finished" in said

@@ -2,7 +2,9 @@
 and which differences between its levels are resolved.
 
 A level's pooled rate mixes whatever else varies with it, so differences are judged on matched cells only: two
-cells form a pair when they agree on every other axis and the seed. The difference of a pair of levels is the mean
+cells form a pair when they agree on every other axis and the seed. An axis nested in the compared one (whose value
+each level of it sets, as the demo's formulations set their history) is not matched on but named: the comparison is
+of the levels as configured. The difference of a pair of levels is the mean
 over its matched pairs of (success of a - success of b); its 95% interval is a paired bootstrap that resamples the
 matched pairs and, within each pair, the evaluation episodes (jointly where both cells ran the same episodes). A
 difference is resolved when its interval excludes 0.
@@ -80,9 +82,10 @@ def _episode_counts(runs: SweepRuns) -> pd.DataFrame:
 
 def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
     """Per varying axis and pair of its levels: matched pairs of cells, the mean difference in success (a - b),
-    its 95% paired-bootstrap interval, and whether the interval excludes 0."""
-    levels = cell_levels(runs)
-    columns = ["axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved"]
+    its 95% paired-bootstrap interval, whether the interval excludes 0, and the axes nested in this one (set by it,
+    as history by the formulation) that also differ between the two levels."""
+    levels = cell_levels(runs).fillna("")
+    columns = ["axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved", "also_differs"]
     if levels.empty:
         return pd.DataFrame(columns=columns)
     outcomes = _episode_outcomes(runs)
@@ -90,14 +93,18 @@ def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
     rows = []
     axes = varying_axes(levels)
     for axis in axes:
-        others = [other for other in levels.columns if other not in ("run", "cell_id", axis)]
-        keyed = levels.fillna("").assign(match=[json.dumps(key) for key in levels.fillna("")[others].astype(str)
-                                                .values.tolist()])
+        nested = [other for other in axes if other != axis and _sets(levels, axis, other)
+                  and not _sets(levels, other, axis)]  # one-to-one axes are aliases: no level of one is matched
+        others = [other for other in levels.columns if other not in ("run", "cell_id", axis, *nested)]
+        keyed = levels.assign(match=[json.dumps(key) for key in levels[others].astype(str).values.tolist()])
         for level_a, level_b in itertools.combinations(keyed[axis].unique(), 2):
             a, b = (keyed.loc[keyed[axis] == level, ["match", "run", "cell_id"]] for level in (level_a, level_b))
             joined = a.merge(b, on="match", suffixes=("_a", "_b"))
             matched = [((row.run_a, row.cell_id_a), (row.run_b, row.cell_id_b)) for row in joined.itertuples()]
-            row = {"axis": axis, "level_a": level_a, "level_b": level_b, "matched_cells": len(matched)}
+            differs = [other for other in nested if set(levels.loc[levels[axis] == level_a, other])
+                       != set(levels.loc[levels[axis] == level_b, other])]
+            row = {"axis": axis, "level_a": level_a, "level_b": level_b, "matched_cells": len(matched),
+                   "also_differs": ", ".join(differs)}
             if matched:
                 pairs = [_paired_outcomes(outcomes[cell_a], outcomes[cell_b]) for cell_a, cell_b in matched]
                 difference = float(np.mean([x.mean() - y.mean() for x, y in pairs]))
@@ -105,6 +112,11 @@ def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
                 row.update(difference=difference, low=low, high=high, resolved=bool(low > 0 or high < 0))
             rows.append(row)
     return pd.DataFrame(rows, columns=columns)
+
+
+def _sets(levels: pd.DataFrame, axis: str, other: str) -> bool:
+    """Each level of `axis` comes with one level of `other`."""
+    return bool(levels.groupby(axis)[other].nunique().max() == 1)
 
 
 def _episode_outcomes(runs: SweepRuns) -> dict[tuple[str, str], pd.DataFrame]:

@@ -320,8 +320,9 @@ def _main_effects_section(runs: SweepRuns, out: Path) -> Section | None:
     section = Section("Main effects", [
         "For each design axis that varies among the trained cells: success of each level, pooled over everything "
         "else that varies (with its 95% Wilson interval), then each pair of levels compared on matched cells only "
-        "(cells that agree on every other axis and the seed): the mean difference in success with a 95% paired "
-        "bootstrap interval over matched cells and episodes. A difference is resolved when its interval excludes "
+        "(cells that agree on every other axis and the seed, except axes that the compared one sets, such as the "
+        "history each formulation was run with, named in the last column): the mean difference in success with a "
+        "95% paired bootstrap interval over matched cells and episodes. A difference is resolved when its interval excludes "
         "0; a pair with no matched cells cannot be compared, because what else differs would be compared too."])
     section.tables.append(Table("main_effects", effects, shown_table(effects, {
         "axis": "axis", "level": "level", "cells": "cells", "episodes": "episodes",
@@ -329,7 +330,8 @@ def _main_effects_section(runs: SweepRuns, out: Path) -> Section | None:
     section.tables.append(Table("main_effect_differences", pairs, shown_table(pairs, {
         "axis": "axis", "a": "level_a", "b": "level_b", "matched cells": "matched_cells",
         "a - b [95% CI]": _difference_text,
-        "resolved": lambda row: "" if pd.isna(row.difference) else ("yes" if row.resolved else "no")})))
+        "resolved": lambda row: "" if pd.isna(row.difference) else ("yes" if row.resolved else "no"),
+        "levels also differ in": "also_differs"})))
     series = {axis: (group.level.tolist(), group.success, group.wilson_low, group.wilson_high)
               for axis, group in effects.groupby("axis", sort=False)}
     plots.save_figure(plots.main_effects_figure(series), out, "main_effects")

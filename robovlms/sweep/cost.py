@@ -18,8 +18,11 @@ from robovlms.sweep.one_cell import sweep_benchmark
 
 
 def estimate_cost(sweep: SweepConfig, cells: list[Cell], measure_steps: int = 2) -> list[dict[str, Any]]:
-    """Per cell: seconds per training step measured on a synthetic batch of the cell's shapes (tiny backbones
-    only), the training estimate, and an upper bound on evaluation (every episode runs to the step limit)."""
+    """Per cell, measured on synthetic batches of the cell's shapes (tiny backbones only): seconds per training
+    step (forward, backward and AdamW step) times the steps, the policy's step latency (one observation in, one
+    chunk out: a full decoding, so autoregressive discrete decoding counts its backbone pass per token), and an upper
+    bound on evaluation: every episode runs to the step limit, each observation rendered and answered by the
+    policy."""
     import torch
 
     from robovlms.backbone import create_backbone
@@ -32,12 +35,14 @@ def estimate_cost(sweep: SweepConfig, cells: list[Cell], measure_steps: int = 2)
     rows, measured = [], {}
     for cell in cells:
         row = {"cell": cell.cell_id, "backbone": cell.policy, "formulation": "", "H": "", "L": "", "fraction": "",
-               "seed": "", "train_s": 0.0}
+               "seed": "", "train_s": 0.0, "step_ms": 0.0}
         steps_per_observation = 1
         if cell.kind == "trained":
             config = load_config({**cell.training, "store": "-", "run_dir": "-"})
             row.update(backbone=f"{config.backbone.name} ({config.backbone.size})",
-                       formulation=config.formulation.name, H=config.history, L=config.chunk,
+                       formulation=" ".join([config.formulation.name, *(f"{key}={value}" for key, value in
+                                                                        config.formulation.options.items())]),
+                       H=config.history, L=config.chunk,
                        fraction=config.data_fraction, seed=config.seed)
             shape_key = json.dumps([config.backbone.model_dump(), config.formulation.model_dump(), config.history,
                                     config.chunk, config.batch_size, config.use_state], sort_keys=True, default=str)
@@ -49,22 +54,51 @@ def estimate_cost(sweep: SweepConfig, cells: list[Cell], measure_steps: int = 2)
                                                  _unit_statistics(benchmark.state_dim), history=config.history,
                                                  chunk=config.chunk, use_state=config.use_state,
                                                  **config.formulation.options)
-                batch = _synthetic_batch(benchmark, config.batch_size, config.history, config.chunk)
-                timings = []
-                for _ in range(measure_steps + 1):
-                    started = time.perf_counter()
-                    formulation.loss(batch)[0].backward()
-                    timings.append(time.perf_counter() - started)
-                measured[shape_key] = float(np.median(timings[1:]))
-            per_step = measured.get(shape_key)
-            row["train_s"] = per_step * config.max_steps if per_step is not None else float("nan")
+                measured[shape_key] = (_training_step_seconds(formulation, benchmark, config, measure_steps),
+                                       _policy_step_seconds(formulation, benchmark, config, measure_steps))
+            per_step, policy_step = measured.get(shape_key, (float("nan"), float("nan")))
+            row["train_s"], row["step_ms"] = per_step * config.max_steps, policy_step * 1000
             execution = sweep.evaluation.execution or config.execution
             steps_per_observation = config.chunk if execution == "chunk" else 1
         renders_per_second = 60.0  # measured for Meta-World at 64-128 px with shadows and MSAA off
-        row["eval_max_s"] = episodes * benchmark.max_steps / steps_per_observation / renders_per_second / max(
+        observations = episodes * benchmark.max_steps / steps_per_observation
+        row["eval_max_s"] = observations * (1 / renders_per_second + row["step_ms"] / 1000) / max(
             1, sweep.evaluation.workers)
         rows.append(row)
     return rows
+
+
+def _median_seconds(call, repeats: int) -> float:
+    timings = []
+    for _ in range(repeats + 1):  # the first call warms up
+        started = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - started)
+    return float(np.median(timings[1:]))
+
+
+def _training_step_seconds(formulation, benchmark: Benchmark, config, repeats: int) -> float:
+    import torch
+
+    batch = _synthetic_batch(benchmark, config.batch_size, config.history, config.chunk)
+    optimiser = torch.optim.AdamW(formulation.parameters(), lr=config.learning_rate)
+
+    def step() -> None:
+        optimiser.zero_grad()
+        formulation.loss(batch)[0].backward()
+        optimiser.step()
+
+    return _median_seconds(step, repeats)
+
+
+def _policy_step_seconds(formulation, benchmark: Benchmark, config, repeats: int) -> float:
+    import torch
+
+    window = _synthetic_batch(benchmark, 1, config.history, config.chunk)
+    formulation.eval()
+    with torch.no_grad():
+        return _median_seconds(lambda: formulation.act(window["images"], window["state"], window["instruction"]),
+                               repeats)
 
 
 def _unit_statistics(dim: int):
