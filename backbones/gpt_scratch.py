@@ -108,6 +108,7 @@ class GPTScratchBackbone(Backbone):
     name = "gpt-scratch"
     description = "no VLM pre-training: conv image stem + nanoGPT-style decoder, trained from scratch"
     model_types = ("gpt-scratch",)
+    tiny_config = GPTScratchConfig
     lora_target_modules = r"blocks\.\d+\.attn\.(qkv|proj)"
 
     def __init__(self, config: GPTScratchConfig, tokenizer, size: str, origin: str | None):

@@ -15,21 +15,21 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from robovlms.errors import ConfigError, UnknownNameError
+from robovlms.errors import ConfigError, RobovlmsError, UnknownNameError
 from robovlms.results import read_cell_results
 from robovlms.sweep import expand_cells, load_sweep, prepare_sweep, run_sweep, storage_url
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def sweep_file(tmp_path, store, name="grid", **overrides):
+def sweep_file(tmp_path, episode_store, name="grid", **overrides):
     """A 2x2 grid (backbones x formulations) of tiny models trained a few steps, and the zero baseline."""
     sweep = {
         "name": name,
         "run_dir": str(tmp_path / "run"),
         "benchmark": {"name": "metaworld", "split": "ABC->D",
                       "options": {"tasks": ["button-press-topdown"], "max_steps": 15}},
-        "store": {"path": str(store.path)},
+        "store": {"path": str(episode_store.path)},
         "train": {"max_steps": 3, "batch_size": 4, "chunk": 2, "checkpoint_every": 2, "log_every": 1,
                   "cameras": ["rgb_static"], "execution": "chunk",
                   "backbone": {"options": {"hidden_size": 32, "layers": 1}}},
@@ -317,3 +317,67 @@ def test_a_cell_whose_workers_all_died_is_recorded_failed_with_the_reason(tmp_pa
     assert len(results) == len(cells) and all(r.status == "failed" for r in results)
     assert all("stopped without a result in all 1 attempts" in r.error for r in results)
     assert {r.backbone_label for r in results} == {"gpt-scratch (tiny, random init)", "kosmos2 (tiny, random init)"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"benchmark": {"name": "metaworld", "split": "ABC->D", "options": {"image_size": 100000}}}, "image"),
+    ({"benchmark": {"name": "metaworld", "split": "ABC->E"}}, "unknown metaworld split 'ABC->E'"),
+    ({"benchmark": {"name": "metaworlds"}}, "unknown benchmark 'metaworlds'; valid choices: .*metaworld"),
+    ({"store": {"path": "/nonexistent/store"}}, "/nonexistent/store"),
+    ({"train": {"backbone": {"options": {"hiden_size": 32}}}}, "unknown option.*hiden_size.*valid options: hidden_size"),
+])
+def test_a_sweep_file_refused_for_its_benchmark_store_or_backbone_leaves_no_study_behind(tmp_path, demo_store,
+                                                                                          change, message):
+    with pytest.raises(RobovlmsError, match=message):
+        prepare_sweep(sweep_file(tmp_path, demo_store, name="typo", **change))
+    assert not (tmp_path / "run" / "optuna.db").exists()
+    prepare_sweep(sweep_file(tmp_path, demo_store, name="typo"))  # the typo fixed, the same study name is free
+
+
+def test_a_backbone_option_of_the_wrong_type_is_named_before_any_study(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, train={"max_steps": 3, "backbone": {"options": {"hidden_size": "big"}}})
+    with pytest.raises(ConfigError, match="backbone 'gpt-scratch' option hidden_size: .*valid integer.*'big'"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluating_on_a_task_the_store_does_not_hold_is_refused(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, benchmark={"name": "metaworld", "split": "ABC->D",
+                                                       "options": {"tasks": ["button-press"], "max_steps": 15}})
+    with pytest.raises(ConfigError, match="evaluates on task.* button-press that the store .* holds no "
+                                          "demonstrations of .*button-press-topdown"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_grid_without_baselines_has_no_cells(tmp_path):
+    sweep = {"name": "empty", "run_dir": str(tmp_path / "run"), "store": {"path": "x"}, "train": {"max_steps": 3},
+             "grid": {}, "baselines": []}
+    with pytest.raises(ConfigError, match="the sweep has no cells"):
+        expand_cells(load_sweep(sweep))
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"max_steps": 1e15}, "max_steps: Input should be a valid integer"),
+    ({"batch_size": 1_000_000_000}, "batch_size: Input should be less than or equal to 65536"),
+])
+def test_implausible_training_numbers_are_refused(tmp_path, train, message):
+    sweep = {"name": "bad", "run_dir": str(tmp_path / "run"), "store": {"path": "x"}, "train": train}
+    with pytest.raises(ConfigError, match=message):
+        expand_cells(load_sweep(sweep))
+
+
+def test_a_run_dir_under_a_regular_file_is_refused(tmp_path, demo_store):
+    (tmp_path / "file").write_text("")
+    path = sweep_file(tmp_path, demo_store, run_dir=str(tmp_path / "file" / "run"))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'file'} is a file, not a directory"):
+        prepare_sweep(path)
+
+
+def test_the_cli_prints_a_bad_sweep_file_in_one_line_without_a_traceback(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(b"name: \xff\n")
+    finished = subprocess.run([sys.executable, "-m", "robovlms.cli", "sweep", str(path)], capture_output=True,
+                              text=True, timeout=600)
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr + finished.stdout
+    assert "is not UTF-8 text" in finished.stdout

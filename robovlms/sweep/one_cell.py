@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from robovlms.baselines import baseline_factory
-from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
+from robovlms.benchmark import BENCHMARKS, Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.data.store import EpisodeStore
 from robovlms.errors import ConfigError
 from robovlms.results import (CELLS_DIR, TRAIN_DIR, CellResult, read_training_curve, software_versions,
@@ -20,6 +20,7 @@ from robovlms.sweep.config import SweepConfig
 
 def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark:
     """The sweep's benchmark, with the options its store was generated with, checked against the store."""
+    BENCHMARKS.get(sweep.benchmark.name)  # an unknown name lists the valid ones before the store is compared
     options = dict(sweep.benchmark.options)
     if store is not None:
         if store.metadata.get("benchmark", sweep.benchmark.name) != sweep.benchmark.name:
@@ -35,6 +36,19 @@ def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark
         benchmark.check_frames(store.layout.cameras, store.layout.image_size, store.layout.action_dim,
                                f"the store {store.path}")
     return benchmark
+
+
+def check_evaluated_tasks(sweep: SweepConfig, store: EpisodeStore, benchmark: Benchmark) -> None:
+    """Evaluating on tasks the store holds no demonstrations of would be recorded as an ordinary result: refused.
+    Checked where the store names its tasks as the benchmark does (an imported dataset may name them its own way,
+    e.g. Bridge by the dataset)."""
+    stored = set(store.tasks())
+    named_as_benchmark = set(create_benchmark(benchmark.name, **store.metadata.get("benchmark_options", {})).tasks())
+    missing = sorted(set(benchmark.tasks()) - stored)
+    if missing and stored & named_as_benchmark:
+        raise ConfigError(f"the sweep evaluates on task(s) {', '.join(missing)} that the store {store.path} holds "
+                          f"no demonstrations of (it holds: {', '.join(sorted(stored))}); set benchmark.options.tasks "
+                          f"to tasks of the store")
 
 
 def ensure_store(sweep: SweepConfig) -> EpisodeStore:

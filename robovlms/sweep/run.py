@@ -14,11 +14,12 @@ import yaml
 
 from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.baselines import check_baseline_data
+from robovlms.errors import ConfigError
 from robovlms.results import CELLS_DIR, RESULTS_DIR, SWEEP_FILE, gather, read_cell_result
 from robovlms.sweep.cells import Cell, sweep_cells
 from robovlms.sweep.config import load_sweep
 from robovlms.sweep.failures import record_abandoned
-from robovlms.sweep.one_cell import ensure_store, sweep_benchmark
+from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
 from robovlms.sweep.study import cell_trials, enqueue_cells, open_study, storage_url
 from robovlms.sweep.worker import work
 
@@ -55,19 +56,31 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     """Validate a sweep file, open (or create) its study, make its store if asked, enqueue unfinished cells."""
     sweep = load_sweep(path)
     cells = sweep_cells(sweep, mode)
-    url = storage_url(sweep, storage)
-    study = open_study(sweep, cells, url, mode, create=True)
     run_dir = Path(sweep.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
-    write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
+    check_run_dir(run_dir)
+    sweep_benchmark(sweep, None)  # name, split and options, before a store is made with them
     store = ensure_store(sweep)
     benchmark = sweep_benchmark(sweep, store)
     benchmark.check_available()
+    check_evaluated_tasks(sweep, store, benchmark)
     for baseline in sweep.baselines:
         check_baseline_data(baseline, benchmark, store.path)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused sweep file leaves no study behind
+    url = storage_url(sweep, storage)
+    study = open_study(sweep, cells, url, mode, create=True)
+    spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+    write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
     enqueue_cells(study, cells, run_dir, retry_failed)
     return sweep, cells, study, url
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory is, or can be made as, a directory."""
+    existing = next((parent for parent in (run_dir, *run_dir.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"run_dir {run_dir} cannot be made: {existing} is a file, not a directory")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ConfigError(f"run_dir {run_dir} cannot be made: {existing} is not writable")
 
 
 def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None, retry_failed: bool = False,
