@@ -4,6 +4,7 @@ and commit its files (robovlms/results.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,14 @@ def ensure_store(sweep: SweepConfig) -> EpisodeStore:
                                    scenes=generation.scenes, workers=generation.workers, resume=resume)
 
 
+class CellReleased(Exception):  # noqa: N818 - not an error of the cell
+    """This attempt no longer holds its cell: another worker took it for dead and the cell runs again."""
+
+
 def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (), trial_number: int | None = None,
-             progress: bool = False) -> CellResult:
-    """Train (resuming from the cell's last checkpoint) and evaluate one cell; commit its files."""
+             progress: bool = False, holds_cell: Callable[[], bool] | None = None) -> CellResult:
+    """Train (resuming from the cell's last checkpoint) and evaluate one cell; commit its files, unless
+    `holds_cell` says that this attempt was taken for dead meanwhile (then CellReleased)."""
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
     store = EpisodeStore(sweep.store.path)
@@ -92,6 +98,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     result.episodes, result.successes = len(records), int(sum(record.success for record in records))
     result.success = result.successes / result.episodes
     result.scores = benchmark.score(records)
+    if holds_cell is not None and not holds_cell():
+        raise CellReleased(cell.cell_id)
     write_records(cell_dir, records)
     write_cell_result(cell_dir, result)
     return result

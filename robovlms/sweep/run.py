@@ -20,8 +20,12 @@ from robovlms.sweep.cells import Cell, sweep_cells
 from robovlms.sweep.config import load_sweep
 from robovlms.sweep.failures import record_abandoned
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
-from robovlms.sweep.study import cell_trials, enqueue_cells, open_study, storage_url
+from robovlms.sweep.study import (cell_trials, count_cell_errors, count_trials, enqueue_cells, open_study,
+                                  storage_url)
 from robovlms.sweep.worker import work
+
+
+PROGRESS_SECONDS = 1.0  # between progress reports, so that reporting costs nothing beside cells that take no time
 
 
 @dataclass
@@ -50,6 +54,17 @@ def sweep_status(study, cells: list[Cell], run_dir: Path) -> SweepStatus:
         elif result is not None and result.status == "failed":
             status.failed += 1
     return status
+
+
+def ledger_status(study, cells: list[Cell]) -> SweepStatus:
+    """Progress from trial counts alone, as cheap at 10,000 cells as at 10 (sweep_status reads every trial). A cell
+    queued again with --retry-failed counts as failed until it ends."""
+    from optuna.trial import TrialState
+
+    counts = count_trials(study)
+    return SweepStatus(cells=len(cells), done=counts.get(TrialState.COMPLETE, 0),
+                       running=counts.get(TrialState.RUNNING, 0), waiting=counts.get(TrialState.WAITING, 0),
+                       failed=count_cell_errors(study))
 
 
 def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bool = False, mode: str = "grid"):
@@ -90,9 +105,13 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
     sweep, cells, study, url = prepare_sweep(path, storage, retry_failed, mode)
     run_dir = Path(sweep.run_dir)
 
+    last_report = -float("inf")
+
     def report() -> None:
-        if progress is not None:
-            progress(sweep_status(study, cells, run_dir))
+        nonlocal last_report
+        if progress is not None and time.monotonic() - last_report >= PROGRESS_SECONDS:
+            progress(ledger_status(study, cells) if mode == "grid" else sweep_status(study, cells, run_dir))
+            last_report = time.monotonic()
 
     report()
     if workers <= 1:
@@ -102,7 +121,8 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
         work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
     record_abandoned(study, sweep, cells, run_dir)
     status = sweep_status(study, cells, run_dir)
-    report()
+    if progress is not None:
+        progress(status)
     gather(run_dir)
     if mode == "search":
         _write_best(study, run_dir)
