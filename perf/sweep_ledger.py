@@ -1,6 +1,6 @@
 """The sweep ledger's overhead per cell, at 100, 1,000 and 10,000 cells, on SQLite and PostgreSQL.
 
-    python perf/sweep_ledger.py [--cells 100 1000 10000] [--pops 50] [--no-postgres]
+    python perf/sweep_ledger.py [--cells 100 1000 10000] [--pops 50] [--storages SQLite PostgreSQL]
 
 Cells do nothing (run_cell is replaced by a no-op), so what is timed is the ledger alone: failing stale trials,
 popping a waiting trial, telling Optuna, and the progress report the sweep process makes after every cell (without
@@ -104,11 +104,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[100, 1000, 10_000])
     parser.add_argument("--pops", type=int, default=50)
-    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--storages", nargs="+", choices=["SQLite", "PostgreSQL"], default=["SQLite", "PostgreSQL"])
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory, (
-            nullcontext() if arguments.no_postgres else postgres_server()) as postgres:
-        storages = {"SQLite": f"sqlite:///{directory}/optuna.db"} | ({"PostgreSQL": postgres} if postgres else {})
+            postgres_server() if "PostgreSQL" in arguments.storages else nullcontext()) as postgres:
+        urls = {"SQLite": f"sqlite:///{directory}/optuna.db", "PostgreSQL": postgres}
+        storages = {label: urls[label] for label in arguments.storages}
         print(f"{'storage':<12}{'cells':>8}{'ms/cell, start':>17}{'ms/cell, end':>15}")
         for label, url in storages.items():
             for cells in arguments.cells:

@@ -203,7 +203,7 @@ from robovlms.sweep.study import pop_waiting_trial
 study = optuna.load_study(study_name="queue", storage=open_storage(sys.argv[1]))
 popped = []
 while (trial := pop_waiting_trial(study)) is not None:
-    popped.append(trial)
+    popped.append(trial[0])  # its id
 print(json.dumps(popped))
 """
 

@@ -4,6 +4,7 @@ alive, and a dead worker's trial goes stale and is re-enqueued."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def open_storage(url: str, heartbeat_seconds: int | None = None):
         # sqlite3 in autocommit mode, so that each transaction's BEGIN is ours (see below)
         engine = {"connect_args": {"timeout": 60, "isolation_level": None}}
     else:
-        engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        # No wait for the write-ahead log's flush at each commit, as for SQLite below: a server crash can lose only
+        # the last commits, whose cells then run again.
+        engine = {"pool_pre_ping": True,
+                  "connect_args": {"connect_timeout": 10, "options": "-c synchronous_commit=off"}}
     heartbeat = {}
     if heartbeat_seconds:
         heartbeat = {"heartbeat_interval": heartbeat_seconds, "grace_period": 2 * heartbeat_seconds,
@@ -188,9 +192,10 @@ def _engine(study):
     return getattr(study._storage, "_backend", study._storage).engine  # the RDB storage behind Optuna's cache
 
 
-def pop_waiting_trial(study) -> int | None:
-    """The id of the oldest waiting trial, now running in this worker; None when none waits. Atomic as Optuna's own
-    pop (the state changes only if still waiting), without reading every waiting trial as Optuna's does."""
+def pop_waiting_trial(study) -> tuple[int, int] | None:
+    """The id and number of the oldest waiting trial, now running in this worker; None when none waits. Atomic as
+    Optuna's own pop (the state changes only if still waiting), without reading every waiting trial as Optuna's
+    does."""
     import sqlalchemy
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
@@ -198,20 +203,41 @@ def pop_waiting_trial(study) -> int | None:
     trials = _trials_table()
     after = -1
     while True:
-        query = (sqlalchemy.select(trials.c.trial_id)
+        query = (sqlalchemy.select(trials.c.trial_id, trials.c.number)
                  .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.WAITING,
                         trials.c.trial_id > after)
                  .order_by(trials.c.trial_id).limit(1))
         with _engine(study).connect() as connection:
-            trial_id = connection.execute(query).scalar()
-        if trial_id is None:
+            row = connection.execute(query).first()
+        if row is None:
             return None
         try:
-            if study._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return trial_id
+            if study._storage.set_trial_state_values(row.trial_id, state=TrialState.RUNNING):
+                return row.trial_id, row.number
         except UpdateFinishedTrialError:
             pass
-        after = trial_id  # another worker took it first
+        after = row.trial_id  # another worker took it first
+
+
+def popped_cell(study, trial_id: int) -> str | None:
+    """The cell of a trial, by one query."""
+    import sqlalchemy
+    from optuna.storages._rdb.models import TrialUserAttributeModel
+
+    attributes = TrialUserAttributeModel.__table__
+    query = sqlalchemy.select(attributes.c.value_json).where(attributes.c.trial_id == trial_id,
+                                                             attributes.c.key == "cell")
+    with _engine(study).connect() as connection:
+        value = connection.execute(query).scalar()
+    return json.loads(value) if value is not None else trial_cell(study._storage.get_trial(trial_id))
+
+
+def trial_state(study, trial_id: int):
+    import sqlalchemy
+
+    trials = _trials_table()
+    with _engine(study).connect() as connection:
+        return connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
 
 
 def count_trials(study) -> dict:

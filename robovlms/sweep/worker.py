@@ -19,7 +19,7 @@ from robovlms.sweep.cells import Cell, check_cell, make_cell_id, merge, nested, 
 from robovlms.sweep.config import SweepConfig
 from robovlms.sweep.failures import CellFailed, record_failure
 from robovlms.sweep.one_cell import CellReleased, run_cell
-from robovlms.sweep.study import count_trials, pop_waiting_trial, trial_cell
+from robovlms.sweep.study import count_trials, pop_waiting_trial, popped_cell, trial_state
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,18 @@ def work(study, sweep: SweepConfig, cells: list[Cell], run_dir: Path, mode: str,
         _work_search(study, sweep, run_dir, wait, progress, on_change)
         return
     by_id = {cell.cell_id: cell for cell in cells}
+    checked_stale = -float("inf")
     while True:
-        fail_stale_trials(study)
-        trial_id = pop_waiting_trial(study)
-        if trial_id is not None:
-            _run_trial(study, trial_id, sweep, by_id, run_dir, progress)
+        if time.monotonic() - checked_stale >= sweep.heartbeat_seconds:  # a trial goes stale in 2 heartbeats
+            fail_stale_trials(study)
+            checked_stale = time.monotonic()
+        popped = pop_waiting_trial(study)
+        if popped is None:
+            fail_stale_trials(study)
+            checked_stale = time.monotonic()
+            popped = pop_waiting_trial(study)
+        if popped is not None:
+            _run_trial(study, *popped, sweep, by_id, run_dir, progress)
         elif wait and count_trials(study).get(TrialState.RUNNING):
             time.sleep(1)
         else:
@@ -103,42 +110,40 @@ def work(study, sweep: SweepConfig, cells: list[Cell], run_dir: Path, mode: str,
             on_change()
 
 
-def _run_trial(study, trial_id: int, sweep: SweepConfig, by_id: dict[str, Cell], run_dir: Path, progress: bool
-               ) -> None:
+def _run_trial(study, trial_id: int, number: int, sweep: SweepConfig, by_id: dict[str, Cell], run_dir: Path,
+               progress: bool) -> None:
     """Run a popped trial's cell and tell Optuna how it ended. The attempt that commits the cell's files is the one
     still running in the ledger: one taken for dead (its heartbeat lapsed under load) was failed and re-enqueued by
     another worker, so it drops its result, logs it and goes on."""
-    storage = study._storage
-    trial = storage.get_trial(trial_id)
-    cell = by_id[trial_cell(trial)]
+    cell = by_id[popped_cell(study, trial_id)]
 
     def holds_cell() -> bool:
-        return storage.get_trial(trial_id).state == TrialState.RUNNING
+        return trial_state(study, trial_id) == TrialState.RUNNING
 
-    completed_by = _completed_by(study, cell, run_dir, trial.number)
+    completed_by = _completed_by(study, cell, run_dir, number)
     if completed_by is not None:  # enqueued twice by sweeps started at the same time
-        study.tell(trial.number, state=TrialState.PRUNED, skip_if_finished=True)
-        logger.warning(f"cell {cell.cell_id} was already completed by trial {completed_by}; trial {trial.number} "
+        study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+        logger.warning(f"cell {cell.cell_id} was already completed by trial {completed_by}; trial {number} "
                        f"is pruned")
         return
     try:
-        with get_heartbeat_thread(trial_id, storage):
-            result = run_cell(sweep, cell, run_dir, trial_number=trial.number, progress=progress,
+        with get_heartbeat_thread(trial_id, study._storage):
+            result = run_cell(sweep, cell, run_dir, trial_number=number, progress=progress,
                               holds_cell=holds_cell)
     except CellReleased:
-        _log_released(cell, trial.number)
+        _log_released(cell, number)
         return
     except Exception as error:  # noqa: BLE001 - any error of a cell is recorded, and the sweep goes on
         if not holds_cell():
-            _log_released(cell, trial.number)
+            _log_released(cell, number)
             return
-        message = record_failure(sweep, cell, run_dir, error, trial.number)
-        _tell(study, trial_id, trial.number, cell, TrialState.FAIL, None, {"error": message})
+        message = record_failure(sweep, cell, run_dir, error, number)
+        _tell(study, trial_id, number, cell, TrialState.FAIL, None, {"error": message})
         return
     except BaseException:  # interrupted: the cell goes back to the queue at once, not after its heartbeat lapses
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    _tell(study, trial_id, trial.number, cell, TrialState.COMPLETE, result.success, {})
+    _tell(study, trial_id, number, cell, TrialState.COMPLETE, result.success, {})
 
 
 def _completed_by(study, cell: Cell, run_dir: Path, number: int) -> int | None:
@@ -155,13 +160,12 @@ def _completed_by(study, cell: Cell, run_dir: Path, number: int) -> int | None:
 
 def _tell(study, trial_id: int, number: int, cell: Cell, state: TrialState, value: float | None,
           attributes: dict) -> None:
+    """Finish the trial in the storage (a grid has no sampler to tell), unless another worker failed it first."""
     try:
         for key, attribute in attributes.items():
             study._storage.set_trial_user_attr(trial_id, key, attribute)
-        told = study.tell(number, value, state=state, skip_if_finished=True)
+        study._storage.set_trial_state_values(trial_id, state, None if value is None else [value])
     except UpdateFinishedTrialError:  # failed by another worker between the commit and this
-        told = None
-    if told is None or told.state != state:
         _log_released(cell, number)
 
 
