@@ -255,10 +255,12 @@ def count_cell_errors(study) -> int:
     """Trials that ended in their cell's own error (not a lapsed heartbeat), counted by the database."""
     import sqlalchemy
     from optuna.storages._rdb.models import TrialUserAttributeModel
+    from optuna.trial import TrialState
 
     trials, attributes = _trials_table(), TrialUserAttributeModel.__table__
     query = (sqlalchemy.select(sqlalchemy.func.count())
              .select_from(attributes.join(trials, attributes.c.trial_id == trials.c.trial_id))
-             .where(trials.c.study_id == study._study_id, attributes.c.key == "error"))
+             .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.FAIL,
+                    attributes.c.key == "error"))
     with _engine(study).connect() as connection:
         return connection.execute(query).scalar()
