@@ -35,6 +35,7 @@ class FlamingoBackbone(TransformersBackbone):
     description = "Flamingo (IDEFICS): CLIP ViT + perceiver resampler, gated cross-attention into the decoder"
     model_class = IdeficsForVisionText2Text
     model_types = ("idefics",)
+    tiny_config = FlamingoTinyConfig
     lora_target_modules = r"model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
     @classmethod

@@ -110,6 +110,7 @@ class GPTScratchBackbone(Backbone):
     name = "gpt-scratch"
     description = "no VLM pre-training: conv image stem + nanoGPT-style decoder, trained from scratch"
     model_types = ("gpt-scratch",)
+    tiny_config = GPTScratchConfig
     lora_target_modules = r"blocks\.\d+\.attn\.(qkv|proj)"
     config_class = GPTScratchConfig
     model_class = GPTScratch

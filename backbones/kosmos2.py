@@ -30,6 +30,7 @@ class Kosmos2Backbone(TransformersBackbone):
     description = "KOSMOS-2: CLIP ViT + latent-query resampler, image tokens in the decoder's sequence"
     model_class = Kosmos2ForConditionalGeneration
     model_types = ("kosmos-2",)
+    tiny_config = Kosmos2TinyConfig
     lora_target_modules = r"text_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
     @classmethod

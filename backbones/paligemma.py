@@ -29,6 +29,7 @@ class PaliGemmaBackbone(TransformersBackbone):
     description = "PaliGemma: SigLIP ViT + linear projector, image tokens in a prefix-LM Gemma decoder"
     model_class = PaliGemmaForConditionalGeneration
     model_types = ("paligemma",)
+    tiny_config = PaliGemmaTinyConfig
     lora_target_modules = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
     @classmethod

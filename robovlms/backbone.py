@@ -65,6 +65,7 @@ class Backbone(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    tiny_config: ClassVar[type | None] = None  # the dataclass `tiny` builds from its options, checked before training
 
     def __init__(self, *, size: str, origin: str | None, tokenizer, image_size: int,
                  image_mean: tuple[float, ...], image_std: tuple[float, ...], rescale_factor: float = 1 / 255):
@@ -397,12 +398,20 @@ class TransformersBackbone(Backbone):
 
 def options_to_config(config_class: type, options: dict[str, Any], backbone: str):
     """A tiny config dataclass from keyword overrides; an unknown key names the valid ones."""
+    from pydantic import TypeAdapter, ValidationError
+
     valid = [f.name for f in fields(config_class)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for backbone {backbone!r}; "
                           f"valid options: {', '.join(valid)}")
-    return config_class(**options)
+    try:
+        return TypeAdapter(config_class).validate_python(options)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        key = ".".join(str(part) for part in problem["loc"])
+        raise ConfigError(f"backbone {backbone!r} option {key}: {problem['msg']} (got "
+                          f"{problem.get('input')!r})") from None
 
 
 def resolve_pretrained(path: str | None, model_types: tuple[str, ...], backbone: str) -> Path:
@@ -478,19 +487,26 @@ BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones",
 
 def create_backbone(name: str, size: str = "tiny", path: str | None = None, **options) -> Backbone:
     """The one way in: `create_backbone("kosmos2")`, `create_backbone("paligemma", "pretrained", path=...)`."""
+    backbone_class = check_backbone_settings(name, size, path, options)
+    with BACKBONES.building(name):
+        return backbone_class.tiny(**options) if size == "tiny" else backbone_class.pretrained(path)
+
+
+def check_backbone_settings(name: str, size: str, path: str | None, options: dict[str, Any]) -> type[Backbone]:
+    """What can be checked without building the model: name, size, path, and a tiny config's option keys and
+    types. Returns the backbone class."""
     backbone_class = BACKBONES.get(name)
     if size not in SIZES:
         raise UnknownNameError("backbone size", size, SIZES)
     if size == "tiny":
         if path is not None:
             raise ConfigError(f"a tiny {name} is built from scratch; path={path!r} is only for size 'pretrained'")
-        with BACKBONES.building(name):
-            return backbone_class.tiny(**options)
-    if options:
+        if backbone_class.tiny_config is not None:
+            options_to_config(backbone_class.tiny_config, options, name)
+    elif options:
         raise ConfigError(f"options {', '.join(sorted(options))} only apply to size 'tiny'; "
                           f"a pretrained {name} takes its configuration from {path}")
-    with BACKBONES.building(name):
-        return backbone_class.pretrained(path)
+    return backbone_class
 
 
 def load_backbone(directory: str | Path) -> Backbone:

@@ -60,6 +60,13 @@ class TrainingDivergedError(RobovlmsError):
     """The loss or a gradient stopped being finite; the last good checkpoint is kept."""
 
 
+# Upper bounds of plausible settings: beyond them a value is a typo (1e15 steps, a batch of a billion windows).
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_COUNT = 1_000_000
+MAX_WINDOW = 1024  # frames of history, actions of a chunk
+
+
 class CheckpointError(RobovlmsError):
     """A file of a run directory's training state (a checkpoint, training_time.json) that is truncated, corrupt,
     or not written by robovlms."""
@@ -75,7 +82,7 @@ class BackboneSettings(_Strict):
     path: str | None = None  # a local directory or cached model id, for size "pretrained"
     options: dict[str, Any] = {}  # overrides of the tiny config
     freeze: Literal["full", "frozen-vision", "frozen-language", "lora"] = "full"
-    lora_rank: int = Field(8, ge=1)
+    lora_rank: int = Field(8, ge=1, le=4096, strict=True)
 
 
 class FormulationSettings(_Strict):
@@ -88,28 +95,30 @@ class TrainingConfig(_Strict):
     run_dir: str
     backbone: BackboneSettings = BackboneSettings()
     formulation: FormulationSettings = FormulationSettings()
-    history: int = Field(1, ge=1)  # H frames per window
-    chunk: int = Field(1, ge=1)  # L future actions predicted per frame
-    frame_stride: int = Field(1, ge=1)  # env steps between history frames; = chunk for `execution: chunk` with H > 1
+    history: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)  # H frames per window
+    chunk: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)  # L future actions predicted per frame
+    # env steps between history frames; = chunk for `execution: chunk` with H > 1
+    frame_stride: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)
     use_state: bool = True  # proprio state as an input
     cameras: list[str] | None = None  # default: every camera of the store
     augment: bool = False  # random shifts and colour jitter of training images (robovlms/augmentation.py)
     data_fraction: float = Field(1.0, gt=0, le=1)  # of the episodes left after validation's, nested across fractions
-    episodes_per_task: int | None = Field(None, ge=1)  # few-shot: at most N training episodes of each task, nested
+    # few-shot: at most N training episodes of each task, nested
+    episodes_per_task: int | None = Field(None, ge=1, le=MAX_COUNT, strict=True)
     validation_fraction: float = Field(0.0, ge=0, lt=1)  # episodes per task held out for val/loss (same for any seed)
-    validate_every: int = Field(100, ge=1)  # steps between validations
-    validation_batches: int = Field(4, ge=1)
-    batch_size: int = Field(32, ge=1)  # per device
-    max_steps: int = Field(1000, ge=1)
+    validate_every: int = Field(100, ge=1, le=MAX_STEPS, strict=True)  # steps between validations
+    validation_batches: int = Field(4, ge=1, le=MAX_COUNT, strict=True)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, strict=True)  # per device
+    max_steps: int = Field(1000, ge=1, le=MAX_STEPS, strict=True)
     learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, strict=True)
     weight_decay: float = Field(0.01, ge=0)
     precision: Literal["32", "bf16-mixed"] = "32"
     gradient_clip: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, strict=True)
     execution: Literal["first", "ensemble", "chunk"] = "first"  # how a rollout executes a predicted chunk
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, strict=True)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS, strict=True)
     accelerator: str = "auto"  # Lightning's: cpu, gpu, auto
     devices: int | str = 1  # several GPUs train one cell with the strategy below
     strategy: str = "auto"  # e.g. ddp

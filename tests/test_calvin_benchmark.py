@@ -148,7 +148,7 @@ def test_a_calvin_conf_folder_without_the_task_definitions_is_refused(tmp_path):
 
 
 def test_a_sweep_on_calvin_without_calvin_env_fails_before_any_training(tmp_path, without_calvin):
-    from robovlms.sweep import join_study, prepare_sweep
+    from robovlms.sweep import join_study, load_sweep, open_study, prepare_sweep, storage_url, sweep_cells
 
     store = import_calvin(write_calvin_split(tmp_path / "split"), tmp_path / "store", image_size=64, progress=False)
     sweep = {"name": "calvin", "run_dir": str(tmp_path / "run"), "store": {"path": str(store.path)},
@@ -157,7 +157,9 @@ def test_a_sweep_on_calvin_without_calvin_env_fails_before_any_training(tmp_path
     (tmp_path / "calvin.yaml").write_text(yaml.safe_dump(sweep))
     with pytest.raises(MissingDependencyError, match="mees/calvin"):
         prepare_sweep(tmp_path / "calvin.yaml")
-    assert not (tmp_path / "run" / "cells").exists()
+    assert not (tmp_path / "run").exists()  # refused before the study exists
+    sweep = load_sweep(tmp_path / "calvin.yaml")  # the study, as made on a machine that has calvin_env
+    open_study(sweep, sweep_cells(sweep, "grid"), storage_url(sweep), "grid", create=True)
     with pytest.raises(MissingDependencyError, match="mees/calvin"):  # a worker joining from another machine
         join_study(f"sqlite:///{tmp_path / 'run' / 'optuna.db'}", "calvin")
 

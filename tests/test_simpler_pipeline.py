@@ -73,12 +73,14 @@ def test_a_policy_trained_on_an_imported_lerobot_dataset_drives_a_widowx_episode
 
 def test_a_sweep_on_simpler_without_simpler_env_fails_before_any_training(tmp_path, bridge_store,
                                                                            without_simpler_env):
-    from robovlms.sweep import join_study, prepare_sweep
+    from robovlms.sweep import join_study, load_sweep, open_study, prepare_sweep, storage_url, sweep_cells
 
     sweep = write_sweep(tmp_path, bridge_store, ["zero"])
     with pytest.raises(MissingDependencyError, match="simpler-env/SimplerEnv"):
         prepare_sweep(sweep)
-    assert not (tmp_path / "run" / "cells").exists()
+    assert not (tmp_path / "run").exists()  # refused before the study exists
+    loaded = load_sweep(sweep)  # the study, as made on a machine that has SimplerEnv
+    open_study(loaded, sweep_cells(loaded, "grid"), storage_url(loaded), "grid", create=True)
     with pytest.raises(MissingDependencyError, match="simpler-env/SimplerEnv"):  # a worker joining from elsewhere
         join_study(f"sqlite:///{tmp_path / 'run' / 'optuna.db'}", "bridge")
 

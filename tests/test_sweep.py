@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import optuna
@@ -16,28 +17,27 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from robovlms.errors import ConfigError, UnknownNameError
+from robovlms.errors import ConfigError, RobovlmsError, UnknownNameError
 from robovlms.results import read_cell_results
-from robovlms.sweep import expand_cells, load_sweep, prepare_sweep, run_sweep, storage_url
+from robovlms.sweep import expand_cells, load_sweep, open_storage, prepare_sweep, run_sweep, storage_url
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def sweep_file(tmp_path, store, name="grid", **overrides):
+def sweep_file(tmp_path, episode_store, name="grid", **overrides):
     """A 2x2 grid (backbones x formulations) of tiny models trained a few steps, and the zero baseline."""
     sweep = {
         "name": name,
         "run_dir": str(tmp_path / "run"),
         "benchmark": {"name": "metaworld", "split": "ABC->D",
                       "options": {"tasks": ["button-press-topdown"], "max_steps": 15}},
-        "store": {"path": str(store.path)},
+        "store": {"path": str(episode_store.path)},
         "train": {"max_steps": 3, "batch_size": 4, "chunk": 2, "checkpoint_every": 2, "log_every": 1,
                   "cameras": ["rgb_static"], "execution": "chunk",
                   "backbone": {"options": {"hidden_size": 32, "layers": 1}}},
         "grid": {"backbone": ["gpt-scratch", "kosmos2"], "formulation": ["one-step-continuous", "policy-head"]},
         "baselines": ["zero"],
         "evaluation": {"episodes_per_task": 1, "latency_steps": 2},
-        "heartbeat_seconds": 1,
     }
     for key, value in overrides.items():
         sweep[key] = value
@@ -49,8 +49,27 @@ def sweep_file(tmp_path, store, name="grid", **overrides):
 def complete_trials_per_cell(study):
     counts = {}
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
-        counts[trial.params["cell"]] = counts.get(trial.params["cell"], 0) + 1
+        counts[trial.user_attrs["cell"]] = counts.get(trial.user_attrs["cell"], 0) + 1
     return counts
+
+
+def make_stale(study, trial_number):
+    """As if the trial's dead worker had stopped beating a day ago (rather than waiting for its heartbeat to
+    lapse): the next worker to look fails and re-enqueues it."""
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    heartbeats = TrialHeartbeatModel.__table__
+    a_day_ago = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=1)
+    with study._storage._backend.engine.begin() as connection:
+        connection.execute(heartbeats.update().where(heartbeats.c.trial_id == trial_id).values(heartbeat=a_day_ago))
+
+
+def fail_as_stale(study, trial_number):
+    """What another worker does to a trial whose heartbeat lapsed: fail it and enqueue its cell again."""
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    study._storage.get_heartbeat_stale_trial_callback()(study, study._storage.get_trial(trial_id))
 
 
 def study_of(path, storage=None):
@@ -86,6 +105,36 @@ def test_a_2x2_grid_runs_to_completion_and_records_every_cell(tmp_path, demo_sto
 
 
 @pytest.mark.slow
+def test_a_sweep_of_one_cell_completes_and_gathers_its_result(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, name="one", grid={}, baselines=["zero"])
+    status = run_sweep(path)
+    assert (status.cells, status.done, status.failed) == (1, 1, 0)
+    assert list(pd.read_parquet(tmp_path / "run" / "results" / "cells.parquet").cell_id) == ["baseline-zero"]
+
+
+@pytest.mark.slow
+def test_a_worker_taken_for_dead_drops_its_result_and_goes_on(tmp_path, demo_store, monkeypatch, caplog):
+    import robovlms.sweep.worker
+
+    path = sweep_file(tmp_path, demo_store, name="reaped", grid={}, baselines=["zero"])
+    run_cell = robovlms.sweep.worker.run_cell
+
+    def taken_for_dead_in_its_first_attempt(sweep, cell, run_dir, **kwargs):
+        if kwargs["trial_number"] == 0:
+            other_worker = optuna.load_study(study_name="reaped", storage=open_storage(storage_url(sweep), 30))
+            fail_as_stale(other_worker, 0)
+        return run_cell(sweep, cell, run_dir, **kwargs)
+
+    monkeypatch.setattr(robovlms.sweep.worker, "run_cell", taken_for_dead_in_its_first_attempt)
+    with caplog.at_level("WARNING", logger="robovlms.sweep.worker"):
+        status = run_sweep(path)
+    assert (status.done, status.failed) == (1, 0)
+    assert [t.state for t in study_of(path).get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert [r.trial for r in read_cell_results(tmp_path / "run")] == [1]  # the re-run's result, not the dropped one
+    assert "trial 0 of cell baseline-zero was taken for dead" in caplog.text
+
+
+@pytest.mark.slow
 def test_re_running_a_finished_sweep_records_nothing_twice(small_grid, tmp_path):
     run_sweep(small_grid)
     before = {r.cell_id: r.trial for r in read_cell_results(tmp_path / "run")}
@@ -104,20 +153,21 @@ def test_a_sweep_killed_mid_cell_and_re_run_records_every_cell_exactly_once(tmp_
     sweep = subprocess.Popen([sys.executable, "-m", "robovlms.cli", "sweep", str(path)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = tmp_path / "run" / "cells"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 1200
     while not list(checkpoints.glob("*/train/checkpoints/last.ckpt")):
         assert time.monotonic() < deadline and sweep.poll() is None, "the sweep never wrote a checkpoint"
         time.sleep(0.2)
     os.killpg(sweep.pid, signal.SIGKILL)
     sweep.wait()
     killed = next(checkpoints.glob("*/train/checkpoints/last.ckpt")).parents[2].name
+    make_stale(study_of(path), study_of(path).get_trials(states=(TrialState.RUNNING,))[0].number)
 
     assert killed not in {r.cell_id for r in read_cell_results(tmp_path / "run")}
     status = run_sweep(path)
     assert (status.done, status.failed) == (3, 0)
     assert complete_trials_per_cell(study_of(path)) == {cell.cell_id: 1 for cell in expand_cells(load_sweep(path))}
     failed = study_of(path).get_trials(states=(TrialState.FAIL,))
-    assert [t.params["cell"] for t in failed] == [killed]  # the killed attempt, marked failed by its heartbeat
+    assert [t.user_attrs["cell"] for t in failed] == [killed]  # the killed attempt, marked failed by its heartbeat
     logs = pd.concat(pd.read_csv(f) for f in (checkpoints / killed / "train" / "logs").glob("version_*/metrics.csv"))
     assert logs["step"].min() < logs["step"].max() and len(list((checkpoints / killed / "train" / "logs").glob(
         "version_*"))) == 2  # a second Lightning run resumed the first
@@ -129,7 +179,7 @@ def run_two_workers(path, storage=None):
                                  "--study", sweep.name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                for _ in range(2)]
     for worker in workers:
-        output, _ = worker.communicate(timeout=300)
+        output, _ = worker.communicate(timeout=1800)
         assert worker.returncode == 0, output.decode()[-3000:]
     return cells, study
 
@@ -150,10 +200,11 @@ def test_two_workers_sharing_one_sqlite_storage_split_the_cells_with_no_duplicat
 POP_WAITING_TRIALS = """
 import json, sys, optuna
 from robovlms.sweep import open_storage
+from robovlms.sweep.study import pop_waiting_trial
 study = optuna.load_study(study_name="queue", storage=open_storage(sys.argv[1]))
 popped = []
-while (trial := study._pop_waiting_trial_id()) is not None:
-    popped.append(trial)
+while (trial := pop_waiting_trial(study)) is not None:
+    popped.append(trial[0])  # its id
 print(json.dumps(popped))
 """
 
@@ -168,7 +219,7 @@ def assert_workers_pop_each_waiting_trial_once(url):
         study.enqueue_trial({"cell": str(number)})
     workers = [subprocess.Popen([sys.executable, "-c", POP_WAITING_TRIALS, url], stdout=subprocess.PIPE)
                for _ in range(4)]
-    popped = [trial for worker in workers for trial in json.loads(worker.communicate(timeout=120)[0])]
+    popped = [trial for worker in workers for trial in json.loads(worker.communicate(timeout=1200)[0])]
     assert sorted(popped) == sorted(t._trial_id for t in study.get_trials())
 
 
@@ -493,3 +544,65 @@ def test_a_dry_run_shows_short_ids_and_says_when_the_sweep_is_finished(tmp_path,
     finished = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"], terminal_width=80)
     said = " ".join(finished.output.split())
     assert f"{len(cells)} of {len(cells)} cells are done" in said and "the sweep is finished" in said
+@pytest.mark.parametrize("change, message", [
+    ({"benchmark": {"name": "metaworld", "split": "ABC->D", "options": {"image_size": 100000}}}, "image"),
+    ({"benchmark": {"name": "metaworld", "split": "ABC->E"}}, "unknown metaworld split 'ABC->E'"),
+    ({"benchmark": {"name": "metaworlds"}}, "unknown benchmark 'metaworlds'; valid choices: .*metaworld"),
+    ({"store": {"path": "/nonexistent/store"}}, "/nonexistent/store"),
+    ({"train": {"backbone": {"options": {"hiden_size": 32}}}}, "unknown option.*hiden_size.*valid options: hidden_size"),
+])
+def test_a_sweep_file_refused_for_its_benchmark_store_or_backbone_leaves_no_study_behind(tmp_path, demo_store,
+                                                                                          change, message):
+    with pytest.raises(RobovlmsError, match=message):
+        prepare_sweep(sweep_file(tmp_path, demo_store, name="typo", **change))
+    assert not (tmp_path / "run" / "optuna.db").exists()
+    prepare_sweep(sweep_file(tmp_path, demo_store, name="typo"))  # the typo fixed, the same study name is free
+
+
+def test_a_backbone_option_of_the_wrong_type_is_named_before_any_study(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, train={"max_steps": 3, "backbone": {"options": {"hidden_size": "big"}}})
+    with pytest.raises(ConfigError, match="backbone 'gpt-scratch' option hidden_size: .*valid integer.*'big'"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluating_on_a_task_the_store_does_not_hold_is_refused(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, benchmark={"name": "metaworld", "split": "ABC->D",
+                                                       "options": {"tasks": ["button-press"], "max_steps": 15}})
+    with pytest.raises(ConfigError, match="evaluates on task.* button-press that the store .* holds no "
+                                          "demonstrations of .*button-press-topdown"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_grid_without_baselines_has_no_cells(tmp_path):
+    sweep = {"name": "empty", "run_dir": str(tmp_path / "run"), "store": {"path": "x"}, "train": {"max_steps": 3},
+             "grid": {}, "baselines": []}
+    with pytest.raises(ConfigError, match="the sweep has no cells"):
+        expand_cells(load_sweep(sweep))
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"max_steps": 1e15}, "max_steps: Input should be a valid integer"),
+    ({"batch_size": 1_000_000_000}, "batch_size: Input should be less than or equal to 65536"),
+])
+def test_implausible_training_numbers_are_refused(tmp_path, train, message):
+    sweep = {"name": "bad", "run_dir": str(tmp_path / "run"), "store": {"path": "x"}, "train": train}
+    with pytest.raises(ConfigError, match=message):
+        expand_cells(load_sweep(sweep))
+
+
+def test_a_run_dir_under_a_regular_file_is_refused(tmp_path, demo_store):
+    (tmp_path / "file").write_text("")
+    path = sweep_file(tmp_path, demo_store, run_dir=str(tmp_path / "file" / "run"))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'file'} is a file, not a directory"):
+        prepare_sweep(path)
+
+
+def test_the_cli_prints_a_bad_sweep_file_in_one_line_without_a_traceback(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(b"name: \xff\n")
+    finished = subprocess.run([sys.executable, "-m", "robovlms.cli", "sweep", str(path)], capture_output=True,
+                              text=True, timeout=600)
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr + finished.stdout
+    assert "is not UTF-8 text" in finished.stdout

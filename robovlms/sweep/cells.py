@@ -25,10 +25,14 @@ class Cell:
 
 
 def expand_cells(sweep: SweepConfig) -> list[Cell]:
-    """The grid's cells (union of its grids, duplicates once), then one cell per baseline, each validated."""
+    """The grid's cells (union of its grids, duplicates once), then one cell per baseline, each validated.
+    Without a grid, the training settings alone are one cell; an empty grid has no cells."""
     from robovlms.training import TrainingConfig
 
-    grids = sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]
+    if sweep.grid is None:
+        grids = [{}] if sweep.train else []
+    else:
+        grids = sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]
     valid_axes = [key for key in TrainingConfig.model_fields if key not in FIXED_TRAINING_KEYS]
     for key in sweep.train:
         if key not in valid_axes:
@@ -41,6 +45,8 @@ def expand_cells(sweep: SweepConfig) -> list[Cell]:
                 raise ConfigError(f"unknown axis '{where}.{axis}'; valid axes: {', '.join(valid_axes)}")
             if not values:
                 raise ConfigError(f"axis '{where}.{axis}' has no values, so the grid expands to zero cells")
+        if sweep.grid is not None and not grid:
+            continue  # an empty grid, unlike no grid, has no cells
         for combination in itertools.product(*grid.values()):
             axes = dict(zip(grid.keys(), combination))
             training = cell_training(sweep.train, axes)
@@ -51,7 +57,8 @@ def expand_cells(sweep: SweepConfig) -> list[Cell]:
         check_cell(cell)
     baselines = [Cell(f"baseline-{name}", "baseline", axes={"policy": name}, policy=name) for name in sweep.baselines]
     if not trained and not baselines:
-        raise ConfigError("the sweep has no cells: give a grid, training settings or baselines")
+        raise ConfigError("the sweep has no cells: its grid is empty and it has no baselines; give grid axes, "
+                          "training settings without a grid, or baselines")
     return trained + baselines
 
 
@@ -104,14 +111,16 @@ def make_cell_id(training: dict[str, Any]) -> str:
 
 
 def check_cell(cell: Cell) -> None:
-    """Everything that can be checked before training: config keys and ranges, names, formulation settings."""
-    from robovlms.backbone import BACKBONES
+    """Everything that can be checked before training: config keys and ranges, names, backbone options,
+    formulation settings."""
+    from robovlms.backbone import check_backbone_settings
     from robovlms.formulation import FORMULATIONS
     from robovlms.training import load_config
 
     try:
         config = load_config({**cell.training, "store": "-", "run_dir": "-"})
-        BACKBONES.get(config.backbone.name)
+        backbone = config.backbone
+        check_backbone_settings(backbone.name, backbone.size, backbone.path, backbone.options)
         FORMULATIONS.get(config.formulation.name).check_settings(config.history, config.chunk,
                                                                  config.formulation.options)
     except RobovlmsError as error:
@@ -128,5 +137,6 @@ def fingerprint(sweep: SweepConfig, cells: list[Cell]) -> str:
     decisive = sweep.model_dump(mode="json", exclude={"storage", "heartbeat_seconds", "run_dir"})
     decisive["evaluation"].pop("workers")
     decisive["store"].pop("generate")
+    decisive["grid"] = decisive["grid"] or {}  # no grid was stored as {} before it could be None
     decisive["cells"] = [cell.cell_id for cell in cells]
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()

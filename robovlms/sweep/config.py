@@ -66,7 +66,8 @@ class SweepConfig(_Strict):
     benchmark: BenchmarkSettings = BenchmarkSettings()
     store: StoreSettings
     train: dict[str, Any] = {}  # fixed training settings (robovlms.training.TrainingConfig keys)
-    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = {}  # axes; a list of grids is their union
+    # axes; a list of grids is their union; without a grid the training settings alone are one cell
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] | None = None
     baselines: list[Literal["zero", "mean", "replay"]] = list(BASELINES)
     evaluation: EvaluationSettings = EvaluationSettings()
     search: SearchSettings | None = None  # for `robovlms tune`

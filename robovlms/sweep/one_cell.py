@@ -4,12 +4,13 @@ and commit its files (robovlms/results.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from robovlms.baselines import baseline_factory
-from robovlms.benchmark import Benchmark, EpisodeSpec, Observation, create_benchmark
+from robovlms.benchmark import BENCHMARKS, Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.data.store import EpisodeStore
 from robovlms.errors import ConfigError
 from robovlms.results import (CELLS_DIR, TRAIN_DIR, CellResult, read_training_curve, software_versions,
@@ -20,6 +21,7 @@ from robovlms.sweep.config import SweepConfig
 
 def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark:
     """The sweep's benchmark, with the options its store was generated with, checked against the store."""
+    BENCHMARKS.get(sweep.benchmark.name)  # an unknown name lists the valid ones before the store is compared
     options = dict(sweep.benchmark.options)
     if store is not None:
         if store.metadata.get("benchmark", sweep.benchmark.name) != sweep.benchmark.name:
@@ -37,6 +39,19 @@ def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark
     return benchmark
 
 
+def check_evaluated_tasks(sweep: SweepConfig, store: EpisodeStore, benchmark: Benchmark) -> None:
+    """Evaluating on tasks the store holds no demonstrations of would be recorded as an ordinary result: refused.
+    Checked where the store names its tasks as the benchmark does (an imported dataset may name them its own way,
+    e.g. Bridge by the dataset)."""
+    stored = set(store.tasks())
+    named_as_benchmark = set(create_benchmark(benchmark.name, **store.metadata.get("benchmark_options", {})).tasks())
+    missing = sorted(set(benchmark.tasks()) - stored)
+    if missing and stored & named_as_benchmark:
+        raise ConfigError(f"the sweep evaluates on task(s) {', '.join(missing)} that the store {store.path} holds "
+                          f"no demonstrations of (it holds: {', '.join(sorted(stored))}); set benchmark.options.tasks "
+                          f"to tasks of the store")
+
+
 def ensure_store(sweep: SweepConfig) -> EpisodeStore:
     path = Path(sweep.store.path)
     if (path / "meta.json").exists() or sweep.store.generate is None:
@@ -50,9 +65,14 @@ def ensure_store(sweep: SweepConfig) -> EpisodeStore:
                                    scenes=generation.scenes, workers=generation.workers, resume=resume)
 
 
+class CellReleased(Exception):  # noqa: N818 - not an error of the cell
+    """This attempt no longer holds its cell: another worker took it for dead and the cell runs again."""
+
+
 def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (), trial_number: int | None = None,
-             progress: bool = False) -> CellResult:
-    """Train (resuming from the cell's last checkpoint) and evaluate one cell; commit its files."""
+             progress: bool = False, holds_cell: Callable[[], bool] | None = None) -> CellResult:
+    """Train (resuming from the cell's last checkpoint) and evaluate one cell; commit its files, unless
+    `holds_cell` says that this attempt was taken for dead meanwhile (then CellReleased)."""
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
     store = EpisodeStore(sweep.store.path)
@@ -79,6 +99,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     result.episodes, result.successes = len(records), int(sum(record.success for record in records))
     result.success = result.successes / result.episodes
     result.scores = benchmark.score(records)
+    if holds_cell is not None and not holds_cell():
+        raise CellReleased(cell.cell_id)
     write_records(cell_dir, records)
     write_cell_result(cell_dir, result)
     return result

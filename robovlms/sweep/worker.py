@@ -9,40 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import TrialState
 
-from robovlms.results import read_training_curve
+from robovlms.results import CELLS_DIR, read_cell_result, read_training_curve
 from robovlms.sweep.cells import Cell, check_cell, make_cell_id, merge, nested, search_base
 from robovlms.sweep.config import SweepConfig
 from robovlms.sweep.failures import CellFailed, record_failure
-from robovlms.sweep.one_cell import run_cell
+from robovlms.sweep.one_cell import CellReleased, run_cell
+from robovlms.sweep.study import count_trials, pop_waiting_trial, popped_cell, trial_state
 
-
-def _grid_objective(sweep: SweepConfig, cells: list[Cell], run_dir: Path, progress: bool):
-    import optuna
-    from optuna.trial import TrialState
-
-    by_id = {cell.cell_id: cell for cell in cells}
-
-    def objective(trial) -> float:
-        cell_id = trial.suggest_categorical("cell", list(by_id))
-        trials = trial.study.get_trials(deepcopy=False)
-        if "fixed_params" not in next(t for t in trials if t.number == trial.number).system_attrs:
-            raise optuna.TrialPruned("no cell was waiting: another worker took the last one")
-        done = [t for t in trials if t.params.get("cell") == cell_id and t.state == TrialState.COMPLETE]
-        if done:
-            raise optuna.TrialPruned(f"cell {cell_id} was already completed by trial {done[0].number}")
-        cell = by_id[cell_id]
-        try:
-            result = run_cell(sweep, cell, run_dir, trial_number=trial.number, progress=progress)
-        except Exception as error:  # noqa: BLE001 - any error of a cell is recorded, and the sweep goes on
-            message = record_failure(sweep, cell, run_dir, error, trial.number)
-            trial.set_user_attr("error", message)
-            raise CellFailed(message) from error
-        trial.set_user_attr("successes", result.successes)
-        trial.set_user_attr("episodes", result.episodes)
-        return result.success
-
-    return objective
+logger = logging.getLogger(__name__)
 
 
 def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: bool):
@@ -133,25 +112,105 @@ def work(study, sweep: SweepConfig, cells: list[Cell], run_dir: Path, mode: str,
          progress: bool = False, on_change: Callable[[], None] | None = None) -> None:
     """Take waiting cells until none is left; with `wait`, until no other worker holds one either (dead workers'
     cells go stale and come back to the queue, so a re-run after a crash finishes the sweep)."""
-    import optuna
-    from optuna.trial import TrialState
-
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    search = mode == "search"
-    objective = (_search_objective(sweep, search_base(sweep), run_dir, progress) if search
-                 else _grid_objective(sweep, cells, run_dir, progress))
+    if mode == "search":
+        _work_search(study, sweep, run_dir, wait, progress, on_change)
+        return
+    by_id = {cell.cell_id: cell for cell in cells}
+    checked_stale = -float("inf")
+    while True:
+        if time.monotonic() - checked_stale >= sweep.heartbeat_seconds:  # a trial goes stale in 2 heartbeats
+            fail_stale_trials(study)
+            checked_stale = time.monotonic()
+        popped = pop_waiting_trial(study)
+        if popped is None:
+            fail_stale_trials(study)
+            checked_stale = time.monotonic()
+            popped = pop_waiting_trial(study)
+        if popped is not None:
+            _run_trial(study, *popped, sweep, by_id, run_dir, progress)
+        elif wait and count_trials(study).get(TrialState.RUNNING):
+            time.sleep(1)
+        else:
+            return
+        if on_change is not None:
+            on_change()
+
+
+def _run_trial(study, trial_id: int, number: int, sweep: SweepConfig, by_id: dict[str, Cell], run_dir: Path,
+               progress: bool) -> None:
+    """Run a popped trial's cell and tell Optuna how it ended. The attempt that commits the cell's files is the one
+    still running in the ledger: one taken for dead (its heartbeat lapsed under load) was failed and re-enqueued by
+    another worker, so it drops its result, logs it and goes on."""
+    cell = by_id[popped_cell(study, trial_id)]
+
+    def holds_cell() -> bool:
+        return trial_state(study, trial_id) == TrialState.RUNNING
+
+    completed_by = _completed_by(study, cell, run_dir, number)
+    if completed_by is not None:  # enqueued twice by sweeps started at the same time
+        study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+        logger.warning(f"cell {cell.cell_id} was already completed by trial {completed_by}; trial {number} "
+                       f"is pruned")
+        return
+    try:
+        with get_heartbeat_thread(trial_id, study._storage):
+            result = run_cell(sweep, cell, run_dir, trial_number=number, progress=progress,
+                              holds_cell=holds_cell)
+    except CellReleased:
+        _log_released(cell, number)
+        return
+    except Exception as error:  # noqa: BLE001 - any error of a cell is recorded, and the sweep goes on
+        if not holds_cell():
+            _log_released(cell, number)
+            return
+        message = record_failure(sweep, cell, run_dir, error, number)
+        _tell(study, trial_id, number, cell, TrialState.FAIL, None, {"error": message})
+        return
+    except BaseException:  # interrupted: the cell goes back to the queue at once, not after its heartbeat lapses
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    _tell(study, trial_id, number, cell, TrialState.COMPLETE, result.success, {})
+
+
+def _completed_by(study, cell: Cell, run_dir: Path, number: int) -> int | None:
+    """The other trial that completed this cell, from the cell's result and that one trial alone."""
+    result = read_cell_result(run_dir / CELLS_DIR / cell.cell_id)
+    if result is None or result.status != "complete" or result.trial in (None, number):
+        return None
+    try:
+        other = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, result.trial)
+    except KeyError:
+        return None
+    return result.trial if study._storage.get_trial(other).state == TrialState.COMPLETE else None
+
+
+def _tell(study, trial_id: int, number: int, cell: Cell, state: TrialState, value: float | None,
+          attributes: dict) -> None:
+    """Finish the trial in the storage (a grid has no sampler to tell), unless another worker failed it first."""
+    try:
+        for key, attribute in attributes.items():
+            study._storage.set_trial_user_attr(trial_id, key, attribute)
+        study._storage.set_trial_state_values(trial_id, state, None if value is None else [value])
+    except UpdateFinishedTrialError:  # failed by another worker between the commit and this
+        _log_released(cell, number)
+
+
+def _log_released(cell: Cell, number: int) -> None:
+    logger.warning(f"trial {number} of cell {cell.cell_id} was taken for dead by another worker (its heartbeat "
+                   f"lapsed) and the cell re-run; this attempt's result is dropped and the worker goes on")
+
+
+def _work_search(study, sweep: SweepConfig, run_dir: Path, wait: bool, progress: bool,
+                 on_change: Callable[[], None] | None) -> None:
+    import optuna
+
+    objective = _search_objective(sweep, search_base(sweep), run_dir, progress)
     while True:
         optuna.storages.fail_stale_trials(study)
         states = [trial.state for trial in study.get_trials(deepcopy=False)]
-        if search:
-            finished = sum(state.is_finished() for state in states)
-            if finished + states.count(TrialState.RUNNING) < sweep.search.trials or TrialState.WAITING in states:
-                study.optimize(objective, n_trials=1, catch=(CellFailed,))
-            elif wait and TrialState.RUNNING in states:
-                time.sleep(1)
-            else:
-                return
-        elif TrialState.WAITING in states:
+        finished = sum(state.is_finished() for state in states)
+        if finished + states.count(TrialState.RUNNING) < sweep.search.trials or TrialState.WAITING in states:
             study.optimize(objective, n_trials=1, catch=(CellFailed,))
         elif wait and TrialState.RUNNING in states:
             time.sleep(1)
