@@ -606,3 +606,30 @@ def test_the_cli_prints_a_bad_sweep_file_in_one_line_without_a_traceback(tmp_pat
                               text=True, timeout=600)
     assert finished.returncode == 2 and "Traceback" not in finished.stderr + finished.stdout
     assert "is not UTF-8 text" in finished.stdout
+
+
+@pytest.mark.slow
+def test_a_search_worker_taken_for_dead_drops_its_result_and_goes_on(tmp_path, demo_store, monkeypatch, caplog):
+    import robovlms.sweep.worker
+
+    path = learning_rate_search(tmp_path, demo_store, trials=1)
+    search_objective = robovlms.sweep.worker._search_objective
+
+    def taken_for_dead_in_its_first_attempt(sweep, base, run_dir, progress):
+        objective = search_objective(sweep, base, run_dir, progress)
+
+        def run(trial):
+            if trial.number == 0:
+                other_worker = optuna.load_study(study_name="search-search",
+                                                 storage=open_storage(storage_url(sweep), 30))
+                fail_as_stale(other_worker, 0)
+            return objective(trial)
+
+        return run
+
+    monkeypatch.setattr(robovlms.sweep.worker, "_search_objective", taken_for_dead_in_its_first_attempt)
+    with caplog.at_level("WARNING", logger="robovlms.sweep.worker"):
+        status = run_sweep(path, mode="search")
+    trials = optuna.load_study(study_name="search-search", storage=storage_url(load_sweep(path))).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and status.done == 1
+    assert "search trial 0 was taken for dead" in caplog.text

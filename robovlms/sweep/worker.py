@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -211,10 +212,40 @@ def _work_search(study, sweep: SweepConfig, run_dir: Path, wait: bool, progress:
         states = [trial.state for trial in study.get_trials(deepcopy=False)]
         finished = sum(state.is_finished() for state in states)
         if finished + states.count(TrialState.RUNNING) < sweep.search.trials or TrialState.WAITING in states:
-            study.optimize(objective, n_trials=1, catch=(CellFailed,))
+            _run_search_trial(study, objective)
         elif wait and TrialState.RUNNING in states:
             time.sleep(1)
         else:
             return
         if on_change is not None:
             on_change()
+
+
+def _run_search_trial(study, objective: Callable) -> None:
+    """Ask for a trial (a waiting re-run first), run the objective under the trial's heartbeat and tell how it
+    ended, unless another worker took this one for dead and failed it meanwhile: then it is logged and dropped, as
+    for a grid's cells (the re-run trains a cell of its own)."""
+    import optuna
+
+    with warnings.catch_warnings():  # Optuna's reminder that heartbeats are meant for its optimize loop
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
+    value, state = None, TrialState.COMPLETE
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            value = objective(trial)
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except CellFailed:
+        state = TrialState.FAIL
+    except UpdateFinishedTrialError:  # the objective wrote to a trial another worker had failed meanwhile
+        pass
+    except BaseException:  # interrupted: the trial is failed now, and re-enqueued, not after its heartbeat lapses
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    if trial_state(study, trial._trial_id).is_finished():
+        logger.warning(f"search trial {trial.number} was taken for dead by another worker (its heartbeat lapsed) "
+                       f"and retried; this attempt's result is dropped and the worker goes on")
+        return
+    study.tell(trial, value, state=state, skip_if_finished=True)
+
