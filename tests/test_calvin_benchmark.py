@@ -236,7 +236,11 @@ def test_two_evaluations_in_one_process_each_build_and_close_their_own_play_tabl
 def test_a_sweep_of_two_calvin_cells_runs_end_to_end_in_one_process(tmp_path, stand_in_calvin):
     from robovlms.sweep import run_sweep
 
-    store = import_calvin(write_calvin_split(tmp_path / "split"), tmp_path / "store", image_size=64, progress=False)
+    from robovlms.benchmarks.calvin_sequences import SUBTASKS
+
+    windows = [(4 * i, 4 * i + 3, task, f"do {task.replace('_', ' ')}") for i, task in enumerate(sorted(SUBTASKS))]
+    split = write_calvin_split(tmp_path / "split", windows=windows, frames=4 * len(windows))  # every task: the
+    store = import_calvin(split, tmp_path / "store", image_size=64, progress=False)  # chains draw from all of them
     sweep = {"name": "calvin-two-cells", "run_dir": str(tmp_path / "run"), "store": {"path": str(store.path)},
              "benchmark": {"name": "calvin", "split": "ABC->D"}, "baselines": ["zero"],
              "grid": {"backbone": ["gpt-scratch"], "formulation": ["policy-head", "interleaved"]},
@@ -309,3 +313,15 @@ def test_an_interpreter_without_calvin_env_says_what_to_install_there(monkeypatc
     benchmark = CalvinBenchmark(python=sys.executable, calvin_conf="/conf")
     with pytest.raises(MissingDependencyError, match=f"{sys.executable} .* cannot import calvin_env, hydra"):
         benchmark.check_available()
+
+
+def test_a_sweep_on_a_store_missing_calvin_tasks_is_refused_saying_calvin_evaluates_on_all(tmp_path, stand_in_calvin):
+    from robovlms.sweep import prepare_sweep
+
+    store = import_calvin(write_calvin_split(tmp_path / "split"), tmp_path / "store", image_size=64, progress=False)
+    sweep = {"name": "calvin-few-tasks", "run_dir": str(tmp_path / "run"), "store": {"path": str(store.path)},
+             "benchmark": {"name": "calvin", "split": "ABC->D"}, "baselines": ["zero"]}
+    (tmp_path / "calvin.yaml").write_text(yaml.safe_dump(sweep))
+    with pytest.raises(ConfigError, match="calvin evaluates on all of its tasks, so train on a store that holds them"):
+        prepare_sweep(tmp_path / "calvin.yaml")
+    assert not (tmp_path / "run").exists()

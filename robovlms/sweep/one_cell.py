@@ -47,9 +47,10 @@ def check_evaluated_tasks(sweep: SweepConfig, store: EpisodeStore, benchmark: Be
     named_as_benchmark = set(create_benchmark(benchmark.name, **store.metadata.get("benchmark_options", {})).tasks())
     missing = sorted(set(benchmark.tasks()) - stored)
     if missing and stored & named_as_benchmark:
+        remedy = ("set benchmark.options.tasks to tasks of the store" if "tasks" in benchmark.options() else
+                  f"{benchmark.name} evaluates on all of its tasks, so train on a store that holds them")
         raise ConfigError(f"the sweep evaluates on task(s) {', '.join(missing)} that the store {store.path} holds "
-                          f"no demonstrations of (it holds: {', '.join(sorted(stored))}); set benchmark.options.tasks "
-                          f"to tasks of the store")
+                          f"no demonstrations of (it holds: {', '.join(sorted(stored))}); {remedy}")
 
 
 def ensure_store(sweep: SweepConfig) -> EpisodeStore:
