@@ -1,5 +1,6 @@
 """interleaved (Octo, GR-1 style): the H most recent observations, each followed by its own [LRN] token, in one
-causal backbone context; the hidden state at each [LRN] predicts that frame's chunk of L actions."""
+causal backbone context; the hidden state at each [LRN] predicts that frame's chunk of L actions. The instruction
+comes once, before the frames, or (`instruction: per-frame`, RoboVLMs' layout) before each frame's images."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
+from robovlms.errors import UnknownNameError
 from robovlms.formulation import ContinuousActionConfig, ContinuousActionHead, ContinuousFormulation
+
+
+INSTRUCTION_PLACEMENTS = ("once", "per-frame")
 
 
 @dataclass
 class InterleavedConfig(ContinuousActionConfig):
-    pass
+    instruction: str = "once"  # once before the frames, or per-frame before each one's images (RoboVLMs)
 
 
 class Interleaved(ContinuousFormulation):
@@ -20,12 +25,19 @@ class Interleaved(ContinuousFormulation):
     description = "H observations, each followed by [LRN], in one causal context; each [LRN] predicts its chunk"
     config_class = InterleavedConfig
 
+    @classmethod
+    def check_settings(cls, history, chunk, options):
+        config = super().check_settings(history, chunk, options)
+        if config.instruction not in INSTRUCTION_PLACEMENTS:
+            raise UnknownNameError("instruction placement", config.instruction, INSTRUCTION_PLACEMENTS)
+        return config
+
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
         self.head = ContinuousActionHead(backbone.hidden_size, self.config.head_width, self.chunk, self.action_dim)
 
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded),
-                               interleaved=True)  # (B, T, 1, D)
+        hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded), interleaved=True,
+                               instruction_per_frame=self.config.instruction == "per-frame")  # (B, T, 1, D)
         return self.head(hidden[:, :, 0])  # (B, T, L, A-1), (B, T, L)

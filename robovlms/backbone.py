@@ -7,6 +7,7 @@ embedded action tokens) into the last-layer hidden states at those suffix positi
         <s> [image block of view 1] ... [image block of view V] instruction [suffix_t]
     interleaved (interleaved=True), one causal row per sample:
         <s> instruction [image blocks of frame 1] [suffix_1] ... [image blocks of frame T] [suffix_T]
+    or, with instruction_per_frame (RoboVLMs' interleaved layout), the instruction before each frame's images.
 
 An image block is a backbone's own framing of one image (`image_block()`: token ids before it, a number of
 slots that receive its image tokens, token ids after it); Flamingo-style backbones have no slots and
@@ -183,9 +184,10 @@ class Backbone(nn.Module, abc.ABC):
         return x.reshape(B, T, V, 3, self.image_size, self.image_size)
 
     def forward(self, pixel_values: torch.Tensor, instructions: list[str], suffix_embeds: torch.Tensor,
-                interleaved: bool = False) -> torch.Tensor:
+                interleaved: bool = False, instruction_per_frame: bool = False) -> torch.Tensor:
         """pixel_values (B, T, V, 3, S, S), B instructions, suffix_embeds (B, T, K, D) in the scale of
-        `embed_tokens` -> hidden states (B, T, K, D) at the suffix positions."""
+        `embed_tokens` -> hidden states (B, T, K, D) at the suffix positions. `instruction_per_frame`
+        (interleaved only): the instruction before every frame's images, as RoboVLMs does, not once."""
         S, D = self.image_size, self.hidden_size
         if pixel_values.dim() != 6 or tuple(pixel_values.shape[3:]) != (3, S, S):
             raise ShapeError(f"pixel_values must be (batch, time, views, 3, {S}, {S}) for {self.label}; "
@@ -196,7 +198,7 @@ class Backbone(nn.Module, abc.ABC):
         if suffix_embeds.dim() != 4 or tuple(suffix_embeds.shape[:2]) != (B, T) or suffix_embeds.shape[3] != D:
             raise ShapeError(f"suffix_embeds must be ({B}, {T}, suffix length, {D}); got {tuple(suffix_embeds.shape)}")
         K = suffix_embeds.shape[2]
-        context = self.build_context(instructions, T, V, K, interleaved).to(pixel_values.device)
+        context = self.build_context(instructions, T, V, K, interleaved, instruction_per_frame).to(pixel_values.device)
         images = pixel_values.reshape(B * T * V, 3, S, S)
         hidden = self.contextualise(context, images, suffix_embeds.reshape(B * T * K, D))  # (R, L, D)
         return hidden[context.suffix_slots].view(B, T, K, D)
@@ -275,8 +277,8 @@ class Backbone(nn.Module, abc.ABC):
     # ---- context layout ---------------------------------------------------------------------------------
 
     def build_context(self, instructions: list[str], frames: int, views: int, suffix_length: int,
-                      interleaved: bool) -> Context:
-        layouts = [self._row_layout(instruction, frames, views, suffix_length, interleaved)
+                      interleaved: bool, instruction_per_frame: bool = False) -> Context:
+        layouts = [self._row_layout(instruction, frames, views, suffix_length, interleaved, instruction_per_frame)
                    for instruction in instructions]
         rows = [layout for layout in layouts for _ in range(1 if interleaved else frames)]
         input_ids, kind, frame = (pad_sequence([row[i] for row in rows], batch_first=True, padding_value=value)
@@ -285,13 +287,15 @@ class Backbone(nn.Module, abc.ABC):
                        suffix_slots=kind == _SUFFIX, frame=frame, frames_per_row=frames if interleaved else 1,
                        views=views)
 
-    def _row_layout(self, instruction: str, frames: int, views: int, suffix_length: int, interleaved: bool):
-        key = (instruction, frames, views, suffix_length, interleaved)
+    def _row_layout(self, instruction: str, frames: int, views: int, suffix_length: int, interleaved: bool,
+                    instruction_per_frame: bool):
+        key = (instruction, frames, views, suffix_length, interleaved, instruction_per_frame)
         if key not in self._layouts:
             self._layouts[key] = self._build_row_layout(*key)
         return self._layouts[key]
 
-    def _build_row_layout(self, instruction: str, frames: int, views: int, suffix_length: int, interleaved: bool):
+    def _build_row_layout(self, instruction: str, frames: int, views: int, suffix_length: int, interleaved: bool,
+                          instruction_per_frame: bool):
         before, slots, after = self.image_block()
         block_ids = before + [self.tokenizer.pad_token_id] * slots + after
         block_kind = [_TEXT] * len(before) + [_IMAGE] * slots + [_TEXT] * len(after)
@@ -309,8 +313,11 @@ class Backbone(nn.Module, abc.ABC):
             add(instruction_ids, [_TEXT] * len(instruction_ids), 0)
             add(suffix_ids, [_SUFFIX] * suffix_length, 0)
         else:
-            add(instruction_ids, [_TEXT] * len(instruction_ids), -1)
+            if not instruction_per_frame:
+                add(instruction_ids, [_TEXT] * len(instruction_ids), -1)
             for t in range(frames):
+                if instruction_per_frame:  # after frame t - 1's images, before frame t's
+                    add(instruction_ids, [_TEXT] * len(instruction_ids), t - 1)
                 add(block_ids * views, block_kind * views, t)
                 add(suffix_ids, [_SUFFIX] * suffix_length, t)
         return torch.tensor(ids), torch.tensor(kind), torch.tensor(frame)

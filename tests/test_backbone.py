@@ -55,17 +55,30 @@ def test_forward_and_backward_reach_the_lrn_embedding(backbone, frames, views, i
     assert vision_grads and any(g.abs().sum() > 0 for g in vision_grads)  # the images reach the output
 
 
-def test_interleaved_hidden_state_sees_only_frames_up_to_its_own(backbone):
+@pytest.mark.parametrize("instruction_per_frame", [False, True])
+def test_interleaved_hidden_state_sees_only_frames_up_to_its_own(backbone, instruction_per_frame):
     backbone.eval()
     pixel_values = random_images(backbone, 2, 3, 1)
     _, suffix = lrn_token(backbone, 2, 3)
     changed = pixel_values.clone()
     changed[:, 2] = random_images(backbone, 2, 1, 1, seed=1)[:, 0]
     with torch.no_grad():
-        before = backbone(pixel_values, INSTRUCTIONS, suffix, interleaved=True)
-        after = backbone(changed, INSTRUCTIONS, suffix, interleaved=True)
+        before = backbone(pixel_values, INSTRUCTIONS, suffix, interleaved=True,
+                          instruction_per_frame=instruction_per_frame)
+        after = backbone(changed, INSTRUCTIONS, suffix, interleaved=True, instruction_per_frame=instruction_per_frame)
     assert torch.equal(before[:, :2], after[:, :2])
     assert not torch.allclose(before[:, 2], after[:, 2])
+
+
+def test_an_interleaved_context_can_state_the_instruction_before_every_frame(backbone):
+    """RoboVLMs' interleaved layout: <s> (instruction, frame t's images, suffix t) for each t."""
+    once = backbone.build_context(INSTRUCTIONS[:1], 3, 2, 1, interleaved=True)
+    per_frame = backbone.build_context(INSTRUCTIONS[:1], 3, 2, 1, interleaved=True, instruction_per_frame=True)
+    instruction = backbone.tokenizer(INSTRUCTIONS[0], add_special_tokens=False)["input_ids"]
+    assert per_frame.input_ids.shape[1] == once.input_ids.shape[1] + 2 * len(instruction)
+    text = per_frame.input_ids[0][~per_frame.image_slots[0] & ~per_frame.suffix_slots[0]].tolist()
+    assert text.count(instruction[0]) >= 3 * instruction.count(instruction[0])
+    assert torch.equal(per_frame.image_slots.sum(), once.image_slots.sum())
 
 
 def test_per_frame_contexts_see_only_their_own_frame(backbone):

@@ -255,3 +255,14 @@ def test_the_mlp_action_head_learns_and_needs_parallel_decoding(store):
         make_formulation(store, "one-step-discrete", action_head="mlp", decoding="autoregressive")
     with pytest.raises(UnknownNameError, match="action head 'lstm'; valid choices: lm, mlp"):
         make_formulation(store, "one-step-discrete", action_head="lstm")
+
+
+def test_interleaved_can_state_the_instruction_per_frame_as_robovlms_does(store):
+    once = make_formulation(store, "interleaved").eval()
+    per_frame = make_formulation(store, "interleaved", instruction="per-frame").eval()
+    per_frame.load_state_dict(once.state_dict())
+    windows = episode_windows(store, once)
+    args = (windows["images"][:2], windows["state"][:2], windows["instruction"][:2])
+    assert not torch.allclose(once.act(*args), per_frame.act(*args))  # the same weights read another context
+    with pytest.raises(UnknownNameError, match="instruction placement 'twice'; valid choices: once, per-frame"):
+        make_formulation(store, "interleaved", instruction="twice")
