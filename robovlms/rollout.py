@@ -13,8 +13,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from robovlms.atomic_files import write_json_atomically
 from robovlms.benchmark import Benchmark, EpisodeRecord, EpisodeSpec, Policy, Trajectory
 from robovlms.errors import ConfigError
+from robovlms.records import records_frame, write_table
 
 PolicyFactory = Callable[[], Policy]  # picklable: each worker builds its own policy
 
@@ -95,8 +97,6 @@ def evaluate(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Sequenc
                                                     progress=progress, description=description)]
 
 
-
-
 # ---- one evaluation split over machines ---------------------------------------------------------------------
 
 SHARD_FILE = "shard.json"
@@ -120,9 +120,6 @@ def shard_specs(specs: Sequence[EpisodeSpec], index: int, count: int) -> list[Ep
 
 def write_shard(out: Path, records: Sequence[EpisodeRecord], description: dict) -> None:
     """An evaluation's records and what they are a shard of (benchmark, split, episodes, policy, K/N)."""
-    from robovlms.atomic_files import write_json_atomically
-    from robovlms.records import records_frame, write_table
-
     out.mkdir(parents=True, exist_ok=True)
     write_table(records_frame(records), out, "records")
     write_json_atomically(out / SHARD_FILE, description)
