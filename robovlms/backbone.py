@@ -38,7 +38,9 @@ from robovlms.errors import ConfigError, PluginError, RobovlmsError, ShapeError,
 from robovlms.registry import Registry
 
 SIZES = ("tiny", "pretrained")
-FREEZE_MODES = ("full", "frozen-vision", "frozen-language", "lora")
+# lora last: a backbone that carries adapters cannot change mode again
+FREEZE_MODES = ("full", "frozen-vision", "frozen-language", "frozen-vision-and-embeddings", "lora")
+LORA_TARGETS = ("attention", "all-linear")
 MAX_IMAGE_SIZE = 2048  # px; no VLM's vision tower takes larger square images, so a larger "size" is a pixel count
 SPEC_FILE = "backbone.json"
 WEIGHTS_FILE = "backbone.safetensors"
@@ -84,6 +86,9 @@ class Backbone(nn.Module, abc.ABC):
         self.rescale_factor = rescale_factor
         self.freeze_mode = "full"
         self.lora_rank: int | None = None
+        self.lora_targets: str | None = None
+        self.action_token_ids: torch.Tensor | None = None  # the last reserved, in bin order
+        self._action_rows_hook = None  # keeps only the action token rows' gradient in the word embeddings
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows seen before
 
     # ---- what a backbone must provide --------------------------------------------------------------------
@@ -228,24 +233,40 @@ class Backbone(nn.Module, abc.ABC):
             if count > len(candidates):
                 raise ConfigError(f"cannot overwrite {count} tokens: {self.label} has {len(candidates)} ordinary "
                                   f"tokens; use mode='append'")
-            return torch.tensor(candidates[:count])
+            self.action_token_ids = torch.tensor(candidates[:count])
+            return self.action_token_ids
         names = [f"<action_{i}>" for i in range(count)]
         self.tokenizer.add_tokens(names, special_tokens=True)  # skips the ones it holds
-        ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(names))
+        self.action_token_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(names))
         if len(self.tokenizer) > self.input_embeddings().num_embeddings:
             self.resize_vocabulary(len(self.tokenizer))
-        return ids
+        return self.action_token_ids
 
-    def freeze(self, mode: str, lora_rank: int = 8) -> None:
-        """full | frozen-vision | frozen-language | lora (adapters on the LM attention, everything else frozen)."""
+    def freeze(self, mode: str, lora_rank: int = 8, lora_targets: str = "attention") -> None:
+        """Which parameters train:
+            full                          all
+            frozen-vision                 all but `vision_modules()`
+            frozen-language               all but `language_modules()`
+            frozen-vision-and-embeddings  all but the vision modules and the word embeddings (RoboVLMs' default),
+                                          whose reserved action token rows still train
+            lora                          LoRA adapters only, on `lora_targets`: `attention` (the modules
+                                          `lora_target_modules` matches) or `all-linear` (`all_linear_modules()`)
+        Call it after `reserve_action_tokens`: the action token rows it keeps trainable are the last reserved."""
         if mode not in FREEZE_MODES:
             raise UnknownNameError("freeze mode", mode, FREEZE_MODES)
+        if lora_targets not in LORA_TARGETS:
+            raise UnknownNameError("LoRA targets", lora_targets, LORA_TARGETS)
         if self.freeze_mode == "lora" and mode != "lora":
             raise ConfigError(f"{self.label} already carries LoRA adapters; build a fresh backbone for mode {mode!r}")
+        if self._action_rows_hook is not None:
+            self._action_rows_hook.remove()
+            self._action_rows_hook = None
         self.requires_grad_(mode != "lora")
-        if mode == "frozen-vision":
+        if mode in ("frozen-vision", "frozen-vision-and-embeddings"):
             for module in self.vision_modules():
                 module.requires_grad_(False)
+        if mode == "frozen-vision-and-embeddings":
+            self._train_only_action_token_rows()
         elif mode == "frozen-language":
             for module in self.language_modules():
                 module.requires_grad_(False)
@@ -253,16 +274,44 @@ class Backbone(nn.Module, abc.ABC):
             if self.lora_rank is None:
                 from peft import LoraConfig, inject_adapter_in_model
 
-                config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0,
-                                    target_modules=self.lora_target_modules)
+                targets = self.lora_target_modules if lora_targets == "attention" else self.all_linear_modules()
+                config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules=targets)
                 inject_adapter_in_model(config, self.model)
-                self.lora_rank = lora_rank
-            elif lora_rank != self.lora_rank:
-                raise ConfigError(f"{self.label} already carries LoRA adapters of rank {self.lora_rank}, "
-                                  f"not {lora_rank}")
+                self.lora_rank, self.lora_targets = lora_rank, lora_targets
+            elif (lora_rank, lora_targets) != (self.lora_rank, self.lora_targets):
+                raise ConfigError(f"{self.label} already carries LoRA adapters of rank {self.lora_rank} on "
+                                  f"{self.lora_targets}, not rank {lora_rank} on {lora_targets}")
             for name, parameter in self.named_parameters():
                 parameter.requires_grad_("lora_" in name)
         self.freeze_mode = mode
+
+    def all_linear_modules(self) -> list[str]:
+        """Names in `self.model` of every nn.Linear outside `vision_modules()` but the LM head: the targets of
+        `lora_targets: all-linear`, RoboVLMs' choice (LLaVA's `find_all_linear_names`)."""
+        vision = {id(module) for tower in self.vision_modules() for module in tower.modules()}
+        head = self.output_embeddings()
+        names = [name for name, module in self.model.named_modules()
+                 if isinstance(module, nn.Linear) and id(module) not in vision and module is not head]
+        if not names:
+            raise ConfigError(f"{self.label} has no nn.Linear outside its vision modules and LM head for "
+                              f"lora_targets all-linear; use lora_targets attention")
+        return names
+
+    def _train_only_action_token_rows(self) -> None:
+        """Word embeddings frozen, except the rows of the reserved action tokens: appended ones start untrained,
+        and RoboVLMs and OpenVLA train them. With no action tokens, the whole embedding is frozen."""
+        weight = self.input_embeddings().weight
+        if self.action_token_ids is None:
+            weight.requires_grad_(False)
+            return
+        rows = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+        rows[self.action_token_ids] = True
+        self._action_rows_hook = weight.register_hook(lambda grad: grad * rows.to(grad.device))
+
+    def partly_frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters of which only some rows train (the word embeddings in frozen-vision-and-embeddings, with
+        action tokens): weight decay would shrink their frozen rows, so the optimiser must not decay them."""
+        return [self.input_embeddings().weight] if self._action_rows_hook is not None else []
 
     def save(self, directory: str | Path) -> None:
         """Everything needed to rebuild this backbone exactly, offline: see `load_backbone`."""
@@ -270,7 +319,8 @@ class Backbone(nn.Module, abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         self.save_files(directory)
         spec = {"name": self.name, "size": self.size, "origin": self.origin, "freeze_mode": self.freeze_mode,
-                "lora_rank": self.lora_rank}
+                "lora_rank": self.lora_rank, "lora_targets": self.lora_targets,
+                "action_token_ids": None if self.action_token_ids is None else self.action_token_ids.tolist()}
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         save_model(self, str(directory / WEIGHTS_FILE))
 
@@ -524,7 +574,11 @@ def load_backbone(directory: str | Path) -> Backbone:
         raise ConfigError(f"{directory} holds no saved backbone ({SPEC_FILE} is missing)")
     spec = json.loads(spec_file.read_text())
     backbone = rebuild_backbone(spec["name"], directory, spec["size"], spec["origin"])
-    backbone.freeze(spec["freeze_mode"], lora_rank=spec["lora_rank"] or 8)  # LoRA adapters exist before loading
+    if spec.get("action_token_ids") is not None:
+        backbone.action_token_ids = torch.tensor(spec["action_token_ids"])
+    # LoRA adapters exist before loading
+    backbone.freeze(spec["freeze_mode"], lora_rank=spec["lora_rank"] or 8,
+                    lora_targets=spec.get("lora_targets") or "attention")
     load_model(backbone, str(directory / WEIGHTS_FILE))
     return backbone
 

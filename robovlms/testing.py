@@ -224,6 +224,29 @@ def check_lora_save_and_load(backbone: Backbone) -> str:
     return "save / load_backbone keep LoRA adapters"
 
 
+def check_lora_on_all_linear_layers(backbone: Backbone) -> str:
+    """`freeze("lora", lora_targets="all-linear")` puts adapters on every nn.Linear outside the vision modules
+    but the LM head and on nothing else, only they train, and `save` then `load_backbone` keeps them."""
+    backbone.freeze("lora", lora_rank=2, lora_targets="all-linear")
+    vision = {id(module) for tower in backbone.vision_modules() for module in tower.modules()}
+    head = backbone.output_embeddings()
+    adapted = {name for name, module in backbone.model.named_modules() if hasattr(module, "lora_A")}
+    linear = {name.removesuffix(".base_layer") for name, module in backbone.model.named_modules()
+              if isinstance(module, torch.nn.Linear) and ".lora_" not in name and id(module) not in vision
+              and module is not head}  # an adapted layer keeps its nn.Linear as .base_layer
+    if adapted != linear:
+        _fail(f"all-linear: adapters and the nn.Linear layers outside the vision modules and the LM head differ: "
+              f"{sorted(adapted ^ linear)[:3]}")
+    if _trainable(backbone) != {name for name, _ in backbone.named_parameters() if "lora_" in name}:
+        _fail("all-linear: parameters other than the adapters train")
+    with torch.no_grad():
+        for name, parameter in backbone.named_parameters():
+            if "lora_B" in name:  # zero at init; make the adapters matter
+                parameter.normal_(std=0.1)
+    _compare_after_loading(backbone, random_images(backbone, 2, 1, 1), random_suffix(backbone, 2, 1, 1))
+    return f"adapters on {len(adapted)} linear layers outside the vision modules, save / load keep them"
+
+
 def _names_in(backbone: Backbone, modules: list[torch.nn.Module]) -> set[str]:
     inside = {id(p) for module in modules for p in module.parameters()}
     return {name for name, p in backbone.named_parameters() if id(p) in inside}
@@ -244,7 +267,9 @@ def check_freeze_modes(backbone: Backbone) -> str:
               f"both must hold some")
     if vision & language:
         _fail(f"vision and language modules share parameters: {sorted(vision & language)[:3]}")
-    expected = {"full": everything, "frozen-vision": everything - vision, "frozen-language": everything - language}
+    embeddings = _names_in(backbone, [backbone.input_embeddings()])
+    expected = {"full": everything, "frozen-vision": everything - vision, "frozen-language": everything - language,
+                "frozen-vision-and-embeddings": everything - vision - embeddings}
     for mode in FREEZE_MODES:
         backbone.freeze(mode, lora_rank=2)
         trainable = _trainable(backbone)
@@ -314,6 +339,7 @@ CHECKS: dict[str, Callable[[Backbone], str]] = {
     "batch independence": check_batch_independence,
     "save and load": check_save_and_load,
     "LoRA save and load": check_lora_save_and_load,
+    "LoRA on all linear layers": check_lora_on_all_linear_layers,
     "freeze modes": check_freeze_modes,
     "action tokens": check_action_tokens,
     "wrapped model's forward": check_reference_forward,
