@@ -39,5 +39,5 @@ class Interleaved(ContinuousFormulation):
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded), interleaved=True,
-                               instruction_per_frame=self.config.instruction == "per-frame")  # (B, T, 1, D)
-        return self.head(hidden[:, :, 0])  # (B, T, L, A-1), (B, T, L)
+                               instruction_per_frame=self.config.instruction == "per-frame")  # (B, T, K, D)
+        return self.head(hidden[:, :, -1])  # at each [LRN]: (B, T, L, A-1), (B, T, L)

@@ -27,5 +27,5 @@ class OneStepContinuous(ContinuousFormulation):
 
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded))  # (B, 1, 1, D)
-        return self.head(hidden[:, :, 0])  # (B, 1, L, A-1), (B, 1, L)
+        hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded))  # (B, 1, K, D)
+        return self.head(hidden[:, :, -1])  # at the [LRN]: (B, 1, L, A-1), (B, 1, L)

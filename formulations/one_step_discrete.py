@@ -103,17 +103,18 @@ class OneStepDiscrete(Formulation):
                 ) -> torch.Tensor:
         """Logits over the bins. parallel: of all L * A tokens (B, L * A, bins). autoregressive: bins (B, n) of the
         tokens decoded so far -> logits (B, n + 1, bins) of the next ones."""
-        start = self.lrn_embeds(encoded)[:, -1:]  # (B, 1, 1, D)
+        prefix = self.lrn_embeds(encoded)[:, -1:]  # (B, 1, K, D): [the state token,] the [LRN] start token
+        state, start = prefix[:, :, :-1], prefix[:, :, -1:]
         if self.config.action_head == "mlp":
-            hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, start)[:, 0, 0]  # (B, D)
+            hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, prefix)[:, 0, -1]  # (B, D)
             return self.head(hidden).view(-1, self.tokens_per_step, self.config.bins)
         if self.config.decoding == "parallel":
             suffix = start + self.queries.to(start.dtype)  # (B, 1, L * A, D)
         else:
             previous = self.backbone.embed_tokens(self.action_token_ids[bins]).unsqueeze(1)  # (B, 1, n, D)
             suffix = torch.cat([start, previous.to(start.dtype)], dim=2)
-        hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, suffix)  # (B, 1, K, D)
-        return self.backbone.lm_logits(hidden[:, 0])[..., self.action_token_ids]
+        hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, torch.cat([state, suffix], dim=2))
+        return self.backbone.lm_logits(hidden[:, 0, state.shape[2]:])[..., self.action_token_ids]
 
     def predict(self, encoded, instructions):
         B = encoded["pixel_values"].shape[0]

@@ -93,8 +93,8 @@ class PolicyHead(ContinuousFormulation):
 
     def encode(self, images, state, instructions):
         inputs = super().encode(images, state, instructions)
-        hidden = self.backbone(inputs["pixel_values"], instructions, self.lrn_embeds(inputs))  # (B, T, 1, D)
-        return {"frame_state": hidden[:, :, 0]}
+        hidden = self.backbone(inputs["pixel_values"], instructions, self.lrn_embeds(inputs))  # (B, T, K, D)
+        return {"frame_state": hidden[:, :, -1]}  # at each [LRN]
 
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]
                 ) -> tuple[torch.Tensor, torch.Tensor]:

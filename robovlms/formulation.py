@@ -31,6 +31,7 @@ from robovlms.errors import ConfigError, StoreError, UnknownNameError
 from robovlms.registry import Registry
 
 ARM_LOSSES = ("mse", "huber")
+STATE_INPUTS = ("add", "token")
 
 
 class RangeNormaliser(nn.Module):
@@ -164,9 +165,11 @@ class Formulation(nn.Module, abc.ABC):
         return options_to_formulation_config(cls.config_class, options, cls.name)
 
     def __init__(self, backbone: Backbone, action_statistics: Statistics, state_statistics: Statistics | None, *,
-                 history: int = 1, chunk: int = 1, use_state: bool = False, **options):
+                 history: int = 1, chunk: int = 1, use_state: bool = False, state_input: str = "add", **options):
         super().__init__()
         self.config = self.check_settings(history, chunk, options)
+        if state_input not in STATE_INPUTS:
+            raise UnknownNameError("state input", state_input, STATE_INPUTS)
         self.backbone = backbone
         self.history, self.chunk, self.use_state = history, chunk, use_state
         self.action_dim = len(action_statistics.p01)
@@ -176,14 +179,18 @@ class Formulation(nn.Module, abc.ABC):
         embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
         self.lrn = nn.Parameter(torch.randn(D) * embedding_std)  # the learnable [LRN] action token
         self.state_embedding = nn.Linear(len(state_statistics.p01), D) if use_state else None
+        self.state_token = use_state and state_input == "token"
 
     def lrn_embeds(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The [LRN] embedding of every frame (B, T, 1, D), carrying that frame's proprio state if used."""
+        """Every frame's suffix up to its [LRN] (B, T, K, D), the [LRN] embedding last: with the proprio state
+        `add`ed, K = 1 and the state's linear embedding is added to the [LRN]'s; as a `token` (RoboVLMs), K = 2
+        and the state's embedding is a token of its own just before the [LRN]. Without state, K = 1."""
         B, T = encoded["state"].shape[:2]
-        embeds = self.lrn.expand(B, T, -1)
-        if self.state_embedding is not None:
-            embeds = embeds + self.state_embedding(encoded["state"])
-        return embeds.unsqueeze(2)
+        lrn = self.lrn.expand(B, T, 1, -1)
+        if self.state_embedding is None:
+            return lrn
+        state = self.state_embedding(encoded["state"]).unsqueeze(2)  # (B, T, 1, D)
+        return torch.cat([state, lrn], dim=2) if self.state_token else lrn + state
 
     def encode(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> dict[str, torch.Tensor]:
         """images uint8 (B, T, V, h, w, 3), state (B, T, S) -> per-frame inputs of `predict`."""
@@ -228,7 +235,7 @@ FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.fo
 def create_formulation(name: str, backbone: Backbone, action_statistics: Statistics,
                        state_statistics: Statistics | None, **settings) -> Formulation:
     """`create_formulation("policy-head", backbone, store.action_statistics, store.state_statistics,
-    history=8, chunk=10, use_state=True, head="lstm")`."""
+    history=8, chunk=10, use_state=True, state_input="token", head="lstm")`."""
     formulation_class = FORMULATIONS.get(name)
     with FORMULATIONS.building(name):
         return formulation_class(backbone, action_statistics, state_statistics, **settings)

@@ -81,8 +81,9 @@ class BackboneSettings(_Strict):
     size: Literal["tiny", "pretrained"] = "tiny"
     path: str | None = None  # a local directory or cached model id, for size "pretrained"
     options: dict[str, Any] = {}  # overrides of the tiny config
-    freeze: Literal["full", "frozen-vision", "frozen-language", "lora"] = "full"
+    freeze: Literal["full", "frozen-vision", "frozen-language", "frozen-vision-and-embeddings", "lora"] = "full"
     lora_rank: int = Field(8, ge=1, le=4096, strict=True)
+    lora_targets: Literal["attention", "all-linear"] = "attention"  # all-linear: RoboVLMs' choice
 
 
 class FormulationSettings(_Strict):
@@ -100,6 +101,7 @@ class TrainingConfig(_Strict):
     # env steps between history frames; = chunk for `execution: chunk` with H > 1
     frame_stride: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)
     use_state: bool = True  # proprio state as an input
+    state_input: Literal["add", "token"] = "add"  # added to the [LRN] embedding, or a token of its own (RoboVLMs)
     cameras: list[str] | None = None  # default: every camera of the store
     augment: bool = False  # random shifts and colour jitter of training images (robovlms/augmentation.py)
     data_fraction: float = Field(1.0, gt=0, le=1)  # of the episodes left after validation's, nested across fractions
@@ -131,9 +133,12 @@ def load_config(source: TrainingConfig | dict[str, Any] | str | Path) -> Trainin
     if not isinstance(source, dict):
         source = read_yaml_mapping(source, "training settings")
     try:
-        return TrainingConfig.model_validate(source)
+        config = TrainingConfig.model_validate(source)
     except ValidationError as error:
         raise config_error("invalid training config", TrainingConfig, error) from None
+    if config.state_input == "token" and not config.use_state:
+        raise ConfigError("state_input token gives the proprio state a token of its own: it needs use_state true")
+    return config
 
 
 # ---- the Lightning side --------------------------------------------------------------------------------------
@@ -179,9 +184,10 @@ class FormulationModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
+        partly_frozen = {id(p) for p in self.formulation.backbone.partly_frozen_parameters()}
         for parameter in self.parameters():
             if parameter.requires_grad:
-                (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+                (decay if parameter.dim() >= 2 and id(parameter) not in partly_frozen else no_decay).append(parameter)
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.config.learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -232,8 +238,9 @@ def build_formulation(config: TrainingConfig, backbone, action_statistics: Stati
                       state_statistics: Statistics | None) -> Formulation:
     formulation = create_formulation(config.formulation.name, backbone, action_statistics, state_statistics,
                                      history=config.history, chunk=config.chunk, use_state=config.use_state,
-                                     **config.formulation.options)
-    backbone.freeze(config.backbone.freeze, lora_rank=config.backbone.lora_rank)
+                                     state_input=config.state_input, **config.formulation.options)
+    backbone.freeze(config.backbone.freeze, lora_rank=config.backbone.lora_rank,
+                    lora_targets=config.backbone.lora_targets)
     return formulation
 
 

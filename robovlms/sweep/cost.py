@@ -45,7 +45,8 @@ def estimate_cost(sweep: SweepConfig, cells: list[Cell], measure_steps: int = 2)
                        H=config.history, L=config.chunk,
                        fraction=config.data_fraction, seed=config.seed)
             shape_key = json.dumps([config.backbone.model_dump(), config.formulation.model_dump(), config.history,
-                                    config.chunk, config.batch_size, config.use_state], sort_keys=True, default=str)
+                                    config.chunk, config.batch_size, config.use_state, config.state_input],
+                                   sort_keys=True, default=str)
             if config.backbone.size == "tiny" and shape_key not in measured:
                 torch.manual_seed(0)
                 formulation = create_formulation(config.formulation.name,
@@ -53,6 +54,7 @@ def estimate_cost(sweep: SweepConfig, cells: list[Cell], measure_steps: int = 2)
                                                  _unit_statistics(benchmark.action_dim),
                                                  _unit_statistics(benchmark.state_dim), history=config.history,
                                                  chunk=config.chunk, use_state=config.use_state,
+                                                 state_input=config.state_input,
                                                  **config.formulation.options)
                 measured[shape_key] = (_training_step_seconds(formulation, benchmark, config, measure_steps),
                                        _policy_step_seconds(formulation, benchmark, config, measure_steps))
