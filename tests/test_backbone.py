@@ -236,7 +236,8 @@ def test_freeze_modes_leave_exactly_the_expected_parameters_trainable(backbone):
     assert lora == {n for n, _ in backbone.named_parameters() if "lora_" in n}
 
 
-@pytest.mark.parametrize("mode", ["full", "frozen-vision", "frozen-language", "lora"])
+@pytest.mark.parametrize("mode", ["full", "frozen-vision", "frozen-language", "frozen-vision-and-embeddings",
+                                  "lora"])
 def test_lrn_receives_gradient_in_every_freeze_mode(backbone, mode):
     backbone.freeze(mode)
     lrn, suffix = lrn_token(backbone, 2, 2)
@@ -245,8 +246,72 @@ def test_lrn_receives_gradient_in_every_freeze_mode(backbone, mode):
 
 
 def test_unknown_freeze_mode_lists_the_modes(backbone):
-    with pytest.raises(UnknownNameError, match="frozen-language, frozen-vision, full, lora"):
+    with pytest.raises(UnknownNameError,
+                       match="frozen-language, frozen-vision, frozen-vision-and-embeddings, full, lora"):
         backbone.freeze("half")
+
+
+def test_frozen_vision_and_embeddings_trains_everything_but_the_vision_tower_and_the_word_embeddings(backbone):
+    everything = {n for n, _ in backbone.named_parameters()}
+    vision = {n for n in everything if n.startswith(VISION_PREFIXES[backbone.name])}
+    embedding = {n for n, p in backbone.named_parameters() if p is backbone.input_embeddings().weight}
+    backbone.freeze("frozen-vision-and-embeddings")
+    assert embedding and trainable(backbone) == everything - vision - embedding
+    lrn, suffix = lrn_token(backbone, 2, 2)
+    backbone(random_images(backbone, 2, 2, 1), INSTRUCTIONS, suffix, interleaved=True).pow(2).sum().backward()
+    assert backbone.input_embeddings().weight.grad is None
+    assert all(p.grad is None for n, p in backbone.named_parameters() if n in vision)
+    assert lrn.grad.abs().sum() > 0
+
+
+def test_frozen_vision_and_embeddings_trains_only_the_action_token_rows_of_the_word_embeddings(backbone):
+    action_ids = backbone.reserve_action_tokens(4, mode="append")
+    backbone.freeze("frozen-vision-and-embeddings")
+    weight = backbone.input_embeddings().weight
+    assert backbone.partly_frozen_parameters() == [weight]
+    suffix = backbone.embed_tokens(action_ids[:2]).view(1, 1, 2, -1).expand(2, 1, 2, -1)
+    hidden = backbone(random_images(backbone, 2, 1, 1), INSTRUCTIONS, suffix)
+    backbone.lm_logits(hidden)[..., action_ids].logsumexp(-1).sum().backward()
+    rows_with_gradient = set(weight.grad.abs().sum(-1).nonzero().flatten().tolist())
+    assert rows_with_gradient and rows_with_gradient <= set(action_ids.tolist())
+    backbone.freeze("full")  # the row mask goes with the mode
+    assert backbone.partly_frozen_parameters() == []
+
+
+def test_all_linear_lora_adapts_every_linear_layer_of_the_language_model_and_no_vision_layer(backbone):
+    backbone.freeze("lora", lora_rank=2, lora_targets="all-linear")
+    adapted = {n for n, m in backbone.model.named_modules() if hasattr(m, "lora_A")}
+    vision = VISION_PREFIXES[backbone.name]
+    linear = {n.removeprefix("model.").removesuffix(".base_layer") for n, m in backbone.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".lora_" not in n and not n.startswith(vision)
+              and m is not backbone.output_embeddings()}
+    assert adapted == linear and any("mlp" in n or "fc" in n or "ffn" in n for n in adapted)
+    assert trainable(backbone) == {n for n, _ in backbone.named_parameters() if "lora_" in n}
+    assert backbone.lora_targets == "all-linear"
+
+
+def test_lora_targets_are_checked_and_cannot_change_once_adapters_exist(backbone):
+    with pytest.raises(UnknownNameError, match="LoRA targets 'mlp'; valid choices: all-linear, attention"):
+        backbone.freeze("lora", lora_targets="mlp")
+    backbone.freeze("lora", lora_rank=2)
+    with pytest.raises(ConfigError, match="LoRA adapters of rank 2 on attention, not rank 2 on all-linear"):
+        backbone.freeze("lora", lora_rank=2, lora_targets="all-linear")
+
+
+def test_save_and_load_keep_all_linear_lora_and_the_trainable_action_token_rows(backbone, tmp_path):
+    backbone.reserve_action_tokens(4, mode="append")
+    backbone.freeze("frozen-vision-and-embeddings")
+    backbone.save(tmp_path / "rows")
+    loaded = load_backbone(tmp_path / "rows")
+    assert loaded.freeze_mode == "frozen-vision-and-embeddings" and trainable(loaded) == trainable(backbone)
+    assert loaded.partly_frozen_parameters() and torch.equal(loaded.action_token_ids, backbone.action_token_ids)
+
+    torch.manual_seed(0)
+    adapted = create_backbone(backbone.name)
+    adapted.freeze("lora", lora_rank=2, lora_targets="all-linear")
+    adapted.save(tmp_path / "lora")
+    loaded = load_backbone(tmp_path / "lora")
+    assert (loaded.lora_rank, loaded.lora_targets) == (2, "all-linear") and trainable(loaded) == trainable(adapted)
 
 
 def test_overwrite_reserves_the_last_ordinary_ids_in_bin_order(backbone):

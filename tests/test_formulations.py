@@ -11,6 +11,7 @@ from robovlms.data.windows import WindowDataset
 from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.formulation import FORMULATIONS, ActionDiscretiser, ActionNormaliser, create_formulation
 from robovlms.policy import CheckpointPolicy
+from robovlms.training import FormulationModule, load_config
 from robovlms.data.store import Statistics
 
 BACKBONES = ["gpt-scratch", "kosmos2", "paligemma", "flamingo", "film-convnet"]
@@ -266,3 +267,87 @@ def test_interleaved_can_state_the_instruction_per_frame_as_robovlms_does(store)
     assert not torch.allclose(once.act(*args), per_frame.act(*args))  # the same weights read another context
     with pytest.raises(UnknownNameError, match="instruction placement 'twice'; valid choices: once, per-frame"):
         make_formulation(store, "interleaved", instruction="twice")
+
+
+STATE_TOKEN_CASES = [("one-step-continuous", {}), ("interleaved", {}), ("policy-head", {}),
+                     ("one-step-discrete", {}), ("one-step-discrete", {"decoding": "autoregressive"}),
+                     ("one-step-discrete", {"action_head": "mlp"})]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("name, options", STATE_TOKEN_CASES)
+def test_the_state_token_comes_just_before_each_lrn_and_the_prediction_is_read_at_the_lrn(store, name, options,
+                                                                                          backbone):
+    formulation = make_formulation(store, name, backbone, state_input="token", **options)
+    windows = episode_windows(store, formulation)
+    batch = {key: value[:2] for key, value in windows.items()}
+    contexts = []
+    contextualise = formulation.backbone.forward
+
+    def spoil_the_state_token_position(pixel_values, instructions, suffix_embeds, *args, **kwargs):
+        contexts.append(suffix_embeds)
+        hidden = contextualise(pixel_values, instructions, suffix_embeds, *args, **kwargs).clone()
+        hidden[:, :, 0] = float("nan")  # whatever reads the state token's hidden state turns to NaN
+        return hidden
+
+    formulation.backbone.forward = spoil_the_state_token_position
+    loss, _ = formulation.loss(batch)
+    assert torch.isfinite(loss)
+    state = formulation.state_embedding(formulation.state.normalise(batch["state"].float()))  # (B, T, D)
+    frames = contexts[0].shape[1]
+    torch.testing.assert_close(contexts[0][:, :, 0], state[:, -frames:])
+    lrn = contexts[0][:, :, 1] - (formulation.queries[0] if hasattr(formulation, "queries") else 0)
+    torch.testing.assert_close(lrn, formulation.lrn.expand_as(lrn))
+
+
+@pytest.mark.parametrize("name", list(HISTORY))
+def test_every_formulation_learns_with_a_state_token(store, name):
+    formulation = make_formulation(store, name, state_input="token")
+    batch = WindowDataset(store, formulation.history, formulation.chunk).__getitems__(list(range(0, 48, 6)))
+    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = formulation.loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert formulation.state_embedding.weight.grad.abs().sum() > 0
+
+
+def test_the_state_token_and_the_added_state_read_the_same_weights_differently(store):
+    added = make_formulation(store, "one-step-continuous").eval()
+    token = make_formulation(store, "one-step-continuous", state_input="token").eval()
+    token.load_state_dict(added.state_dict())  # the same parameters: only where the state goes differs
+    windows = episode_windows(store, added)
+    args = (windows["images"][:2], windows["state"][:2], windows["instruction"][:2])
+    assert not torch.allclose(added.act(*args), token.act(*args))
+    moved = (args[0], args[1] + 1.0, args[2])
+    assert not torch.allclose(token.act(*args), token.act(*moved))  # the state reaches the prediction
+
+
+def test_an_unknown_state_input_lists_the_valid_ones(store):
+    with pytest.raises(UnknownNameError, match="state input 'concat'; valid choices: add, token"):
+        make_formulation(store, "one-step-continuous", state_input="concat")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_discrete_action_tokens_train_while_the_other_word_embeddings_and_the_vision_tower_stay_frozen(store,
+                                                                                                     backbone):
+    # autoregressive: the decoded tokens' embeddings are inputs, so their rows get a gradient even when untied
+    formulation = make_formulation(store, "one-step-discrete", backbone, bins=16, decoding="autoregressive")
+    formulation.backbone.freeze("frozen-vision-and-embeddings")
+    module = FormulationModule(formulation, load_config({"store": "-", "run_dir": "-", "weight_decay": 0.5}))
+    optimiser = module.configure_optimizers()["optimizer"]
+    embedding = formulation.backbone.input_embeddings().weight
+    vision = [p for m in formulation.backbone.vision_modules() for p in m.parameters()]
+    before, vision_before = embedding.detach().clone(), [p.detach().clone() for p in vision]
+    batch = WindowDataset(store, 1, formulation.chunk).__getitems__(list(range(0, 48, 6)))
+    for _ in range(3):
+        optimiser.zero_grad()
+        formulation.loss(batch)[0].backward()
+        optimiser.step()
+    changed = set((embedding.detach() != before).any(-1).nonzero().flatten().tolist())
+    assert changed and changed <= set(formulation.action_token_ids.tolist())  # no weight decay on frozen rows
+    assert all(torch.equal(p, q) for p, q in zip(vision, vision_before))

@@ -121,6 +121,38 @@ def test_config_errors_name_the_bad_key_and_the_valid_ones(store, tmp_path):
         train(config(store, tmp_path / "run", formulation={"name": "one-step"}))
 
 
+def test_robovlms_definitions_are_checked_with_the_valid_choices(store, tmp_path):
+    with pytest.raises(ConfigError, match="state_input: Input should be 'add' or 'token'"):
+        load_config(config(store, tmp_path, state_input="concat"))
+    with pytest.raises(ConfigError, match="state_input token .* needs use_state true"):
+        load_config(config(store, tmp_path, state_input="token", use_state=False))
+    with pytest.raises(ConfigError, match="lora_targets: Input should be 'attention' or 'all-linear'"):
+        load_config(config(store, tmp_path, backbone={"freeze": "lora", "lora_targets": "mlp"}))
+    with pytest.raises(ConfigError, match="backbone.freeze: Input should be .*'frozen-vision-and-embeddings'"):
+        load_config(config(store, tmp_path, backbone={"freeze": "robovlms"}))
+
+
+@pytest.mark.parametrize("settings", [
+    {"state_input": "token", "formulation": {"name": "policy-head"}, "history": 2},
+    {"backbone": {"name": "paligemma", "freeze": "lora", "lora_rank": 2, "lora_targets": "all-linear"}},
+    {"backbone": {"freeze": "frozen-vision-and-embeddings"}, "formulation": {"name": "one-step-discrete"}}],
+    ids=["state token", "all-linear LoRA", "frozen vision and embeddings"])
+def test_robovlms_definitions_train_and_their_run_directory_rebuilds_them(store, tmp_path, settings):
+    run_dir = train(config(store, tmp_path / "run", **settings))
+    formulation, saved = load_formulation(run_dir)
+    assert saved.model_dump(include=set(settings)) == load_config(config(store, tmp_path, **settings)).model_dump(
+        include=set(settings))
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key, value in formulation.state_dict().items():
+        torch.testing.assert_close(value, trained[f"formulation.{key}"])
+    backbone = formulation.backbone
+    assert backbone.freeze_mode == saved.backbone.freeze
+    if saved.backbone.freeze == "lora":
+        assert backbone.lora_targets == "all-linear" and any("mlp" in name for name in trained if "lora_" in name)
+    if saved.backbone.freeze == "frozen-vision-and-embeddings":
+        assert backbone.partly_frozen_parameters() == [backbone.input_embeddings().weight]
+
+
 def test_a_yaml_config_trains(store, tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config(store, tmp_path / "run", max_steps=2)))
