@@ -274,10 +274,12 @@ STATE_TOKEN_CASES = [("one-step-continuous", {}), ("interleaved", {}), ("policy-
                      ("one-step-discrete", {"action_head": "mlp"})]
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", [*BACKBONES, "llava"])
 @pytest.mark.parametrize("name, options", STATE_TOKEN_CASES)
 def test_the_state_token_comes_just_before_each_lrn_and_the_prediction_is_read_at_the_lrn(store, name, options,
                                                                                           backbone):
+    if backbone == "llava":
+        pytest.importorskip("robovlms_llava", reason="example plugin: pip install -e examples/robovlms-llava-plugin")
     formulation = make_formulation(store, name, backbone, state_input="token", **options)
     windows = episode_windows(store, formulation)
     batch = {key: value[:2] for key, value in windows.items()}
