@@ -2,10 +2,11 @@
 discretised into bins mapped onto reserved vocabulary tokens, the gripper being one more token (its bin at -1 or
 +1). Cross-entropy over the action tokens in training; at rollout, the argmax over the action tokens.
 
-Two decodings of the L x A tokens after the current observation and the instruction:
+Two decodings of the L x A tokens after the current observation, the instruction and, with `state_input: token`,
+the state token:
 
     parallel (OpenVLA-OFT): the suffix holds L x A action queries, each the [LRN] embedding (carrying the proprio
-        state if used) plus a learned query of its position; the hidden state at query i predicts token i. One
+        state if added to it) plus a learned query of its position; the hidden state at query i predicts token i. One
         backbone pass per step, and no token is predicted from the previous ones, so every token must be read
         from the observation.
     autoregressive (RT-2, OpenVLA): the suffix holds the [LRN] start token, then the embeddings of the tokens
