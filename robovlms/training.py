@@ -439,7 +439,8 @@ def _claim_run_dir(run_dir: Path, config: TrainingConfig) -> None:
     resolved = config.model_dump(mode="json")
     saved_file = run_dir / CONFIG_FILE
     if saved_file.exists() and any((run_dir / CHECKPOINT_DIR).glob("*.ckpt")):
-        saved = yaml.safe_load(saved_file.read_text())
+        # through load_config, a setting added since that run was written compares as its default
+        saved = load_config(yaml.safe_load(saved_file.read_text())).model_dump(mode="json")
         changed = sorted(key for key in resolved if key != "max_steps" and saved.get(key) != resolved[key])
         if changed:
             raise ConfigError(f"{run_dir} holds a run trained with other settings ({', '.join(changed)}); "

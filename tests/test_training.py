@@ -153,6 +153,15 @@ def test_robovlms_definitions_train_and_their_run_directory_rebuilds_them(store,
         assert backbone.partly_frozen_parameters() == [backbone.input_embeddings().weight]
 
 
+def test_a_run_directory_written_before_the_robovlms_definitions_existed_resumes(store, tmp_path):
+    run_dir = train(config(store, tmp_path / "run", max_steps=3))
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["state_input"], saved["backbone"]["lora_targets"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    train(config(store, tmp_path / "run", max_steps=6))
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
 def test_a_yaml_config_trains(store, tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config(store, tmp_path / "run", max_steps=2)))
