@@ -113,29 +113,30 @@ class TimeEmbedding(nn.Module):
 
 
 class ActionExpert(nn.Module):
-    """The denoiser: a noisy arm chunk (..., L, A-1), its time (...,) and the condition (..., W) -> a chunk-shaped
-    output (the velocity for flow matching, the noise for diffusion). A residual MLP over the whole chunk; the
-    condition and time enter every block (FiLM-style scale and shift)."""
+    """The denoiser: a noisy arm chunk (..., L, A-1) and its time (...,), given the condition's features
+    (..., width) -> a chunk-shaped output (the velocity for flow matching, the noise for diffusion). A residual MLP
+    over the whole chunk. `read_condition` runs once per observation; only `forward` runs at each denoising step,
+    and it is kept to a few matrix products because at rollout it runs `denoising_steps` times."""
+
+    TIME_WIDTH = 32
 
     def __init__(self, condition_size: int, chunk: int, arm_dim: int, width: int, layers: int):
         super().__init__()
         self.chunk, self.arm_dim = chunk, arm_dim
-        self.time = TimeEmbedding(width)
-        self.context = nn.Sequential(nn.Linear(condition_size + width, width), nn.GELU())
-        self.input = nn.Linear(chunk * arm_dim, width)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(width, elementwise_affine=False),
-                                                   "film": nn.Linear(width, 2 * width),
-                                                   "mlp": nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
-                                                                        nn.Linear(2 * width, width))})
+        self.condition = nn.Linear(condition_size, width)
+        self.time = TimeEmbedding(self.TIME_WIDTH)
+        self.input = nn.Linear(chunk * arm_dim + self.TIME_WIDTH, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
                                     for _ in range(layers))
         self.output = nn.Linear(width, chunk * arm_dim)
 
-    def forward(self, noisy_arm: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        context = self.context(torch.cat([condition, self.time(t)], dim=-1))  # (..., width)
-        x = self.input(noisy_arm.flatten(-2))  # (..., width)
+    def read_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.condition(condition)  # (..., width)
+
+    def forward(self, noisy_arm: torch.Tensor, t: torch.Tensor, condition_features: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.input(torch.cat([noisy_arm.flatten(-2), self.time(t)], dim=-1)) + condition_features)
         for block in self.blocks:
-            scale, shift = block["film"](context).chunk(2, dim=-1)
-            x = x + block["mlp"](block["norm"](x) * (1 + scale) + shift)
+            x = x + block(x)  # (..., width)
         return self.output(x).unflatten(-1, (self.chunk, self.arm_dim))  # (..., L, A-1)
 
 
@@ -176,16 +177,17 @@ class FlowMatching(GenerativeObjective):
         noise = self.noise_like(condition, generator)
         t = self.times(condition, generator)
         noisy = t[..., None, None] * noise + (1 - t[..., None, None]) * target_arm
-        velocity = self.expert(noisy, t, condition)
+        velocity = self.expert(noisy, t, self.expert.read_condition(condition))
         loss = F.mse_loss(velocity.float(), noise - target_arm, reduction="none").mean(-1)
         return loss, (noisy - t[..., None, None] * velocity).clamp(-1, 1), self.gripper(condition)
 
     def sample_arm(self, condition, generator=None):
+        features = self.expert.read_condition(condition)  # once: the loop below reruns only the expert
         arm = self.noise_like(condition, generator)
         steps = self.config.denoising_steps
-        for i in range(steps):  # the condition is fixed: only the expert runs here
+        for i in range(steps):
             t = torch.full(condition.shape[:-1], 1 - i / steps, device=condition.device)
-            arm = arm - self.expert(arm, t, condition) / steps
+            arm = arm - self.expert(arm, t, features) / steps
         return arm.clamp(-1, 1)
 
 
@@ -208,17 +210,19 @@ class Diffusion(GenerativeObjective):
         timesteps = (self.times(condition, generator) * DIFFUSION_TRAIN_TIMESTEPS).long()  # (...,) in 0..T-1
         noisy = self.training_scheduler.add_noise(target_arm.flatten(0, -3), noise.flatten(0, -3),
                                                   timesteps.flatten()).view_as(target_arm)
-        predicted = self.expert(noisy, timesteps.float() / DIFFUSION_TRAIN_TIMESTEPS, condition)
+        predicted = self.expert(noisy, timesteps.float() / DIFFUSION_TRAIN_TIMESTEPS,
+                                self.expert.read_condition(condition))
         loss = F.mse_loss(predicted.float(), noise, reduction="none").mean(-1)
         alpha = self.training_scheduler.alphas_cumprod.to(condition.device)[timesteps][..., None, None]
         estimate = ((noisy - (1 - alpha).sqrt() * predicted) / alpha.sqrt()).clamp(-1, 1)
         return loss, estimate, self.gripper(condition)
 
     def sample_arm(self, condition, generator=None):
+        features = self.expert.read_condition(condition)  # once: the loop below reruns only the expert
         arm = self.noise_like(condition, generator)
-        for timestep in self.sampling_scheduler.timesteps:  # the condition is fixed: only the expert runs here
+        for timestep in self.sampling_scheduler.timesteps:
             t = torch.full(condition.shape[:-1], timestep.item() / DIFFUSION_TRAIN_TIMESTEPS, device=condition.device)
-            arm = self.sampling_scheduler.step(self.expert(arm, t, condition), timestep, arm).prev_sample
+            arm = self.sampling_scheduler.step(self.expert(arm, t, features), timestep, arm).prev_sample
         return arm.clamp(-1, 1)
 
 

@@ -103,7 +103,7 @@ class ContinuousActionConfig:
     head_width: int = 256  # hidden width of the MLP that reads the chunk (regression) or the gripper from the state
     denoising_steps: int = 10  # flow-matching's Euler steps, diffusion's DDIM steps at inference
     expert_width: int = 256  # the action expert of flow-matching and diffusion: width
-    expert_layers: int = 3  # and residual blocks
+    expert_layers: int = 2  # and residual blocks
 
 
 def check_action_objective(config: ContinuousActionConfig) -> None:
