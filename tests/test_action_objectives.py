@@ -179,7 +179,7 @@ def test_a_sweep_takes_the_objective_as_a_grid_axis_and_records_it(tmp_path, dem
              "train": {"max_steps": 2, "batch_size": 4, "chunk": 2, "checkpoint_every": 2, "log_every": 1,
                        "cameras": ["rgb_static"], "execution": "chunk", "formulation": "one-step-continuous",
                        "backbone": {"options": {"hidden_size": 32, "layers": 1}}},
-             "grid": {"formulation.options.objective": list(OBJECTIVES)},
+             "grid": {"formulation.options.objective": list(OBJECTIVES)}, "baselines": [],
              "evaluation": {"episodes_per_task": 1, "latency_steps": 2}}
     path = tmp_path / "objectives.yaml"
     path.write_text(yaml.safe_dump(sweep))
