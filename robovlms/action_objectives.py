@@ -10,8 +10,9 @@ the fused history state); the objective is what reads it:
                    chunk, and samples with `denoising_steps` DDIM steps (diffusers' schedulers)
 
 At rollout the condition is computed once per observation (the backbone pass); only the expert runs in the
-denoising loop. The gripper, a binary, is read from the condition by its own linear layer in every objective.
-The arm chunk (L, A-1) in [-1, 1] is what regression predicts and the generative objectives sample.
+denoising loop. The gripper, a binary, is read from the condition in one pass in every objective (regression: a
+column of its MLP's output; the generative objectives: an MLP of its own). The arm chunk (L, A-1) in [-1, 1] is
+what regression predicts and the generative objectives sample.
 """
 
 from __future__ import annotations
