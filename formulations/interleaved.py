@@ -1,5 +1,6 @@
 """interleaved (Octo, GR-1 style): the H most recent observations, each followed by its own [LRN] token, in one
-causal backbone context; the hidden state at each [LRN] predicts that frame's chunk of L actions. The instruction
+causal backbone context; the hidden state at each [LRN] is the condition from which the action objective produces
+that frame's chunk of L actions. The instruction
 comes once, before the frames, or (`instruction: per-frame`, RoboVLMs' layout) before each frame's images."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from robovlms.errors import UnknownNameError
-from robovlms.formulation import ContinuousActionConfig, ContinuousActionHead, ContinuousFormulation
+from robovlms.formulation import ContinuousActionConfig, ContinuousFormulation
 
 
 INSTRUCTION_PLACEMENTS = ("once", "per-frame")
@@ -34,10 +35,9 @@ class Interleaved(ContinuousFormulation):
 
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
-        self.head = ContinuousActionHead(backbone.hidden_size, self.config.head_width, self.chunk, self.action_dim)
+        self.head = self.action_objective(backbone.hidden_size)
 
-    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
         hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded), interleaved=True,
                                instruction_per_frame=self.config.instruction == "per-frame")  # (B, T, K, D)
-        return self.head(hidden[:, :, -1])  # at each [LRN]: (B, T, L, A-1), (B, T, L)
+        return hidden[:, :, -1]  # (B, T, D): each frame's [LRN] state, the condition of the action objective

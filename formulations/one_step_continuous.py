@@ -1,5 +1,6 @@
 """one-step-continuous: the backbone's hidden state at a learnable [LRN] token, appended after the current
-observation and the instruction, feeds an MLP that predicts the next L actions (arm regressed, gripper binary)."""
+observation and the instruction, is the condition from which the action objective (an MLP by default, or a
+flow-matching or diffusion action expert) produces the next L actions (arm continuous, gripper binary)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robovlms.formulation import ContinuousActionConfig, ContinuousActionHead, ContinuousFormulation
+from robovlms.formulation import ContinuousActionConfig, ContinuousFormulation
 
 
 @dataclass
@@ -17,15 +18,14 @@ class OneStepContinuousConfig(ContinuousActionConfig):
 
 class OneStepContinuous(ContinuousFormulation):
     name = "one-step-continuous"
-    description = "current observation -> [LRN] hidden state -> MLP -> chunk of L continuous actions"
+    description = "current observation -> [LRN] hidden state -> action objective -> chunk of L continuous actions"
     single_frame = True
     config_class = OneStepContinuousConfig
 
     def __init__(self, backbone, action_statistics, state_statistics, **settings):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
-        self.head = ContinuousActionHead(backbone.hidden_size, self.config.head_width, self.chunk, self.action_dim)
+        self.head = self.action_objective(backbone.hidden_size)
 
-    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
         hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded))  # (B, 1, K, D)
-        return self.head(hidden[:, :, -1])  # at the [LRN]: (B, 1, L, A-1), (B, 1, L)
+        return hidden[:, :, -1]  # (B, 1, D): the [LRN] state, the condition of the action objective

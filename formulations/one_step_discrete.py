@@ -117,7 +117,7 @@ class OneStepDiscrete(Formulation):
         hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, torch.cat([state, suffix], dim=2))
         return self.backbone.lm_logits(hidden[:, 0, state.shape[2]:])[..., self.action_token_ids]
 
-    def predict(self, encoded, instructions):
+    def predict(self, encoded, instructions, generator=None):
         B = encoded["pixel_values"].shape[0]
         if self.config.decoding == "parallel":
             logits = self(encoded, instructions)  # (B, L * A, bins)
@@ -145,7 +145,7 @@ class OneStepDiscrete(Formulation):
         soft = torch.softmax(-0.5 * (distance / self.config.label_sigma) ** 2, dim=-1)
         return -(soft * logits.log_softmax(-1)).sum(-1)
 
-    def loss(self, batch: dict[str, Any]):
+    def loss(self, batch: dict[str, Any], generator=None):
         encoded = self.encode(batch["images"], batch["state"], batch["instruction"])
         targets = self.tokens(batch["actions"][:, -1])  # (B, L * A)
         teacher = None if self.config.decoding == "parallel" else targets[:, :-1]

@@ -1,5 +1,6 @@
 """policy-head (RoboFlamingo style, the RoboVLMs paper's best): each frame passes the backbone once, giving one
-[LRN] hidden state per step; a head (LSTM, GPT or MLP) fuses the H most recent states and predicts the chunk.
+[LRN] hidden state per step; a head (LSTM, GPT or MLP) fuses the H most recent states into the condition from
+which the action objective produces the chunk.
 
 A training window of H frames is encoded once and every one of its frames is supervised, the head seeing the
 frames up to it, so a frame costs one backbone pass per sampled sequence rather than one per overlapping window.
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from robovlms.errors import UnknownNameError
-from robovlms.formulation import ContinuousActionConfig, ContinuousActionHead, ContinuousFormulation
+from robovlms.formulation import ContinuousActionConfig, ContinuousFormulation
 
 HEADS = ("lstm", "gpt", "mlp")
 
@@ -88,14 +89,12 @@ class PolicyHead(ContinuousFormulation):
         super().__init__(backbone, action_statistics, state_statistics, **settings)
         self.fusion = FUSIONS[self.config.head](backbone.hidden_size, self.config.fusion_width,
                                                 self.config.fusion_layers, self.history)
-        self.head = ContinuousActionHead(self.config.fusion_width, self.config.head_width, self.chunk,
-                                         self.action_dim)
+        self.head = self.action_objective(self.config.fusion_width)
 
     def encode(self, images, state, instructions):
         inputs = super().encode(images, state, instructions)
         hidden = self.backbone(inputs["pixel_values"], instructions, self.lrn_embeds(inputs))  # (B, T, K, D)
         return {"frame_state": hidden[:, :, -1]}  # at each [LRN]
 
-    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.fusion(encoded["frame_state"]))  # (B, T, L, A-1), (B, T, L)
+    def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
+        return self.fusion(encoded["frame_state"])  # (B, T, W): each frame's condition of the action objective

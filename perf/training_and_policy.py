@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from robovlms.backbone import create_backbone
 from robovlms.benchmark import EpisodeSpec, Observation
 from robovlms.data.windows import WindowDataset
-from robovlms.formulation import continuous_action_loss, create_formulation
+from robovlms.formulation import create_formulation
 from robovlms.policy import CheckpointPolicy
 from robovlms.data.store import Episode, EpisodeStoreWriter, FrameLayout
 from robovlms.training import FormulationModule, TrainingConfig, _WarmupCosine
@@ -101,10 +101,9 @@ def policy_head_sequences(store, steps: int) -> None:
 
     def last_frame_loss(batch):
         encoded = model.encode(batch["images"], batch["state"], batch["instruction"])
-        arm, gripper_logits = model(encoded, batch["instruction"])
+        condition = model(encoded, batch["instruction"])  # (B, T, W)
         target_arm, target_gripper = model.actions.normalise(batch["actions"][:, -1:])
-        return continuous_action_loss(arm[:, -1:], gripper_logits[:, -1:], target_arm, target_gripper,
-                                      batch["action_mask"][:, -1:], model.config)
+        return model.head.loss(condition[:, -1:], target_arm, target_gripper, batch["action_mask"][:, -1:])
 
     rates = {}
     for label, loss_fn, samples in [("every frame of a sequence", model.loss, lambda b: int(b["frame_mask"].sum())),

@@ -5,7 +5,9 @@ A formulation is an nn.Module around a backbone with two halves:
     encode(images, state, instructions) -> per-frame tensors (B, T, ...), each frame independent of the others
     predict(encoded, instructions)      -> the chunk (B, L, A) for the last frame, normalised
 
-`loss(batch)` trains it on windows of an episode store. The split lets a rollout policy encode each new frame
+`loss(batch)` trains it on windows of an episode store. Formulations that sample (the generative action
+objectives) draw from the `generator` that `predict`, `act` and `loss` take: the rollout policy seeds one per
+episode, training one per step; without one they draw from torch's global generator. The split lets a rollout policy encode each new frame
 once and keep it: for `policy-head` the encoding is the backbone pass, so a step costs one pass whatever H is.
 
 Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
@@ -22,15 +24,14 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from robovlms.action_objectives import ARM_LOSSES, OBJECTIVES, create_action_objective
 from robovlms.backbone import Backbone
 from robovlms.data.store import Statistics
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
 from robovlms.registry import Registry
 
-ARM_LOSSES = ("mse", "huber")
 STATE_INPUTS = ("add", "token")
 
 
@@ -95,43 +96,29 @@ def check_statistics(statistics: Statistics | None, what: str, dim: int, store: 
 
 @dataclass
 class ContinuousActionConfig:
-    """Settings shared by the formulations that regress actions from an [LRN] hidden state."""
+    """Settings shared by the formulations that predict continuous chunks from a condition state (the [LRN] hidden
+    state, or policy-head's fused history): the action objective (robovlms/action_objectives.py) and its sizes."""
 
-    arm_loss: str = "huber"  # mse | huber, on the normalised arm
+    objective: str = "regression"  # regression | flow-matching | diffusion: how the arm chunk is produced
+    arm_loss: str = "huber"  # regression's loss on the normalised arm: mse | huber | l1
     gripper_weight: float = 0.1  # weight of the gripper's binary cross-entropy beside the arm loss
-    head_width: int = 256  # hidden width of the MLP that turns a hidden state into a chunk
+    head_width: int = 256  # hidden width of the MLP that reads the chunk (regression) or the gripper from the state
+    denoising_steps: int = 10  # flow-matching's Euler steps, diffusion's DDIM steps at inference
+    expert_width: int = 256  # the action expert of flow-matching and diffusion: width
+    expert_layers: int = 2  # and residual blocks
 
 
-class ContinuousActionHead(nn.Module):
-    """A hidden state (..., D) -> a chunk: arm (..., L, A-1) through tanh, gripper logits (..., L)."""
-
-    def __init__(self, hidden_size: int, width: int, chunk: int, action_dim: int):
-        super().__init__()
-        self.chunk, self.action_dim = chunk, action_dim
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
-                                 nn.Linear(width, chunk * action_dim))
-
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.mlp(hidden).unflatten(-1, (self.chunk, self.action_dim))  # (..., L, A)
-        return torch.tanh(out[..., :-1]), out[..., -1]
-
-
-def continuous_action_loss(arm: torch.Tensor, gripper_logits: torch.Tensor, target_arm: torch.Tensor,
-                           target_gripper: torch.Tensor, mask: torch.Tensor, config: ContinuousActionConfig
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """arm (..., L, A-1), gripper logits (..., L), their targets and a mask (..., L) of real actions."""
-    mask = mask.float()
-    count = mask.sum().clamp_min(1)
-    arm_fn = F.mse_loss if config.arm_loss == "mse" else F.smooth_l1_loss
-    arm_loss = (arm_fn(arm.float(), target_arm, reduction="none").mean(-1) * mask).sum() / count
-    gripper_loss = (F.binary_cross_entropy_with_logits(gripper_logits.float(), target_gripper, reduction="none")
-                    * mask).sum() / count
-    with torch.no_grad():
-        arm_error = ((arm.float() - target_arm).abs().mean(-1) * mask).sum() / count
-        gripper_accuracy = (((gripper_logits > 0).float() == target_gripper).float() * mask).sum() / count
-    return arm_loss + config.gripper_weight * gripper_loss, {
-        "arm_loss": arm_loss.detach(), "gripper_loss": gripper_loss.detach(), "arm_error": arm_error,
-        "gripper_accuracy": gripper_accuracy}
+def check_action_objective(config: ContinuousActionConfig) -> None:
+    if config.objective not in OBJECTIVES:
+        raise UnknownNameError("action objective", config.objective, OBJECTIVES)
+    if config.arm_loss not in ARM_LOSSES:
+        raise UnknownNameError("arm loss", config.arm_loss, ARM_LOSSES)
+    if config.objective != "regression" and config.arm_loss != ContinuousActionConfig.arm_loss:
+        raise ConfigError(f"arm_loss {config.arm_loss} is regression's; {config.objective} trains its action expert "
+                          f"with the mean squared error of its papers, so leave arm_loss out")
+    for name in ("denoising_steps", "expert_width", "expert_layers", "head_width"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
 
 
 def options_to_formulation_config(config_class: type, options: dict[str, Any], formulation: str):
@@ -140,10 +127,7 @@ def options_to_formulation_config(config_class: type, options: dict[str, Any], f
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for formulation {formulation!r}; "
                           f"valid options: {', '.join(valid)}")
-    config = config_class(**options)
-    if getattr(config, "arm_loss", "mse") not in ARM_LOSSES:
-        raise UnknownNameError("arm loss", config.arm_loss, ARM_LOSSES)
-    return config
+    return config_class(**options)
 
 
 class Formulation(nn.Module, abc.ABC):
@@ -198,34 +182,46 @@ class Formulation(nn.Module, abc.ABC):
         return {"pixel_values": self.backbone.preprocess_images(images), "state": state}
 
     @abc.abstractmethod
-    def predict(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
+    def predict(self, encoded: dict[str, torch.Tensor], instructions: list[str],
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """The chunk for the last frame (B, L, A): normalised arm, then the gripper's probability of closing."""
 
     @abc.abstractmethod
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss on a batch of windows and metrics to log (arm_error, gripper_accuracy, ...)."""
 
     @torch.no_grad()
-    def act(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+    def act(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str],
+            generator: torch.Generator | None = None) -> torch.Tensor:
         """Raw actions (B, L, A) for the last frame of each window."""
-        predicted = self.predict(self.encode(images, state, instructions), instructions)
+        predicted = self.predict(self.encode(images, state, instructions), instructions, generator)
         return self.actions.unnormalise(predicted[..., :-1].float(), predicted[..., -1].float())
 
 
 class ContinuousFormulation(Formulation):
-    """A formulation whose `forward(encoded, instructions)` gives every frame a continuous chunk:
-    arm (B, T, L, A-1) in [-1, 1] and gripper logits (B, T, L)."""
+    """A formulation whose `forward(encoded, instructions)` gives every frame a condition state (B, T, W), and
+    whose action objective `self.head` turns a condition into a chunk: arm (..., L, A-1) in [-1, 1] and gripper
+    logits (..., L)."""
 
-    def predict(self, encoded, instructions):
-        arm, gripper_logits = self(encoded, instructions)
-        return torch.cat([arm[:, -1], torch.sigmoid(gripper_logits[:, -1]).unsqueeze(-1)], dim=-1)
+    @classmethod
+    def check_settings(cls, history, chunk, options):
+        config = super().check_settings(history, chunk, options)
+        check_action_objective(config)
+        return config
 
-    def loss(self, batch):
-        arm, gripper_logits = self(self.encode(batch["images"], batch["state"], batch["instruction"]),
-                                   batch["instruction"])
+    def action_objective(self, condition_size: int):
+        return create_action_objective(self.config, condition_size, self.chunk, self.action_dim)
+
+    def predict(self, encoded, instructions, generator=None):
+        condition = self(encoded, instructions)[:, -1]  # (B, W): the backbone, once per observation
+        arm, gripper_logits = self.head(condition, generator)  # the objective: one pass or a denoising loop
+        return torch.cat([arm, torch.sigmoid(gripper_logits).unsqueeze(-1)], dim=-1)
+
+    def loss(self, batch, generator=None):
+        condition = self(self.encode(batch["images"], batch["state"], batch["instruction"]), batch["instruction"])
         target_arm, target_gripper = self.actions.normalise(batch["actions"])
-        return continuous_action_loss(arm, gripper_logits, target_arm, target_gripper, batch["action_mask"],
-                                      self.config)
+        return self.head.loss(condition, target_arm, target_gripper, batch["action_mask"], generator)
 
 
 FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.formulations", Formulation,

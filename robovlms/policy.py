@@ -49,11 +49,13 @@ class CheckpointPolicy:
         self._frames: deque[dict[str, torch.Tensor]] = deque(maxlen=(self.history - 1) * self._every + 1)
         self._chunks: list[np.ndarray] = []  # the unexecuted rest of each recent chunk, oldest first
         self._instruction = ""
+        self._generator = torch.Generator()
 
     def reset(self, spec: EpisodeSpec) -> None:
         self._frames.clear()
         self._chunks = []
         self._instruction = spec.instruction
+        self._generator.manual_seed(spec.seed)  # a sampling objective's noise: rerunning an episode reruns it
 
     @torch.no_grad()
     def step(self, observation: Observation) -> np.ndarray:
@@ -65,7 +67,7 @@ class CheckpointPolicy:
         newest = len(self._frames) - 1
         frames = [self._frames[max(0, newest - k * self._every)] for k in reversed(range(self.history))]
         window = {key: torch.cat([f[key] for f in frames], dim=1) for key in frame}
-        predicted = self.formulation.predict(window, instructions)[0].float()  # (L, A)
+        predicted = self.formulation.predict(window, instructions, self._generator)[0].float()  # (L, A)
         actions = self.formulation.actions.unnormalise(predicted[:, :-1], predicted[:, -1]).numpy()
         if self.execution == "chunk":
             return actions

@@ -60,6 +60,7 @@ class CellResult:
     backbone_size: str | None = None  # e.g. "hidden 64, 64 px images, 0.31M parameters"
     random_init: bool | None = None
     formulation: str | None = None
+    action_objective: str | None = None  # e.g. "flow-matching (10 steps)"; None where the formulation has none
     history: int | None = None
     chunk: int | None = None
     data_fraction: float | None = None

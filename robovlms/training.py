@@ -153,10 +153,12 @@ class FormulationModule(L.LightningModule):
         self.config = config
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.config.augment:  # drawn from (seed, step): a resumed run sees the images an uninterrupted one would
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.global_step)
+        # augmentation and a sampling objective's noise are drawn from (seed, step): a resumed run draws what an
+        # uninterrupted one would
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.global_step)
+        if self.config.augment:
             batch = {**batch, "images": augment_images(batch["images"], generator)}
-        loss, metrics = self.formulation.loss(batch)
+        loss, metrics = self.formulation.loss(batch, generator)
         if not torch.isfinite(loss):
             self._diverged(f"the loss became {loss.item()} at step {self.global_step}")
         if (self.global_step + 1) % self.config.log_every == 0:  # only where the loggers write: self.log is not free
@@ -166,7 +168,7 @@ class FormulationModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, _ = self.formulation.loss(batch)
+        loss, _ = self.formulation.loss(batch, torch.Generator().manual_seed(batch_idx))  # the same noise each time
         self.log("val/loss", loss, batch_size=len(batch["instruction"]), sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

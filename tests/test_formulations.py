@@ -159,7 +159,7 @@ class ConstantChunks:
     def encode(self, images, state, instructions):
         return {"state": state}
 
-    def predict(self, encoded, instructions):
+    def predict(self, encoded, instructions, generator=None):
         arm = (2 * self.steps + torch.arange(self.chunk, dtype=torch.float32)) / 100
         self.steps += 1
         return torch.stack([arm, torch.ones(self.chunk)], dim=-1)[None]

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import re
@@ -689,3 +690,71 @@ def test_an_axis_each_level_sets_is_named_not_matched_on(tmp_path):
     assert continuous_policy_head.also_differs == "history"
     assert pairs.loc[("formulation", "one-step-continuous", "one-step-discrete")].also_differs == ""
     assert pairs.loc[("history", "1", "2")].matched_cells == 0
+
+
+# ---- action objectives ----------------------------------------------------------------------------------------
+
+
+def add_objective_cell(run_dir, backbone, formulation, objective, successes):
+    """A trained cell whose formulation axis value carries its objective's options, as a sweep records it."""
+    options = {} if objective is None else {"objective": objective.split()[0]}
+    cell_id = f"{backbone}-{formulation}-{options.get('objective', 'none')}"
+    add_cell(run_dir, cell_id, fixed_records(successes), status="complete", kind="trained", policy="trained",
+             backbone=backbone, backbone_label=f"{backbone} (tiny, random init)", random_init=True,
+             formulation=formulation, action_objective=objective, history=1, chunk=8, data_fraction=1.0,
+             config={"formulation": {"name": formulation, "options": options}},
+             axes={"backbone": backbone, "formulation": {"name": formulation, "options": options}, "seed": 0})
+
+
+def test_the_action_objective_is_an_axis_of_its_own_compared_on_matched_cells(tmp_path):
+    """flow-matching beats regression by 10 points on both backbones; the discrete cells, which have no
+    objective, are no level of it, and the formulation's levels carry no objective options."""
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import main_effects_table, pairwise_table
+
+    run_dir = tmp_path / "run"
+    for backbone in ("gpt-scratch", "paligemma"):
+        add_objective_cell(run_dir, backbone, "one-step-continuous", "regression (huber)", 30)
+        add_objective_cell(run_dir, backbone, "one-step-continuous", "flow-matching (10 steps)", 36)
+        add_objective_cell(run_dir, backbone, "one-step-discrete", None, 10)
+    runs = read_sweep_runs([run_dir])
+    effects = main_effects_table(runs)
+    levels = {axis: set(group.level) for axis, group in effects.groupby("axis")}
+    assert levels["action objective"] == {"regression (huber)", "flow-matching (10 steps)"}
+    assert levels["formulation"] == {"one-step-continuous", "one-step-discrete"}
+    pairs = pairwise_table(runs).set_index(["axis", "level_a", "level_b"])
+    objective = pairs.loc[("action objective", "flow-matching (10 steps)", "regression (huber)")]
+    assert objective.matched_cells == 2 and objective.difference == pytest.approx(6 / 60)
+    assert runs.settings == ["action_objective"]
+
+
+def test_the_report_shows_the_action_objective_in_its_success_table(tmp_path):
+    run_dir = tmp_path / "run"
+    add_objective_cell(run_dir, "gpt-scratch", "one-step-continuous", "regression (l1)", 30)
+    add_objective_cell(run_dir, "gpt-scratch", "one-step-continuous", "diffusion (10 steps)", 20)
+    write_report([run_dir], tmp_path / "report")
+    markdown = re.sub(" +", " ", (tmp_path / "report" / "index.md").read_text())
+    assert "action objective" in markdown
+    assert "| one-step-continuous | diffusion (10 steps) |" in markdown.replace("| 1 | 8 | 1 ", "")
+
+
+def test_one_objective_throughout_makes_no_axis_and_no_column(tmp_path):
+    """A demo-like run: regression on the continuous cells, nothing on the discrete ones."""
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import main_effects_table
+
+    run_dir = tmp_path / "run"
+    add_objective_cell(run_dir, "gpt-scratch", "one-step-continuous", "regression (huber)", 30)
+    add_objective_cell(run_dir, "gpt-scratch", "one-step-discrete", None, 10)
+    runs = read_sweep_runs([run_dir])
+    assert set(main_effects_table(runs).axis) == {"formulation"}
+    assert "action_objective" not in runs.settings
+
+
+def test_the_report_names_the_objective_options_the_formulations_have():
+    from robovlms.action_objectives import OBJECTIVE_OPTIONS
+    from robovlms.formulation import ContinuousActionConfig
+    from robovlms.report.runs import OBJECTIVE_OPTIONS as REPORTED
+
+    assert REPORTED == OBJECTIVE_OPTIONS
+    assert set(OBJECTIVE_OPTIONS) <= {field.name for field in dataclasses.fields(ContinuousActionConfig)}

@@ -53,9 +53,13 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_a_resumed_run_continues_with_the_same_next_step_loss(store, tmp_path, monkeypatch, augment):
-    settings = {"max_steps": 8, "checkpoint_every": 4, "warmup_steps": 2, "augment": augment}
+@pytest.mark.parametrize("varied", [{"augment": False}, {"augment": True},
+                                    {"formulation": {"name": "one-step-continuous",
+                                                     "options": {"objective": "flow-matching"}}}],
+                         ids=["plain", "augmented", "flow-matching"])
+def test_a_resumed_run_continues_with_the_same_next_step_loss(store, tmp_path, monkeypatch, varied):
+    """Augmentation and a sampling objective's noise are drawn by step, as the batches are."""
+    settings = {"max_steps": 8, "checkpoint_every": 4, "warmup_steps": 2, **varied}
     uninterrupted = logged(train(config(store, tmp_path / "straight", **settings)))["train/loss"]
 
     original_step = FormulationModule.training_step

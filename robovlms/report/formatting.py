@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from robovlms.report.runs import REPEAT_RUN
+from robovlms.report.runs import ACTION_OBJECTIVE, REPEAT_RUN
 
-HEADERS = {"backbone_label": "backbone", "data_fraction": "data fraction", REPEAT_RUN: "run (repeated seeds)"}
+HEADERS = {"backbone_label": "backbone", "data_fraction": "data fraction", ACTION_OBJECTIVE: "action objective",
+           REPEAT_RUN: "run (repeated seeds)"}
 
 
 def shown_configuration(configuration: list[str]) -> dict[str, str]:
@@ -18,7 +19,8 @@ def configuration_label(row: pd.Series, settings: list[str] = ()) -> str:
     settings (learning_rate=0.001) and, for a repeated seed, its run."""
     parts = [row.backbone_label, row.formulation, row.history and f"H={row.history}",
              row.chunk and f"L={row.chunk}", row.get("data_fraction") and f"data {row.data_fraction}",
-             *(row.get(setting) and (f"run {row[setting]}" if setting == REPEAT_RUN else f"{setting}={row[setting]}")
+             *(row.get(setting) and (f"run {row[setting]}" if setting == REPEAT_RUN else
+                                     row[setting] if setting == ACTION_OBJECTIVE else f"{setting}={row[setting]}")
                for setting in settings)]
     return " · ".join(part for part in parts if part)
 

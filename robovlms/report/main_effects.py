@@ -19,24 +19,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from robovlms.report.runs import SweepRuns, complete_cells
+from robovlms.report.runs import ACTION_OBJECTIVE, OBJECTIVE_OPTIONS, SweepRuns, complete_cells
 from robovlms.report.statistics import RATE_COLUMNS, rate
 
 # The axes every trained cell has, as the report names them; further grid axes (learning_rate, ...) come from
 # each cell's `axes`.
-CONFIGURATION_AXES = {"backbone": "backbone_label", "formulation": "formulation", "history": "history",
-                      "chunk": "chunk", "data_fraction": "data_fraction"}
-NOT_AXES = {"seed", "policy"}  # a seed is a replicate, not a design choice
+CONFIGURATION_AXES = {"backbone": "backbone_label", "formulation": "formulation",
+                      "action objective": ACTION_OBJECTIVE, "history": "history", "chunk": "chunk",
+                      "data_fraction": "data_fraction"}
+# a seed is a replicate, not a design choice; the objective's options are the "action objective" axis
+NOT_AXES = {"seed", "policy", *(f"formulation.options.{option}" for option in OBJECTIVE_OPTIONS)}
 BOOTSTRAP_SAMPLES = 2000
 EPISODE_KEY = ["task", "scene", "seed"]  # the same episode evaluated by two cells
 
 
 def _level(shown: Any, value: Any) -> str:
     """A cell's level of an axis: what the report shows for it, plus the options of a {name, options} value, e.g.
-    `one-step-discrete {"decoding": "parallel"}`."""
+    `one-step-discrete {"decoding": "parallel"}`, less the action objective's (an axis of its own)."""
     if isinstance(value, dict):
         options = {**{key: item for key, item in value.items() if key not in ("name", "options")},
-                   **value.get("options", {})}
+                   **{key: item for key, item in value.get("options", {}).items() if key not in OBJECTIVE_OPTIONS}}
         if options:
             return f"{shown} {json.dumps(options, sort_keys=True)}"
     return str(shown)
@@ -48,7 +50,8 @@ def cell_levels(runs: SweepRuns) -> pd.DataFrame:
     rows = []
     for cell in trained.itertuples(index=False):
         axes = dict(cell.axes or {})
-        levels = {axis: _level(getattr(cell, column), axes.get(axis)) for axis, column in CONFIGURATION_AXES.items()}
+        levels = {axis: _level(getattr(cell, column) or "", axes.get(axis))
+                  for axis, column in CONFIGURATION_AXES.items()}
         levels.update({axis: _level(value.get("name", "") if isinstance(value, dict) else value, value)
                        for axis, value in axes.items() if axis not in CONFIGURATION_AXES and axis not in NOT_AXES})
         rows.append({"run": cell.run, "cell_id": cell.cell_id, "seed": cell.seed, **levels})
@@ -57,7 +60,12 @@ def cell_levels(runs: SweepRuns) -> pd.DataFrame:
 
 def varying_axes(levels: pd.DataFrame) -> list[str]:
     return [axis for axis in levels.columns if axis not in ("run", "cell_id", "seed")
-            and levels[axis].fillna("").nunique() > 1]
+            and _with_level(levels, axis)[axis].fillna("").nunique() > 1]
+
+
+def _with_level(levels: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """The cells that have a level of `axis`: of the action objective, those of a formulation that has one."""
+    return levels[levels[axis] != ""] if axis == "action objective" else levels
 
 
 def main_effects_table(runs: SweepRuns) -> pd.DataFrame:
@@ -69,7 +77,7 @@ def main_effects_table(runs: SweepRuns) -> pd.DataFrame:
     counts = _episode_counts(runs)
     rows = []
     for axis in varying_axes(levels):
-        for level, group in levels.fillna({axis: ""}).groupby(axis, sort=False):
+        for level, group in _with_level(levels.fillna({axis: ""}), axis).groupby(axis, sort=False):
             successes, episodes = counts.loc[list(zip(group.run, group.cell_id))].sum()
             rows.append({"axis": axis, "level": level, "cells": len(group), **rate(successes, episodes)})
     return pd.DataFrame(rows, columns=columns)
@@ -96,7 +104,8 @@ def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
         nested = [other for other in axes if other != axis and _sets(levels, axis, other)
                   and not _sets(levels, other, axis)]  # one-to-one axes are aliases: no level of one is matched
         others = [other for other in levels.columns if other not in ("run", "cell_id", axis, *nested)]
-        keyed = levels.assign(match=[json.dumps(key) for key in levels[others].astype(str).values.tolist()])
+        compared = _with_level(levels, axis)
+        keyed = compared.assign(match=[json.dumps(key) for key in compared[others].astype(str).values.tolist()])
         for level_a, level_b in itertools.combinations(keyed[axis].unique(), 2):
             a, b = (keyed.loc[keyed[axis] == level, ["match", "run", "cell_id"]] for level in (level_a, level_b))
             joined = a.merge(b, on="match", suffixes=("_a", "_b"))

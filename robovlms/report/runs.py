@@ -26,6 +26,10 @@ DAMAGED_COLUMNS = ["run", "cell_id", "status", "axes", "error"]
 # live, and what the CONFIGURATION columns already show.
 NOT_SETTINGS = {"seed", "store", "run_dir", "backbone", "backbone.name", "formulation", "formulation.name", "history",
                 "chunk", "data_fraction", "episodes_per_task"}
+# The formulation options of the action objective (robovlms/action_objectives.py OBJECTIVE_OPTIONS, named here so
+# that reading reports needs no torch): the ACTION_OBJECTIVE column shows them together.
+OBJECTIVE_OPTIONS = ("objective", "arm_loss", "denoising_steps", "expert_width", "expert_layers")
+ACTION_OBJECTIVE = "action_objective"
 REPEAT_RUN = "repeat_run"  # the run of a cell whose configuration and seed another run repeats, so kept apart
 # What decides the evaluation in a run's sweep.yaml (section, key); runs that differ in one are not compared.
 EVALUATION_SETTINGS = {"episodes per task": ("evaluation", "episodes_per_task"),
@@ -162,8 +166,9 @@ def _check_evaluated_alike(run_dirs: dict[str, Path]) -> None:
 
 
 def _flat(mapping: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Dotted keys and their values; an empty mapping (options: {}) sets nothing, so it has no key."""
     for key, value in mapping.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             yield from _flat(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
@@ -183,11 +188,16 @@ def _with_settings(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     flat = [dict(_flat(config)) if kind == "trained" else {} for kind, config in zip(cells.kind, cells.config)]
     compared = [settings for settings, kind, status in zip(flat, cells.kind, cells.status)
                 if kind == "trained" and status == "complete"]
-    keys = sorted({key for settings in compared for key in settings} - NOT_SETTINGS)
+    objective_settings = {f"formulation.options.{option}" for option in OBJECTIVE_OPTIONS}
+    keys = sorted({key for settings in compared for key in settings} - NOT_SETTINGS - objective_settings)
     varied = [key for key in keys if len({_setting_text(settings.get(key)) for settings in compared}) > 1]
     columns = [key if key not in cells else f"config.{key}" for key in varied]
     for key, column in zip(varied, columns):
         cells[column] = [_setting_text(settings.get(key)) for settings in flat]
+    cells[ACTION_OBJECTIVE] = cells[ACTION_OBJECTIVE].fillna("")
+    trained = cells[(cells.kind == "trained") & (cells.status == "complete")]
+    if trained[ACTION_OBJECTIVE].replace("", None).nunique() > 1:  # "": a formulation without one
+        columns.insert(0, ACTION_OBJECTIVE)
     return cells, columns
 
 

@@ -62,7 +62,8 @@ def _success_section(runs: SweepRuns, out: Path) -> Section:
         "per-seed success rates, where a row has several seeds."])
     settings = [setting for setting in runs.settings if setting != REPEAT_RUN]
     if settings:
-        section.notes.append(f"The cells differ in {', '.join(settings)} beyond the backbone, formulation, history, "
+        section.notes.append(f"The cells differ in {', '.join(HEADERS.get(setting, setting) for setting in settings)} "
+                             "beyond the backbone, formulation, history, "
                              "chunk and data fraction: each value is a row of its own, never pooled as seeds.")
     if runs.repeats:
         section.notes.append("A seed counts once, but these runs hold the same configuration and seed more than once "

@@ -41,7 +41,7 @@ def expand_cells(sweep: SweepConfig) -> list[Cell]:
     for index, grid in enumerate(grids):
         where = f"grid[{index}]" if isinstance(sweep.grid, list) else "grid"
         for axis, values in grid.items():
-            if axis not in valid_axes:
+            if axis.split(".")[0] not in valid_axes:
                 raise ConfigError(f"unknown axis '{where}.{axis}'; valid axes: {', '.join(valid_axes)}")
             if not values:
                 raise ConfigError(f"axis '{where}.{axis}' has no values, so the grid expands to zero cells")
@@ -91,11 +91,12 @@ def nested(dotted: str, value: Any) -> dict[str, Any]:
 
 def cell_training(fixed: dict[str, Any], axes: dict[str, Any]) -> dict[str, Any]:
     """The fixed settings with the axes merged over them; a backbone or formulation may be given by name, in
-    either."""
+    either, and a dotted axis (formulation.options.objective) sets one nested setting."""
     training: dict[str, Any] = {}
     for key, value in [*fixed.items(), *axes.items()]:
         if key in ("backbone", "formulation") and isinstance(value, str):
             value = {"name": value}
+        key, value = next(iter(nested(key, value).items()))  # formulation.options.objective: one option an axis
         training[key] = merge(training.get(key), value)
     return training
 

@@ -111,6 +111,8 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
                 progress: bool):
     """Train, fill in what the trained formulation tells; return the evaluation workers' policy factory and a
     policy in this process (the formulation already loaded), for timing a step."""
+    from robovlms.action_objectives import describe_objective
+    from robovlms.formulation import ContinuousActionConfig
     from robovlms.policy import CheckpointPolicy, policy_factory
     from robovlms.training import (CHECKPOINT_DIR, LAST_CHECKPOINT, load_config, load_formulation, train,
                                    training_seconds)
@@ -123,6 +125,8 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
     result.backbone, result.backbone_label = config.backbone.name, formulation.backbone.label
     result.random_init, result.backbone_size = formulation.backbone.random_init, formulation.backbone.describe()
     result.formulation, result.history, result.chunk = config.formulation.name, config.history, config.chunk
+    if isinstance(formulation.config, ContinuousActionConfig):
+        result.action_objective = describe_objective(formulation.config)
     result.data_fraction, result.seed = config.data_fraction, config.seed
     result.episodes_per_task = config.episodes_per_task
     result.parameters = sum(p.numel() for p in formulation.parameters())
