@@ -741,14 +741,17 @@ def test_the_report_shows_the_action_objective_in_its_success_table(tmp_path):
 def test_one_objective_throughout_makes_no_axis_and_no_column(tmp_path):
     """A demo-like run: regression on the continuous cells, nothing on the discrete ones."""
     from robovlms.report import read_sweep_runs
-    from robovlms.report.main_effects import main_effects_table
+    from robovlms.report.main_effects import main_effects_table, pairwise_table
 
     run_dir = tmp_path / "run"
-    add_objective_cell(run_dir, "gpt-scratch", "one-step-continuous", "regression (huber)", 30)
-    add_objective_cell(run_dir, "gpt-scratch", "one-step-discrete", None, 10)
+    for backbone in ("gpt-scratch", "paligemma"):
+        add_objective_cell(run_dir, backbone, "one-step-continuous", "regression (huber)", 30)
+        add_objective_cell(run_dir, backbone, "one-step-discrete", None, 10)
     runs = read_sweep_runs([run_dir])
-    assert set(main_effects_table(runs).axis) == {"formulation"}
+    assert set(main_effects_table(runs).axis) == {"backbone", "formulation"}
     assert "action_objective" not in runs.settings
+    formulation = pairwise_table(runs).set_index("axis").loc["formulation"]  # the objective keeps no pair apart
+    assert formulation.matched_cells == 2 and formulation.difference == pytest.approx(20 / 60)
 
 
 def test_the_report_names_the_objective_options_the_formulations_have():

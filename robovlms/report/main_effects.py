@@ -103,7 +103,9 @@ def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
     for axis in axes:
         nested = [other for other in axes if other != axis and _sets(levels, axis, other)
                   and not _sets(levels, other, axis)]  # one-to-one axes are aliases: no level of one is matched
-        others = [other for other in levels.columns if other not in ("run", "cell_id", axis, *nested)]
+        # matched on the axes that vary, so one that only some formulations have (the action objective) and that
+        # does not vary among them does not keep those formulations from being compared
+        others = [other for other in ("seed", *axes) if other not in (axis, *nested)]
         compared = _with_level(levels, axis)
         keyed = compared.assign(match=[json.dumps(key) for key in compared[others].astype(str).values.tolist()])
         for level_a, level_b in itertools.combinations(keyed[axis].unique(), 2):
