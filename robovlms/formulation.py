@@ -5,10 +5,11 @@ A formulation is an nn.Module around a backbone with two halves:
     encode(images, state, instructions) -> per-frame tensors (B, T, ...), each frame independent of the others
     predict(encoded, instructions)      -> the chunk (B, L, A) for the last frame, normalised
 
-`loss(batch)` trains it on windows of an episode store. Formulations that sample (the generative action
-objectives) draw from the `generator` that `predict`, `act` and `loss` take: the rollout policy seeds one per
-episode, training one per step; without one they draw from torch's global generator. The split lets a rollout policy encode each new frame
+`loss(batch)` trains it on windows of an episode store. The split lets a rollout policy encode each new frame
 once and keep it: for `policy-head` the encoding is the backbone pass, so a step costs one pass whatever H is.
+Formulations that sample (the generative action objectives) draw from the `generator` that `predict`, `act` and
+`loss` take: the rollout policy seeds one per episode, training one per step; without one they draw from torch's
+global generator.
 
 Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
 and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
