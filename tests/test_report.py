@@ -542,9 +542,9 @@ def fixed_records(successes: int, episodes: int = 60):
                           success=seed < successes, steps=50, seconds=0.1) for seed in range(episodes)]
 
 
-def add_design_cell(run_dir, backbone, formulation, successes, seed=0, **axes):
+def add_design_cell(run_dir, backbone, formulation, successes, seed=0, records=None, **axes):
     cell_id = f"{backbone}-{formulation}-s{seed}" + "".join(f"-{key}{value}" for key, value in axes.items())
-    add_cell(run_dir, cell_id, fixed_records(successes), status="complete", kind="trained", policy="trained",
+    add_cell(run_dir, cell_id, records or fixed_records(successes), status="complete", kind="trained", policy="trained",
              backbone=backbone, backbone_label=f"{backbone} (tiny, random init)", random_init=True,
              formulation=formulation, history=axes.get("history", 1), chunk=8, data_fraction=1.0, seed=seed,
              axes={"backbone": backbone, "formulation": formulation, "seed": seed, **axes})
@@ -601,6 +601,51 @@ def test_the_report_has_a_main_effects_section_with_its_table_plot_and_differenc
     assert (tmp_path / "report" / "main_effects.png").is_file()
     assert set(pd.read_csv(tmp_path / "report" / "main_effect_differences.csv").columns) >= {
         "axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved"}
+def baseline_run(run_dir):
+    """Against demo replay's 24/60: one cell succeeds on the same episodes and 9 more (33/60, Wilson intervals
+    overlapping), one has replay's rate on other episodes, seeds 0 and 1 of one configuration pool to 40/120."""
+    add_cell(run_dir, "baseline-zero", fixed_records(0), status="complete", kind="baseline", policy="zero")
+    add_cell(run_dir, "baseline-replay", fixed_records(24), status="complete", kind="baseline", policy="replay")
+    add_design_cell(run_dir, "paligemma", "one-step-discrete", 33)
+    add_design_cell(run_dir, "gpt-scratch", "one-step-discrete", 24,
+                    records=[dataclasses.replace(record, success=record.seed >= 36) for record in fixed_records(0)])
+    for seed in (0, 1):
+        add_design_cell(run_dir, "kosmos2", "one-step-discrete", 20, seed=seed)
+
+
+def test_each_configuration_is_compared_with_each_baseline_on_matched_episodes(tmp_path):
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import baseline_comparison_table
+
+    baseline_run(tmp_path / "run")
+    table = baseline_comparison_table(read_sweep_runs([tmp_path / "run"]))
+    assert len(table) == 3 * 2
+    rows = table.set_index([table.backbone_label.str.split().str[0], "baseline"])
+    paired = rows.loc[("paligemma", "demo replay (baseline)")]
+    assert paired.difference == pytest.approx(9 / 60) and paired.low > 0 and paired.resolved
+    assert wilson_interval(33, 60)[0] < wilson_interval(24, 60)[1] and not paired.interval_above
+    unpaired = rows.loc[("gpt-scratch", "demo replay (baseline)")]
+    assert unpaired.difference == pytest.approx(0) and unpaired.low < 0 < unpaired.high and not unpaired.resolved
+    seeds = rows.loc[("kosmos2", "demo replay (baseline)")]
+    assert seeds.difference == pytest.approx(-4 / 60) and seeds.resolved and seeds.high < 0  # worse, resolved
+    zero = rows.loc[("paligemma", "zero action (baseline)")]
+    assert zero.difference == pytest.approx(33 / 60) and zero.resolved and zero.interval_above
+
+
+def test_the_report_says_which_configurations_beat_every_baseline(tmp_path):
+    baseline_run(tmp_path / "run")
+    write_report([tmp_path / "run"], tmp_path / "report")
+    markdown = (tmp_path / "report" / "index.md").read_text()
+    section = markdown[markdown.index("## Against the baselines"):]
+    section = re.sub(" +", " ", section[:section.index("\n## ", 1)])
+    assert re.search(r"\| paligemma \(tiny, random init\) · one-step-discrete[^|]*\| \+55 \[\+\d+, \+\d+\] points "
+                     r"\(resolved\) \| \+15 \[\+\d+, \+\d+\] points \(resolved\) \| yes \| no \|", section)
+    assert re.search(r"\| gpt-scratch \(tiny, random init\) · one-step-discrete[^|]*\|[^|]*\| \+0 \[-\d+, \+\d+\] "
+                     r"points \| no \| no \|", section)
+    assert set(pd.read_csv(tmp_path / "report" / "baseline_comparison.csv").columns) >= {
+        "baseline", "difference", "low", "high", "resolved", "interval_above"}
+
+
 def two_cell_run(run_dir):
     rng = np.random.default_rng(3)
     add_trained_cell(run_dir, rng, "gpt-scratch-policy-head", "gpt-scratch", SCRATCH, "policy-head")

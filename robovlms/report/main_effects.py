@@ -8,6 +8,10 @@ of the levels as configured. The difference of a pair of levels is the mean
 over its matched pairs of (success of a - success of b); its 95% interval is a paired bootstrap that resamples the
 matched pairs and, within each pair, the evaluation episodes (jointly where both cells ran the same episodes). A
 difference is resolved when its interval excludes 0.
+
+Each trained configuration is also compared with each baseline the same way: its cells (one per seed) paired with
+the baseline's cell on the episodes both ran, since a paired comparison resolves differences that two overlapping
+Wilson intervals leave open.
 """
 
 from __future__ import annotations
@@ -122,6 +126,37 @@ def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
                 low, high = _bootstrap_interval(pairs, rng)
                 row.update(difference=difference, low=low, high=high, resolved=bool(low > 0 or high < 0))
             rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def baseline_comparison_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
+    """Per trained configuration (seeds pooled) and baseline: the mean difference in success (configuration -
+    baseline) with its 95% paired-bootstrap interval, whether it is resolved, and whether the configuration's Wilson
+    interval (seeds pooled) lies wholly above the baseline's."""
+    configuration = runs.configuration
+    columns = [*configuration, "baseline", "difference", "low", "high", "resolved", "interval_above"]
+    cells = complete_cells(runs)
+    trained, baselines = cells[cells.kind == "trained"], cells[cells.kind == "baseline"]
+    if trained.empty or baselines.empty:
+        return pd.DataFrame(columns=columns)
+    outcomes = _episode_outcomes(runs)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, group in trained.groupby(configuration, sort=False):
+        pooled = rate(group.successes.sum(), group.episodes.sum())
+        for label, baseline_cells in baselines.groupby("backbone_label", sort=False):
+            by_run = baseline_cells.drop_duplicates("run").set_index("run")
+            pairs = []
+            for cell in group.itertuples():  # the baseline of the cell's own run where it has one
+                baseline = by_run.loc[cell.run] if cell.run in by_run.index else by_run.iloc[0]
+                pairs.append(_paired_outcomes(outcomes[cell.run, cell.cell_id],
+                                              outcomes[baseline.name, baseline.cell_id]))
+            low, high = _bootstrap_interval(pairs, rng)
+            baseline_rate = rate(baseline_cells.successes.sum(), baseline_cells.episodes.sum())
+            rows.append({**dict(zip(configuration, key)), "baseline": label,
+                         "difference": float(np.mean([a.mean() - b.mean() for a, b in pairs])), "low": low,
+                         "high": high, "resolved": bool(low > 0 or high < 0),
+                         "interval_above": bool(pooled["wilson_low"] > baseline_rate["wilson_high"])})
     return pd.DataFrame(rows, columns=columns)
 
 

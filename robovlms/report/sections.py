@@ -14,7 +14,7 @@ from robovlms.errors import ReportError, UnknownNameError
 from robovlms.report import plots
 from robovlms.report.formatting import (HEADERS, configuration_label, number_text, percent_text, rate_text, readable,
                                         seed_text, shown_configuration, shown_table, wide_table)
-from robovlms.report.main_effects import main_effects_table, pairwise_table
+from robovlms.report.main_effects import baseline_comparison_table, main_effects_table, pairwise_table
 from robovlms.report.runs import BASELINE_LABELS, REPEAT_RUN, SweepRuns, complete_cells
 from robovlms.report.tables import (CHAIN_LENGTH, breakdown_table, chain_table, chained, configuration_table,
                                     cost_table, data_efficiency_table, failed_cells_table, simulated_task_success,
@@ -45,7 +45,8 @@ def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -
     if runs.cells.empty:
         return [Section("No results", [f"No cell of these runs has committed its {RESULT_FILE} yet."]),
                 _failed_section(runs)]
-    sections = [_success_section(runs, out), _search_section(runs), _main_effects_section(runs, out),
+    sections = [_success_section(runs, out), _baselines_section(runs), _search_section(runs),
+                _main_effects_section(runs, out),
                 _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
                 _breakdown_section(runs, "scene"), _chain_section(runs), _data_efficiency_section(runs, out),
                 _cost_section(runs, out), _training_curves_section(runs, out), _failed_section(runs),
@@ -83,6 +84,30 @@ def _success_section(runs: SweepRuns, out: Path) -> Section:
                                   [label in BASELINE_LABELS.values() for label in success.backbone_label])
     plots.save_figure(figure, out, "success")
     section.figures.append("success")
+    return section
+
+
+def _baselines_section(runs: SweepRuns) -> Section | None:
+    comparison = baseline_comparison_table(runs)
+    if comparison.empty:
+        return None
+    section = Section("Against the baselines", [
+        "Each trained configuration against each baseline: the mean difference in success (configuration - "
+        "baseline) on the episodes both ran, with a 95% paired bootstrap interval over seeds and episodes; resolved "
+        "when it excludes 0. Pairing on episodes resolves differences that two overlapping Wilson intervals leave "
+        "open; the last column says whether the configuration's Wilson interval lies wholly above every "
+        "baseline's (the stricter test)."])
+    shown = comparison.assign(
+        configuration=[configuration_label(row, runs.settings) for _, row in comparison.iterrows()],
+        text=[_difference_text(row) + (" (resolved)" if row.resolved else "") for _, row in comparison.iterrows()])
+    wide = shown.pivot(index="configuration", columns="baseline", values="text")
+    wide = wide.loc[shown.configuration.unique(), shown.baseline.unique()]
+    wide.columns = [f"- {label}" for label in wide.columns]
+    verdicts = shown.assign(above=shown.low > 0).groupby("configuration", sort=False).agg(
+        above=("above", "all"), apart=("interval_above", "all"))
+    wide["beats every baseline (paired)"] = verdicts.above.map({True: "yes", False: "no"})
+    wide["interval above every baseline's"] = verdicts.apart.map({True: "yes", False: "no"})
+    section.tables.append(Table("baseline_comparison", comparison, wide.reset_index()))
     return section
 
 
