@@ -491,3 +491,21 @@ def test_a_backbone_declares_its_image_size_when_the_processors_size_is_a_pixel_
 def test_an_image_size_that_is_no_image_side_is_refused():
     with pytest.raises(ConfigError, match="image_size 4096 is not the side of a square image \\(8 to 2048 px\\)"):
         create_backbone("gpt-scratch", image_size=4096)
+
+
+def image_variation_against_word_embeddings(backbone) -> float:
+    """How much the tiny KOSMOS-2's image tokens vary from image to image, against the word embeddings' scale."""
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 64, 64) * 2 - 1
+    image_tokens = backbone.encode_images(images)
+    words = backbone.model.text_model.model.embed_tokens.weight
+    return (image_tokens.std(dim=0).mean() / words.pow(2).mean().sqrt()).item()
+
+
+def test_tiny_kosmos2_image_tokens_vary_with_the_image_at_the_word_embeddings_scale():
+    """At KOSMOS-2's own init std (0.02, for its 2048-wide model) the 64-wide resampler passes almost nothing of the
+    image on; the tiny default, 1/sqrt(hidden), does."""
+    torch.manual_seed(0)
+    assert image_variation_against_word_embeddings(create_backbone("kosmos2")) > 0.05
+    torch.manual_seed(0)
+    assert image_variation_against_word_embeddings(create_backbone("kosmos2", init_std=0.02)) < 0.01
