@@ -4,9 +4,11 @@ a fixed number of image tokens, placed between <image> and </image> in the langu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from transformers import CLIPImageProcessorPil, Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Processor
 
@@ -26,7 +28,7 @@ class Kosmos2TinyConfig:
     # Initial weight std of the text model and the resampler; None: 1/sqrt(hidden_size). KOSMOS-2's 0.02 suits its
     # 2048-wide model; at width 64 it shrinks each of the image path's three projections, so image tokens started
     # 400 times less varied than word embeddings and the policies learned little from the image (docs/demo.md).
-    init_std: float | None = None
+    init_std: Annotated[float, Field(gt=0)] | None = None
 
 
 class Kosmos2Backbone(TransformersBackbone):
@@ -48,7 +50,7 @@ class Kosmos2Backbone(TransformersBackbone):
             text_config=dict(vocab_size=len(tokenizer), embed_dim=tiny.hidden_size, layers=tiny.layers,
                              ffn_dim=4 * tiny.hidden_size, attention_heads=tiny.heads, dropout=0.0,
                              attention_dropout=0.0, max_position_embeddings=1024,
-                             init_std=tiny.init_std or tiny.hidden_size ** -0.5,
+                             init_std=tiny.hidden_size ** -0.5 if tiny.init_std is None else tiny.init_std,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id),
             vision_config=dict(hidden_size=tiny.hidden_size, intermediate_size=4 * tiny.hidden_size,

@@ -509,3 +509,5 @@ def test_tiny_kosmos2_image_tokens_vary_with_the_image_at_the_word_embeddings_sc
     assert image_variation_against_word_embeddings(create_backbone("kosmos2")) > 0.05
     torch.manual_seed(0)
     assert image_variation_against_word_embeddings(create_backbone("kosmos2", init_std=0.02)) < 0.01
+    with pytest.raises(ConfigError, match="init_std"):
+        create_backbone("kosmos2", init_std=0)
