@@ -544,7 +544,8 @@ def fixed_records(successes: int, episodes: int = 60):
 
 def add_design_cell(run_dir, backbone, formulation, successes, seed=0, records=None, **axes):
     cell_id = f"{backbone}-{formulation}-s{seed}" + "".join(f"-{key}{value}" for key, value in axes.items())
-    add_cell(run_dir, cell_id, records or fixed_records(successes), status="complete", kind="trained", policy="trained",
+    add_cell(run_dir, cell_id, records or fixed_records(successes), status="complete", kind="trained",
+             policy="trained",
              backbone=backbone, backbone_label=f"{backbone} (tiny, random init)", random_init=True,
              formulation=formulation, history=axes.get("history", 1), chunk=8, data_fraction=1.0, seed=seed,
              axes={"backbone": backbone, "formulation": formulation, "seed": seed, **axes})
@@ -601,6 +602,8 @@ def test_the_report_has_a_main_effects_section_with_its_table_plot_and_differenc
     assert (tmp_path / "report" / "main_effects.png").is_file()
     assert set(pd.read_csv(tmp_path / "report" / "main_effect_differences.csv").columns) >= {
         "axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved"}
+
+
 def baseline_run(run_dir):
     """Against demo replay's 24/60: one cell succeeds on the same episodes and 9 more (33/60, Wilson intervals
     overlapping), one has replay's rate on other episodes, seeds 0 and 1 of one configuration pool to 40/120."""
