@@ -27,7 +27,7 @@ class Kosmos2TinyConfig:
     tokenizer_vocab_size: int = 512  # BPE trained in code; Kosmos-2's processor adds its own tokens on top
     # Initial weight std of the text model and the resampler; None: 1/sqrt(hidden_size). KOSMOS-2's 0.02 suits its
     # 2048-wide model; at width 64 it shrinks each of the image path's three projections, so image tokens started
-    # 400 times less varied than word embeddings and the policies learned little from the image (docs/demo.md).
+    # over 300 times less varied than word embeddings and the policies learned little from the image (docs/demo.md).
     init_std: Annotated[float, Field(gt=0)] | None = None
 
 
