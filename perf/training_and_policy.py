@@ -29,7 +29,7 @@ from robovlms.data.windows import WindowDataset
 from robovlms.formulation import create_formulation
 from robovlms.policy import CheckpointPolicy
 from robovlms.data.store import Episode, EpisodeStoreWriter, FrameLayout
-from robovlms.training import FormulationModule, TrainingConfig, _WarmupCosine
+from robovlms.training import FormulationModule, TrainingConfig, WarmupCosine
 
 
 def synthetic_store(path: Path, episodes: int = 8, length: int = 40):
@@ -57,7 +57,7 @@ def batches(store, history, chunk, count, batch_size=32):
 
 def plain_loop(model, data, config: TrainingConfig) -> float:
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _WarmupCosine(config.warmup_steps, config.max_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, WarmupCosine(config.warmup_steps, config.max_steps))
     started = time.perf_counter()
     for batch in data:
         loss, _ = model.loss(batch)

@@ -147,7 +147,7 @@ def test_listing_reads_metadata_and_builds_no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("listing built a model")
 
-    monkeypatch.setattr("robovlms.backbone.create_backbone", fail)
+    monkeypatch.setattr("robovlms.backbone.registry.create_backbone", fail)
     rows = {row["name"]: row for row in list_backbones()}
     assert rows["kosmos2"]["entry_point"] == "robovlms.backbones.kosmos2:Kosmos2Backbone"
     assert rows["kosmos2"]["package"].startswith("robovlms ") and "tiny_parameters" not in rows["kosmos2"]

@@ -84,7 +84,7 @@ class WindowDataset(Dataset):
         return {key: value[0] for key, value in batch.items()}
 
 
-def _batch_as_is(batch: dict[str, Any]) -> dict[str, Any]:
+def batch_as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
@@ -92,4 +92,4 @@ def window_loader(dataset: WindowDataset, batch_size: int, shuffle: bool = True,
                   num_workers: int = 0, drop_last: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      collate_fn=_batch_as_is, drop_last=drop_last, persistent_workers=num_workers > 0)
+                      collate_fn=batch_as_is, drop_last=drop_last, persistent_workers=num_workers > 0)

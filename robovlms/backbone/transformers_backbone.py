@@ -1,0 +1,117 @@
+"""A backbone wrapping a `transformers` model class and its processor, and what such a wrapper needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from robovlms.backbone.interface import Backbone
+from robovlms.backbone.pretrained import resolve_pretrained
+from robovlms.errors import ConfigError, PluginError
+
+
+class TransformersBackbone(Backbone):
+    """A backbone wrapping a transformers model class and its processor (tokenizer + image processor)."""
+
+    model_class: ClassVar[type]
+    model_types: ClassVar[tuple[str, ...]]  # config.json model_type values this backbone accepts
+
+    def __init__(self, model, processor, size: str, origin: str | None, image_size: int | None = None):
+        """`image_size`: the side of the square images the vision tower takes, when the image processor's size
+        is not one (Qwen2-VL's is a pixel count); by default the processor's, checked against the vision config."""
+        settings = processor_image_settings(processor.image_processor)
+        settings["image_size"] = image_size or settings["image_size"]
+        check_image_size(settings["image_size"], model.config, self.name, declared=image_size is not None)
+        super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer, **settings)
+        self.model = model
+        self.processor = processor
+
+    @classmethod
+    def pretrained(cls, path: str) -> Backbone:
+        directory = resolve_pretrained(path, cls.model_types, cls.name)
+        processor = auto_processor(directory, cls.name)
+        model = cls.model_class.from_pretrained(directory, local_files_only=True)
+        return cls(model, processor, "pretrained", str(path))
+
+    @classmethod
+    def from_saved(cls, directory: Path, size: str, origin: str | None) -> Backbone:
+        from transformers import AutoConfig
+
+        processor = auto_processor(directory, cls.name)
+        model = cls.model_class(AutoConfig.from_pretrained(directory, local_files_only=True))
+        return cls(model, processor, size, origin)
+
+    def save_files(self, directory: Path) -> None:
+        self.processor.save_pretrained(directory)
+        self.model.config.save_pretrained(directory)
+
+    def reference_inputs(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor,
+                         image_token_id: int | None = None):
+        """For `reference_hidden_state`: the image as the model's own processor gives it, the documented per-frame
+        context `<s> [image block] instruction [suffix]` spelled out as token ids (image slots hold
+        `image_token_id`, the suffix a placeholder), its embeddings with `suffix_embed` in place, and the mask of
+        the image slots: (pixel_values, ids (1, L), embeds (1, L, D), image_mask (1, L))."""
+        processed = self.processor.image_processor(images=[image.numpy()], return_tensors="pt")
+        pixel_values = processed if torch.is_tensor(processed) else processed.pixel_values  # IDEFICS' is the tensor
+        before, slots, after = self.image_block()
+        slot = self.tokenizer.pad_token_id if image_token_id is None else image_token_id
+        instruction_ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+        ids = [self.tokenizer.bos_token_id, *before, *[slot] * slots, *after, *instruction_ids,
+               self.tokenizer.pad_token_id]
+        image_mask = torch.zeros(1, len(ids), dtype=torch.long)
+        image_mask[0, 1 + len(before):1 + len(before) + slots] = 1
+        ids = torch.tensor([ids])
+        embeds = self.input_embeddings()(ids)
+        embeds[0, -1] = suffix_embed
+        return pixel_values, ids, embeds, image_mask
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        self.model.resize_token_embeddings(vocab_size)
+
+
+def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:
+    """The image side a backbone derived (or `declared`) agrees with its vision config: equal to its image_size,
+    or a whole number of its patches when it has no fixed size."""
+    vision = getattr(config, "vision_config", None)
+    expected, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    source = "declared image_size" if declared else "image size from its image processor's size"
+    if expected is not None and image_size != expected:
+        raise ConfigError(f"backbone {backbone!r}: {source} {image_size} differs from its vision config's "
+                          f"image_size {expected}; pass image_size= to TransformersBackbone.__init__ when the "
+                          f"processor's size is not the image side")
+    if patch and image_size % patch:
+        raise ConfigError(f"backbone {backbone!r}: {source} {image_size} is not a multiple of its vision config's "
+                          f"patch_size {patch}; pass image_size= to TransformersBackbone.__init__ when the "
+                          f"processor's size is not the image side (Qwen2-VL's is a pixel count)")
+
+
+def auto_processor(directory: Path, backbone: str):
+    """The processor saved in `directory`, through AutoProcessor; one that cannot be built without torchvision
+    (which robovlms never installs) says what to do instead."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(directory, local_files_only=True)
+    except ImportError as error:
+        needs = str(error).strip().splitlines()[0].split(". ")[0]  # "... requires the Torchvision library ..."
+        raise PluginError(f"backbone {backbone!r}: AutoProcessor cannot build the processor in {directory} "
+                          f"({needs}); override pretrained and from_saved to load the tokenizer and the "
+                          f"*ImageProcessorPil class instead (docs/adding-a-backbone.md)") from error
+
+
+def processor_image_settings(image_processor) -> dict[str, Any]:
+    """image_size, image_mean, image_std, rescale_factor as a transformers image processor configures them."""
+    size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
+    size = dict(size)
+    side = size.get("height", size.get("shortest_edge"))
+    return {"image_size": int(side), "image_mean": tuple(image_processor.image_mean),
+            "image_std": tuple(image_processor.image_std), "rescale_factor": float(image_processor.rescale_factor)}

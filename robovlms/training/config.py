@@ -1,0 +1,86 @@
+"""A training run's settings: every key validated before anything is built, with the valid ones named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from robovlms.errors import ConfigError, config_error
+from robovlms.yaml_files import read_yaml_mapping
+
+# Upper bounds of plausible settings: beyond them a value is a typo (1e15 steps, a batch of a billion windows).
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_COUNT = 1_000_000
+MAX_WINDOW = 1024  # frames of history, actions of a chunk
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneSettings(_Strict):
+    name: str = "gpt-scratch"
+    size: Literal["tiny", "pretrained"] = "tiny"
+    path: str | None = None  # a local directory or cached model id, for size "pretrained"
+    options: dict[str, Any] = {}  # overrides of the tiny config
+    freeze: Literal["full", "frozen-vision", "frozen-language", "frozen-vision-and-embeddings", "lora"] = "full"
+    lora_rank: int = Field(8, ge=1, le=4096, strict=True)
+    lora_targets: Literal["attention", "all-linear"] = "attention"  # all-linear: RoboVLMs' choice
+
+
+class FormulationSettings(_Strict):
+    name: str = "policy-head"
+    options: dict[str, Any] = {}  # the formulation's own settings (its config dataclass)
+
+
+class TrainingConfig(_Strict):
+    store: str
+    run_dir: str
+    backbone: BackboneSettings = BackboneSettings()
+    formulation: FormulationSettings = FormulationSettings()
+    history: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)  # H frames per window
+    chunk: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)  # L future actions predicted per frame
+    # env steps between history frames; = chunk for `execution: chunk` with H > 1
+    frame_stride: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)
+    use_state: bool = True  # proprio state as an input
+    state_input: Literal["add", "token"] = "add"  # added to the [LRN] embedding, or a token of its own (RoboVLMs)
+    cameras: list[str] | None = None  # default: every camera of the store
+    augment: bool = False  # random shifts and colour jitter of training images (robovlms/augmentation.py)
+    data_fraction: float = Field(1.0, gt=0, le=1)  # of the episodes left after validation's, nested across fractions
+    # few-shot: at most N training episodes of each task, nested
+    episodes_per_task: int | None = Field(None, ge=1, le=MAX_COUNT, strict=True)
+    validation_fraction: float = Field(0.0, ge=0, lt=1)  # episodes per task held out for val/loss (same for any seed)
+    validate_every: int = Field(100, ge=1, le=MAX_STEPS, strict=True)  # steps between validations
+    validation_batches: int = Field(4, ge=1, le=MAX_COUNT, strict=True)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, strict=True)  # per device
+    max_steps: int = Field(1000, ge=1, le=MAX_STEPS, strict=True)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, strict=True)
+    weight_decay: float = Field(0.01, ge=0)
+    precision: Literal["32", "bf16-mixed"] = "32"
+    gradient_clip: float | None = Field(1.0, gt=0)
+    seed: int = Field(0, strict=True)
+    execution: Literal["first", "ensemble", "chunk"] = "first"  # how a rollout executes a predicted chunk
+    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, strict=True)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS, strict=True)
+    accelerator: str = "auto"  # Lightning's: cpu, gpu, auto
+    devices: int | str = 1  # several GPUs train one cell with the strategy below
+    strategy: str = "auto"  # e.g. ddp
+
+
+def load_config(source: TrainingConfig | dict[str, Any] | str | Path) -> TrainingConfig:
+    """A TrainingConfig from itself, a dict or a YAML file; every error names the bad key and the valid ones."""
+    if isinstance(source, TrainingConfig):
+        return source
+    if not isinstance(source, dict):
+        source = read_yaml_mapping(source, "training settings")
+    try:
+        config = TrainingConfig.model_validate(source)
+    except ValidationError as error:
+        raise config_error("invalid training config", TrainingConfig, error) from None
+    if config.state_input == "token" and not config.use_state:
+        raise ConfigError("state_input token gives the proprio state a token of its own: it needs use_state true")
+    return config
