@@ -29,6 +29,9 @@ class BackboneSettings(_Strict):
     freeze: Literal["full", "frozen-vision", "frozen-language", "frozen-vision-and-embeddings", "lora"] = "full"
     lora_rank: int = Field(8, ge=1, le=4096, strict=True)
     lora_targets: Literal["attention", "all-linear"] = "attention"  # all-linear: RoboVLMs' choice
+    # the dtype the weights are held in: float32 keeps fp32 master weights under mixed precision, whatever dtype a
+    # pretrained checkpoint was saved in; bfloat16 or float16 halve the weights' memory (with precision bf16-true)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class FormulationSettings(_Strict):
@@ -60,7 +63,9 @@ class TrainingConfig(_Strict):
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, strict=True)
     weight_decay: float = Field(0.01, ge=0)
-    precision: Literal["32", "bf16-mixed"] = "32"
+    precision: Literal["32", "bf16-mixed", "bf16-true", "16-mixed"] = "32"  # Lightning's spellings
+    accumulate_grad_batches: int = Field(1, ge=1, le=MAX_COUNT, strict=True)  # micro-batches per optimiser step
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward (transformers' own)
     gradient_clip: float | None = Field(1.0, gt=0)
     seed: int = Field(0, strict=True)
     execution: Literal["first", "ensemble", "chunk"] = "first"  # how a rollout executes a predicted chunk
@@ -68,6 +73,7 @@ class TrainingConfig(_Strict):
     log_every: int = Field(10, ge=1, le=MAX_STEPS, strict=True)
     accelerator: str = "auto"  # Lightning's: cpu, gpu, auto
     devices: int | str = 1  # several GPUs train one cell with the strategy below
+    num_nodes: int = Field(1, ge=1, le=MAX_COUNT, strict=True)  # machines training one cell together
     strategy: str = "auto"  # e.g. ddp
 
 

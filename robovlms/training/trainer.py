@@ -80,7 +80,8 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     with _without_lightning_notices():
         trainer = L.Trainer(
             max_steps=config.max_steps, precision=config.precision, gradient_clip_val=config.gradient_clip,
-            accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
+            accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+            strategy=config.strategy, accumulate_grad_batches=config.accumulate_grad_batches,
             log_every_n_steps=config.log_every, enable_progress_bar=progress, enable_model_summary=progress,
             num_sanity_val_steps=0, val_check_interval=config.validate_every, check_val_every_n_epoch=None,
             limit_val_batches=config.validation_batches if validation else 0, use_distributed_sampler=False,
