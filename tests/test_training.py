@@ -118,7 +118,7 @@ def test_config_errors_name_the_bad_key_and_the_valid_ones(store, tmp_path):
         load_config(config(store, tmp_path, histroy=2))
     with pytest.raises(ConfigError, match="unknown key 'backbone.nme'; valid keys: name, size"):
         load_config(config(store, tmp_path, backbone={"nme": "kosmos2"}))
-    with pytest.raises(ConfigError, match="precision: Input should be '32' or 'bf16-mixed'"):
+    with pytest.raises(ConfigError, match="precision: Input should be '32', 'bf16-mixed', 'bf16-true' or '16-mixed'"):
         load_config(config(store, tmp_path, precision="16"))
     with pytest.raises(UnknownNameError, match="unknown formulation 'one-step'; valid choices: interleaved, "
                                                "one-step-continuous, one-step-discrete, policy-head"):
