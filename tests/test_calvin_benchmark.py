@@ -330,7 +330,7 @@ def test_a_simulator_killed_mid_chain_fails_the_evaluation_with_its_death_not_wi
                 os.kill(environment.process.pid, signal.SIGKILL)
             return super().step(observation)
 
-    with pytest.raises(SimulatorDied, match=r"killed by SIGKILL .* during step\(\); it printed nothing during") as error:
+    with pytest.raises(SimulatorDied, match=r"killed by SIGKILL .* during step\(\); it printed nothing") as error:
         evaluate(benchmark, KilledAtItsThirdStep, [chain_with(benchmark)], progress=False)
     assert "close()" not in str(error.value)
     assert environment.process.log_path.exists()

@@ -213,7 +213,8 @@ def test_an_episode_after_one_that_moved_the_arm_starts_as_in_a_fresh_environmen
     google.run_episode(environment, spec_of("google_robot_pick_coke_can", "visual_matching", 0), Push([0.01] * 12))
     after = environment.reset(spec_of("google_robot_pick_coke_can", "visual_matching", 1)).images["rgb_static"]
     fresh = stand_in_environment("google_robot", StandInSimulator(tmp_path / "fresh"))
-    assert (after == fresh.reset(spec_of("google_robot_pick_coke_can", "visual_matching", 1)).images["rgb_static"]).all()
+    assert (after == fresh.reset(spec_of("google_robot_pick_coke_can", "visual_matching", 1)).images["rgb_static"]
+            ).all()
 
 
 def test_a_policy_of_another_action_dimension_is_refused(google, tmp_path):

@@ -306,10 +306,10 @@ def _calvin_errors(python: str):
                 f"install calvin_models (below) or set benchmark option calvin_conf to that folder.\n{INSTALL}\n"
                 f"(import failed: {error})") from None
         raise MissingDependencyError(
-            f"calvin_env fails to import in {python}: {error}. robovlms was checked with calvin_env {CALVIN_ENV_COMMIT}, "
-            f"which needs only the packages below; a recursive clone of calvin checks out an older calvin_env: run "
-            f"git -C calvin/calvin_env checkout {CALVIN_ENV_COMMIT} (an editable install follows it). {INSTALL_STEPS}"
-        ) from None
+            f"calvin_env fails to import in {python}: {error}. robovlms was checked with calvin_env "
+            f"{CALVIN_ENV_COMMIT}, which needs only the packages below; a recursive clone of calvin checks out an "
+            f"older calvin_env: run git -C calvin/calvin_env checkout {CALVIN_ENV_COMMIT} (an editable install "
+            f"follows it). {INSTALL_STEPS}") from None
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
 

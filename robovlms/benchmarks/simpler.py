@@ -5,10 +5,11 @@ The protocol is SimplerEnv's own: the episodes its scripts run (`simpler_episode
 with the scripts' arguments and reset with their options, at 3 Hz (Google robot) or 5 Hz (WidowX), for the task's
 whole step limit. Every episode gets a freshly built environment, as in SimplerEnv's scripts: a ManiSkill2_real2sim
 reset keeps the robot's joint drive targets and leaves the arm where the last episode left it while the objects
-settle, so a reused environment's episode can start from another scene (measured: 1855 pixels of pick coke can's
-first image after a 12-step episode that moved the arm), and a reset that rebuilds the scene costs what a rebuild
-costs (docs/simpler.md). As simpler_env's evaluator does, an episode is not stopped when the task is first solved: success is the environment's `success` at its last step (a coke can lifted
-and dropped again is a failure), and the instruction is the environment's own. A policy's raw action is converted the
+settle, so a reused environment's episode can start from another scene (measured: 355 pixels of pick coke can's
+first image at 224 x 224 after a 12-step episode that moved the arm), and a reset that rebuilds the scene costs what
+a rebuild costs (docs/simpler.md). As simpler_env's evaluator does, an episode is not stopped when the task is first
+solved: success is the environment's `success` at its last step (a coke can lifted and dropped again is a failure),
+and the instruction is the environment's own. A policy's raw action is converted the
 way SimplerEnv's Octo and OpenVLA policies convert theirs (`SimplerActionConverter`). A task's score is the mean over
 its variants of each variant's success rate.
 
@@ -342,9 +343,9 @@ class SimplerBenchmark(Benchmark):
         environment = self.make_environment()
         try:
             for robot in ROBOTS:
-                tasks = SimplerBenchmark(robot=robot, image_size=self.image_size)
+                robots_tasks = SimplerBenchmark(robot=robot, image_size=self.image_size)
                 driver = SimplerEnvironment(robot, self.image_size, environment.scene, environment.asset_dir)
-                driver.reset(tasks.evaluation_episodes(tasks.splits()[0], 1)[0])
+                driver.reset(robots_tasks.evaluation_episodes(robots_tasks.splits()[0], 1)[0])
                 driver.step(np.zeros(self.action_dim, dtype=np.float32), observe=True)
         finally:
             environment.close()
