@@ -12,6 +12,7 @@ from torch import nn
 from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
 
 from robovlms.backbone import Context, TransformersBackbone, options_to_config
+from robovlms.backbone.language_modeling import language_modeling_rows
 from robovlms.tokenizer import train_instruction_tokenizer
 
 IMAGE_TOKEN, AROUND_IMAGE_TOKEN = "<image>", "<fake_token_around_image>"
@@ -86,6 +87,15 @@ class FlamingoBackbone(TransformersBackbone):
         out = self.model(pixel_values=pixel_values.unsqueeze(1), inputs_embeds=embeds,
                          image_attention_mask=image_attention_mask, output_hidden_states=True)
         return out.hidden_states[-1][0, -1]
+
+    def language_modeling_loss(self, images: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        rows = language_modeling_rows(self.tokenizer, self.image_block(), prompts, targets)
+        image_attention_mask = rows.attention_mask.clone()
+        image_attention_mask[:, 0] = 0  # <s> comes before the image; every later position cross-attends to it
+        return self.model(input_ids=rows.input_ids.to(images.device), pixel_values=images.unsqueeze(1),
+                          attention_mask=rows.attention_mask.to(images.device),
+                          image_attention_mask=image_attention_mask.unsqueeze(-1).to(images.device),
+                          labels=rows.labels.to(images.device), use_cache=False).loss
 
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.model.vision_model, self.model.model.perceiver_resampler]

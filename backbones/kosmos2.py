@@ -3,6 +3,7 @@ a fixed number of image tokens, placed between <image> and </image> in the langu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from transformers import CLIPImageProcessorPil, Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Processor
+from transformers.models.kosmos2.processing_kosmos2 import coordinate_to_patch_index
 
 from robovlms.backbone import Context, TransformersBackbone, options_to_config
+from robovlms.backbone.language_modeling import language_modeling_rows
 from robovlms.tokenizer import train_instruction_tokenizer
 
 
@@ -85,6 +88,18 @@ class Kosmos2Backbone(TransformersBackbone):
         out = self.model(pixel_values=pixel_values, inputs_embeds=embeds, image_embeds_position_mask=image_mask,
                          output_hidden_states=True)
         return out.hidden_states[-1][0, -1]
+
+    def language_modeling_loss(self, images: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        rows = language_modeling_rows(self.tokenizer, self.image_block(), prompts, targets)
+        return self.model(pixel_values=images, input_ids=rows.input_ids.to(images.device),
+                          image_embeds_position_mask=rows.image_slots.long().to(images.device),
+                          attention_mask=rows.attention_mask.to(images.device), labels=rows.labels.to(images.device),
+                          use_cache=False).loss
+
+    def grounded_phrase(self, phrase: str, box: tuple[float, float, float, float]) -> str:
+        """KOSMOS-2's grounded text: the box's top-left and bottom-right cells of a 32 x 32 grid."""
+        first, last = coordinate_to_patch_index(box, math.isqrt(self.processor.num_patch_index_tokens))
+        return f"<phrase> {phrase}</phrase><object><patch_index_{first:04d}><patch_index_{last:04d}></object>"
 
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.vision_model, self.model.image_to_text_projection]

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
 from robovlms.backbone import Context, TransformersBackbone, options_to_config
+from robovlms.backbone.language_modeling import language_modeling_rows
 from robovlms.tokenizer import train_instruction_tokenizer
 
 
@@ -82,6 +83,20 @@ class PaliGemmaBackbone(TransformersBackbone):
         out = self.model(pixel_values=pixel_values, inputs_embeds=embeds, token_type_ids=token_type_ids,
                          output_hidden_states=True)
         return out.hidden_states[-1][0, -1]
+
+    def language_modeling_loss(self, images: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        # PaliGemma's prefix-LM: bidirectional over image and prompt (token type 0), causal over the target (1)
+        rows = language_modeling_rows(self.tokenizer, self.image_block(), prompts, targets,
+                                      self.model.config.image_token_id)
+        return self.model(input_ids=rows.input_ids.to(images.device), pixel_values=images,
+                          attention_mask=rows.attention_mask.to(images.device),
+                          token_type_ids=rows.in_target.long().to(images.device), labels=rows.labels.to(images.device),
+                          use_cache=False).loss
+
+    def grounded_phrase(self, phrase: str, box: tuple[float, float, float, float]) -> str:
+        """PaliGemma's detection text: y_min, x_min, y_max, x_max as <locXXXX> tokens of 1024 bins, then the name."""
+        x0, y0, x1, y1 = box
+        return "".join(f"<loc{min(int(value * 1024), 1023):04d}>" for value in (y0, x0, y1, x1)) + f" {phrase}"
 
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]

@@ -246,6 +246,46 @@ def train_command(
     console.print(f"trained: {run_dir} (checkpoints in {run_dir / 'checkpoints'})")
 
 
+@app.command("pretrain")
+def pretrain_command(
+    settings: Annotated[Path | None, typer.Argument(help="Pre-training settings YAML (docs/pretraining.md); "
+                                                         "the options below override it.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone to pre-train (default kosmos2).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 2000).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the initial weights and of the batches.")] = None,
+    root: Annotated[Path, typer.Option(help="Where pre-trained backbones and their frames are kept, one "
+                                            "directory per settings' content.")] = Path("data/pretrained"),
+    workers: Annotated[int, typer.Option(help="Processes rendering the frames.")] = 2,
+    examples: Annotated[Path | None, typer.Option(help="Only write a figure of example views and their texts "
+                                                       "(PNG) to this file, and pre-train nothing.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Pre-train a backbone with its own language-modelling loss on frames and texts made from Meta-World's
+    simulator; a second run with the same settings finds it done, an interrupted one resumes."""
+    from robovlms.pretraining import load_pretraining_config, pretrain, pretrained_path, pretraining_record
+
+    raw = load_pretraining_config(settings).model_dump(mode="json") if settings else {}
+    if backbone is not None:
+        raw["backbone"] = {"name": backbone}
+    overrides = {"max_steps": steps, "seed": seed}
+    config = load_pretraining_config({**raw, **{key: value for key, value in overrides.items() if value is not None}})
+    if examples is not None:
+        from robovlms.pretraining.examples import examples_figure
+
+        examples_figure(config, root, examples, workers=workers, progress=progress)
+        console.print(f"examples: {examples}")
+        return
+    found = pretraining_record(pretrained_path(config, root)) is not None
+    out = pretrain(config, root, workers=workers, progress=progress)
+    record = pretraining_record(out)
+    done = ("found done with these settings" if found else
+            f"pre-trained in {record['seconds'] / 60:.1f} min, {record['cpu_seconds'] / 60:.1f} CPU min")
+    console.print(f"{record['backbone'].split(' (')[0]}: {out} ({done}; {record['steps']} steps, final loss "
+                  f"{record['final_train_loss']:.3f})")
+    console.print(f"train from it with  backbone: {{name: {config.backbone.name}, size: pretrained, path: {out}}}",
+                  highlight=False)
+
+
 def _progress_printer(run_dir: Path):
     """How a sweep shows progress: on a terminal, a rich bar over its cells (done, running, waiting, failed) or a
     search's trials (also pruned); otherwise (`make demo > log`) one line per cell as it is committed."""

@@ -47,7 +47,8 @@ VERSIONED_PACKAGES = ("robovlms", "torch", "transformers", "lightning", "optuna"
 
 @dataclass
 class CellResult:
-    """One cell of a sweep: a trained configuration (kind "trained") or a baseline policy (kind "baseline")."""
+    """One cell of a sweep: a trained configuration (kind "trained"), a baseline policy (kind "baseline"), or the
+    pre-training of a backbone that trained cells start from (kind "pretraining": no episodes)."""
 
     cell_id: str
     status: str  # "complete" | "failed"
@@ -83,6 +84,9 @@ class CellResult:
     versions: dict[str, str] = field(default_factory=dict)
     sweep: str = ""  # the sweep's name (its study)
     trial: int | None = None  # the Optuna trial number that produced it
+    cpu_seconds: float | None = None  # CPU time of the cell's processes (every thread), training and evaluation
+    # a linear probe of the [LRN] state for the target's position, before and after training (sweep `probe:`)
+    probe: dict[str, float] | None = None
 
 
 def software_versions(benchmark: str | None = None, training: dict[str, Any] | None = None) -> dict[str, str]:
@@ -98,6 +102,15 @@ def software_versions(benchmark: str | None = None, training: dict[str, Any] | N
         if source.distribution is not None:
             versions[source.distribution] = source.version
     return versions
+
+
+def cpu_seconds() -> float:
+    """CPU time so far of this process (every thread) and of its children that have ended (rollout and rendering
+    workers): what a cell costs on a machine of its own, whatever else shares the cores."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _plugin_sources(benchmark: str | None, training: dict[str, Any] | None) -> list[PluginSource]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from robovlms.backbone.context import Context, batch_context, row_layout
 from robovlms.backbone.freezing import freeze
-from robovlms.errors import ConfigError, ShapeError, UnknownNameError
+from robovlms.errors import ConfigError, PluginError, ShapeError, UnknownNameError
 
 SIZES = ("tiny", "pretrained")
 MAX_IMAGE_SIZE = 2048  # px; no VLM's vision tower takes larger square images, so a larger "size" is a pixel count
@@ -122,6 +122,27 @@ class Backbone(nn.Module, abc.ABC):
         pixels, token ids and positions; None when there is no such forward. `robovlms check-backbone` checks
         that `forward` agrees with it."""
         return None
+
+    def language_modeling_loss(self, images: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        """The wrapped model's own language-modelling loss (its LM head and labels, its attention: prefix-LM for
+        PaliGemma, causal for KOSMOS-2 and IDEFICS) on each target text, after its image (N, 3, S, S, as
+        `preprocess_images` gives them) and its prompt, in the rows of `robovlms/backbone/language_modeling.py`.
+        What `robovlms pretrain` trains (docs/pretraining.md); a backbone without it cannot be pre-trained."""
+        raise PluginError(f"backbone {self.name!r} cannot be pre-trained: it does not implement "
+                          f"language_modeling_loss(images, prompts, targets) (docs/pretraining.md)")
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write this backbone's weights and files so that `pretrained(directory)` loads them: how `robovlms pretrain`
+        hands on what it trained. A backbone without it cannot be pre-trained."""
+        raise PluginError(f"backbone {self.name!r} cannot be pre-trained: it does not implement "
+                          f"save_pretrained(directory), the inverse of its pretrained(path) (docs/pretraining.md)")
+
+    def grounded_phrase(self, phrase: str, box: tuple[float, float, float, float]) -> str:
+        """`phrase` and where it is in the image, for pre-training text: box (x0, y0, x1, y1) in fractions of the
+        image's width and height from its top left. In the backbone's own location tokens where its model has them
+        (KOSMOS-2's <patch_index_XXXX>, PaliGemma's <locXXXX>); in words otherwise, as percentages."""
+        x0, y0, x1, y1 = (round(100 * value) for value in box)
+        return f"{phrase} at x {x0} to {x1}, y {y0} to {y1}"
 
     # ---- the interface the formulations use ---------------------------------------------------------------
 

@@ -48,6 +48,10 @@ class TransformersBackbone(Backbone):
         self.processor.save_pretrained(directory)
         self.model.config.save_pretrained(directory)
 
+    def save_pretrained(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
     def reference_inputs(self, image: torch.Tensor, instruction: str, suffix_embed: torch.Tensor,
                          image_token_id: int | None = None):
         """For `reference_hidden_state`: the image as the model's own processor gives it, the documented per-frame

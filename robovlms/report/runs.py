@@ -58,6 +58,7 @@ class SweepRuns:
     repeats: list[str] = field(default_factory=list)  # each configuration and seed that several runs hold
     trials: dict[str, pd.DataFrame] = field(default_factory=dict)  # run -> a search's results/trials.csv
     best: dict[str, dict] = field(default_factory=dict)  # run -> a search's results/best.json
+    pretraining: list[CellResult] = field(default_factory=list)  # the pre-training cells, which have no episodes
 
     @property
     def configuration(self) -> list[str]:
@@ -73,7 +74,7 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
     names = [path.name for path in paths]
     runs = names if len(set(names)) == len(names) else [str(path) for path in paths]
 
-    results, rows, unfinished, damaged = [], [], [], []
+    results, rows, unfinished, damaged, pretraining = [], [], [], [], []
     for run, path in zip(runs, paths):
         cell_dirs = sorted((path / CELLS_DIR).iterdir()) if (path / CELLS_DIR).is_dir() else []
         for cell in filter(Path.is_dir, cell_dirs):
@@ -85,6 +86,9 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
                 continue
             if result is None:
                 unfinished.append({"run": run, "cell_id": cell.name})
+                continue
+            if result.kind == "pretraining":  # no episodes: its own section reads it (report/pretraining.py)
+                pretraining.append(result)
                 continue
             results.append(result)
             rows.append({**asdict(result), "run": run, "run_dir": path})
@@ -126,7 +130,7 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
     return SweepRuns(benchmark, split, cells.drop(columns="run_dir"), episodes, curves,
                      pd.DataFrame(unfinished, columns=["run", "cell_id"]), results,
                      damaged=pd.DataFrame(damaged, columns=DAMAGED_COLUMNS), settings=settings, repeats=repeats,
-                     trials=trials, best=best)
+                     trials=trials, best=best, pretraining=pretraining)
 
 
 class _UnreadableRecords(Exception):

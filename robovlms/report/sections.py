@@ -45,8 +45,10 @@ def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -
     if runs.cells.empty:
         return [Section("No results", [f"No cell of these runs has committed its {RESULT_FILE} yet."]),
                 _failed_section(runs)]
+    from robovlms.report.pretraining import pretraining_sections
+
     sections = [_success_section(runs, out), _baselines_section(runs), _search_section(runs),
-                _main_effects_section(runs, out),
+                _main_effects_section(runs, out), *pretraining_sections(runs),
                 _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
                 _breakdown_section(runs, "scene"), _chain_section(runs), _data_efficiency_section(runs, out),
                 _cost_section(runs, out), _training_curves_section(runs, out), _failed_section(runs),

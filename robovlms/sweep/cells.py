@@ -12,21 +12,26 @@ from typing import Any, Literal
 from robovlms.errors import ConfigError, RobovlmsError
 from robovlms.sweep.config import FIXED_TRAINING_KEYS, SweepConfig
 
+PRETRAINING_AXIS = "pretraining"  # a grid axis when the sweep has pre-training settings
+
 
 @dataclass
 class Cell:
     """One configuration of a sweep: a training config (kind "trained") or a baseline policy."""
 
     cell_id: str
-    kind: Literal["trained", "baseline"]
-    training: dict[str, Any] = field(default_factory=dict)  # TrainingConfig without store and run_dir
+    kind: Literal["trained", "baseline", "pretraining"]
+    # TrainingConfig without store and run_dir; a pre-training cell's PretrainingConfig
+    training: dict[str, Any] = field(default_factory=dict)
     axes: dict[str, Any] = field(default_factory=dict)
     policy: str = "trained"
+    needs: Cell | None = None  # the pre-training cell whose backbone a trained cell starts from
 
 
 def expand_cells(sweep: SweepConfig) -> list[Cell]:
-    """The grid's cells (union of its grids, duplicates once), then one cell per baseline, each validated.
-    Without a grid, the training settings alone are one cell; an empty grid has no cells."""
+    """The pre-training cells the grid's cells need, the grid's cells (union of its grids, duplicates once), then
+    one cell per baseline, each validated. Without a grid, the training settings alone are one cell; an empty grid
+    has no cells."""
     from robovlms.training import TrainingConfig
 
     if sweep.grid is None:
@@ -34,6 +39,8 @@ def expand_cells(sweep: SweepConfig) -> list[Cell]:
     else:
         grids = sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]
     valid_axes = [key for key in TrainingConfig.model_fields if key not in FIXED_TRAINING_KEYS]
+    if sweep.pretraining is not None:
+        valid_axes.append(PRETRAINING_AXIS)
     for key in sweep.train:
         if key not in valid_axes:
             raise ConfigError(f"unknown key 'train.{key}'; valid keys: {', '.join(valid_axes)}")
@@ -49,17 +56,47 @@ def expand_cells(sweep: SweepConfig) -> list[Cell]:
             continue  # an empty grid, unlike no grid, has no cells
         for combination in itertools.product(*grid.values()):
             axes = dict(zip(grid.keys(), combination))
-            training = cell_training(sweep.train, axes)
-            cell = Cell(make_cell_id(training), "trained", training, axes)
+            training, pretraining = pretrained_backbone(sweep, cell_training(sweep.train, axes))
+            cell = Cell(make_cell_id(training), "trained", training, axes, needs=pretraining)
             cells.setdefault(cell.cell_id, cell)
     trained = list(cells.values())
     for cell in trained:
         check_cell(cell)
+    pretraining = list({cell.needs.cell_id: cell.needs for cell in trained if cell.needs is not None}.values())
     baselines = [Cell(f"baseline-{name}", "baseline", axes={"policy": name}, policy=name) for name in sweep.baselines]
     if not trained and not baselines:
         raise ConfigError("the sweep has no cells: its grid is empty and it has no baselines; give grid axes, "
                           "training settings without a grid, or baselines")
-    return trained + baselines
+    # pre-training first; then the cells that need none, so that the workers rarely wait for one
+    return pretraining + sorted(trained, key=lambda cell: cell.needs is not None) + baselines
+
+
+def pretrained_backbone(sweep: SweepConfig, training: dict[str, Any]) -> tuple[dict[str, Any], Cell | None]:
+    """A cell's `pretraining` setting resolved: "none" trains its backbone from a random init as configured; the
+    name of one of the sweep's pre-training settings makes a pre-training cell of the cell's backbone with them,
+    and the cell trains from the directory that cell writes (size pretrained). The pre-training is checked to see
+    neither a task nor a scene the sweep evaluates on, test or validation (robovlms/pretraining/held_out.py)."""
+    from robovlms.pretraining import check_held_out, pretrained_path, pretraining_config
+
+    training = dict(training)
+    name = training.pop(PRETRAINING_AXIS, "none")
+    if name in ("none", None):
+        return training, None
+    settings = sweep.pretraining.settings if sweep.pretraining is not None else {}
+    if name not in settings:
+        from robovlms.errors import UnknownNameError
+
+        raise UnknownNameError("pre-training (the sweep's pretraining.settings, or none)", name, [*settings, "none"])
+    backbone = merge({"name": "gpt-scratch"}, training.get("backbone") or {})
+    config = pretraining_config(settings[name], {key: value for key, value in backbone.items()
+                                                 if key in ("name", "size", "path", "options")})
+    check_held_out(config, sweep.benchmark.name, sweep.benchmark.options, sweep.benchmark.split, f"pretraining {name}")
+    path = pretrained_path(config, sweep.pretraining.path)
+    cell = Cell(f"pretrain-{path.name}", "pretraining", config.model_dump(mode="json"),
+                {"backbone": config.backbone.name, PRETRAINING_AXIS: name}, policy="pretraining")
+    kept = {key: value for key, value in backbone.items() if key not in ("size", "path", "options")}
+    training["backbone"] = {**kept, "size": "pretrained", "path": str(path)}
+    return training, cell
 
 
 def sweep_cells(sweep: SweepConfig, mode: str) -> list[Cell]:

@@ -59,6 +59,24 @@ class SearchSettings(_Strict):
     seed: int = 0
 
 
+class PretrainingSettings(_Strict):
+    """Pre-training cells (robovlms/pretraining/): a grid's `pretraining` axis names one of `settings` (or none, a
+    random init); the cell's backbone is pre-trained with it first, in a cell of its own, and trained from there."""
+
+    path: str = "data/pretrained"  # pre-trained backbones and their frames, one directory per settings' content
+    settings: dict[str, dict[str, Any]]  # name -> robovlms.pretraining.PretrainingConfig keys but backbone
+    workers: int = Field(2, ge=1)  # processes rendering the frames, before any cell runs
+
+
+class ProbeSettings(_Strict):
+    """A linear probe of each trained cell's [LRN] state for the target object's position, before and after its
+    training, on frames of the split's validation scene (robovlms/pretraining/probe.py)."""
+
+    path: str = "data/probe"  # the probe's frames, one directory per their settings' content
+    episodes_per_task: int = Field(8, ge=2)  # half fit the probe, half score it
+    frames_per_episode: int = Field(8, ge=1)
+
+
 class SweepConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the Optuna study's name
     run_dir: str
@@ -71,6 +89,8 @@ class SweepConfig(_Strict):
     baselines: list[Literal["zero", "mean", "replay"]] = list(BASELINES)
     evaluation: EvaluationSettings = EvaluationSettings()
     search: SearchSettings | None = None  # for `robovlms tune`
+    pretraining: PretrainingSettings | None = None
+    probe: ProbeSettings | None = None
     heartbeat_seconds: int = Field(30, ge=1)  # a worker silent for twice this long is taken for dead
 
 

@@ -13,8 +13,8 @@ from robovlms.baselines import baseline_factory
 from robovlms.benchmark import BENCHMARKS, Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.data.store import EpisodeStore
 from robovlms.errors import ConfigError
-from robovlms.results import (CELLS_DIR, TRAIN_DIR, CellResult, read_training_curve, software_versions,
-                              write_cell_result, write_records)
+from robovlms.results import (CELLS_DIR, TRAIN_DIR, CellResult, cpu_seconds, read_training_curve,
+                              software_versions, write_cell_result, write_records)
 from robovlms.sweep.cells import Cell
 from robovlms.sweep.config import SweepConfig
 
@@ -76,6 +76,9 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     `holds_cell` says that this attempt was taken for dead meanwhile (then CellReleased)."""
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
+    cpu_started = cpu_seconds()
+    if cell.kind == "pretraining":
+        return run_pretraining_cell(sweep, cell, cell_dir, trial_number, progress, holds_cell)
     store = EpisodeStore(sweep.store.path)
     benchmark = sweep_benchmark(sweep, store)
     result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=benchmark.name,
@@ -89,6 +92,10 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
         result.config = {"policy": cell.policy, "store": str(store.path)}
     else:
         factory, local_policy = train_cell(sweep, cell, cell_dir, result, callbacks, progress)
+        if sweep.probe is not None:
+            from robovlms.pretraining.probe import probe_trained_cell
+
+            result.probe = probe_trained_cell(sweep, benchmark, cell_dir / TRAIN_DIR)
     started = time.perf_counter()
     from robovlms.rollout import evaluate
 
@@ -100,6 +107,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     result.episodes, result.successes = len(records), int(sum(record.success for record in records))
     result.success = result.successes / result.episodes
     result.scores = benchmark.score(records)
+    result.cpu_seconds = cpu_seconds() - cpu_started
     if holds_cell is not None and not holds_cell():
         raise CellReleased(cell.cell_id)
     write_records(cell_dir, records)
@@ -119,6 +127,10 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
 
     train_dir = cell_dir / TRAIN_DIR
     config = load_config({**cell.training, "store": sweep.store.path, "run_dir": str(train_dir)})
+    if cell.needs is not None:  # done by its own cell, which ran first, unless the sweep's order could not wait
+        from robovlms.pretraining import pretrain
+
+        pretrain(cell.needs.training, sweep.pretraining.path, workers=sweep.pretraining.workers, progress=progress)
     train(config, progress=progress, callbacks=callbacks)
     result.train_seconds = training_seconds(train_dir)  # every attempt's, a killed one's too
     formulation, config = load_formulation(train_dir)
@@ -139,6 +151,27 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
     execution = sweep.evaluation.execution or config.execution
     local_policy = CheckpointPolicy(formulation, config.cameras, execution, frame_stride=config.frame_stride)
     return policy_factory(train_dir, sweep.evaluation.execution), local_policy
+
+
+def run_pretraining_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, trial_number: int | None, progress: bool,
+                         holds_cell: Callable[[], bool] | None) -> CellResult:
+    """Pre-train a backbone (robovlms/pretraining/run.py: cached, so a cell already pre-trained elsewhere takes no
+    time) and commit its result: the pre-trained directory, its losses and times, no episodes."""
+    from robovlms.pretraining import pretrain, pretraining_record
+
+    path = pretrain(cell.training, sweep.pretraining.path, workers=sweep.pretraining.workers, progress=progress)
+    record = pretraining_record(path)  # the times and costs of the run that made it, here or before
+    result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=sweep.benchmark.name,
+                        split=sweep.benchmark.split, policy=cell.policy, axes=cell.axes,
+                        backbone=cell.axes["backbone"], backbone_label=record["backbone"],
+                        versions=software_versions(), sweep=sweep.name, trial=trial_number,
+                        train_seconds=record["train_seconds"], final_train_loss=record["final_train_loss"],
+                        cpu_seconds=record["cpu_seconds"], checkpoint=str(path), config=record["settings"],
+                        seed=record["settings"]["seed"])
+    if holds_cell is not None and not holds_cell():
+        raise CellReleased(cell.cell_id)
+    write_cell_result(cell_dir, result)
+    return result
 
 
 def _step_latency_ms(policy, store: EpisodeStore, spec: EpisodeSpec, steps: int) -> float:
