@@ -3,6 +3,10 @@
 Meta-World (embedded), CALVIN and SimplerEnv implement `Benchmark`. Single-task benchmarks score per-task success;
 chain benchmarks (CALVIN) override `run_episode` to run several subtasks in a row and `score` to report how many
 in a row succeeded.
+
+A split (ABC->D) has two sets of evaluation episodes, its evaluation splits: the test episodes
+(`evaluation_episodes`), which results are reported on, and the validation episodes (`validation_episodes`), which
+settings are chosen on. They never share an episode.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
-from robovlms.errors import ConfigError, MissingDependencyError
+from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
 from robovlms.registry import Registry
 
 if TYPE_CHECKING:
     from robovlms.sim_to_real import PublishedAgreement
+
+
+EVALUATION_SPLITS = ("validation", "test")  # validation: for choosing settings; test: for reporting them
 
 
 @dataclass
@@ -130,7 +137,22 @@ class Benchmark(ABC):
 
     @abstractmethod
     def evaluation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
-        """The held-out episodes of a split: scenes, instructions and seeds never used for training."""
+        """The test episodes of a split: scenes, instructions and seeds never used for training."""
+
+    def validation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """The validation episodes of a split, for choosing settings: never a test episode nor a training one, and
+        held out from training as the test episodes are, so that success on them predicts success on the test
+        episodes without reading them. ConfigError where the benchmark's protocol allows none (say why)."""
+        raise ConfigError(f"{self.name} defines no validation episodes, so settings cannot be chosen on them; choose "
+                          f"on the validation loss (search objective val_loss), or name the test episodes "
+                          f"(evaluation split test) knowing that the test numbers then rest on a choice made on them")
+
+    def split_episodes(self, split: str, evaluation_split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """The episodes of one evaluation split of `split`: "validation" or "test"."""
+        if evaluation_split not in EVALUATION_SPLITS:
+            raise UnknownNameError("evaluation split", evaluation_split, EVALUATION_SPLITS)
+        episodes = self.validation_episodes if evaluation_split == "validation" else self.evaluation_episodes
+        return episodes(split, episodes_per_task)
 
     @abstractmethod
     def make_environment(self) -> Environment:

@@ -300,6 +300,15 @@ class SimplerBenchmark(Benchmark):
                                   seed=index) for index in evenly_spread(listed, episodes_per_task)]
         return specs
 
+    def validation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """None: every episode SimplerEnv defines (its scripts' object placements, robot poses and overlays) is one
+        of its published evaluation, and its policies train on real-robot data, not on simulated scenes."""
+        raise ConfigError(
+            "SimplerEnv defines no validation episodes: every episode of visual matching and variant aggregation is "
+            "part of its published evaluation, so choosing settings on any of them chooses on the test. Choose on "
+            "the validation loss of held-out training windows (search objective val_loss), or on another benchmark; "
+            "evaluation split test names the test episodes knowingly (docs/simpler.md)")
+
     @classmethod
     def published_agreement(cls, split: str, tasks: Sequence[str]) -> PublishedAgreement | None:
         """SimplerEnv's published agreement for its reference policies (simpler_metrics) on the tasks it publishes."""

@@ -126,13 +126,14 @@ def _baselines_section(runs: SweepRuns) -> Section | None:
 
 
 def _family_note(tests: int, compared: str) -> str:
-    return (f"Resolved (Holm): the p-value of the comparison, Holm-adjusted over the {tests} "
-            f"comparison{'' if tests == 1 else 's'} of this table (one per {compared}), is below {FAMILY_ERROR:.2f}, so the chance that any difference this table "
-            f"calls resolved does not exist stays within {FAMILY_ERROR:.0%}. The interval beside it is the "
-            f"comparison's own, not adjusted: one that excludes 0 without \"resolved\" is not evidence once the "
-            f"table's other comparisons are counted. A comparison of fewer than {MIN_PAIRED_EPISODES} episodes per "
-            "pair of cells is never resolved and is no test of the family: on fewer, the interval's approximation "
-            "fails (a difference on 2 episodes can have no spread at all).")
+    return (f"Resolved (Holm): the comparison's p-value, Holm-adjusted over the {tests} "
+            f"comparison{'' if tests == 1 else 's'} of this table (one per {compared}), is below "
+            f"{FAMILY_ERROR:.2f}, so the chance that any difference this table calls resolved does not exist stays "
+            f"within {FAMILY_ERROR:.0%}. The interval beside it is the comparison's own, not adjusted: one that "
+            "excludes 0 without \"resolved\" is not evidence once the table's other comparisons are counted. A "
+            f"comparison of fewer than {MIN_PAIRED_EPISODES} episodes per pair of cells is never resolved and is no "
+            "test of the family: on fewer, the interval's approximation fails (a difference on 2 episodes can have "
+            "no spread at all).")
 
 
 def _pair_noise_note(attributes: dict, runs: SweepRuns, seeds_only: bool) -> str:
@@ -181,7 +182,10 @@ def _search_section(runs: SweepRuns) -> Section | None:
                 str(int(row.user_attrs_duplicate_of))
         best = runs.best.get(run)
         if best is not None:
-            section.notes.append(f"{run}: objective {best.get('objective', 'value')} ({best['direction']}); best "
+            objective = best.get("objective", "value")
+            if objective == "success":
+                objective += f" on the {best.get('evaluation_split', runs.evaluation_split)} episodes"
+            section.notes.append(f"{run}: objective {objective} ({best['direction']}); best "
                                  f"trial {best['trial']}, value {best['value']:.4g}, parameters "
                                  f"{json.dumps(best['params'], sort_keys=True)}, cell {best['cell']}.")
         section.tables.append(Table(name, trials, shown_table(trials, shown), _evaluated(runs)))
