@@ -63,6 +63,11 @@ def _success_section(runs: SweepRuns, out: Path) -> Section:
         "successes: successes over all evaluation episodes of the row, seeds pooled; episodes is that number. "
         "[low, high] is the 95% Wilson score interval. seed mean ± std: mean and sample standard deviation of the "
         "per-seed success rates, where a row has several seeds."])
+    trained = complete_cells(runs)[lambda cells: cells.kind == "trained"]
+    if len(trained) and trained.groupby(runs.configuration, sort=False).seed.nunique().max() > 1:
+        section.notes.append("A Wilson interval treats a row's seeds' episodes as one sample: it covers episode "
+                             "noise, not how much the configuration varies from seed to seed (seed mean ± std shows "
+                             "that); the comparisons below include both.")
     settings = [setting for setting in runs.settings if setting != REPEAT_RUN]
     if settings:
         section.notes.append(f"The cells differ in {', '.join(HEADERS.get(setting, setting) for setting in settings)} "
@@ -126,6 +131,9 @@ def _baselines_section(runs: SweepRuns) -> Section | None:
 
 
 def _family_note(tests: int, compared: str) -> str:
+    if not tests:
+        return (f"No comparison of this table has {MIN_PAIRED_EPISODES} episodes per pair of cells, too few for "
+                "the interval's approximation: none is tested, and none is resolved.")
     return (f"Resolved (Holm): the comparison's p-value, Holm-adjusted over the {tests} "
             f"comparison{'' if tests == 1 else 's'} of this table (one per {compared}), is below "
             f"{FAMILY_ERROR:.2f}, so the chance that any difference this table calls resolved does not exist stays "
@@ -145,15 +153,16 @@ def _pair_noise_note(attributes: dict, runs: SweepRuns, seeds_only: bool) -> str
                 "not how much a configuration varies from one training seed to another. They say whether these "
                 "trained cells differ on the evaluation episodes' distribution; train two or more seeds to compare "
                 "configurations.")
-    where = ("the seeds of a configuration" if seeds_only else
-             "matched pairs, over seeds and the other axes' levels" if seeds > 1 else
-             "matched pairs over the other axes' levels (one seed per configuration, so this also holds those "
-             "axes' interactions with the compared one)")
-    return (f"The intervals include how much a pair's difference varies beyond episode noise (training seeds"
-            f"{'' if seeds_only else ', other axes'}): estimated from how {where} disagree, pooled over this "
-            f"table's comparisons, {attributes['pair_noise_sd'] * 100:.1f} points per pair "
-            f"({attributes['pair_noise_df']:.0f} effective degrees of freedom)." if attributes["pair_noise_df"] >= 1.5
-            else f"({attributes['pair_noise_df']:.0f} effective degree of freedom).")
+    who = "the seeds of a configuration" if seeds_only else "matched pairs"
+    over = ("" if seeds_only else " over seeds and the other axes' levels" if seeds > 1 else
+            " over the other axes' levels (one seed per configuration, so this also holds those axes' interactions "
+            "with the compared one)")
+    df = attributes["pair_noise_df"]
+    freedom = f"{df:.0f} effective degree{'' if round(df) == 1 else 's'} of freedom"
+    size = (f"{attributes['pair_noise_sd'] * 100:.1f} points per pair" if attributes["pair_noise_sd"] >= 0.0005 else
+            "no more than episode noise explains")
+    return (f"The intervals include how much a pair's difference varies beyond episode noise, estimated from how "
+            f"{who} disagree{over}, pooled over this table's comparisons: {size} ({freedom}).")
 
 
 def _verdict_text(row: pd.Series) -> str:
