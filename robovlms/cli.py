@@ -484,15 +484,18 @@ def doctor_command() -> None:
 
 @app.command("report")
 def report_command(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark, split and "
+                                                        "evaluation split.")],
     out: Annotated[Path, typer.Option(help="Report directory, e.g. reports/NAME.")],
     real_world: Annotated[Path | None, typer.Option(help="Real-world success rates (.yaml: "
                                                          "configuration -> task -> rate; .csv: a `configuration` "
                                                          "column and one column per task) for the sim-to-real "
                                                          "agreement.")] = None,
 ) -> None:
-    """Compare the cells of sweeps: success with 95% Wilson intervals, per task and scene, data efficiency, cost,
-    training curves, failed cells; writes index.md, a self-contained index.html, CSV tables and plots."""
+    """Compare the cells of sweeps: success with 95% Wilson intervals, paired comparisons (main effects, against
+    the baselines) with Holm-adjusted verdicts, per task and scene, data efficiency, cost, training curves, failed
+    cells, each table saying which episodes (validation or test) it comes from; writes index.md, a self-contained
+    index.html, CSV tables and plots."""
     from robovlms.report import write_report
 
     index = write_report(run_dirs, out, real_world)
