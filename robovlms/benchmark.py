@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 
 EVALUATION_SPLITS = ("validation", "test")  # validation: for choosing settings; test: for reporting them
+# how to choose settings where a benchmark has no validation episodes: its trials are then evaluated on the test
+# episodes, by name, and only reported
+VAL_LOSS_SEARCH = ("search: {objective: val_loss} with train.validation_fraction > 0, and evaluation: {split: test} "
+                   "so that its trials are evaluated on the test episodes by name, reported but not selected on")
 
 
 @dataclass
@@ -143,9 +147,9 @@ class Benchmark(ABC):
         """The validation episodes of a split, for choosing settings: never a test episode nor a training one, and
         held out from training as the test episodes are, so that success on them predicts success on the test
         episodes without reading them. ConfigError where the benchmark's protocol allows none (say why)."""
-        raise ConfigError(f"{self.name} defines no validation episodes, so settings cannot be chosen on them; choose "
-                          f"on the validation loss (search objective val_loss), or name the test episodes "
-                          f"(evaluation split test) knowing that the test numbers then rest on a choice made on them")
+        raise ConfigError(f"{self.name} defines no validation episodes, so settings cannot be chosen on them. Choose "
+                          f"on the validation loss of held-out training windows ({VAL_LOSS_SEARCH}), or name the "
+                          f"test episodes knowing that results chosen on them are not test results")
 
     def split_episodes(self, split: str, evaluation_split: str, episodes_per_task: int) -> list[EpisodeSpec]:
         """The episodes of one evaluation split of `split`: "validation" or "test"."""

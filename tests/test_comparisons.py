@@ -204,3 +204,13 @@ def test_pairs_whose_episodes_cannot_be_matched_are_compared_as_independent_samp
     family = family_verdicts([comparison_statistics(data)])
     assert family.low[0, 0] == pytest.approx(-0.043, abs=0.005) and family.high[0, 0] == pytest.approx(0.21, abs=0.005)
     assert not family.resolved[0, 0]
+
+
+def test_comparisons_of_one_episode_neither_break_the_family_nor_get_an_interval():
+    one = ComparisonData(paired=np.array([[[1.0], [0.0]]]), episodes=1)  # two pairs of one episode each
+    rng = np.random.default_rng(0)
+    enough = ComparisonData(paired=(rng.random((1, 2, 60)) < 0.7) - (rng.random((1, 2, 60)) < 0.5).astype(float),
+                            episodes=60)
+    family = family_verdicts([comparison_statistics(one), comparison_statistics(enough)])
+    assert np.isnan(family.low[0, 0]) and not family.resolved[0, 0]
+    assert np.isfinite(family.low[0, 1]) and np.isfinite(family.between_pairs_variance).all()

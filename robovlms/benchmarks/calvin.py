@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
-                                Trajectory, square_image)
+from robovlms.benchmark import (VAL_LOSS_SEARCH, Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation,
+                                Observation, Policy, Trajectory, square_image)
 from robovlms.benchmarks.calvin_sequences import (CHAIN_LENGTH, SUBTASKS, get_sequences, initial_condition_seed,
                                                    initial_conditions, sample_chains)
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
@@ -180,7 +180,7 @@ class CalvinBenchmark(Benchmark):
                 f"CALVIN {split} has no validation episodes: its held-out scene D is the test scene (the dataset's "
                 f"validation/ folder is scene D too), and chains in the training scenes A-C would need their own "
                 f"initial states, which CALVIN defines for D only. Choose on the validation loss of held-out "
-                f"training windows (search objective val_loss); D->D and ABCD->D have validation chains "
+                f"training windows ({VAL_LOSS_SEARCH}); D->D and ABCD->D have validation chains "
                 f"(docs/calvin.md)")
         if episodes_per_task > NUM_CHAINS:
             raise ConfigError(f"CALVIN has {NUM_CHAINS} validation chains; asked for {episodes_per_task}")

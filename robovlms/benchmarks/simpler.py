@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
-                                Trajectory, square_image)
+from robovlms.benchmark import (VAL_LOSS_SEARCH, Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation,
+                                Observation, Policy, Trajectory, square_image)
 from robovlms.benchmarks.simpler_episodes import (TASKS, SimplerEpisode, check_task, episodes, evenly_spread,
                                                    find_episode, protocols, step_limit)
 from robovlms.benchmarks.simpler_metrics import PUBLISHED_SIM_SUCCESS, published_agreement
@@ -306,8 +306,8 @@ class SimplerBenchmark(Benchmark):
         raise ConfigError(
             "SimplerEnv defines no validation episodes: every episode of visual matching and variant aggregation is "
             "part of its published evaluation, so choosing settings on any of them chooses on the test. Choose on "
-            "the validation loss of held-out training windows (search objective val_loss), or on another benchmark; "
-            "evaluation split test names the test episodes knowingly (docs/simpler.md)")
+            f"the validation loss of held-out training windows ({VAL_LOSS_SEARCH}), or on another benchmark "
+            "(docs/simpler.md)")
 
     @classmethod
     def published_agreement(cls, split: str, tasks: Sequence[str]) -> PublishedAgreement | None:

@@ -28,7 +28,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import sparse, stats
 
 CONFIDENCE = 0.95
 FAMILY_ERROR = 0.05  # the family-wise error rate Holm's procedure keeps "resolved" within
@@ -78,6 +78,11 @@ class ComparisonStatistics:
 
 
 def comparison_statistics(data: ComparisonData) -> ComparisonStatistics:
+    with np.errstate(divide="ignore", invalid="ignore"):  # a pair of one episode has no variance: NaN
+        return _comparison_statistics(data)
+
+
+def _comparison_statistics(data: ComparisonData) -> ComparisonStatistics:
     differences, variances = [], []  # per pair: (R, k) each
     episode_variance = 0.0
     if data.paired is not None:
@@ -137,7 +142,8 @@ def family_verdicts(comparisons: list[ComparisonStatistics]) -> FamilyVerdicts:
     pairs = np.array([c.pairs for c in comparisons])
     episodes = np.array([c.episodes for c in comparisons])
     episode_df = np.maximum(episodes - 1, 1)
-    replicated = [c for c in comparisons if c.pairs >= 2]
+    # the pair noise is pooled over the comparisons that can tell it: two pairs or more, each of enough episodes
+    replicated = [c for c in comparisons if c.pairs >= 2 and c.episodes >= MIN_PAIRED_EPISODES]
     df_between = sum(c.pairs - 1 for c in replicated)
     known_df = effective_degrees_of_freedom(replicated)
     if df_between:
@@ -178,16 +184,26 @@ def effective_degrees_of_freedom(comparisons: list[ComparisonStatistics]) -> flo
     backbone and formulation comparisons all read the interaction of one 4 x 4 table, it is about 9, not 36."""
     cells = dict.fromkeys(name for comparison in comparisons for pair in comparison.cells for name in pair)
     names = {name: index for index, name in enumerate(cells)}
-    quadratic = np.zeros((len(names), len(names)))
+    rows, columns, values = [], [], []  # the centred designs of every comparison, stacked: (pairs, cells), sparse
+    offset = 0
     for comparison in comparisons:
-        design = np.zeros((comparison.pairs, len(names)))  # (K, C): +1 at the a-cell, -1 at the b-cell
+        local = {name: index for index, name in enumerate(dict.fromkeys(name for pair in comparison.cells
+                                                                          for name in pair))}
+        design = np.zeros((comparison.pairs, len(local)))  # +1 at a pair's a-cell, -1 at its b-cell
         for row, (a, b) in enumerate(comparison.cells):
-            design[row, names[a]] += 1
-            design[row, names[b]] -= 1
+            design[row, local[a]] += 1
+            design[row, local[b]] -= 1
         centred = design - design.mean(axis=0)
-        quadratic += centred.T @ centred
-    trace = np.trace(quadratic)
-    return float(trace ** 2 / np.sum(quadratic ** 2)) if trace > 0 else 0.0
+        row, column = np.nonzero(centred)
+        rows += (row + offset).tolist()
+        ordered = list(local)
+        columns += [names[ordered[index]] for index in column]
+        values += centred[row, column].tolist()
+        offset += comparison.pairs
+    design = sparse.csr_matrix((values, (rows, columns)), shape=(offset, len(names)))
+    quadratic = (design.T @ design).tocsr()  # A, (cells, cells)
+    trace = quadratic.diagonal().sum()
+    return float(trace ** 2 / quadratic.multiply(quadratic).sum()) if trace > 0 else 0.0
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:

@@ -436,5 +436,7 @@ def _main_effects_section(runs: SweepRuns, out: Path) -> Section | None:
 def _difference_text(row: pd.Series) -> str:
     if pd.isna(row.difference):
         return "no matched cells"
+    if pd.isna(row.low):  # a pair of one episode has no spread to make an interval of
+        return f"{row.difference * 100:+.0f} points, no interval"
     return f"{row.difference * 100:+.0f} [{row.low * 100:+.0f}, {row.high * 100:+.0f}] points"
 
