@@ -233,7 +233,8 @@ def _print_scores(title: str, bench, records) -> None:
     from robovlms.records import records_frame
 
     frame = records_frame(records)
-    table = Table(title=f"{title}: {len(records)} episodes")
+    console.print(f"{title}: {len(records)} episodes", highlight=False)  # in full: a table title is cut to its width
+    table = Table()
     for column in ("task", "successes", "rate", "mean steps"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, group in frame.groupby("task"):
