@@ -351,6 +351,8 @@ def _line_per_cell(run_dir: Path):
 
 
 def _cell_outcome(result) -> str:
+    if result.status == "complete" and result.kind == "pretraining":
+        return f"pre-trained, final loss {result.final_train_loss:.3f} ({result.checkpoint})"
     if result.status == "complete":
         return f"success {result.successes}/{result.episodes} ({result.success:.0%})"
     return f"{result.status}: {(result.error or '').splitlines()[0][:100]}"

@@ -49,11 +49,11 @@ def probe_table(runs: SweepRuns) -> pd.DataFrame:
     """Per configuration and pre-training: seeds, the probe's R^2 and mean error (cm) at initialisation and after
     training (mean and standard deviation over seeds), and success with its episodes."""
     cells = complete_cells(runs)
-    cells = cells[(cells.kind == "trained") & cells.probe.notna()]
+    cells = cells[(cells["kind"] == "trained") & cells["probe"].notna()]
     if cells.empty:
         return pd.DataFrame()
-    probes = pd.DataFrame(list(cells.probe), index=cells.index)
-    frame = cells.assign(pretraining=[pretraining_level(axes) for axes in cells.axes],
+    probes = pd.DataFrame(list(cells["probe"]), index=cells.index)
+    frame = cells.assign(pretraining=[pretraining_level(axes) for axes in cells["axes"]],
                          configuration=[configuration_label(row, [s for s in runs.settings if not
                                                                   s.startswith("backbone.")])
                                         for _, row in cells.iterrows()], **probes)
