@@ -13,8 +13,14 @@ import torch
 from robovlms.backbone import create_backbone
 from robovlms.backbone.language_modeling import IGNORED, language_modeling_rows
 from robovlms.errors import ConfigError, UnknownNameError
-from robovlms.pretraining import (FrameSettings, check_held_out, load_pretraining_config, pretrain,
-                                  pretrained_path, pretraining_record)
+from robovlms.pretraining import (
+    FrameSettings,
+    check_held_out,
+    load_pretraining_config,
+    pretrain,
+    pretrained_path,
+    pretraining_record,
+)
 from robovlms.pretraining.frames import MIN_PIXELS, frame_set
 from robovlms.pretraining.module import PretrainingModule
 from robovlms.pretraining.probe import ridge_probe
@@ -79,7 +85,7 @@ def test_texts_say_only_what_the_view_shows():
     assert offset_text([-0.004, 0.02, 0.0]) == "0 cm left, 2 cm ahead and 0 cm above the gripper"
     rng = np.random.default_rng(0)
     for _ in range(20):
-        prompt, target = view_text([hidden], "rgb_gripper", "grounding", rng, lambda phrase, box: "BOX")
+        _, target = view_text([hidden], "rgb_gripper", "grounding", rng, lambda phrase, box: "BOX")
         assert target == "it is not in view."
 
 
@@ -200,7 +206,47 @@ def test_the_cli_refuses_bad_settings_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("frames: {scenes: XYZ}\n")
     failed = subprocess.run([sys.executable, "-m", "robovlms.cli", "pretrain", str(bad), "--root",
-                             str(tmp_path / "root")], capture_output=True, text=True)
+                             str(tmp_path / "root")], capture_output=True, text=True, check=False)
     assert failed.returncode != 0
     assert "unknown scene 'X'" in failed.stdout and "Traceback" not in failed.stdout + failed.stderr
     assert not (tmp_path / "root").exists()
+
+
+def commit_trained_cell(run_dir, backbone, pretraining, seed, successes):
+    """A committed trained cell of a sweep with a pretraining axis, 8 episodes, with its probe."""
+    from robovlms.results import CellResult, EpisodeRecord, write_cell_result, write_records
+
+    cell_id = f"{backbone}-{pretraining}-s{seed}"
+    label = f"{backbone} (tiny, random init)" if pretraining == "none" else \
+        f"{backbone} (pretrained: data/pretrained/{backbone}-0123456789ab)"
+    records = [EpisodeRecord(task="door-open", scene="D", instruction="open the door", seed=episode,
+                             success=episode < successes, steps=50, seconds=0.1) for episode in range(8)]
+    cell_dir = run_dir / "cells" / cell_id
+    cell_dir.mkdir(parents=True)
+    write_records(cell_dir, records)
+    probe = {"r2_initial": 0.1, "error_cm_initial": 9.0, "r2_trained": 0.5 if pretraining == "sim" else 0.3,
+             "error_cm_trained": 5.0, "frames": 64, "mean_error_cm": 12.0}
+    write_cell_result(cell_dir, CellResult(
+        cell_id=cell_id, status="complete", kind="trained", benchmark="metaworld", split="ABC->D", policy="trained",
+        backbone=backbone, backbone_label=label, random_init=pretraining == "none", formulation="policy-head",
+        history=1, chunk=4, data_fraction=1.0, seed=seed, episodes=8, successes=successes, success=successes / 8,
+        config={"backbone": {"name": backbone}, "seed": seed}, probe=probe,
+        axes={"backbone": backbone, "pretraining": pretraining, "seed": seed}))
+
+
+def test_a_report_compares_pretrained_with_random_init_of_the_same_architecture(tmp_path):
+    from robovlms.report.main_effects import main_effects_table, pairwise_table
+    from robovlms.report.pretraining import probe_table
+    from robovlms.report.runs import read_sweep_runs
+
+    for backbone in ("kosmos2", "paligemma"):
+        for seed in (0, 1):
+            commit_trained_cell(tmp_path / "run", backbone, "none", seed, 3)
+            commit_trained_cell(tmp_path / "run", backbone, "sim", seed, 6)
+    runs = read_sweep_runs([tmp_path / "run"])
+    pairs = pairwise_table(runs).set_index("axis")
+    assert pairs.loc["pretraining", "matched_cells"] == 4
+    assert set(main_effects_table(runs).query("axis == 'backbone'").level) == {"kosmos2 (tiny)", "paligemma (tiny)"}
+    probes = probe_table(runs).set_index(["configuration", "pretraining"])
+    assert len(probes) == 4 and probes.seeds.eq(2).all()
+    assert probes.loc[("kosmos2 (tiny) · policy-head · H=1 · L=4 · data 1", "sim"), "r2_trained"] == 0.5

@@ -13,8 +13,14 @@
 
 from typing import Any
 
-from robovlms.pretraining.config import (PRETRAINING_TASKS, FrameSettings, PretrainingConfig, TextSettings,
-                                         content_hash, load_pretraining_config)
+from robovlms.pretraining.config import (
+    PRETRAINING_TASKS,
+    FrameSettings,
+    PretrainingConfig,
+    TextSettings,
+    content_hash,
+    load_pretraining_config,
+)
 from robovlms.pretraining.held_out import check_held_out
 from robovlms.pretraining.run import PRETRAINING_FILE, pretrain, pretrained_path, pretraining_record
 

@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from robovlms.report.comparisons import ComparisonData, comparison_statistics, family_verdicts
-from robovlms.report.runs import ACTION_OBJECTIVE, DEFAULT_SETTING, OBJECTIVE_OPTIONS, SweepRuns, complete_cells
+from robovlms.report.runs import (
+    ACTION_OBJECTIVE,
+    DEFAULT_SETTING,
+    OBJECTIVE_OPTIONS,
+    PRETRAINING_AXIS,
+    SweepRuns,
+    complete_cells,
+)
 from robovlms.report.statistics import RATE_COLUMNS, rate
 
 # The axes every trained cell has, as the report names them; further grid axes (learning_rate, ...) come from
@@ -61,11 +68,21 @@ def cell_levels(runs: SweepRuns) -> pd.DataFrame:
         axes = dict(cell.axes or {})
         levels = {axis: _level(getattr(cell, column) or "", axes.get(axis))
                   for axis, column in CONFIGURATION_AXES.items()}
+        if PRETRAINING_AXIS in axes:  # the architecture: random init and pre-trained are the pretraining axis'
+            levels["backbone"] = _level(architecture(trained, cell.backbone), axes.get("backbone"))
         for axis in extra:
             value = axes[axis] if axis in axes else _config_value(cell.config or {}, axis)
             levels[axis] = _level(value.get("name", "") if isinstance(value, dict) else value, value)
         rows.append({"run": cell.run, "cell_id": cell.cell_id, "seed": cell.seed, **levels})
     return pd.DataFrame(rows)
+
+
+def architecture(trained: pd.DataFrame, backbone: str) -> str:
+    """A backbone's level in a sweep with a pretraining axis, the same for its random-init and pre-trained cells
+    (whose labels name their directory): "kosmos2 (tiny)" where its random-init cells are tiny ones."""
+    random = trained[(trained.backbone == backbone).to_numpy() & np.array(
+        [(axes or {}).get(PRETRAINING_AXIS, "none") in ("none", None) for axes in trained["axes"]], dtype=bool)]
+    return f"{backbone} (tiny)" if any("tiny" in label for label in random.backbone_label) else backbone
 
 
 def _config_value(config: dict[str, Any], dotted: str) -> Any:

@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 
 from robovlms.report.formatting import configuration_label, number_text, readable
-from robovlms.report.runs import SweepRuns, complete_cells
+from robovlms.report.main_effects import architecture
+from robovlms.report.runs import PRETRAINING_AXIS, SweepRuns, complete_cells
 from robovlms.report.sections import Section, Table
-
-PRETRAINING_AXIS = "pretraining"
 
 
 def pretraining_sections(runs: SweepRuns) -> list[Section]:
@@ -53,10 +52,10 @@ def probe_table(runs: SweepRuns) -> pd.DataFrame:
     if cells.empty:
         return pd.DataFrame()
     probes = pd.DataFrame(list(cells["probe"]), index=cells.index)
+    settings = [setting for setting in runs.settings if not setting.startswith("backbone.")]
     frame = cells.assign(pretraining=[pretraining_level(axes) for axes in cells["axes"]],
-                         configuration=[configuration_label(row, [s for s in runs.settings if not
-                                                                  s.startswith("backbone.")])
-                                        for _, row in cells.iterrows()], **probes)
+                         configuration=[_architecture_label(row, cells, settings) for _, row in cells.iterrows()],
+                         **probes)
     rows = []
     for (configuration, pretraining), group in frame.groupby(["configuration", "pretraining"], sort=False):
         row = {"configuration": configuration, "pretraining": pretraining, "seeds": len(group)}
@@ -70,6 +69,13 @@ def probe_table(runs: SweepRuns) -> pd.DataFrame:
         row["successes"], row["episodes"] = int(group.successes.sum()), int(group.episodes.sum())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _architecture_label(row: pd.Series, cells: pd.DataFrame, settings: list[str]) -> str:
+    """A configuration named by its architecture (the pre-training column says random or pre-trained)."""
+    row = row.copy()
+    row["backbone_label"] = architecture(cells, row.backbone)
+    return configuration_label(row, settings)
 
 
 def _probe_section(runs: SweepRuns) -> Section | None:

@@ -20,6 +20,7 @@ from robovlms.results import (CELLS_DIR, RECORDS_FILE, RESULTS_DIR, SEARCH_BEST_
 # The columns that name one configuration; seeds of a configuration are pooled into one row. Any other training
 # setting that differs between cells (a searched learning rate, a grid's batch size or formulation option) is a
 # configuration column too (SweepRuns.settings).
+PRETRAINING_AXIS = "pretraining"  # a grid axis of sweeps with pre-training cells (robovlms/sweep/cells.py)
 CONFIGURATION = ["backbone_label", "formulation", "history", "chunk", "data_fraction"]
 DAMAGED_COLUMNS = ["run", "cell_id", "status", "axes", "error"]
 # Resolved training config keys that are not settings of their own: the seed (pooled), where the data and the run
