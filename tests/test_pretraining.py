@@ -12,7 +12,7 @@ import torch
 
 from robovlms.backbone import create_backbone
 from robovlms.backbone.language_modeling import IGNORED, language_modeling_rows
-from robovlms.errors import ConfigError, UnknownNameError
+from robovlms.errors import ConfigError, PluginError, UnknownNameError
 from robovlms.pretraining import (
     FrameSettings,
     check_held_out,
@@ -183,6 +183,8 @@ def test_bad_settings_are_refused_naming_the_valid_ones():
         load_pretraining_config(settings(frames={**FRAMES, "tasks": ["pour-tea"]}))
     with pytest.raises(ConfigError, match="max_stepz"):
         load_pretraining_config(settings(max_stepz=3))
+    with pytest.raises(PluginError, match="'gpt-scratch' cannot be pre-trained.*language_modeling_loss"):
+        load_pretraining_config(settings("gpt-scratch"))
 
 
 @pytest.mark.parametrize("frames, refused", [({"tasks": ["door-open"]}, "door-open"), ({"scenes": "AD"}, "D"),

@@ -101,6 +101,22 @@ class PretrainingConfig(_Strict):
     log_every: int = Field(25, ge=1, le=MAX_STEPS, strict=True)
     seed: int = Field(0, strict=True)
 
+    @model_validator(mode="after")
+    def _pretrainable_backbone(self) -> PretrainingConfig:
+        """Refused before any frame is rendered: a backbone that does not give its language-modelling loss."""
+        from robovlms.backbone import Backbone
+        from robovlms.backbone.registry import check_backbone_settings
+        from robovlms.errors import PluginError
+
+        backbone = self.backbone
+        backbone_class = check_backbone_settings(backbone.name, backbone.size, backbone.path, backbone.options)
+        missing = [method for method in ("language_modeling_loss", "save_pretrained")
+                   if getattr(backbone_class, method) is getattr(Backbone, method)]
+        if missing:
+            raise PluginError(f"backbone {backbone.name!r} cannot be pre-trained: it does not implement "
+                              f"{' or '.join(missing)} (docs/pretraining.md#pre-training-your-own-backbone)")
+        return self
+
 
 def content_hash(settings: BaseModel) -> str:
     """What a cache is keyed by: the settings' content and the format version (SHA-256, hex)."""

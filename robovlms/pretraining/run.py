@@ -109,7 +109,7 @@ def _pretrain(config: PretrainingConfig, out: Path, workers: int, progress: bool
                        TrainingClock(run_dir, config.checkpoint_every), *callbacks])
         if start < config.max_steps:
             trainer.fit(module, loader, validation_loader, ckpt_path=resume_from, weights_only=True)
-    backbone.save_pretrained(out)
+    _save_quietly(backbone, out, progress)
     curve = _curve(run_dir)
     write_json_atomically(out / PRETRAINING_FILE, {
         "hash": content_hash(config), "settings": config.model_dump(mode="json"), "backbone": backbone.label,
@@ -117,6 +117,20 @@ def _pretrain(config: PretrainingConfig, out: Path, workers: int, progress: bool
         "steps": config.max_steps, "final_train_loss": curve.get("train/loss"), "final_val_loss": curve.get("val/loss"),
         "train_seconds": training_seconds(run_dir), "frame_cpu_seconds": frame_cpu_seconds,
         "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu_started})
+
+
+def _save_quietly(backbone, out: Path, progress: bool) -> None:
+    """`save_pretrained`, with transformers' progress bar only where progress is shown."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    if not progress:
+        transformers_logging.disable_progress_bar()
+    try:
+        backbone.save_pretrained(out)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def split_views(frames: FrameSet, validation_fraction: float) -> tuple[list[int], list[int]]:
