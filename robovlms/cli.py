@@ -445,12 +445,15 @@ def _print_dry_run_notes(sweep, estimate, workers: int) -> None:
                       f"measure their time where they run (`robovlms train` of one cell's settings with max_steps: "
                       f"20 on its machine)", highlight=False)
     total = estimate.total_seconds(workers)
-    if total is not None:
-        timed = sum(cost.timed for cost in rows)
+    timed = sum(cost.timed for cost in rows)
+    if total is not None and timed:
         startup = f"{estimate.startup_s:.0f} s" if estimate.startup_s is not None else "unknown"
-        console.print(f"about {total / 60:.1f} min with {workers} worker(s) for {timed} timed cell(s) and the "
-                      f"baselines (steps timed on {estimate.threads} thread(s) per worker; worker start-up "
-                      f"{startup}; evaluation at its upper bound)", highlight=False)
+        console.print(f"about {total / 60:.1f} min with {workers} worker(s) for the {timed} timed cell(s) and the "
+                      f"baselines: steps timed on {estimate.threads} thread(s) per worker, a worker's start-up "
+                      f"({startup}) once, evaluation at its upper bound", highlight=False)
+    elif total is not None:
+        console.print(f"the baselines: at most {total / 60:.1f} min of evaluation with {workers} worker(s)",
+                      highlight=False)
 
 
 @app.command("tune")

@@ -16,7 +16,9 @@ logger = logging.getLogger(__name__)
 # imported by a process's first training and by none after it (found by comparing sys.modules around two)
 FIRST_TRAINING_MODULES = ("transformers.modeling_utils", "transformers.processing_utils",
                           "transformers.image_processing_utils", "transformers.masking_utils",
-                          "transformers.modeling_layers", "torch.utils.tensorboard", "pydantic.type_adapter")
+                          "transformers.modeling_layers", "torch.utils.tensorboard", "pydantic.type_adapter",
+                          "torch.utils.serialization", "torch.profiler._cupti_monitor",
+                          "fsspec.implementations.chained")
 
 
 def warm_up(backbones: Iterable[str], formulations: Iterable[str]) -> float:
