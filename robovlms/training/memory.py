@@ -24,8 +24,8 @@ Strategies divide what they shard among the devices of a cell (devices x num_nod
                  optimizer state (12 bytes per trainable parameter under mixed precision): stage 2 shards gradients
                  and optimizer state, stage 3 the weights too
 
-Not counted: the CUDA context and allocator fragmentation (leave 10-20% free), transient buffers of one operation
-(a discrete head's logits over the whole vocabulary are counted, as they are the largest).
+Not counted: the CUDA context and allocator fragmentation (leave 10-20% free), and transient buffers of one
+operation (the largest: a discrete head's logits over the whole vocabulary, before the action tokens are picked out).
 """
 
 from __future__ import annotations
