@@ -830,6 +830,31 @@ def test_the_dry_run_says_in_one_line_that_a_backbone_returns_the_wrong_width(tm
     assert output.count("backbone 'narrow' returned hidden size 32, its hidden_size says 64") == 1
 
 
+def test_every_cell_of_a_one_worker_sweep_trains_on_the_same_threads(tmp_path, demo_store, monkeypatch):
+    """Evaluating in the sweep's own process pins torch to one thread for the rollouts; the next cell must train
+    on the process's threads again, or the first cell's time is not comparable with the others'."""
+    import torch
+
+    import robovlms.training
+
+    train, threads = robovlms.training.train, []
+
+    def recording(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(robovlms.training, "train", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_sweep(sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "seed": [0, 1]},
+                             baselines=[]))
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [2, 2]
+
+
+
 FIRST_TRAINING = '''
 import json, sys
 
