@@ -325,7 +325,7 @@ def sweep_command(
     dry_run: Annotated[bool, typer.Option(help="Print the cells and an estimate of their cost; run nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Run again the cells that failed with an error.")] = False,
     gpu_memory: Annotated[float, typer.Option(help="With --dry-run: the memory of one GPU, in GiB, that each "
-                                                   "cell's estimate is checked against.")] = 80.0,
+                                                   "cell's estimate is checked against.", min=1.0)] = 80.0,
 ) -> None:
     """Train, evaluate and record every cell of a sweep grid; re-running resumes where it stopped."""
     if dry_run:
