@@ -28,7 +28,7 @@ from robovlms.benchmark import Benchmark
 from robovlms.data.store import EpisodeStore
 from robovlms.errors import RobovlmsError
 from robovlms.sweep.cells import Cell
-from robovlms.sweep.config import SweepConfig
+from robovlms.sweep.config import SweepConfig, evaluation_split
 from robovlms.sweep.one_cell import sweep_benchmark
 
 RENDERS_PER_SECOND = 60.0  # measured for Meta-World at 64-128 px with shadows and MSAA off
@@ -85,7 +85,7 @@ def dry_run(sweep: SweepConfig, cells: list[Cell], workers: int = 1, measure_ste
     store = EpisodeStore(sweep.store.path) if (Path(sweep.store.path) / "meta.json").exists() else None
     benchmark = sweep_benchmark(sweep, store)
     episodes = len(benchmark.tasks()) * sweep.evaluation.episodes_per_task
-    instruction = longest_instruction(benchmark, sweep.benchmark.split)
+    instruction = longest_instruction(benchmark, sweep.benchmark.split, evaluation_split(sweep))
     threads = worker_threads(workers)
     built: dict[str, Any] = {}  # architecture -> (formulation on meta, Architecture) or the error
     timings: dict[str, tuple[float, float, float, float, float]] = {}
@@ -168,10 +168,10 @@ def estimate_memory_of(cost: CellCost, config, benchmark: Benchmark, instruction
     cost.notes += cost.memory.notes
 
 
-def longest_instruction(benchmark: Benchmark, split: str) -> str:
-    """The longest evaluation instruction of the benchmark: every context is padded to its longest."""
+def longest_instruction(benchmark: Benchmark, split: str, evaluation_split: str = "test") -> str:
+    """The longest instruction of the episodes the cells are evaluated on: every context is padded to its longest."""
     try:
-        instructions = [spec.instruction for spec in benchmark.evaluation_episodes(split, 1)]
+        instructions = [spec.instruction for spec in benchmark.split_episodes(split, evaluation_split, 1)]
     except Exception:  # noqa: BLE001 - a benchmark that cannot list its episodes here: a typical instruction
         instructions = []
     return max(instructions, key=len, default="pick up the red block and place it in the bin")
