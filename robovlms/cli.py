@@ -439,6 +439,8 @@ def _print_dry_run(file: Path, workers: int, gpu_memory: float) -> None:
     for cost in trained:
         name, size = cost.backbone.split(" ", 1)
         backbone = name if size == "(pretrained)" else f"{name} (tiny)"
+        if cost.cell.needs is not None:
+            backbone = f"{name} (tiny, pre-trained)"
         cells_table.add_row(short_id(cost), backbone, cost.formulation, str(cost.history),
                             str(cost.chunk), *(str(cost.fraction if column == "data" else cost.seed)
                                                for column in varying),

@@ -95,8 +95,16 @@ def dry_run(sweep: SweepConfig, cells: list[Cell], workers: int = 1, measure_ste
         if progress is not None:
             progress(index, len(cells), cell.cell_id)
         steps_per_observation = 1
+        if cell.kind == "pretraining":  # robovlms pretrain: its own frames and loss, not timed here
+            cost.backbone, cost.formulation, cost.runs_on = f"{cell.axes['backbone']} (tiny)", "pre-training", "cpu"
+            cost.notes.append(f"{cell.cell_id}: pre-training is not timed by the dry run; time it with `robovlms "
+                              f"pretrain --backbone {cell.axes['backbone']} --steps 20` (docs/pretraining.md)")
         if cell.kind == "trained":
             config = load_config({**cell.training, "store": "-", "run_dir": "-"})
+            if cell.needs is not None:  # its pre-trained directory is not there yet: the architecture it starts from
+                config = load_config({**cell.training, "store": "-", "run_dir": "-", "backbone": {
+                    **cell.training["backbone"], **{key: cell.needs.training["backbone"][key]
+                                                     for key in ("size", "path", "options")}}})
             describe(cost, config)
             estimate_memory_of(cost, config, benchmark, instruction, built)
             if cost.timed:
