@@ -227,7 +227,8 @@ def commit_trained_cell(run_dir, backbone, pretraining, seed, successes):
     cell_dir.mkdir(parents=True)
     write_records(cell_dir, records)
     probe = {"r2_initial": 0.1, "error_cm_initial": 9.0, "r2_trained": 0.5 if pretraining == "sim" else 0.3,
-             "error_cm_trained": 5.0, "frames": 64, "mean_error_cm": 12.0}
+             "error_cm_trained": 5.0, "position_r2_initial": 0.2, "position_r2_trained": 0.6, "r2_state_only": 0.05,
+             "position_r2_state_only": 0.4, "frames": 64, "mean_error_cm": 12.0}
     write_cell_result(cell_dir, CellResult(
         cell_id=cell_id, status="complete", kind="trained", benchmark="metaworld", split="ABC->D", policy="trained",
         backbone=backbone, backbone_label=label, random_init=pretraining == "none", formulation="policy-head",
@@ -252,3 +253,5 @@ def test_a_report_compares_pretrained_with_random_init_of_the_same_architecture(
     probes = probe_table(runs).set_index(["configuration", "pretraining"])
     assert len(probes) == 4 and probes.seeds.eq(2).all()
     assert probes.loc[("kosmos2 (tiny) · policy-head · H=1 · L=4 · data 1", "sim"), "r2_trained"] == 0.5
+    assert probes.loc[("kosmos2 (tiny) · policy-head · H=1 · L=4 · data 1", "sim"), "position_r2_trained"] == 0.6
+    assert probes.position_r2_state_only.eq(0.4).all()

@@ -7,7 +7,8 @@ the policy's cameras. A view's feature is the policy's [LRN] hidden state in its
 `<s> [images] instruction [LRN]` (the task's validation instruction, the proprio state where the policy reads it);
 its target is the target object's offset from the gripper (x, y, z), which the policy needs to reach it. A ridge
 regression fit on the views of half the episodes predicts the offsets of the other half: R^2 (averaged over x, y,
-z; 0 is no better than the mean offset) and the mean error in cm. Measured twice: at initialisation (the backbone as
+z; 0 is no better than the mean offset) and the mean error in cm; the same for the target's world position, and both
+probes of the proprio state alone for reference. Measured twice: at initialisation (the backbone as
 loaded, random or pre-trained, and a random [LRN] embedding) and after training.
 """
 
@@ -40,10 +41,29 @@ def probe_frames(benchmark, split: str, cameras: list[str], episodes_per_task: i
 
 
 def probe_policy(formulation, frames: FrameSet, instructions: dict[str, str], cameras: list[str]) -> dict[str, float]:
-    """R^2 and mean error (cm) of a ridge probe of `formulation`'s [LRN] state for the target's offset."""
+    """R^2 and mean error (cm) of ridge probes of `formulation`'s [LRN] state for the target's offset from the
+    gripper and for its position in the world (position_r2, position_error_cm)."""
     images, states, texts, offsets, episodes = probe_inputs(frames, instructions, cameras)
     features = lrn_states(formulation, images, states, texts)
-    return ridge_probe(features, offsets, episodes)
+    position = ridge_probe(features, target_positions(frames, cameras), episodes)
+    return {**ridge_probe(features, offsets, episodes), "position_r2": position["r2"],
+            "position_error_cm": position["error_cm"]}
+
+
+def state_probe(frames: FrameSet, instructions: dict[str, str], cameras: list[str]) -> dict[str, float]:
+    """The same probes of the proprio state alone (the hand's position and opening), for reference: the hand moves
+    towards the target, so its position tells part of the target's without any image."""
+    _, states, _, offsets, episodes = probe_inputs(frames, instructions, cameras)
+    return {"r2_state_only": ridge_probe(states, offsets, episodes)["r2"],
+            "position_r2_state_only": ridge_probe(states, target_positions(frames, cameras), episodes)["r2"]}
+
+
+def target_positions(frames: FrameSet, cameras: list[str]) -> np.ndarray:
+    """(N, 3) the target's world position per frame, in the frame order of `probe_inputs`."""
+    views = frames.views.reset_index(names="view")
+    grouped = views.pivot_table(index=["task", "scene", "seed", "step"], columns="camera", values="view",
+                                aggfunc="first")[cameras]
+    return np.array([frames.objects(view)[0]["position"] for view in grouped[cameras[0]]])
 
 
 def probe_inputs(frames: FrameSet, instructions: dict[str, str], cameras: list[str]):
@@ -129,4 +149,5 @@ def probe_trained_cell(sweep, benchmark, train_dir: Path) -> dict[str, Any]:
     after = probe_policy(trained, frames, instructions, config.cameras)
     return {**{f"{key}_initial": value for key, value in before.items() if key not in ("frames", "mean_error_cm")},
             **{f"{key}_trained": value for key, value in after.items() if key not in ("frames", "mean_error_cm")},
-            "frames": after["frames"], "mean_error_cm": after["mean_error_cm"]}
+            **state_probe(frames, instructions, config.cameras), "frames": after["frames"],
+            "mean_error_cm": after["mean_error_cm"]}

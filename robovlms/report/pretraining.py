@@ -60,10 +60,12 @@ def probe_table(runs: SweepRuns) -> pd.DataFrame:
     for (configuration, pretraining), group in frame.groupby(["configuration", "pretraining"], sort=False):
         row = {"configuration": configuration, "pretraining": pretraining, "seeds": len(group)}
         for stage in ("initial", "trained"):
-            for metric in ("r2", "error_cm"):
-                values = group[f"{metric}_{stage}"].to_numpy(dtype=float)
+            for metric in ("r2", "error_cm", "position_r2"):  # position: measured by probes since it was added
+                values = group.get(f"{metric}_{stage}", pd.Series(np.nan, index=group.index)).to_numpy(dtype=float)
                 row[f"{metric}_{stage}"] = values.mean()
                 row[f"{metric}_{stage}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+        for reference in ("r2_state_only", "position_r2_state_only"):
+            row[reference] = group[reference].mean() if reference in group else np.nan
         row["mean_error_cm"] = group.mean_error_cm.mean()
         row["frames"] = int(group.frames.iloc[0])
         row["successes"], row["episodes"] = int(group.successes.sum()), int(group.episodes.sum())
@@ -94,6 +96,8 @@ def _probe_section(runs: SweepRuns) -> Section | None:
         "R² trained": table.apply(spread, axis=1, column="r2_trained", digits=2),
         "error cm, initialisation": table.apply(spread, axis=1, column="error_cm_initial", digits=1),
         "error cm, trained": table.apply(spread, axis=1, column="error_cm_trained", digits=1),
+        "position R² at initialisation": table.apply(spread, axis=1, column="position_r2_initial", digits=2),
+        "position R² trained": table.apply(spread, axis=1, column="position_r2_trained", digits=2),
         "success": [f"{row.successes}/{row.episodes} ({row.successes / row.episodes:.0%})"
                     for row in table.itertuples()]}))
     frames, baseline = int(table.frames.iloc[0]), table.mean_error_cm.mean()
@@ -104,5 +108,9 @@ def _probe_section(runs: SweepRuns) -> Section | None:
         f"z (0: no better than the mean offset, 1: exact); error cm is the mean distance between predicted and true "
         f"offset (the mean offset alone is off by {baseline:.1f} cm). At initialisation: the backbone as loaded "
         f"(random, or pre-trained) with a random [LRN] embedding; trained: after the cell's training. Mean ± standard "
-        f"deviation over seeds; success pools the seeds' evaluation episodes."],
+        f"deviation over seeds; success pools the seeds' evaluation episodes. Position R²: the same probe for the "
+        f"target's world position. The proprio state alone (the hand's position and opening) gives R² "
+        f"{number_text(table.r2_state_only.mean(), 2)} for the offset and "
+        f"{number_text(table.position_r2_state_only.mean(), 2)} for the position: the hand moves towards the target, "
+        f"so only what lies above these is read from the image and instruction."],
         [Table("probe", table, shown)])
