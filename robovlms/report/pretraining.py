@@ -109,8 +109,9 @@ def _probe_section(runs: SweepRuns) -> Section | None:
         f"offset (the mean offset alone is off by {baseline:.1f} cm). At initialisation: the backbone as loaded "
         f"(random, or pre-trained) with a random [LRN] embedding; trained: after the cell's training. Mean ± standard "
         f"deviation over seeds; success pools the seeds' evaluation episodes. Position R²: the same probe for the "
-        f"target's world position. The proprio state alone (the hand's position and opening) gives R² "
+        f"target's world position." + ("" if table.r2_state_only.isna().all() else
+        f" The proprio state alone (the hand's position and opening) gives R² "
         f"{number_text(table.r2_state_only.mean(), 2)} for the offset and "
         f"{number_text(table.position_r2_state_only.mean(), 2)} for the position: the hand moves towards the target, "
-        f"so only what lies above these is read from the image and instruction."],
+        f"so only what lies above these is read from the image and instruction.")],
         [Table("probe", table, shown)])
