@@ -62,7 +62,8 @@ def probe_table(runs: SweepRuns) -> pd.DataFrame:
         for stage in ("initial", "trained"):
             for metric in ("r2", "error_cm", "position_r2"):  # position: measured by probes since it was added
                 values = group.get(f"{metric}_{stage}", pd.Series(np.nan, index=group.index)).to_numpy(dtype=float)
-                row[f"{metric}_{stage}"] = values.mean()
+                values = values[~np.isnan(values)]  # a cell probed before a metric existed has none
+                row[f"{metric}_{stage}"] = values.mean() if len(values) else np.nan
                 row[f"{metric}_{stage}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
         for reference in ("r2_state_only", "position_r2_state_only"):
             row[reference] = group[reference].mean() if reference in group else np.nan
