@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -140,6 +141,8 @@ def evaluate_command(
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per task (CALVIN: chains).")] = 10,
     shard: Annotated[str | None, typer.Option(help="K/N: only the K-th of N disjoint parts, for N machines.")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
+    device: Annotated[str, typer.Option(help="Where a trained run's policy runs: auto, cpu, cuda or cuda:N; this "
+                                             "process holds it and serves every simulator worker.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the replay baseline's choice of demonstration.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for records.parquet/.csv and videos.")] = None,
     videos: Annotated[int, typer.Option(help="Episodes per task to save as MP4 (needs --out).")] = 0,
@@ -157,7 +160,6 @@ def evaluate_command(
     if policy is not None and policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; valid choices: {', '.join(POLICIES)}")
     if run is not None:
-        from robovlms.policy import policy_factory
         from robovlms.training import CONFIG_FILE, load_config
 
         store = store or Path(load_config(run / CONFIG_FILE).store)
@@ -178,9 +180,9 @@ def evaluate_command(
         raise UnknownNameError(f"{bench.name} split", split, bench.splits())
     bench.check_available()
     if run is not None:
-        from robovlms.policy import policy_digest
+        from robovlms.policy import load_batched_policy, policy_digest
 
-        factory = policy_factory(run)
+        factory = load_batched_policy(run, device=device)
     elif policy == "expert":
         factory = bench.scripted_expert()
     else:
@@ -197,6 +199,46 @@ def evaluate_command(
                                    "policy_paths": [str(run.resolve())] if run else [], "shard": list(part)})
     _print_scores(f"{run or policy} on {bench.name} {split}" + (f", shard {part[0]}/{part[1]}" if shard else ""),
                   bench, records)
+
+
+@app.command("serve")
+def serve_command(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory (robovlms train's run_dir).")],
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 for this machine only.")] = "0.0.0.0",
+    device: Annotated[str, typer.Option(help="Where the policy runs: auto, cpu, cuda or cuda:N.")] = "auto",
+    execution: Annotated[str | None, typer.Option(help="first, ensemble or chunk (default: the run's).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="A checkpoint file of the run (default: last.ckpt).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Side the images are resized to (default: the run's store's "
+                                                        "when it is here, else the backbone's).")] = None,
+    max_message_mb: Annotated[float, typer.Option(help="Largest observation message accepted, in MiB.")] = 32,
+) -> None:
+    """Serve a trained run's policy to robots over a websocket, one connection per robot: msgpack observations
+    (images, state, instruction) in, action chunks out; openpi's conventions (docs/evaluation.md)."""
+    from robovlms.policy import load_batched_policy, observation_layout, policy_digest
+    from robovlms.serving.websocket_server import WebsocketPolicyServer
+
+    if max_message_mb <= 0:
+        raise RobovlmsError(f"--max-message-mb must be positive, got {max_message_mb}")
+    policy = load_batched_policy(run_dir, execution, checkpoint, device)
+    store_image_size, state_dim, where = observation_layout(run_dir, policy)
+    server = WebsocketPolicyServer(policy, image_size or store_image_size, state_dim, host, port,
+                                   int(max_message_mb * 2 ** 20),
+                                   metadata={"policy": policy_digest(run_dir, checkpoint), "run_dir": str(run_dir)})
+    threading.Thread(target=_announce, args=(server, run_dir, policy, where if image_size is None else "--image-size"),
+                     daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+def _announce(server, run_dir: Path, policy, image_size_from: str) -> None:
+    server.wait_until_serving()
+    dtype = next(policy.formulation.parameters()).dtype
+    console.print(f"serving {run_dir} on ws://{server.host}:{server.port} ({policy.device}, {dtype}, execution "
+                  f"{policy.execution}; images resized to {server.image_size} px, from {image_size_from}); "
+                  f"Ctrl-C stops", highlight=False)
 
 
 @app.command("merge-evaluation")

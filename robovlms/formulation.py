@@ -9,7 +9,9 @@ A formulation is an nn.Module around a backbone with two halves:
 once and keep it: for `policy-head` the encoding is the backbone pass, so a step costs one pass whatever H is.
 Formulations that sample (the generative action objectives) draw from the `generator` that `predict`, `act` and
 `loss` take: the rollout policy seeds one per episode, training one per step; without one they draw from torch's
-global generator.
+global generator. A formulation that sets `batched_rollouts` lets the rollout policy server (robovlms/serving/) stack
+the windows of several episodes in one `predict`: it then takes a list of generators, one per row, and a row's output
+depends on that row alone.
 
 Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
 and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
@@ -138,6 +140,9 @@ class Formulation(nn.Module, abc.ABC):
     description: ClassVar[str]
     config_class: ClassVar[type]  # the dataclass of this formulation's own options
     single_frame: ClassVar[bool] = False  # sees only the current observation: history must be 1
+    # predict takes several episodes' windows and a list of generators, one per row; third-party formulations that
+    # do not say so are served one episode at a time
+    batched_rollouts: ClassVar[bool] = False
 
     @classmethod
     def check_settings(cls, history: int, chunk: int, options: dict[str, Any]):
@@ -184,8 +189,9 @@ class Formulation(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def predict(self, encoded: dict[str, torch.Tensor], instructions: list[str],
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """The chunk for the last frame (B, L, A): normalised arm, then the gripper's probability of closing."""
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """The chunk for the last frame (B, L, A): normalised arm, then the gripper's probability of closing.
+        `generator`: one for the batch, or (with `batched_rollouts`) a list of B, row b drawing from the b-th."""
 
     @abc.abstractmethod
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
@@ -204,6 +210,8 @@ class ContinuousFormulation(Formulation):
     """A formulation whose `forward(encoded, instructions)` gives every frame a condition state (B, T, W), and
     whose action objective `self.head` turns a condition into a chunk: arm (..., L, A-1) in [-1, 1] and gripper
     logits (..., L)."""
+
+    batched_rollouts = True
 
     @classmethod
     def check_settings(cls, history, chunk, options):

@@ -38,6 +38,11 @@ class StoreSettings(_Strict):
 class EvaluationSettings(_Strict):
     episodes_per_task: int = Field(10, ge=1)
     workers: int = Field(1, ge=1)  # simulator processes per cell
+    # the policy's device: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # one process holds the policy and serves every worker, batching their steps; false: each worker loads its own
+    # copy on the CPU
+    policy_server: bool = True
     execution: Literal["first", "ensemble", "chunk"] | None = None  # overrides each cell's own
     videos_per_task: int = Field(0, ge=0)
     latency_steps: int = Field(20, ge=1)  # policy steps timed for the step latency
