@@ -238,7 +238,7 @@ def _announce(server, run_dir: Path, policy, image_size_from: str) -> None:
     dtype = next(policy.formulation.parameters()).dtype
     console.print(f"serving {run_dir} on ws://{server.host}:{server.port} ({policy.device}, {dtype}, execution "
                   f"{policy.execution}; images resized to {server.image_size} px, from {image_size_from}); "
-                  f"Ctrl-C stops", highlight=False)
+                  f"Ctrl-C stops", highlight=False, soft_wrap=True)
 
 
 @app.command("merge-evaluation")

@@ -15,6 +15,7 @@ out on a simulator with robovlms' own benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Self
 
 import numpy as np
@@ -28,7 +29,9 @@ class PolicyClient:
     def __init__(self, uri: str = "ws://localhost:8000", open_timeout: float | None = 60):
         """`uri`: ws://HOST:PORT of `robovlms serve`."""
         self.uri = uri
-        self._connection = connect(uri, max_size=None, compression=None, open_timeout=open_timeout)
+        self._open = contextlib.ExitStack()
+        self._connection = self._open.enter_context(connect(uri, max_size=None, compression=None,
+                                                            open_timeout=open_timeout))
         self.metadata = unpack(self._connection.recv())
         if self.metadata.get("protocol") != PROTOCOL or self.metadata.get("version") != VERSION:
             self.close()
@@ -44,7 +47,7 @@ class PolicyClient:
         self.close()
 
     def close(self) -> None:
-        self._connection.close()
+        self._open.close()
 
     def reset(self, instruction, seed: int = 0) -> None:
         """Start an episode: the next observation is its first (an EpisodeSpec works too, for rollouts)."""

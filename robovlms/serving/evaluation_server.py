@@ -35,8 +35,9 @@ class PolicyServer:
 
     def __init__(self, policy):
         self.policy = policy
-        self.batches = 0  # forward passes served, and the episode steps in them
+        self.batches = 0  # batched steps served, and the episode steps in them
         self.steps = 0
+        self.open_episodes = 0  # workers connected, each holding an episode
         self._authkey = secrets.token_bytes(32)
         self._listener = Listener(family="AF_UNIX", authkey=self._authkey)
         self._wake_reader, self._wake_writer = Pipe(duplex=False)
@@ -113,6 +114,7 @@ class PolicyServer:
                     steps.append((connection, Observation(images=images, state=state, instruction=instruction)))
             if steps:
                 self._answer(steps, episodes)
+            self.open_episodes = len(episodes)
         for connection in episodes:
             connection.close()
 
