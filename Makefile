@@ -54,6 +54,7 @@ perf: install
 	$(BIN)/python perf/discrete_decoding.py
 	$(BIN)/python perf/action_objectives.py
 	$(BIN)/python perf/sweep_ledger.py
+	$(BIN)/python perf/policy_server.py
 
 clean:
 	rm -rf $(VENV) data/demo $(DEMO_RUN) $(DEMO_REPORT)

@@ -2,6 +2,7 @@
 measured in one run.
 
     python perf/policy_server.py [--episodes 12] [--workers 4] [--rounds 2]     # CPU: memory and episodes/s
+    python perf/policy_server.py --hidden 1024 --layers 12 --episodes 4 --max-steps 10 --rounds 1   # a larger model
     python perf/policy_server.py --gpu                                         # GPU: a batched step of 8
 
 CPU part: Meta-World rollouts of a random-init gpt-scratch policy (hidden 512, 8 layers: ~27M parameters, 0.1 GB
@@ -34,18 +35,21 @@ from typing import Self
 
 import numpy as np
 import psutil
-import torch
 
 from robovlms.benchmark import Observation
-from robovlms.policy import load_batched_policy, policy_factory
 from robovlms.rollout import run_episodes
 from robovlms.serving.evaluation_server import PolicyServer
 
-MODEL = {"hidden_size": 512, "layers": 8, "heads": 8}
+# torch and the policy are imported where they are used: a spawned worker imports this file again, and a served
+# worker must not pay for torch
 TASKS = ["button-press-topdown", "door-open"]
 
 
-def trained_run(directory: Path) -> Path:
+def model(hidden: int, layers: int) -> dict:
+    return {"hidden_size": hidden, "layers": layers, "heads": 8}
+
+
+def trained_run(directory: Path, hidden: int, layers: int) -> Path:
     """A run directory of the perf model, trained one step on scripted demonstrations (its weights are random:
     what is measured is their size and their cost, not their success)."""
     from robovlms.benchmarks.metaworld import MetaWorldBenchmark
@@ -56,7 +60,7 @@ def trained_run(directory: Path) -> Path:
     store = generate_demonstrations(benchmark, "ABC->D", 1, directory / "store", scenes="A", workers=1,
                                     progress=False)
     return train({"store": str(store.path), "run_dir": str(directory / "run"), "formulation": {"name": "policy-head"},
-                  "backbone": {"name": "gpt-scratch", "options": MODEL}, "history": 2, "chunk": 4,
+                  "backbone": {"name": "gpt-scratch", "options": model(hidden, layers)}, "history": 2, "chunk": 4,
                   "execution": "first", "max_steps": 1, "batch_size": 2, "checkpoint_every": 1})
 
 
@@ -94,11 +98,12 @@ class MemorySampler:
             self._stop.wait(self.every)
 
 
-def evaluate_once(run_dir: Path, episodes: int, workers: int, served: bool) -> dict:
+def evaluate_once(run_dir: Path, episodes: int, workers: int, max_steps: int, served: bool) -> dict:
     """One evaluation, measured from within this process (a fresh one: see `cpu_part`)."""
     from robovlms.benchmarks.metaworld import MetaWorldBenchmark
+    from robovlms.policy import load_batched_policy, policy_factory
 
-    benchmark = MetaWorldBenchmark(tasks=TASKS, image_size=64, cameras=("rgb_static",), max_steps=40)
+    benchmark = MetaWorldBenchmark(tasks=TASKS, image_size=64, cameras=("rgb_static",), max_steps=max_steps)
     specs = benchmark.evaluation_episodes("ABC->D", episodes // len(TASKS))
     with MemorySampler() as memory:
         started = time.perf_counter()
@@ -120,25 +125,28 @@ def evaluate_once(run_dir: Path, episodes: int, workers: int, served: bool) -> d
             "others": len(others), "mean_batch": batch}
 
 
-def measured(run_dir: Path, episodes: int, workers: int, served: bool) -> dict:
+def measured(run_dir: Path, episodes: int, workers: int, max_steps: int, served: bool) -> dict:
     """`evaluate_once` in a fresh Python process, so that neither configuration carries what another left."""
     command = [sys.executable, __file__, "--measure", "served" if served else "copies", "--run-dir", str(run_dir),
-               "--episodes", str(episodes), "--workers", str(workers)]
+               "--episodes", str(episodes), "--workers", str(workers), "--max-steps", str(max_steps)]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def cpu_part(episodes: int, workers: int, rounds: int) -> None:
+def cpu_part(episodes: int, workers: int, rounds: int, max_steps: int, hidden: int, layers: int) -> None:
+    from robovlms.policy import load_batched_policy
+
     gib = 2 ** 30
     with tempfile.TemporaryDirectory() as directory:
-        run_dir = trained_run(Path(directory))
+        run_dir = trained_run(Path(directory), hidden, layers)
         parameters = sum(p.numel() for p in load_batched_policy(run_dir, device="cpu").formulation.parameters())
-        print(f"{episodes} Meta-World episodes of at most 40 steps, policy-head on gpt-scratch {MODEL} "
+        print(f"{episodes} Meta-World episodes of at most {max_steps} steps, policy-head on gpt-scratch "
+              f"{model(hidden, layers)} "
               f"({parameters / 1e6:.1f}M parameters, random init), {workers} simulator workers, "
               f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
         for round_ in range(1, rounds + 1):
-            copies = measured(run_dir, episodes, workers, served=False)
-            served = measured(run_dir, episodes, workers, served=True)
+            copies = measured(run_dir, episodes, workers, max_steps, served=False)
+            served = measured(run_dir, episodes, workers, max_steps, served=True)
             one_worker = copies["largest_other_rss"]  # a worker that loads the model: all it maps, shared or not
             print(f"round {round_} (one worker that loads the model: RSS {one_worker / gib:.2f} GiB, PSS "
                   f"{copies['largest_other_pss'] / gib:.2f} GiB):")
@@ -173,6 +181,8 @@ def step_seconds(policy, frames: list[Observation], together: bool, steps: int =
 
 
 def gpu_part(batch: int = 8) -> None:
+    import torch
+
     from robovlms.backbone import create_backbone
     from robovlms.data.store import Statistics
     from robovlms.formulation import create_formulation
@@ -183,7 +193,7 @@ def gpu_part(batch: int = 8) -> None:
         return
     unit = Statistics(p01=[-1.0] * 4, p99=[1.0] * 4, mean=[0.0] * 4, std=[1.0] * 4, min=[-1.0] * 4, max=[1.0] * 4)
     torch.manual_seed(0)
-    for name, backbone, options in (("gpt-scratch", "gpt-scratch", {**MODEL, "image_size": 224}),
+    for name, backbone, options in (("gpt-scratch", "gpt-scratch", {**model(512, 8), "image_size": 224}),
                                     ("paligemma (hidden 1024, 8 layers)", "paligemma",
                                      {"hidden_size": 1024, "layers": 8, "heads": 8, "image_size": 224,
                                       "patch_size": 14})):
@@ -207,16 +217,20 @@ def gpu_part(batch: int = 8) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=12)
+    parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=512, help="the policy's gpt-scratch width")
+    parser.add_argument("--layers", type=int, default=8, help="and depth")
     parser.add_argument("--gpu", action="store_true", help="the GPU part only")
     parser.add_argument("--measure", choices=["served", "copies"], help=argparse.SUPPRESS)  # one evaluation
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.measure:
-        print(json.dumps(evaluate_once(arguments.run_dir, arguments.episodes, arguments.workers,
+        print(json.dumps(evaluate_once(arguments.run_dir, arguments.episodes, arguments.workers, arguments.max_steps,
                                        arguments.measure == "served")))
     elif arguments.gpu:
         gpu_part()
     else:
-        cpu_part(arguments.episodes, arguments.workers, arguments.rounds)
+        cpu_part(arguments.episodes, arguments.workers, arguments.rounds, arguments.max_steps, arguments.hidden,
+                 arguments.layers)

@@ -86,7 +86,7 @@ def test_an_episode_acts_bitwise_the_same_alone_and_in_any_batch(store, variant)
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES[1:])
 @pytest.mark.parametrize("variant", ["interleaved per-frame", "policy-head mlp flow-matching",
-                                     "one-step-continuous diffusion"])
+                                     "one-step-continuous diffusion", "one-step-discrete autoregressive"])
 def test_batching_changes_no_action_on_any_backbone(store, variant, backbone):
     assert_batching_changes_nothing(make_formulation(store, variant, backbone))
 

@@ -221,6 +221,17 @@ class FailingPolicy:
         raise ValueError("the model is on fire")
 
 
+def test_a_served_simulator_worker_needs_neither_torch_nor_the_model():
+    """What a spawned worker of a served evaluation imports: the command line it was started from (spawn imports the
+    main module again), the rollout loop, a benchmark and the server's client; torch alone would cost each worker
+    about 180 MiB."""
+    imports = ("import sys, robovlms.cli, robovlms.rollout, robovlms.serving.evaluation_server, "
+               "robovlms.benchmarks.metaworld; print(sorted(m for m in ('torch', 'transformers', 'lightning') "
+               "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_an_error_in_the_served_policy_reaches_the_worker_with_the_servers_traceback():
     with PolicyServer(FailingPolicy()) as server:
         worker = server.client_factory()()

@@ -1,21 +1,24 @@
 """Batch invariance on the CPU: a row's result must not depend on how many rows share its forward pass.
 
-The CPU kernels are not batch invariant below a few rows: MKL's matrix products reduce in another order when they
-have fewer than 4 rows (M < 4), and oneDNN's convolutions when they have a single image (measured with torch 2.13
-on an AVX-512 CPU: a row of a (1, K) @ (K, N) product differs in its last bits from the same row in an (8, K)
-product, while every M >= 4 gives the same bits as M = 512, whatever the row's position; in bfloat16 oneDNN lays a
-convolution's output out channels-last for some batch sizes only, and a GroupNorm after it reduces in another order
-on each layout). In a policy the few-row
-layers are the heads that read one vector per episode (B rows), the fusion of the history (B * H rows), the state
-embedding, and a vision stem that sees one image per episode. `BatchInvariance` pads their inputs: inside
-`with invariance:`, every nn.Linear, convolution, recurrent layer and transformer encoder of the model that is given
-fewer than MIN_ROWS rows gets zero rows appended, and their outputs are dropped; convolutions' outputs are made
-contiguous. Layers that see enough rows (the backbone's, whose rows are tokens) run as they are.
+The CPU kernels are not batch invariant below a few rows (measured with torch 2.13, MKL 2024.2 and oneDNN 3.12 on an
+AVX-512 CPU): a row of a (1, K) @ (K, N) product differs in its last bits from the same row in an (8, K) product,
+while every M >= 4 gives the same bits as M = 512 wherever the row sits (MKL's small-M kernels); a convolution of
+one image differs from the same image among others (oneDNN); in bfloat16 oneDNN lays a convolution's output out
+channels-last for some batch sizes only, and a GroupNorm after it reduces in another order on each layout, and a
+3-D input to a linear layer takes another path than a 2-D one.
 
-With that, and with every row of a batch of one context length (no padding: robovlms.serving.policy groups the
-episodes by it), a row's actions are bitwise equal alone and in any batch on the CPU (tests/test_serving.py checks
-every formulation). On CUDA, cuBLAS picks its kernels by shape for every M, so padding a few rows would not make it
-batch invariant and is not done: there a batched step may differ from a single one in the last bits.
+In a policy the few-row layers are the heads that read one vector per episode (B rows), the fusion of the history
+(B * H rows), the state embedding, and a vision stem that sees one image per episode. Inside `with invariance:`,
+every nn.Linear, recurrent layer and transformer encoder given fewer than MIN_ROWS rows, and every convolution given
+fewer than MIN_IMAGES images, gets zero rows appended, whose outputs are dropped; a linear layer's input is always
+one (rows, features) matrix and a convolution's output always contiguous. Layers that see enough rows (the
+backbone's, whose rows are tokens) run as they are.
+
+With that, and with the rows of one forward pass sharing their context length (robovlms/serving/batched_policy.py
+groups the episodes so that none is padded), an episode's actions are bitwise equal alone and in any batch on the
+CPU (tests/test_batched_policy.py, every formulation). On CUDA, cuBLAS picks its kernels by shape for every M, so
+padding a few rows would not make it batch invariant and is not done: there a batched step may differ from a single
+one in the last bits.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import ClassVar, Self
 import torch
 from torch import nn
 
-MIN_ROWS = 4
+MIN_ROWS = 4  # of a matrix product (and of the batch of a recurrent layer or transformer encoder)
+MIN_IMAGES = 2  # of a convolution: only a batch of one differed (fp32; bf16 never did)
 _BATCH_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_DIM_BY_SETTING = (nn.RNNBase, nn.TransformerEncoder, nn.TransformerEncoderLayer)
 
@@ -38,7 +42,8 @@ def _pad(x: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
 
 
 class BatchInvariance:
-    """Hooks on `model`'s few-row layers, padding their rows to `rows` while active (`with invariance: ...`).
+    """Hooks on `model`'s few-row layers, padding their rows to `rows` (a convolution's to `images`) while active
+    (`with invariance: ...`).
     `BatchInvariance.of(model)` hooks a model once, however many policies serve it."""
 
     _hooked: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
@@ -49,8 +54,8 @@ class BatchInvariance:
             cls._hooked[model] = cls(model)
         return cls._hooked[model]
 
-    def __init__(self, model: nn.Module, rows: int = MIN_ROWS):
-        self.rows = rows
+    def __init__(self, model: nn.Module, rows: int = MIN_ROWS, images: int = MIN_IMAGES):
+        self.rows, self.images = rows, images
         self.active = False
         self._handles = []
         self._padded: dict[int, list] = {}  # module id -> what each padded call must drop, innermost last
@@ -98,16 +103,17 @@ class BatchInvariance:
     # convolutions, recurrent layers, transformer encoders: the batch is one dimension of the first argument
     def _pad_batch(self, module: nn.Module, args):
         dim = _batch_dim(module)
+        rows = self.images if isinstance(module, _BATCH_FIRST) else self.rows
         x = args[0] if args else None
-        if not self.active or not torch.is_tensor(x) or x.dim() < 2 or x.shape[dim] >= self.rows:
+        if not self.active or not torch.is_tensor(x) or x.dim() < 2 or x.shape[dim] >= rows:
             self._padded.setdefault(id(module), []).append(None)
             return None
         self._padded.setdefault(id(module), []).append(x.shape[dim])
         rest = list(args[1:])
         if isinstance(module, nn.RNNBase) and rest and rest[0] is not None:  # an initial state: (layers, B, W)
-            rest[0] = tuple(_pad(h, 1, self.rows) for h in rest[0]) if isinstance(rest[0], tuple) else \
-                _pad(rest[0], 1, self.rows)
-        return (_pad(x, dim, self.rows), *rest)
+            rest[0] = tuple(_pad(h, 1, rows) for h in rest[0]) if isinstance(rest[0], tuple) else \
+                _pad(rest[0], 1, rows)
+        return (_pad(x, dim, rows), *rest)
 
     def _unpad_batch(self, module: nn.Module, args, output):
         rows = self._padded[id(module)].pop()

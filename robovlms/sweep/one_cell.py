@@ -104,7 +104,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
         from robovlms.policy import policy_factory
 
         timed = train_cell(sweep, cell, cell_dir, result, callbacks, progress, evaluation.device if served else "cpu")
-        policy = timed if served else policy_factory(cell_dir / TRAIN_DIR, evaluation.execution)
+        one_process = served or evaluation.workers <= 1  # with one worker, the episodes run here, on this copy
+        policy = timed if one_process else policy_factory(cell_dir / TRAIN_DIR, evaluation.execution)
     result.latency_device = describe_device(timed.device) if cell.kind == "trained" else "cpu"
     result.latency_batch = min(evaluation.workers, len(specs)) if served else 1
     started = time.perf_counter()
@@ -132,9 +133,10 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
     """Train, fill in what the trained formulation tells; return its policy, loaded on `device`."""
     from robovlms.action_objectives import describe_objective
     from robovlms.formulation import ContinuousActionConfig
-    from robovlms.policy import load_batched_policy
+    from robovlms.policy import load_batched_policy, resolve_device
     from robovlms.training import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, load_config, train, training_seconds
 
+    resolve_device(device)  # a device this machine lacks is refused before training, not after
     train_dir = cell_dir / TRAIN_DIR
     config = load_config({**cell.training, "store": sweep.store.path, "run_dir": str(train_dir)})
     train(config, progress=progress, callbacks=callbacks)
