@@ -23,8 +23,10 @@ from robovlms.formulation import Formulation
 from robovlms.serving.batched_policy import BatchedPolicy, EpisodePolicy
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
+
 
 class CheckpointPolicy(EpisodePolicy):
     """A formulation's policy stepping one episode."""
@@ -40,7 +42,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if not re.fullmatch(r"cuda(:\d+)?", name):
+    if not re.fullmatch(DEVICE_PATTERN, name):
         raise ConfigError(f"device {name!r} is none of {', '.join(DEVICES)}")
     if not torch.cuda.is_available():
         raise ConfigError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU here; use cpu or auto")

@@ -11,6 +11,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 import websockets
 import yaml
 from synthetic_store import write_synthetic_store
@@ -303,3 +304,28 @@ def test_a_sweeps_evaluation_is_served_by_default_and_times_the_batch_it_serves(
         assert len(servers) == 1 and servers[0].steps > 0 and result.latency_batch == 2
     else:
         assert servers == [] and result.latency_batch == 1
+
+
+def test_an_unknown_evaluation_device_is_refused_naming_the_valid_ones():
+    from robovlms.errors import ConfigError
+    from robovlms.sweep import load_sweep
+
+    with pytest.raises(ConfigError, match="evaluation.device: .*'gpu' is none of auto, cpu, cuda, cuda:N"):
+        load_sweep({"name": "x", "run_dir": "runs/x", "store": {"path": "data/x"}, "evaluation": {"device": "gpu"}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_gpu_this_machine_lacks_is_refused_before_the_cell_trains(tmp_path, demo_store, monkeypatch):
+    from robovlms.errors import ConfigError
+    from robovlms.sweep import expand_cells, load_sweep
+    from robovlms.sweep.one_cell import run_cell
+
+    trained = []
+    monkeypatch.setattr("robovlms.training.train", lambda *args, **kwargs: trained.append(args))
+    sweep = load_sweep({"name": "gpu", "run_dir": str(tmp_path / "run"), "store": {"path": str(demo_store.path)},
+                        "benchmark": {"options": {"tasks": ["button-press-topdown"]}}, "baselines": [],
+                        "train": {"max_steps": 1, "cameras": ["rgb_static"]},
+                        "evaluation": {"device": "cuda"}})
+    with pytest.raises(ConfigError, match="device 'cuda': this torch .* sees no CUDA GPU here; use cpu or auto"):
+        run_cell(sweep, expand_cells(sweep)[0], tmp_path / "run")
+    assert trained == []
