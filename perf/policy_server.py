@@ -10,8 +10,8 @@ in fp32; the weights stand for a real VLM's) by 4 simulator workers, either serv
 (`evaluation.policy_server: true`, the default) or each loading the model (`false`), each evaluation in a fresh
 Python process. Memory: the peak over the evaluation of the total RSS (every page a process maps counted in it, shared
 or not: an upper bound) and of the total PSS (proportional set size: each shared page split between the processes
-that map it, so torch's libraries count once) of the evaluating process and every process under it, against the RSS
-of one worker that loads the model (goal: at most 1.3x, against about 4x). Episodes per second: wall time of each
+that map it, so torch's libraries count once) of the evaluating process and every process under it, against the peak
+RSS of the largest worker that loads the model (goal: at most 1.3x, against about 4x). Episodes per second: wall time of each
 whole evaluation, worker start-up (and, for the copies, model loading) included (goal: no slower). The two alternate
 for `--rounds`, on whatever load the machine has.
 
@@ -65,10 +65,12 @@ def trained_run(directory: Path, hidden: int, layers: int) -> Path:
 
 
 class MemorySampler:
-    """The peak total PSS and RSS of this process and every process under it, sampled every `every` seconds."""
+    """Peaks over time, sampled every `every` seconds, of the total PSS and RSS of this process and every process
+    under it, of this process's own, and of the largest other process's."""
 
     def __init__(self, every: float = 0.25):
-        self.every, self.peak_pss, self.peak_rss, self.per_process = every, 0, 0, {}
+        self.every = every
+        self.peak = {"pss": 0, "rss": 0, "this_pss": 0, "this_rss": 0, "other_pss": 0, "other_rss": 0, "others": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -83,18 +85,20 @@ class MemorySampler:
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            pss = rss = 0
-            sizes = {}
+            sizes = []
             for process in [me, *me.children(recursive=True)]:
                 try:
                     memory = process.memory_full_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                pss, rss = pss + memory.pss, rss + memory.rss
-                sizes[process.pid] = (memory.pss, memory.rss, process.pid == me.pid)
-            if pss > self.peak_pss:
-                self.peak_pss, self.peak_rss, self.per_process = pss, max(self.peak_rss, rss), sizes
-            self.peak_rss = max(self.peak_rss, rss)
+                sizes.append((memory.pss, memory.rss, process.pid == me.pid))
+            now = {"pss": sum(pss for pss, _, _ in sizes), "rss": sum(rss for _, rss, _ in sizes),
+                   "this_pss": max((pss for pss, _, this in sizes if this), default=0),
+                   "this_rss": max((rss for _, rss, this in sizes if this), default=0),
+                   "other_pss": max((pss for pss, _, this in sizes if not this), default=0),
+                   "other_rss": max((rss for _, rss, this in sizes if not this), default=0),
+                   "others": sum(not this for _, _, this in sizes)}
+            self.peak = {key: max(self.peak[key], now[key]) for key in now}
             self._stop.wait(self.every)
 
 
@@ -117,20 +121,21 @@ def evaluate_once(run_dir: Path, episodes: int, workers: int, max_steps: int, se
                                                      progress=False)]
             batch = 1.0
         seconds = time.perf_counter() - started
-    others = [(pss, rss) for pss, rss, this in memory.per_process.values() if not this]
-    this_pss, this_rss = next((pss, rss) for pss, rss, this in memory.per_process.values() if this)
+    peak = memory.peak
     return {"seconds": seconds, "episodes": len(records), "steps": sum(r.steps for r in records),
-            "peak_pss": memory.peak_pss, "peak_rss": memory.peak_rss, "this_pss": this_pss, "this_rss": this_rss,
-            "largest_other_pss": max(p for p, _ in others), "largest_other_rss": max(r for _, r in others),
-            "others": len(others), "mean_batch": batch}
+            "peak_pss": peak["pss"], "peak_rss": peak["rss"], "this_pss": peak["this_pss"],
+            "this_rss": peak["this_rss"], "largest_other_pss": peak["other_pss"],
+            "largest_other_rss": peak["other_rss"], "others": peak["others"], "mean_batch": batch}
 
 
 def measured(run_dir: Path, episodes: int, workers: int, max_steps: int, served: bool) -> dict:
     """`evaluate_once` in a fresh Python process, so that neither configuration carries what another left."""
     command = [sys.executable, __file__, "--measure", "served" if served else "copies", "--run-dir", str(run_dir),
                "--episodes", str(episodes), "--workers", str(workers), "--max-steps", str(max_steps)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def cpu_part(episodes: int, workers: int, rounds: int, max_steps: int, hidden: int, layers: int) -> None:
