@@ -27,7 +27,7 @@ from robovlms.results import (
     write_records,
 )
 from robovlms.sweep.cells import Cell
-from robovlms.sweep.config import SweepConfig
+from robovlms.sweep.config import SweepConfig, evaluation_split
 
 
 def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark:
@@ -92,8 +92,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=benchmark.name,
                         split=sweep.benchmark.split, policy=cell.policy, axes=cell.axes,
                         versions=software_versions(benchmark.name, cell.training if cell.kind == "trained" else None),
-                        sweep=sweep.name, trial=trial_number)
-    specs = benchmark.evaluation_episodes(sweep.benchmark.split, sweep.evaluation.episodes_per_task)
+                        sweep=sweep.name, trial=trial_number, evaluation_split=evaluation_split(sweep))
+    specs = benchmark.split_episodes(sweep.benchmark.split, evaluation_split(sweep), sweep.evaluation.episodes_per_task)
     evaluation = sweep.evaluation
     served = cell.kind == "trained" and evaluation.policy_server
     if cell.kind == "baseline":
