@@ -110,7 +110,9 @@ class BatchedPolicy:
         return actions
 
     def _context_key(self, instruction: str):
-        """What decides a context's length besides the instruction's tokens: rows of one forward pass share it."""
+        """The instruction's token count, which decides the length of its context (the rest of the layout is the
+        same for every episode), or the instruction itself when the formulation has no tokenizer: the rows of one
+        forward pass share it, so that none is padded."""
         if instruction not in self._context_lengths:
             tokenizer = getattr(getattr(self.formulation, "backbone", None), "tokenizer", None)
             self._context_lengths[instruction] = instruction if tokenizer is None else \
