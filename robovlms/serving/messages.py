@@ -105,15 +105,21 @@ def read_observation(data: bytes | str, cameras: list[str], image_size: int, sta
     squared = {}
     for camera in cameras:
         image = images[camera]
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 \
+                or not image.size:
             described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise MessageError(f"image {camera!r} must be uint8 (height, width, 3); got {described}")
+            raise MessageError(f"image {camera!r} must be uint8 (height, width, 3), not empty; got {described}")
         squared[camera] = square_image(image, image_size)
-    state = message.get("state")
-    state = np.asarray(state, dtype=np.float32) if isinstance(state, (np.ndarray, list)) else None
-    if state is None or state.ndim != 1 or (state_dim is not None and len(state) != state_dim):
-        raise MessageError(f"state must be a vector of {state_dim if state_dim is not None else 'the'} proprio "
-                           f"values; got {message.get('state')!r:.80}")
+    given = message.get("state")
+    try:
+        state = np.asarray(given, dtype=np.float32) if isinstance(given, (np.ndarray, list)) else None
+    except (TypeError, ValueError):  # strings, or lists of unequal lengths
+        state = None
+    if state is None or state.ndim != 1 or (state_dim is not None and len(state) != state_dim) \
+            or not np.isfinite(state).all():
+        described = f"{given.dtype} {given.shape}: {given!r:.80}" if isinstance(given, np.ndarray) else f"{given!r:.80}"
+        raise MessageError(f"state must be a vector of {state_dim if state_dim is not None else 'the'} finite "
+                           f"proprio values; got {described}")
     instruction = message.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise MessageError("instruction must be a non-empty string")
