@@ -9,7 +9,7 @@ A formulation is an nn.Module around a backbone with two halves:
 once and keep it: for `policy-head` the encoding is the backbone pass, so a step costs one pass whatever H is.
 Formulations that sample (the generative action objectives) draw from the `generator` that `predict`, `act` and
 `loss` take: the rollout policy seeds one per episode, training one per step; without one they draw from torch's
-global generator. A formulation that sets `batched_rollouts` lets the rollout policy server (robovlms/serving/) stack
+global generator. A formulation class that sets `batched_rollouts` in its own body lets the rollout policy server (robovlms/serving/) stack
 the windows of several episodes in one `predict`: it then takes a list of generators, one per row, and a row's output
 depends on that row alone.
 
@@ -140,8 +140,9 @@ class Formulation(nn.Module, abc.ABC):
     description: ClassVar[str]
     config_class: ClassVar[type]  # the dataclass of this formulation's own options
     single_frame: ClassVar[bool] = False  # sees only the current observation: history must be 1
-    # predict takes several episodes' windows and a list of generators, one per row; third-party formulations that
-    # do not say so are served one episode at a time
+    # predict takes several episodes' windows and a list of generators, one per row. Each class says so in its own
+    # body (a subclass that changes forward or predict may break it, so it is not inherited); one that does not is
+    # served one episode at a time
     batched_rollouts: ClassVar[bool] = False
 
     @classmethod
@@ -210,8 +211,6 @@ class ContinuousFormulation(Formulation):
     """A formulation whose `forward(encoded, instructions)` gives every frame a condition state (B, T, W), and
     whose action objective `self.head` turns a condition into a chunk: arm (..., L, A-1) in [-1, 1] and gripper
     logits (..., L)."""
-
-    batched_rollouts = True
 
     @classmethod
     def check_settings(cls, history, chunk, options):

@@ -124,10 +124,9 @@ def test_the_episodes_of_one_forward_pass_share_their_context_length(store, monk
 
 
 class UnbatchedFormulation(OneStepContinuous):
-    """A third-party formulation that does not declare batched rollouts."""
+    """A third-party formulation derived from a built-in one, which does not itself declare batched rollouts."""
 
     name = "third-party"
-    batched_rollouts = False
 
 
 def test_a_formulation_that_cannot_be_batched_is_stepped_one_episode_at_a_time_and_says_so(store):
@@ -138,7 +137,7 @@ def test_a_formulation_that_cannot_be_batched_is_stepped_one_episode_at_a_time_a
     predict = formulation.predict
     formulation.predict = lambda window, instructions, generator: (rows.append(len(instructions)),
                                                                    predict(window, instructions, generator))[1]
-    with pytest.warns(UserWarning, match="'third-party' does not declare batched_rollouts.*one at a time"):
+    with pytest.warns(UserWarning, match="'third-party' \\(UnbatchedFormulation\\) does not set batched_rollouts.*one at a time"):
         policy = BatchedPolicy(formulation, ["rgb_static"])
     frames = observations(formulation, 3, 1)
     episodes = [policy.new_episode(instruction) for instruction in INSTRUCTIONS[:3]]

@@ -16,8 +16,8 @@ Execution of a predicted chunk of L actions:
 An episode's actions do not depend on the episodes stepped with it: each draws its noise from its own generator,
 seeded by its spec, the episodes of one forward pass share their context length (grouped by the instruction's
 token count, so no row is padded), and on the CPU the few-row layers are padded to rows the kernels treat alike
-(robovlms/serving/batch_invariance.py). A formulation that does not declare `batched_rollouts` is stepped one
-episode at a time.
+(robovlms/serving/batch_invariance.py). A formulation whose class does not itself declare `batched_rollouts` (a
+subclass does not inherit it) is stepped one episode at a time.
 """
 
 from __future__ import annotations
@@ -73,11 +73,13 @@ class BatchedPolicy:
         weights = next(formulation.parameters(), None) if isinstance(formulation, nn.Module) else None
         self.device = weights.device if weights is not None else torch.device("cpu")
         self.autocast_dtype = autocast_dtype
-        self.batched = getattr(formulation, "batched_rollouts", False)
+        self.batched = vars(type(formulation)).get("batched_rollouts", False)  # declared by its own class
         if not self.batched:
             name = getattr(formulation, "name", type(formulation).__name__)
-            warnings.warn(f"formulation {name!r} does not declare batched_rollouts: its episodes are stepped one at "
-                          f"a time", stacklevel=2)
+            warnings.warn(f"formulation {name!r} ({type(formulation).__qualname__}) does not set batched_rollouts = "
+                          f"True in its class: its episodes are stepped one at a time. Set it once its predict takes "
+                          f"a list of generators, one per row, and each row's actions depend on that row alone "
+                          f"(robovlms/formulation.py)", stacklevel=2)
         self._invariance = BatchInvariance.of(formulation) if self.device.type == "cpu" and weights is not None \
             else None
         self._context_lengths: dict[str, object] = {}
