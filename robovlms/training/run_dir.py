@@ -56,7 +56,8 @@ def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT, dev
                                 config.backbone.path)
     formulation = build_formulation(config, backbone, Statistics(**statistics["actions"]),
                                     Statistics(**statistics["state"]) if statistics["state"] else None)
-    state = read_checkpoint(checkpoint_path)["state_dict"]
+    # mapped, not read: only the weights are paged in, never the optimiser's state (with Adam, twice the weights)
+    state = read_checkpoint(checkpoint_path, mmap=True)["state_dict"]
     formulation.load_state_dict({k.removeprefix("formulation."): v for k, v in state.items()})
     return formulation.to(device=device, dtype=dtype).eval(), config
 
