@@ -11,9 +11,9 @@ in fp32; the weights stand for a real VLM's) by 4 simulator workers, either serv
 Python process. Memory: the peak over the evaluation of the total RSS (every page a process maps counted in it, shared
 or not: an upper bound) and of the total PSS (proportional set size: each shared page split between the processes
 that map it, so torch's libraries count once) of the evaluating process and every process under it, against the peak
-RSS of the largest worker that loads the model (goal: at most 1.3x, against about 4x). Episodes per second: wall time of each
-whole evaluation, worker start-up (and, for the copies, model loading) included (goal: no slower). The two alternate
-for `--rounds`, on whatever load the machine has.
+RSS of the largest worker that loads the model (goal: at most 1.3x, against about 4x). Episodes per second: wall
+time of each whole evaluation, worker start-up (and, for the copies, model loading) included (goal: no slower). The
+two alternate for `--rounds`, on whatever load the machine has. Measured: docs/evaluation.md.
 
 GPU part (`--gpu`, on a machine with one): steps per second of one BatchedPolicy step of 8 episodes against 8
 steps of one episode, and how far the batched actions are from the single ones there (on CUDA, cuBLAS chooses its

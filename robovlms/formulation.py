@@ -9,9 +9,9 @@ A formulation is an nn.Module around a backbone with two halves:
 once and keep it: for `policy-head` the encoding is the backbone pass, so a step costs one pass whatever H is.
 Formulations that sample (the generative action objectives) draw from the `generator` that `predict`, `act` and
 `loss` take: the rollout policy seeds one per episode, training one per step; without one they draw from torch's
-global generator. A formulation class that sets `batched_rollouts` in its own body lets the rollout policy server (robovlms/serving/) stack
-the windows of several episodes in one `predict`: it then takes a list of generators, one per row, and a row's output
-depends on that row alone.
+global generator. A formulation class that sets `batched_rollouts` in its own body lets the rollout policy server
+(robovlms/serving/) stack the windows of several episodes in one `predict`: it then takes a list of generators, one
+per row, and a row's output depends on that row alone.
 
 Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
 and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
@@ -124,6 +124,13 @@ def check_action_objective(config: ContinuousActionConfig) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
 
 
+def embedding_std(backbone: Backbone) -> float:
+    """The spread of the word embeddings, at which new embeddings start; 1.0 for a backbone built on the meta
+    device, which holds no values (to count parameters and estimate memory)."""
+    weight = backbone.input_embeddings().weight
+    return 1.0 if weight.is_meta else weight.detach().float().std().item()
+
+
 def options_to_formulation_config(config_class: type, options: dict[str, Any], formulation: str):
     valid = [f.name for f in fields(config_class)]
     unknown = sorted(set(options) - set(valid))
@@ -167,8 +174,7 @@ class Formulation(nn.Module, abc.ABC):
         self.actions = ActionNormaliser(action_statistics)
         self.state = RangeNormaliser(state_statistics.p01, state_statistics.p99) if use_state else None
         D = backbone.hidden_size
-        embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
-        self.lrn = nn.Parameter(torch.randn(D) * embedding_std)  # the learnable [LRN] action token
+        self.lrn = nn.Parameter(torch.randn(D) * embedding_std(backbone))  # the learnable [LRN] action token
         self.state_embedding = nn.Linear(len(state_statistics.p01), D) if use_state else None
         self.state_token = use_state and state_input == "token"
 

@@ -40,6 +40,18 @@ from robovlms.serving.batch_invariance import BatchInvariance
 EXECUTIONS = ("first", "ensemble", "chunk")
 
 
+def check_execution(history: int, chunk: int, frame_stride: int, execution: str) -> None:
+    """A policy can observe its history frames `frame_stride` env steps apart only if it observes at least that
+    often: `chunk` execution observes every `chunk` steps."""
+    if execution not in EXECUTIONS:
+        raise UnknownNameError("chunk execution", execution, EXECUTIONS)
+    steps_between_observations = chunk if execution == "chunk" else 1
+    if history > 1 and frame_stride % steps_between_observations:
+        raise ConfigError(f"history frames {frame_stride} env steps apart cannot be observed when each chunk of "
+                          f"{chunk} runs open-loop; train with frame_stride {chunk} (or a multiple) for `chunk` "
+                          f"execution, or execute with `first` or `ensemble`")
+
+
 @dataclass
 class Episode:
     """One episode's memory: its encoded frames (on the policy's device), the unexecuted rest of each recent chunk,
@@ -57,18 +69,13 @@ class BatchedPolicy:
                  ensemble_decay: float = 0.01, frame_stride: int = 1, autocast_dtype: torch.dtype | None = None):
         """`formulation` on its device, in the dtype its weights are held in; `autocast_dtype`: the dtype its
         forward computes in under mixed precision (None: the weights' own)."""
-        if execution not in EXECUTIONS:
-            raise UnknownNameError("chunk execution", execution, EXECUTIONS)
+        check_execution(formulation.history, formulation.chunk, frame_stride, execution)
         self.formulation = formulation.eval()
         self.cameras = list(cameras)
         self.execution = execution
         self.ensemble_decay = ensemble_decay
         self.history = formulation.history
         steps_between_observations = formulation.chunk if execution == "chunk" else 1
-        if self.history > 1 and frame_stride % steps_between_observations:
-            raise ConfigError(f"history frames {frame_stride} env steps apart cannot be observed when each chunk of "
-                              f"{formulation.chunk} runs open-loop; train with frame_stride {formulation.chunk} (or a "
-                              f"multiple) for `chunk` execution, or execute with `first` or `ensemble`")
         self._every = max(1, frame_stride // steps_between_observations)  # observations between history frames
         weights = next(formulation.parameters(), None) if isinstance(formulation, nn.Module) else None
         self.device = weights.device if weights is not None else torch.device("cpu")
