@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from robovlms.errors import ConfigError, MissingDependencyError
-from robovlms.registry import Registry
+from robovlms.registry import BENCHMARKS
 
 if TYPE_CHECKING:
     from robovlms.sim_to_real import PublishedAgreement
@@ -238,9 +238,6 @@ def square_image(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-
-
-BENCHMARKS: Registry[Benchmark] = Registry("benchmark", "robovlms.benchmarks", Benchmark, ("name",))
 
 
 def create_benchmark(name: str, **options: Any) -> Benchmark:

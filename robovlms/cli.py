@@ -1,8 +1,14 @@
-"""The `robovlms` command line."""
+"""The `robovlms` command line.
+
+Kept quick to start: this module imports only typer, rich and robovlms' light modules (errors, registries, baseline
+names); each command imports what it needs in its own body, so `robovlms --help` and the plugin listings import
+no model library.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,14 +20,45 @@ from rich.table import Table
 
 from robovlms.baselines import BASELINES
 from robovlms.errors import RobovlmsError
+from robovlms.registry import BACKBONES, BENCHMARKS, FORMULATIONS, Registry
 
 app = typer.Typer(help="robovlms: build, train, sweep and compare vision-language-action robot policies.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Episode stores: generate demonstrations, import datasets, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+PIPED_WIDTH = 10_000  # columns when output is not a terminal: wide enough that no table cell is cut or wrapped
+
+
+def _console() -> Console:
+    """Rich's console. Piped or redirected output would be cut to rich's default 80 columns, breaking entry
+    points, paths and ids that scripts grep for: it is as wide as its lines instead, unless COLUMNS says otherwise."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
+
+
+console = _console()
+show_traceback = False  # set by --traceback or ROBOVLMS_DEBUG=1
 
 POLICIES = ("expert", *BASELINES)
+
+
+@app.callback()
+def options(
+    traceback: Annotated[bool, typer.Option("--traceback", envvar="ROBOVLMS_DEBUG",
+                                            help="Show the traceback behind an error, not only its one-line message "
+                                                 "(also ROBOVLMS_DEBUG=1).")] = False,
+) -> None:
+    global show_traceback
+    show_traceback = traceback
+
+
+def _tasks(values: list[str]) -> str | list[str]:
+    """Values of a repeatable --tasks, each a task set, a task or comma-separated tasks: the one value as given, or
+    every task named, in order."""
+    tasks = [task for value in values for task in _split_list(value)]
+    return tasks[0] if len(tasks) == 1 else tasks
 
 
 def _split_list(value: str) -> list[str]:
@@ -32,7 +69,8 @@ def _split_list(value: str) -> list[str]:
 def data_generate(
     out: Annotated[Path, typer.Argument(help="Directory of the episode store to write.")],
     benchmark: Annotated[str, typer.Option(help="Benchmark with scripted experts.")] = "metaworld",
-    tasks: Annotated[str, typer.Option(help="Task set (demo, mt10, mt50) or comma-separated task names.")] = "demo",
+    tasks: Annotated[list[str], typer.Option(help="Task set (demo, mt10, mt50) or comma-separated task names; "
+                                                  "repeatable.")] = ["demo"],  # noqa: B006 (typer reads it)
     split: Annotated[str, typer.Option(help="Scene split; demonstrations come from its training scenes.")] = "ABC->D",
     scenes: Annotated[str | None, typer.Option(help="Training scenes to use instead of the split's, e.g. AB.")] = None,
     episodes: Annotated[int, typer.Option(help="Successful demonstrations per task and scene.")] = 20,
@@ -49,8 +87,7 @@ def data_generate(
     from robovlms.benchmark import create_benchmark
     from robovlms.data.demonstrations import generate_demonstrations
 
-    task_list = tasks if "," not in tasks else _split_list(tasks)
-    bench = create_benchmark(benchmark, tasks=task_list, image_size=image_size, cameras=_split_list(cameras),
+    bench = create_benchmark(benchmark, tasks=_tasks(tasks), image_size=image_size, cameras=_split_list(cameras),
                              max_steps=max_steps)
     store = generate_demonstrations(bench, split, episodes, out, scenes=scenes, workers=workers,
                                     overwrite=overwrite, resume=resume, allow_short=allow_short)
@@ -133,7 +170,8 @@ def evaluate_command(
     run: Annotated[Path | None, typer.Option(help="A trained run directory: roll out its last checkpoint.")] = None,
     store: Annotated[Path | None, typer.Option(help="Training store: benchmark settings and baseline data.")] = None,
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
-    tasks: Annotated[str | None, typer.Option(help="Tasks to evaluate (default: the store's).")] = None,
+    tasks: Annotated[list[str] | None, typer.Option(help="Tasks to evaluate, comma-separated or repeated "
+                                                         "(default: the store's).")] = None,
     split: Annotated[str | None, typer.Option(help="Split: Meta-World, CALVIN scenes such as ABC->D (evaluation uses "
                                                    "its held-out scenes); SimplerEnv visual_matching or "
                                                    "variant_aggregation. Default: the benchmark's first.")] = None,
@@ -167,8 +205,8 @@ def evaluate_command(
         # a store made for no benchmark in particular (an imported dataset) is evaluated on --benchmark
         benchmark = training_store.metadata.get("benchmark", benchmark)
         options = dict(training_store.metadata.get("benchmark_options", {}))
-    if tasks is not None:
-        options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
+    if tasks:
+        options["tasks"] = _tasks(tasks)
     bench = create_benchmark(benchmark, **options)
     if training_store is not None:
         layout = training_store.layout
@@ -384,29 +422,43 @@ def worker_command(
     work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
 
 
+CHECK_HELP = "Import each plugin and check it against its interface (seconds: imports the model libraries)."
+
+
+def _print_listing(registry: Registry, rows: list[dict], table=None) -> None:
+    """A listing's table; exits with 1 when a plugin failed."""
+    console.print(table if table is not None else registry.table(rows))
+    if any(row["failed"] for row in rows):
+        sys.exit(1)
+
+
 @app.command("backbones")
 def backbones_command(
     parameters: Annotated[bool, typer.Option(help="Also build each tiny size to count its parameters (slower).")] = False,
+    check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False,
 ) -> None:
-    """List the registered backbones (built-in and from plugins): entry point, package and version, description;
-    a plugin that fails to load gets a row naming its error. Exits with 1 when one fails."""
-    from robovlms.backbone import backbones_table, list_backbones
+    """List the registered backbones (built-in and from plugins): description, entry point, package and version,
+    read from package metadata and source. A plugin found broken gets a row naming its error, and the command
+    exits with 1; --check finds every way a plugin can fail to load."""
+    if parameters:
+        from robovlms.backbone import backbones_table, list_backbones
 
-    rows = list_backbones(parameters)
-    console.print(backbones_table(rows))
-    if any(row["failed"] for row in rows):
-        sys.exit(1)
+        rows = list_backbones(parameters)
+        _print_listing(BACKBONES, rows, backbones_table(rows))
+    else:
+        _print_listing(BACKBONES, BACKBONES.listing(check))
+
+
+@app.command("formulations")
+def formulations_command(check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False) -> None:
+    """List the registered formulations, like `robovlms backbones` (see docs/adding-a-formulation.md)."""
+    _print_listing(FORMULATIONS, FORMULATIONS.listing(check))
 
 
 @app.command("benchmarks")
-def benchmarks_command() -> None:
-    """List the registered benchmarks, like `robovlms backbones`. Exits with 1 when one fails to load."""
-    from robovlms.benchmark import BENCHMARKS
-
-    rows = BENCHMARKS.listing()
-    console.print(BENCHMARKS.table(rows))
-    if any(row["failed"] for row in rows):
-        sys.exit(1)
+def benchmarks_command(check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False) -> None:
+    """List the registered benchmarks, like `robovlms backbones`."""
+    _print_listing(BENCHMARKS, BENCHMARKS.listing(check))
 
 
 @app.command("check-backbone")
@@ -446,7 +498,7 @@ def doctor_command() -> None:
     """Per benchmark: where its simulator runs (this process, or the interpreter of its own environment named by
     the benchmark's python option or ROBOVLMS_<NAME>_PYTHON), which of the modules it needs are found there and
     where, and what to run to install the rest."""
-    from robovlms.benchmark import BENCHMARKS, create_benchmark
+    from robovlms.benchmark import create_benchmark
 
     table = Table(title="benchmarks")
     for column in ("benchmark", "status", "runs in", "modules"):
@@ -490,6 +542,10 @@ def main() -> None:
     try:
         app()
     except RobovlmsError as error:
+        if show_traceback:
+            import traceback
+
+            traceback.print_exception(error)
         console.print(f"[red]error:[/red] {error}", highlight=False)
         sys.exit(2)
 

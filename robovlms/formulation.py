@@ -31,7 +31,7 @@ from robovlms.action_objectives import ARM_LOSSES, OBJECTIVES, create_action_obj
 from robovlms.backbone import Backbone
 from robovlms.data.store import Statistics
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
-from robovlms.registry import Registry
+from robovlms.registry import FORMULATIONS
 
 STATE_INPUTS = ("add", "token")
 
@@ -223,10 +223,6 @@ class ContinuousFormulation(Formulation):
         condition = self(self.encode(batch["images"], batch["state"], batch["instruction"]), batch["instruction"])
         target_arm, target_gripper = self.actions.normalise(batch["actions"])
         return self.head.loss(condition, target_arm, target_gripper, batch["action_mask"], generator)
-
-
-FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.formulations", Formulation,
-                                                      ("name", "description", "config_class"))
 
 
 def create_formulation(name: str, backbone: Backbone, action_statistics: Statistics,
