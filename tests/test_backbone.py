@@ -336,6 +336,25 @@ def test_append_adds_tokens_and_grows_embeddings_and_lm_head(backbone):
     assert logits.shape == (8, vocabulary + 8)
 
 
+def test_appended_action_tokens_start_as_distinct_rows_of_the_embeddings_and_the_lm_head(backbone):
+    """Each bin its own token from the first step: not the old rows' mean, which would give every bin the same
+    logit and, decoded one by one, the same input."""
+    ids = backbone.reserve_action_tokens(16, mode="append")
+    words = backbone.input_embeddings().weight[:ids.min()].detach().std(dim=0).mean().item()
+    for rows in (backbone.embed_tokens(ids).detach(), backbone.output_embeddings().weight[ids].detach()):
+        spread = rows.std(dim=0).mean().item()  # across the action tokens
+        assert spread > 0.1 * words, f"action tokens differ by {spread:.2g}, words by {words:.2g}"
+
+
+def test_appending_action_tokens_prints_no_notice_from_transformers(monkeypatch):
+    from transformers import modeling_utils
+
+    notices = []
+    monkeypatch.setattr(modeling_utils.logger, "warning_once", notices.append)
+    create_backbone("paligemma").reserve_action_tokens(8, mode="append")
+    assert notices == []
+
+
 def test_appending_action_tokens_a_tokenizer_already_holds_keeps_their_ids(backbone, tmp_path):
     """A backbone rebuilt from a trained run's files reserves the same tokens again without growing."""
     ids = backbone.reserve_action_tokens(8, mode="append")

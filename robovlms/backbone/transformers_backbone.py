@@ -78,7 +78,12 @@ class TransformersBackbone(Backbone):
         return self.model.get_output_embeddings()
 
     def resize_vocabulary(self, vocab_size: int) -> None:
-        self.model.resize_token_embeddings(vocab_size)
+        # Not transformers' mean resizing: it puts every new row at the old rows' mean plus noise at 1e-9 of their
+        # covariance, so appended action tokens would start as one token (the same logit for every bin, the same
+        # input when decoded one by one). The model's own initialisation gives each bin a row of its own. What mean
+        # resizing guards against, new tokens taking probability from the pretrained vocabulary, cannot happen
+        # here: the discrete formulation's softmax is over the action tokens alone.
+        self.model.resize_token_embeddings(vocab_size, mean_resizing=False)
 
 
 def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:
