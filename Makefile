@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6
 # tests use a real database for multi-machine sweeps and a real browser for reports
 TEST_SYSTEM_PACKAGES := postgresql chromium
-PLUGIN := examples/robovlms-llava-plugin
+PLUGINS := examples/robovlms-llava-plugin examples/robovlms-gru-head-plugin
 DEMO_RUN := runs/demo
 DEMO_REPORT := reports/demo
 WORKERS ?= 2
@@ -42,12 +42,12 @@ system-packages:
 	fi
 
 # torch is pinned to the CPU build first, so nothing later pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml $(PLUGIN)/pyproject.toml | system-packages
+$(VENV)/.installed: pyproject.toml $(PLUGINS:%=%/pyproject.toml) | system-packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps -e $(PLUGIN)
+	$(BIN)/pip install -q --no-deps $(PLUGINS:%=-e %)
 	touch $@
 
 # The main job: demonstrations (made by the sweep when missing), experiments/demo.yaml, then its report.

@@ -45,7 +45,7 @@ POLICIES = ("expert", *BASELINES)
 
 
 @app.callback()
-def options(
+def global_options(
     traceback: Annotated[bool, typer.Option("--traceback", envvar="ROBOVLMS_DEBUG",
                                             help="Show the traceback behind an error, not only its one-line message "
                                                  "(also ROBOVLMS_DEBUG=1).")] = False,
@@ -461,6 +461,21 @@ def benchmarks_command(check: Annotated[bool, typer.Option(help=CHECK_HELP)] = F
     _print_listing(BENCHMARKS, BENCHMARKS.listing(check))
 
 
+def _key_values(option: list[str] | None) -> dict:
+    """--option KEY=VALUE items, each value read as YAML."""
+    import yaml
+
+    from robovlms.errors import ConfigError
+
+    options = {}
+    for item in option or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 @app.command("check-backbone")
 def check_backbone_command(
     name: Annotated[str, typer.Argument(help="A registered backbone (see `robovlms backbones`).")],
@@ -470,17 +485,9 @@ def check_backbone_command(
     """Run the backbone conformance kit (robovlms.testing) on a tiny NAME: causality of the suffix and of
     interleaved frames, batch independence, save / load, freeze modes and LoRA, action tokens, image settings and
     agreement with the wrapped model's own forward. One line per check; exits with 1 when one fails."""
-    import yaml
-
-    from robovlms.errors import ConfigError
     from robovlms.testing import check_backbone
 
-    options = {}
-    for item in option or []:
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
-        options[key] = yaml.safe_load(value)
+    options = _key_values(option)
     results = check_backbone(name, **options)
     table = Table(title=f"conformance of backbone {name}" + "".join(f" {k}={v}" for k, v in options.items()))
     for column in ("check", "result", "reason"):
@@ -490,6 +497,40 @@ def check_backbone_command(
         table.add_row(result.check, f"[{colours[result.status]}]{result.status}[/]", result.reason)
     console.print(table)
     if not all(result.passed for result in results):
+        sys.exit(1)
+
+
+@app.command("check-formulation")
+def check_formulation_command(
+    name: Annotated[str, typer.Argument(help="A registered formulation (see `robovlms formulations`).")],
+    backbone: Annotated[list[str] | None, typer.Option(help="Check on this backbone only (repeatable; default: every "
+                                                            "built-in one).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="One of its options, or history, chunk, use_state, "
+                                                          "state_input, as KEY=VALUE (the value read as YAML), e.g. "
+                                                          "--option head_width=32; repeatable.")] = None,
+) -> None:
+    """Run the formulation conformance kit (robovlms.testing) on NAME over tiny built-in backbones: loss and its
+    gradients, predict, act, encoding frames one at a time as rollouts do, batching, another device (meta tensors),
+    seeding, and rebuilding from its state dict. A table of checks by backbone, then each failure's reason; exits
+    with 1 when one fails."""
+    from robovlms.testing import check_formulation
+
+    options = _key_values(option)
+    results = check_formulation(name, backbone, **options)
+    table = Table(title=f"conformance of formulation {name}" + "".join(f" {k}={v}" for k, v in options.items()))
+    table.add_column("check")
+    for backbone_name in results:
+        table.add_column(backbone_name)
+    colours = {"pass": "green", "fail": "red", "skip": "yellow"}
+    checks = [result.check for result in next(iter(results.values()))]
+    for index, check in enumerate(checks):
+        table.add_row(check, *(f"[{colours[rows[index].status]}]{rows[index].status}[/]" for rows in results.values()))
+    console.print(table)
+    failures = [(backbone_name, result) for backbone_name, rows in results.items() for result in rows
+                if not result.passed]
+    for backbone_name, result in failures:
+        console.print(f"[red]{backbone_name} / {result.check}:[/red] {result.reason}", highlight=False)
+    if failures:
         sys.exit(1)
 
 

@@ -1,0 +1,64 @@
+"""What a conformance kit reports: one result per check, each a pass, a failure or a skip with a one-line reason."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TOLERANCE = 1e-5  # between computations that should agree up to float rounding
+
+
+class SkipCheck(Exception):
+    """A check that does not apply to this plugin (a backbone with no wrapped transformers forward to compare with)."""
+
+
+@dataclass
+class CheckResult:
+    check: str
+    status: str  # "pass" | "fail" | "skip"
+    reason: str  # one line
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "fail"
+
+
+def run_check(check: str, function: Callable[..., str], *arguments) -> CheckResult:
+    """`function(*arguments)`: its summary when it passes; its AssertionError's reason when it fails; for any
+    other error (the plugin crashed inside the check), the error's first line and where it was raised."""
+    try:
+        return CheckResult(check, "pass", function(*arguments))
+    except SkipCheck as skip:
+        return CheckResult(check, "skip", str(skip))
+    except AssertionError as failure:
+        return CheckResult(check, "fail", str(failure))
+    except Exception as error:  # noqa: BLE001 (the plugin crashed inside the check: say where)
+        first_line = (str(error).splitlines() or [""])[0]
+        return CheckResult(check, "fail", f"{type(error).__name__}: {first_line} ({_where(error)})")
+
+
+def _where(error: Exception) -> str:
+    """file:line of the innermost frame outside torch and transformers: the line of the plugin (or of robovlms) whose
+    call failed, rather than the library's line that raised."""
+    libraries = tuple(str(Path(module.__file__).parent) for name in ("torch", "transformers")
+                      if (module := sys.modules.get(name)) is not None)
+    frames = traceback.extract_tb(error.__traceback__)
+    frame = next((frame for frame in reversed(frames) if not frame.filename.startswith(libraries)), frames[-1])
+    return f"{Path(frame.filename).name}:{frame.lineno}"
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = TOLERANCE) -> bool:
+    return torch.allclose(a, b, atol=tolerance, rtol=tolerance)
+
+
+def differ(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"differ by up to {(a - b).abs().max().item():.2g}"
+
+
+def fail(reason: str) -> None:
+    raise AssertionError(reason)
