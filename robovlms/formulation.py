@@ -14,7 +14,8 @@ global generator.
 Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
 and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
 Formulations register in FORMULATIONS; built-in and third-party ones declare an entry point in the group
-`robovlms.formulations` naming their Formulation subclass.
+`robovlms.formulations` naming their Formulation subclass. docs/adding-a-formulation.md walks through writing one
+(examples/robovlms-gru-head-plugin), and `robovlms check-formulation NAME` checks it on every built-in backbone.
 """
 
 from __future__ import annotations
@@ -132,7 +133,13 @@ def options_to_formulation_config(config_class: type, options: dict[str, Any], f
 
 
 class Formulation(nn.Module, abc.ABC):
-    """A backbone, an action space and the way one becomes the other."""
+    """A backbone, an action space and the way one becomes the other.
+
+    A plugin sets `name`, `description` and `config_class` (and `single_frame` if it sees one frame), implements
+    `predict` and `loss` (or subclasses ContinuousFormulation and writes `forward`), and may override `encode` and
+    `check_settings`. `encode` must treat each frame alone and `predict` draw only from the generator it is given:
+    the rollout policy encodes each observation once and seeds one generator per episode.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
