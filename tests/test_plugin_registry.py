@@ -288,3 +288,13 @@ def test_an_unknown_formulation_lists_as_valid_only_the_plugins_that_load(tmp_pa
         create_formulation("gru-head", create_backbone("gpt-scratch"), demo_store.action_statistics, None)
     assert "no-loss" not in raised.value.valid and "policy-head" in raised.value.valid
     assert "no-loss: installed but failing to load, see `robovlms formulations --check`" in str(raised.value)
+
+
+def test_formulations_command_lists_each_formulation_with_its_package(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "broken_plugin", "import robovlms_no_such_module\n",
+                   {"robovlms.formulations": {"broken-formulation": "broken_plugin:Broken"}})
+    result = CliRunner().invoke(cli.app, ["formulations"])
+    assert result.exit_code == 1
+    row = next(line for line in result.output.splitlines() if " policy-head " in line)
+    assert "robovlms.formulations.policy_head:PolicyHead" in row and "robovlms 0.1.0" in row
+    assert "broken-formulation" in result.output and "ModuleNotFoundError" in result.output
