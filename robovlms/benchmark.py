@@ -149,6 +149,16 @@ class Benchmark(ABC):
             raise MissingDependencyError(f"{self.name}: {where} cannot import {', '.join(installation.missing)}.\n"
                                          f"{installation.install}")
 
+    def try_one_step(self) -> None:
+        """Build the simulator, reset it to the first evaluation episode and take one zero action: whether it runs
+        (`robovlms doctor`). Raises what an evaluation would raise."""
+        environment = self.make_environment()
+        try:
+            environment.reset(self.evaluation_episodes(self.splits()[0], 1)[0])
+            environment.step(np.zeros(self.action_dim, dtype=np.float32), observe=True)
+        finally:
+            environment.close()
+
     def check_frames(self, cameras: Sequence[str], image_size: int, action_dim: int, source: str) -> None:
         """Raise ConfigError unless policies trained on frames of this kind (`source`: a store) can act here: the
         same cameras at the same size, and actions of this benchmark's dimension."""

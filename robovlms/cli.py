@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from robovlms.baselines import BASELINES
@@ -307,7 +308,7 @@ def _progress_printer(run_dir: Path):
 def _line_per_cell(run_dir: Path):
     from robovlms.results import read_cell_results
 
-    printed: set[str] | None = None
+    printed: dict[str, int | None] | None = None  # cell -> the trial whose result was printed
     finished = -1
     started = time.monotonic()
 
@@ -319,17 +320,14 @@ def _line_per_cell(run_dir: Path):
         results = read_cell_results(run_dir)
         left = status.cells - finished
         if printed is None:
-            printed = {result.cell_id for result in results}
+            printed = {result.cell_id: result.trial for result in results}
             print(f"{status.cells} {status.unit}: {len(printed)} committed before, {left} to run", flush=True)
             return
         for result in results:
-            if result.cell_id in printed:
-                continue
-            printed.add(result.cell_id)
-            if result.status == "complete":
-                outcome = f"success {result.successes}/{result.episodes} ({result.success:.0%})"
-            else:
-                outcome = f"{result.status}: {(result.error or '').splitlines()[0][:100]}"
+            if result.cell_id in printed and printed[result.cell_id] == result.trial:
+                continue  # printed, or committed before this run (a retried cell is committed again by a new trial)
+            printed[result.cell_id] = result.trial
+            outcome = _cell_outcome(result)
             cost = ", ".join(f"{what} {seconds:.0f} s" for what, seconds in (("train", result.train_seconds),
                                                                              ("eval", result.eval_seconds)) if seconds)
             print(f"[{(time.monotonic() - started) / 60:.1f} min] {result.cell_id}: {outcome}"
@@ -338,18 +336,34 @@ def _line_per_cell(run_dir: Path):
     return update
 
 
+def _cell_outcome(result) -> str:
+    if result.status == "complete":
+        return f"success {result.successes}/{result.episodes} ({result.success:.0%})"
+    return f"{result.status}: {(result.error or '').splitlines()[0][:100]}"
+
+
 def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_failed: bool, mode: str) -> None:
+    from robovlms.results import read_cell_results
     from robovlms.sweep import load_sweep, run_sweep
 
-    stop, update = _progress_printer(Path(load_sweep(file).run_dir))
+    run_dir = Path(load_sweep(file).run_dir)
+    retried = {result.cell_id for result in read_cell_results(run_dir) if retry_failed and result.status == "failed"}
+    stop, update = _progress_printer(run_dir)
     try:
         status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
                            progress=update)
     finally:
         stop()
+    if console.is_terminal:  # without a terminal, each retried cell's line was printed as it was committed
+        for result in read_cell_results(run_dir):
+            if result.cell_id in retried:
+                console.print(f"retried {result.cell_id}: {_cell_outcome(result)}", highlight=False)
     pruned = f", {status.pruned} pruned" if status.unit == "trials" else ""
     console.print(f"{status.done} of {status.cells} {status.unit} done{pruned}, {status.failed} failed; results in "
                   f"the run directory's results/ (make a report with `robovlms report RUN_DIR`)")
+    if status.failed and mode == "grid" and not retry_failed:
+        console.print(f"the failed cells' errors are in {run_dir}/cells/CELL/error.txt; `robovlms sweep {file} "
+                      f"--retry-failed` runs them again", highlight=False)
     if status.failed:
         sys.exit(1)
 
@@ -535,31 +549,37 @@ def check_formulation_command(
 
 
 @app.command("doctor")
-def doctor_command() -> None:
+def doctor_command(
+    names: Annotated[list[str] | None, typer.Argument(help="Benchmarks to check (default: every registered one).")]
+    = None,
+    time_limit: Annotated[float, typer.Option(help="Seconds a simulator may take to start, reset and take one step "
+                                                   "before it counts as hanging.")] = 600,
+) -> None:
     """Per benchmark: where its simulator runs (this process, or the interpreter of its own environment named by
-    the benchmark's python option or ROBOVLMS_<NAME>_PYTHON), which of the modules it needs are found there and
-    where, and what to run to install the rest."""
-    from robovlms.benchmark import create_benchmark
+    the benchmark's python option or ROBOVLMS_<NAME>_PYTHON), which of the modules it needs are found there, and
+    whether it runs: it is started, reset to an evaluation episode and stepped once, within the time limit. Says
+    what to install or what failed; exits with 1 unless every benchmark checked is ready."""
+    from robovlms.benchmark import BENCHMARKS
+    from robovlms.doctor import diagnose
 
+    for name in names or []:
+        BENCHMARKS.get(name)  # an unknown name lists the valid ones
     table = Table(title="benchmarks")
-    for column in ("benchmark", "status", "runs in", "modules"):
+    for column in ("benchmark", "status", "runs in", "modules", "reset and one step"):
         table.add_column(column)
-    to_install = {}
-    for name in BENCHMARKS.names():
-        try:
-            installation = create_benchmark(name).installation()
-        except RobovlmsError as error:
-            table.add_row(name, "[red]error[/red]", "", str(error))
-            continue
-        where = installation.python + (" (own environment)" if installation.own_environment else " (this process)")
-        modules = "\n".join(f"{module}: {path or '[red]missing[/red]'}" for module, path in installation.modules.items())
-        status = "[red]missing[/red]" if installation.missing else "[green]ready[/green]"
-        table.add_row(name, status, where, modules or "installed with robovlms")
-        if installation.missing:
-            to_install[name] = installation.install
+    diagnoses = [diagnose(name, time_limit) for name in names or BENCHMARKS.names()]
+    for found in diagnoses:
+        status = "[green]ready[/green]" if found.ready else f"[red]{found.status}[/red]"
+        modules = "\n".join(f"{module}: {path or '[red]missing[/red]'}" for module, path in found.modules.items())
+        tried = (f"{found.seconds:.0f} s" if found.ready else
+                 "not tried" if found.status == "missing" else "[red]failed[/red] (below)")
+        table.add_row(found.benchmark, status, found.runs_in, modules or "installed with robovlms", tried)
     console.print(table)
-    for name, install in to_install.items():
-        console.print(f"\n[bold]{name}[/bold]: {install}", highlight=False)
+    for found in diagnoses:
+        if not found.ready:
+            console.print(f"\n[bold]{found.benchmark}[/bold]: {escape(found.problem)}", highlight=False)
+    if not all(found.ready for found in diagnoses):
+        sys.exit(1)
 
 
 @app.command("report")

@@ -4,6 +4,7 @@ without the real packages."""
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,12 +13,13 @@ import pytest
 import yaml
 from calvin_split import write_calvin_split
 from calvin_stand_in import IMPOSSIBLE, StandInOracle, StandInPlayTable
+from simulator_packages import write_calvin_env_failing_to_import
 
 from robovlms.benchmark import EpisodeRecord, create_benchmark
 from robovlms.benchmarks.calvin import (NEUTRAL_ROBOT_OBS, SLIDER_POSITIONS, TABLE_POSITIONS, CalvinBenchmark,
                                         CalvinEnvironment, env_action, find_calvin_conf, initial_env_state)
 from robovlms.data.calvin_import import import_calvin
-from robovlms.errors import ConfigError, MissingDependencyError, SimulatorProcessError
+from robovlms.errors import ConfigError, MissingDependencyError, SimulatorDied, SimulatorProcessError
 from robovlms.simulators.calvin_play_table import PlayTable
 
 FIRST_CHAINS = Path(__file__).resolve().parents[2] / "shared" / "calvin" / "eval_sequences_first10.json"
@@ -299,6 +301,52 @@ def test_a_chain_runs_the_same_with_the_play_table_in_another_interpreter(benchm
     assert process.server_info["pid"] != os.getpid()
     with pytest.raises(SimulatorProcessError, match="closed"):
         table.reset(NEUTRAL_ROBOT_OBS, np.zeros(24))
+
+
+def remote_stand_in_environment(benchmark):
+    """A CalvinEnvironment over the stand-in play table in a simulator process of this interpreter."""
+    from robovlms.benchmarks.remote import SIMULATORS_DIR, SimulatorProcess
+
+    stand_in = Path(__file__).with_name("calvin_stand_in.py")
+    process = SimulatorProcess(sys.executable)
+    table = process.call(SIMULATORS_DIR / "calvin_play_table.py", "PlayTable",
+                         process.call(stand_in, "StandInPlayTable"), process.call(stand_in, "StandInOracle"))
+    return CalvinEnvironment(table, instructions(benchmark), benchmark.cameras, 64, process)
+
+
+def test_a_simulator_killed_mid_chain_fails_the_evaluation_with_its_death_not_with_the_close_after_it(
+        benchmark, monkeypatch):
+    from robovlms.rollout import evaluate
+
+    environment = remote_stand_in_environment(benchmark)
+    monkeypatch.setattr(benchmark, "make_environment", lambda: environment)
+
+    class KilledAtItsThirdStep(PushRight):
+        steps = 0
+
+        def step(self, observation):
+            self.steps += 1
+            if self.steps == 3:  # the out-of-memory killer strikes while the policy thinks
+                os.kill(environment.process.pid, signal.SIGKILL)
+            return super().step(observation)
+
+    with pytest.raises(SimulatorDied, match=r"killed by SIGKILL .* during step\(\); it printed nothing") as error:
+        evaluate(benchmark, KilledAtItsThirdStep, [chain_with(benchmark)], progress=False)
+    assert "close()" not in str(error.value)
+    assert environment.process.log_path.exists()
+    environment.process.log_path.unlink()
+
+
+def test_calvin_env_that_fails_to_import_is_named_with_what_it_could_not_import(tmp_path, monkeypatch):
+    write_calvin_env_failing_to_import(tmp_path, missing="rich_missing_in_this_environment")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    benchmark = CalvinBenchmark(image_size=64, calvin_conf=str(tmp_path / "conf"))
+    monkeypatch.setattr("robovlms.simulators.calvin_play_table.find_calvin_conf", lambda calvin_conf: calvin_conf)
+    with pytest.raises(MissingDependencyError, match="calvin_env fails to import in .*: No module named "
+                                                     "'rich_missing_in_this_environment'") as error:
+        benchmark.make_environment()
+    assert "git -C calvin/calvin_env checkout 797142c" in str(error.value)
+    assert "task definitions" not in str(error.value)
 
 
 def test_a_python_option_names_the_interpreter_that_runs_calvin(monkeypatch):

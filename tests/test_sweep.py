@@ -386,6 +386,71 @@ def test_a_cell_that_raises_is_recorded_failed_and_the_sweep_goes_on(small_grid,
     assert run_sweep(small_grid, retry_failed=True).failed == 0
 
 
+def the_simulator_dies(times, monkeypatch):
+    """Cells' evaluations: the first `times` of them die with their simulator, later ones run. Returns the calls."""
+    import robovlms.rollout
+    from robovlms.errors import SimulatorDied
+
+    original, calls = robovlms.rollout.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= times:
+            raise SimulatorDied("the simulator process (python, pid 7) was killed by SIGKILL during step()")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(robovlms.rollout, "evaluate", evaluate)
+    return calls
+
+
+def test_a_cell_whose_simulator_died_is_run_again_and_completes(tmp_path, demo_store, monkeypatch):
+    calls = the_simulator_dies(1, monkeypatch)
+    status = run_sweep(sweep_file(tmp_path, demo_store, grid={}))
+    assert (status.done, status.failed, len(calls)) == (1, 0, 2)
+    assert [r.status for r in read_cell_results(tmp_path / "run")] == ["complete"]
+
+
+def test_a_cell_whose_simulator_died_in_every_attempt_is_failed_saying_so_and_how_to_retry(tmp_path, demo_store,
+                                                                                            monkeypatch):
+    from robovlms.sweep.failures import SIMULATOR_ATTEMPTS
+
+    calls = the_simulator_dies(100, monkeypatch)
+    status = run_sweep(sweep_file(tmp_path, demo_store, grid={}))
+    assert (status.done, status.failed, len(calls)) == (0, 1, SIMULATOR_ATTEMPTS)
+    error = read_cell_results(tmp_path / "run")[0].error
+    assert "killed by SIGKILL" in error and f"died in all {SIMULATOR_ATTEMPTS} attempts" in error
+    assert "not of the policy" in error and "--retry-failed" in error
+
+
+def test_a_rerun_that_leaves_cells_failed_says_how_to_retry_them(tmp_path, demo_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={})
+    the_simulator_dies(100, monkeypatch)
+    assert CliRunner().invoke(app, ["sweep", str(path)]).exit_code == 1
+    rerun = CliRunner().invoke(app, ["sweep", str(path)])
+    assert rerun.exit_code == 1 and "0 to run" in rerun.output
+    assert f"`robovlms sweep {path} --retry-failed` runs them again" in " ".join(rerun.output.split())
+
+
+def test_a_retried_cell_that_completes_loses_its_error_txt_and_its_outcome_is_printed(tmp_path, demo_store,
+                                                                                      monkeypatch):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={})
+    calls = the_simulator_dies(3, monkeypatch)
+    assert CliRunner().invoke(app, ["sweep", str(path)]).exit_code == 1
+    assert (tmp_path / "run" / "cells" / "baseline-zero" / "error.txt").exists() and len(calls) == 3
+    retried = CliRunner().invoke(app, ["sweep", str(path), "--retry-failed"])
+    assert retried.exit_code == 0, retried.output
+    assert re.search(r"\] baseline-zero: success 0/1 \(0%\)", retried.output)
+    assert not (tmp_path / "run" / "cells" / "baseline-zero" / "error.txt").exists()
+
+
 # ---- bad input: a clear error, and nothing stored ---------------------------------------------------------------
 
 

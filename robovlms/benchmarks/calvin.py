@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,14 +30,17 @@ from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameErro
 from robovlms.simulators import calvin_play_table
 from robovlms.simulators.calvin_play_table import ANNOTATIONS_FILE, CAMERA_SIZES, PlayTable
 
-INSTALL = ("CALVIN's simulator is not installed. Install it from its repository (it is not on PyPI), best into an "
-           "environment of its own:\n"
-           "  git clone --recurse-submodules https://github.com/mees/calvin.git\n"
-           "  python3 -m venv calvin-venv && calvin-venv/bin/pip install pybullet gym hydra-core hydra-colorlog "
-           "omegaconf opencv-python-headless numpy-quaternion gitpython cloudpickle scipy\n"
-           "  calvin-venv/bin/pip install --no-deps -e calvin/calvin_env\n"
-           "then set benchmark option python (or ROBOVLMS_CALVIN_PYTHON) to calvin-venv/bin/python and calvin_conf to "
-           "calvin/calvin_models/conf (editable installs: calvin_env finds its assets relative to its source tree)")
+CALVIN_ENV_COMMIT = "797142c"  # the calvin_env commit robovlms is checked with (the calvin repository pins 1431a46)
+INSTALL_STEPS = ("Install it from its repository (it is not on PyPI), best into an environment of its own:\n"
+                 "  git clone --recurse-submodules https://github.com/mees/calvin.git\n"
+                 f"  git -C calvin/calvin_env checkout {CALVIN_ENV_COMMIT}\n"
+                 "  python3 -m venv calvin-venv && calvin-venv/bin/pip install pybullet gym hydra-core hydra-colorlog "
+                 "omegaconf opencv-python-headless numpy-quaternion gitpython cloudpickle scipy\n"
+                 "  calvin-venv/bin/pip install --no-deps -e calvin/calvin_env\n"
+                 "then set benchmark option python (or ROBOVLMS_CALVIN_PYTHON) to calvin-venv/bin/python and "
+                 "calvin_conf to calvin/calvin_models/conf (editable installs: calvin_env finds its assets relative to "
+                 "its source tree)")
+INSTALL = f"CALVIN's simulator is not installed. {INSTALL_STEPS}"
 SPLITS = ("ABC->D", "ABCD->D", "D->D")  # every split evaluates on scene D
 STEPS_PER_SUBTASK = 360
 NUM_CHAINS = 1000
@@ -144,7 +148,7 @@ class CalvinBenchmark(Benchmark):
         while _OPEN_ENVIRONMENTS:  # two play tables in one process clash over pybullet's client
             _OPEN_ENVIRONMENTS.pop().close()
         self.check_available()
-        with _calvin_errors():
+        with _calvin_errors(sys.executable):
             conf = Path(calvin_play_table.find_calvin_conf(self.calvin_conf))
             table = calvin_play_table.open_play_table(list(self.cameras), self.dataset, self.use_egl, str(conf))
         environment = CalvinEnvironment(table, load_instructions(conf), self.cameras, self.image_size)
@@ -156,7 +160,7 @@ class CalvinBenchmark(Benchmark):
 
         process = SimulatorProcess(self.python)
         try:
-            with _calvin_errors():
+            with _calvin_errors(self.python):
                 conf = Path(process.call(PLAY_TABLE_MODULE, "find_calvin_conf", self.calvin_conf))
                 table = process.call(PLAY_TABLE_MODULE, "open_play_table", list(self.cameras), self.dataset,
                                      self.use_egl, str(conf))
@@ -164,6 +168,17 @@ class CalvinBenchmark(Benchmark):
             process.close()
             raise
         return CalvinEnvironment(table, load_instructions(conf), self.cameras, self.image_size, process)
+
+    def try_one_step(self) -> None:
+        """The first chain's start and one zero action in its first subtask, judged by the task oracle."""
+        environment = self.make_environment()
+        try:
+            spec = self.evaluation_episodes(SPLITS[0], 1)[0]
+            environment.reset(spec)
+            environment.begin_subtask(spec.subtasks[0])
+            environment.step(np.zeros(self.action_dim, dtype=np.float32), observe=True)
+        finally:
+            environment.close()
 
     def run_episode(self, environment: CalvinEnvironment, spec: EpisodeSpec, policy: Policy,
                     trajectory: Trajectory | None = None, on_frame: Any = None) -> EpisodeRecord:
@@ -252,7 +267,8 @@ class CalvinEnvironment(Environment):
         if self.table is not None:
             table, self.table = self.table, None
             try:
-                table.close()
+                if self.process is None or not self.process.dead:  # a dead simulator holds nothing to close
+                    table.close()
             finally:
                 if self.process is not None:
                     self.process.close()
@@ -275,24 +291,32 @@ def env_action(action: np.ndarray, gripper_now: float = 1.0) -> np.ndarray:
 # ---- the real packages' errors --------------------------------------------------------------------------------
 
 @contextmanager
-def _calvin_errors():
-    """Turns what `calvin_play_table` raises (here or in a simulator process) into robovlms' errors."""
+def _calvin_errors(python: str):
+    """Turns what `calvin_play_table` raises (here or in a simulator process run by `python`) into robovlms' errors:
+    calvin_agent missing where the task definitions are looked up through it, anything else that fails to import
+    (calvin_env or what it imports), a calvin_conf folder without the task definitions."""
     try:
         yield
     except MissingDependencyError:
         raise
     except ImportError as error:
+        if "calvin_agent" in str(error):
+            raise MissingDependencyError(
+                f"CALVIN's task definitions and evaluation instructions live in its repository's calvin_models/conf; "
+                f"install calvin_models (below) or set benchmark option calvin_conf to that folder.\n{INSTALL}\n"
+                f"(import failed: {error})") from None
         raise MissingDependencyError(
-            f"CALVIN's task definitions and evaluation instructions live in its repository's calvin_models/conf; "
-            f"install calvin_models (below) or set benchmark option calvin_conf to that folder.\n{INSTALL}\n"
-            f"(import failed: {error})") from None
+            f"calvin_env fails to import in {python}: {error}. robovlms was checked with calvin_env "
+            f"{CALVIN_ENV_COMMIT}, which needs only the packages below; a recursive clone of calvin checks out an "
+            f"older calvin_env: run git -C calvin/calvin_env checkout {CALVIN_ENV_COMMIT} (an editable install "
+            f"follows it). {INSTALL_STEPS}") from None
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
 
 
 def find_calvin_conf(calvin_conf: str | None) -> Path:
     """The calvin repository's `calvin_models/conf` folder: given, or next to the installed `calvin_agent`."""
-    with _calvin_errors():
+    with _calvin_errors(sys.executable):
         return Path(calvin_play_table.find_calvin_conf(calvin_conf))
 
 
