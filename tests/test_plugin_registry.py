@@ -285,7 +285,7 @@ def test_an_unknown_formulation_lists_as_valid_only_the_plugins_that_load(tmp_pa
     install_plugin(tmp_path, monkeypatch, "broken_plugin", NO_LOSS_FORMULATION,
                    {"robovlms.formulations": {"no-loss": "broken_plugin:NoLoss"}})
     with pytest.raises(UnknownNameError) as raised:
-        create_formulation("gru-head", create_backbone("gpt-scratch"), demo_store.action_statistics, None)
+        create_formulation("lstm-head", create_backbone("gpt-scratch"), demo_store.action_statistics, None)
     assert "no-loss" not in raised.value.valid and "policy-head" in raised.value.valid
     assert "no-loss: installed but failing to load, see `robovlms formulations --check`" in str(raised.value)
 
