@@ -37,12 +37,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated, e.g. '--help,backbones'")
     args = parser.parse_args()
-    print(f"{'command':<24} {'CPU s median':>12} {'min':>6} {'max':>6}  goal")
+    print(f"{'command':<28} {'CPU s median':>12} {'min':>6} {'max':>6}  goal")
     for command in args.commands.split(","):
         times = [cpu_seconds(command.split()) for _ in range(args.repeats)]
         goal = COMMANDS.get(command)
         verdict = "" if goal is None else f"< {goal} s: {'met' if statistics.median(times) < goal else 'MISSED'}"
-        print(f"{'robovlms ' + command:<24} {statistics.median(times):>12.2f} {min(times):>6.2f} {max(times):>6.2f}  "
+        print(f"{'robovlms ' + command:<28} {statistics.median(times):>12.2f} {min(times):>6.2f} {max(times):>6.2f}  "
               f"{verdict}", flush=True)
 
 
