@@ -115,7 +115,7 @@ def check_suffix_causality(backbone: Backbone) -> str:
         unchanged[:, -1, -1] = False
         if not close(before[unchanged], after[unchanged]):
             fail(f"{layout}: earlier positions see the last suffix embedding (outputs "
-                  f"{differ(before[unchanged], after[unchanged])})")
+                 f"{differ(before[unchanged], after[unchanged])})")
         if close(before[:, -1, -1], after[:, -1, -1]):
             fail(f"{layout}: the last suffix position ignores its own embedding")
     return "no position sees a suffix embedding after it, in both layouts"
@@ -207,7 +207,7 @@ def check_lora_on_all_linear_layers(backbone: Backbone) -> str:
               and module is not head}  # an adapted layer keeps its nn.Linear as .base_layer
     if adapted != linear:
         fail(f"all-linear: adapters and the nn.Linear layers outside the vision modules and the LM head differ: "
-              f"{sorted(adapted ^ linear)[:3]}")
+             f"{sorted(adapted ^ linear)[:3]}")
     if _trainable(backbone) != {name for name, _ in backbone.named_parameters() if "lora_" in name}:
         fail("all-linear: parameters other than the adapters train")
     with torch.no_grad():
@@ -235,7 +235,7 @@ def check_freeze_modes(backbone: Backbone) -> str:
     vision, language = _names_in(backbone, backbone.vision_modules()), _names_in(backbone, backbone.language_modules())
     if not vision or not language:
         fail(f"vision_modules() holds {len(vision)} and language_modules() {len(language)} parameters; "
-              f"both must hold some")
+             f"both must hold some")
     if vision & language:
         fail(f"vision and language modules share parameters: {sorted(vision & language)[:3]}")
     embeddings = _names_in(backbone, [backbone.input_embeddings()])
@@ -248,13 +248,13 @@ def check_freeze_modes(backbone: Backbone) -> str:
             adapters = {name for name in _names_in(backbone, backbone.language_modules()) if "lora_" in name}
             if not adapters:
                 fail(f"lora: lora_target_modules {backbone.lora_target_modules!r} matches no module of the "
-                      f"language model")
+                     f"language model")
             if trainable != adapters:
                 fail(f"lora: trainable parameters other than the language model's adapters, e.g. "
-                      f"{sorted(trainable ^ adapters)[:2]}")
+                     f"{sorted(trainable ^ adapters)[:2]}")
         elif trainable != expected[mode]:
             fail(f"{mode}: {len(trainable ^ expected[mode])} parameters wrongly (un)frozen, e.g. "
-                  f"{sorted(trainable ^ expected[mode])[:2]}")
+                 f"{sorted(trainable ^ expected[mode])[:2]}")
         backbone.zero_grad(set_to_none=True)
         suffix = random_suffix(backbone, 2, 2, 1).requires_grad_(True)
         backbone.train()
@@ -281,7 +281,7 @@ def check_action_tokens(backbone: Backbone) -> str:
     logits = backbone.lm_logits(backbone.embed_tokens(appended))
     if logits.shape != (8, vocabulary + 8):
         fail(f"append: logits of shape {tuple(logits.shape)}, expected {(8, vocabulary + 8)}: the LM head did "
-              f"not grow (resize_vocabulary)")
+             f"not grow (resize_vocabulary)")
     return f"overwrite ids {ids[0]}..{ids[-1]}, append ids {vocabulary}..{vocabulary + 7}"
 
 
@@ -298,7 +298,7 @@ def check_reference_forward(backbone: Backbone) -> str:
         hidden = backbone(backbone.preprocess_images(image), INSTRUCTIONS[:1], suffix)[0, 0, 0]
     if not close(hidden, expected, REFERENCE_TOLERANCE):
         fail(f"the hidden state and the wrapped model's own forward {differ(hidden, expected)}: positions "
-              f"(M-RoPE), token types or image tokens differ from the model's")
+             f"(M-RoPE), token types or image tokens differ from the model's")
     return f"agrees with the wrapped model's own forward within {REFERENCE_TOLERANCE:g}"
 
 
