@@ -4,7 +4,9 @@ alive, and a dead worker's trial goes stale and is re-enqueued."""
 
 from __future__ import annotations
 
+import json
 import warnings
+import weakref
 from pathlib import Path
 
 from robovlms.data.store import EpisodeStore
@@ -191,9 +193,10 @@ def enqueue_cells(study, cells: list[Cell], run_dir: Path, retry_failed: bool = 
 
 # What a worker does per cell must cost the same at 10 or 10,000 cells, which Optuna's public API cannot do for three
 # questions: which waiting trial is the oldest, how many trials are in each state, how many failed by their own error
-# (RDBStorage answers each by reading every trial). Those are asked of Optuna's tables directly, reading the columns
-# `ledger_tables` declares, which tests/test_sweep_ledger.py checks against the installed Optuna's schema; everything
-# else goes through the storage's public methods.
+# (RDBStorage answers each by reading every trial). Those, and a popped trial's cell and state (one query, where the
+# storage's methods take a few), are asked of Optuna's tables directly, reading the columns `ledger_tables` declares,
+# which tests/test_sweep_ledger.py checks against the installed Optuna's schema. The rest goes through the storage's
+# public methods: the study's id by its name, the pop's state change.
 
 
 def _table(name: str, *columns: str):
@@ -205,7 +208,7 @@ def _table(name: str, *columns: str):
 def ledger_tables() -> dict:
     """Optuna's tables as far as the ledger reads them: name -> a SQLAlchemy table of those columns alone."""
     return {"trials": _table("trials", "trial_id", "number", "study_id", "state"),
-            "trial_user_attributes": _table("trial_user_attributes", "trial_id", "key")}
+            "trial_user_attributes": _table("trial_user_attributes", "trial_id", "key", "value_json")}
 
 
 def _rdb_storage(study):
@@ -214,8 +217,13 @@ def _rdb_storage(study):
     return getattr(study._storage, "_backend", study._storage)
 
 
+_study_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a study's id never changes: asked once
+
+
 def _study_id(study) -> int:
-    return _rdb_storage(study).get_study_id_from_name(study.study_name)
+    if study not in _study_ids:
+        _study_ids[study] = _rdb_storage(study).get_study_id_from_name(study.study_name)
+    return _study_ids[study]
 
 
 def pop_waiting_trial(study) -> tuple[int, int] | None:
@@ -246,10 +254,15 @@ def pop_waiting_trial(study) -> tuple[int, int] | None:
 
 
 def popped_cell(study, trial_id: int) -> str | None:
-    """The cell of a trial, reading that trial's attributes alone."""
-    storage = _rdb_storage(study)
-    cell = storage.get_trial_user_attrs(trial_id).get("cell")
-    return cell if cell is not None else trial_cell(storage.get_trial(trial_id))
+    """The cell of a trial, by one query."""
+    import sqlalchemy
+
+    attributes = ledger_tables()["trial_user_attributes"]
+    query = sqlalchemy.select(attributes.c.value_json).where(attributes.c.trial_id == trial_id,
+                                                             attributes.c.key == "cell")
+    with _rdb_storage(study).engine.connect() as connection:
+        value = connection.execute(query).scalar()
+    return json.loads(value) if value is not None else trial_cell(_rdb_storage(study).get_trial(trial_id))
 
 
 def trial_state(study, trial_id: int):
