@@ -173,9 +173,12 @@ def evaluate_command(
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
     tasks: Annotated[list[str] | None, typer.Option(help="Tasks to evaluate, comma-separated or repeated "
                                                          "(default: the store's).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split: Meta-World, CALVIN scenes such as ABC->D (evaluation uses "
-                                                   "its held-out scenes); SimplerEnv visual_matching or "
-                                                   "variant_aggregation. Default: the benchmark's first.")] = None,
+    split: Annotated[str, typer.Option(help="Which episodes: validation (for choosing settings) or test (for "
+                                            "reporting results).")] = "test",
+    benchmark_split: Annotated[str | None, typer.Option(help="The benchmark's split: Meta-World, CALVIN scenes such "
+                                                             "as ABC->D; SimplerEnv visual_matching or "
+                                                             "variant_aggregation. Default: the store's, else the "
+                                                             "benchmark's first.")] = None,
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per task (CALVIN: chains).")] = 10,
     shard: Annotated[str | None, typer.Option(help="K/N: only the K-th of N disjoint parts, for N machines.")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
@@ -183,10 +186,10 @@ def evaluate_command(
     out: Annotated[Path | None, typer.Option(help="Directory for records.parquet/.csv and videos.")] = None,
     videos: Annotated[int, typer.Option(help="Episodes per task to save as MP4 (needs --out).")] = 0,
 ) -> None:
-    """Roll out a trained run, a baseline or the scripted expert on a split's evaluation episodes and print the
-    benchmark's scores. With --shard K/N each machine runs one part; `robovlms merge-evaluation` joins them."""
+    """Roll out a trained run, a baseline or the scripted expert on a split's validation or test episodes and print
+    the benchmark's scores. With --shard K/N each machine runs one part; `robovlms merge-evaluation` joins them."""
     from robovlms.baselines import baseline_factory
-    from robovlms.benchmark import create_benchmark
+    from robovlms.benchmark import EVALUATION_SPLITS, create_benchmark
     from robovlms.errors import ConfigError, UnknownNameError
     from robovlms.rollout import evaluate, parse_shard, shard_specs, write_shard
     from robovlms.data.store import EpisodeStore
@@ -212,9 +215,16 @@ def evaluate_command(
     if training_store is not None:
         layout = training_store.layout
         bench.check_frames(layout.cameras, layout.image_size, layout.action_dim, f"the store {store}")
-    split = split or bench.splits()[0]
-    if split not in bench.splits():
-        raise UnknownNameError(f"{bench.name} split", split, bench.splits())
+    if split not in EVALUATION_SPLITS:
+        if split in bench.splits():
+            raise ConfigError(f"--split takes validation or test (which episodes of the split); {split!r} is a split "
+                              f"of {bench.name}: give it as --benchmark-split '{split}'")
+        raise UnknownNameError("evaluation split (--split)", split, EVALUATION_SPLITS)
+    stored_split = training_store.metadata.get("split") if training_store is not None else None
+    benchmark_split = benchmark_split or (stored_split if stored_split in bench.splits() else bench.splits()[0])
+    if benchmark_split not in bench.splits():
+        raise UnknownNameError(f"{bench.name} split (--benchmark-split)", benchmark_split, bench.splits())
+    specs = bench.split_episodes(benchmark_split, split, episodes)
     bench.check_available()
     if run is not None:
         from robovlms.policy import policy_digest
@@ -224,18 +234,18 @@ def evaluate_command(
         factory = bench.scripted_expert()
     else:
         factory = baseline_factory(policy, bench, store, seed)
-    specs = bench.evaluation_episodes(split, episodes)
     part = parse_shard(shard) if shard else (1, 1)
     total = len(specs)
     specs = shard_specs(specs, *part)
     records = evaluate(bench, factory, specs, workers=workers,
                        video_dir=(out / "videos") if out and videos else None, videos_per_task=videos)
     if out is not None:
-        write_shard(out, records, {"benchmark": bench.name, "benchmark_options": bench.options(), "split": split,
-                                   "episodes": total, "policy": policy_digest(run) if run else policy,
+        write_shard(out, records, {"benchmark": bench.name, "benchmark_options": bench.options(),
+                                   "split": benchmark_split, "evaluation_split": split, "episodes": total,
+                                   "policy": policy_digest(run) if run else policy,
                                    "policy_paths": [str(run.resolve())] if run else [], "shard": list(part)})
-    _print_scores(f"{run or policy} on {bench.name} {split}" + (f", shard {part[0]}/{part[1]}" if shard else ""),
-                  bench, records)
+    _print_scores(f"{run or policy} on {bench.name} {benchmark_split}, {split} episodes"
+                  + (f", shard {part[0]}/{part[1]}" if shard else ""), bench, records)
 
 
 @app.command("merge-evaluation")
@@ -254,14 +264,16 @@ def merge_evaluation_command(
     records = records_from_frame(frame)
     write_shard(out, records, {**evaluation, "shard": [1, 1]})
     policy = ", ".join(evaluation["policy_paths"]) or evaluation["policy"]
-    _print_scores(f"{policy} on {bench.name} {evaluation['split']}", bench, records)
+    _print_scores(f"{policy} on {bench.name} {evaluation['split']}, "
+                  f"{evaluation.get('evaluation_split', 'test')} episodes", bench, records)
 
 
 def _print_scores(title: str, bench, records) -> None:
     from robovlms.records import records_frame
 
     frame = records_frame(records)
-    table = Table(title=f"{title}: {len(records)} episodes")
+    console.print(f"{title}: {len(records)} episodes", highlight=False)  # in full: a table title is cut to its width
+    table = Table()
     for column in ("task", "successes", "rate", "mean steps"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, group in frame.groupby("task"):
@@ -418,7 +430,9 @@ def tune_command(
     workers: Annotated[int, typer.Option(help="Trials run at once on this machine.")] = 1,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in the run directory).")] = None,
 ) -> None:
-    """Search hyper-parameters with Optuna's TPE sampler, pruning on the validation loss; records the best trial."""
+    """Search hyper-parameters with Optuna's TPE sampler, pruning on the validation loss; records the best trial.
+    Trials are evaluated on the split's validation episodes, never its test episodes unless the sweep file names them
+    (evaluation: {split: test})."""
     _run_sweep_command(file, workers, storage, False, "search")
 
 
@@ -584,15 +598,18 @@ def doctor_command(
 
 @app.command("report")
 def report_command(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark, split and "
+                                                        "evaluation split.")],
     out: Annotated[Path, typer.Option(help="Report directory, e.g. reports/NAME.")],
     real_world: Annotated[Path | None, typer.Option(help="Real-world success rates (.yaml: "
                                                          "configuration -> task -> rate; .csv: a `configuration` "
                                                          "column and one column per task) for the sim-to-real "
                                                          "agreement.")] = None,
 ) -> None:
-    """Compare the cells of sweeps: success with 95% Wilson intervals, per task and scene, data efficiency, cost,
-    training curves, failed cells; writes index.md, a self-contained index.html, CSV tables and plots."""
+    """Compare the cells of sweeps: success with 95% Wilson intervals, paired comparisons (main effects, against
+    the baselines) with Holm-adjusted verdicts, per task and scene, data efficiency, cost, training curves, failed
+    cells, each table saying which episodes (validation or test) it comes from; writes index.md, a self-contained
+    index.html, CSV tables and plots."""
     from robovlms.report import write_report
 
     index = write_report(run_dirs, out, real_world)

@@ -373,3 +373,25 @@ def test_a_sweep_on_a_store_missing_calvin_tasks_is_refused_saying_calvin_evalua
     with pytest.raises(ConfigError, match="calvin evaluates on all of its tasks, so train on a store that holds them"):
         prepare_sweep(tmp_path / "calvin.yaml")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("split", ["D->D", "ABCD->D"])
+def test_splits_that_train_on_scene_d_are_validated_on_chains_no_test_uses(benchmark, split):
+    from robovlms.benchmarks.calvin import VALIDATION_SEED_OFFSET, evaluation_chains, validation_chains
+    from robovlms.benchmarks.calvin_sequences import is_valid_chain
+
+    validation = benchmark.validation_episodes(split, 1000)
+    test = {(json.dumps(condition, sort_keys=True), chain) for condition, chain in evaluation_chains(1000)}
+    chains = validation_chains()
+    assert len(validation) == len(chains) == 1000 and {spec.scene for spec in validation} == {"D"}
+    assert [spec.seed for spec in validation] == list(range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + 1000))
+    assert not {(json.dumps(condition, sort_keys=True), chain) for condition, chain in chains} & test
+    assert all(is_valid_chain(condition, chain) for condition, chain in chains)
+    record, table, _ = run_chain(benchmark, next(spec for spec in validation if IMPOSSIBLE not in spec.subtasks))
+    condition = chains[record.seed - VALIDATION_SEED_OFFSET][0]
+    assert record.success and np.allclose(table.resets[0][1], initial_env_state(condition)[1])
+
+
+def test_abc_d_has_no_validation_chains_and_says_why(benchmark):
+    with pytest.raises(ConfigError, match="ABC->D has no validation episodes: its held-out scene D is the test scene"):
+        benchmark.split_episodes("ABC->D", "validation", 10)

@@ -401,7 +401,7 @@ def test_evaluate_takes_one_google_robot_task_without_a_store(monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.delenv("ROBOVLMS_SIMPLER_PYTHON", raising=False)
     result = CliRunner().invoke(app, ["evaluate", "--benchmark", "simpler", "--tasks", "google_robot_pick_coke_can",
-                                      "--split", "variant_aggregation", "--policy", "zero"])
+                                      "--benchmark-split", "variant_aggregation", "--policy", "zero"])
     assert isinstance(result.exception, MissingDependencyError)  # it got as far as looking for SimplerEnv
 
 
@@ -463,3 +463,10 @@ def test_a_python_option_names_the_interpreter_that_runs_simpler_env(monkeypatch
 def test_an_interpreter_without_simpler_env_says_what_to_install_there():
     with pytest.raises(MissingDependencyError, match=f"{sys.executable} .* cannot import simpler_env"):
         SimplerBenchmark(python=sys.executable).check_available()
+
+
+def test_simpler_has_no_validation_episodes_and_says_what_to_choose_on_instead(google):
+    """Every episode SimplerEnv defines is part of its published evaluation."""
+    with pytest.raises(ConfigError, match="no validation episodes.*published evaluation.*val_loss"):
+        google.split_episodes("visual_matching", "validation", 1)
+    assert google.split_episodes("visual_matching", "test", 2) == google.evaluation_episodes("visual_matching", 2)

@@ -698,3 +698,52 @@ def test_a_search_worker_taken_for_dead_drops_its_result_and_goes_on(tmp_path, d
     trials = optuna.load_study(study_name="search-search", storage=storage_url(load_sweep(path))).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and status.done == 1
     assert "search trial 0 was taken for dead" in caplog.text
+
+
+def test_tune_chooses_on_validation_episodes_and_a_grid_reports_test_episodes_unless_the_file_names_them(tmp_path):
+    from robovlms.sweep.config import with_evaluation_split
+
+    def split(mode, **evaluation):
+        sweep = load_sweep({"name": "s", "run_dir": str(tmp_path), "store": {"path": "x"},
+                            "evaluation": evaluation})
+        return with_evaluation_split(sweep, mode).evaluation.split
+
+    assert (split("search"), split("grid")) == ("validation", "test")
+    assert (split("search", split="test"), split("grid", split="validation")) == ("test", "validation")
+
+
+def test_the_evaluation_split_changes_a_sweeps_fingerprint_except_the_test_split_every_older_sweep_evaluated(
+        tmp_path):
+    from robovlms.sweep import fingerprint
+
+    def of(**evaluation):
+        return fingerprint(load_sweep({"name": "s", "run_dir": str(tmp_path), "store": {"path": "x"},
+                                       "evaluation": evaluation}), [])
+
+    assert of() == of(split="test") != of(split="validation")
+
+
+@pytest.mark.slow
+def test_a_sweep_evaluated_on_validation_episodes_records_them_as_such(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, grid={}, baselines=["zero"],
+                      evaluation={"episodes_per_task": 2, "latency_steps": 2, "split": "validation"})
+    run_sweep(path)
+    (result,) = read_cell_results(tmp_path / "run")
+    records = pd.read_parquet(tmp_path / "run" / "cells" / "baseline-zero" / "records.parquet")
+    assert result.evaluation_split == "validation" and set(records.scene) == {"E"}
+
+
+@pytest.mark.slow
+def test_a_search_selects_on_the_success_of_validation_episodes(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, name="search", grid={}, baselines=[],
+                      train={"max_steps": 2, "batch_size": 4, "chunk": 2, "log_every": 1, "cameras": ["rgb_static"],
+                             "execution": "chunk", "formulation": {"name": "one-step-continuous"},
+                             "backbone": {"options": {"hidden_size": 32, "layers": 1}}},
+                      search={"trials": 1, "prune": False,
+                              "space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+    run_sweep(path, mode="search")
+    (result,) = read_cell_results(tmp_path / "run")
+    records = pd.read_parquet(tmp_path / "run" / "cells" / result.cell_id / "records.parquet")
+    assert result.evaluation_split == "validation" and set(records.scene) == {"E"}
+    best = json.loads((tmp_path / "run" / "results" / "best.json").read_text())
+    assert (best["objective"], best["evaluation_split"], best["value"]) == ("success", "validation", result.success)

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
-                                Trajectory, square_image)
+from robovlms.benchmark import (VAL_LOSS_SEARCH, Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation,
+                                Observation, Policy, Trajectory, square_image)
 from robovlms.benchmarks.simpler_episodes import (TASKS, SimplerEpisode, check_task, episodes, evenly_spread,
                                                    find_episode, protocols, step_limit)
 from robovlms.benchmarks.simpler_metrics import PUBLISHED_SIM_SUCCESS, published_agreement
@@ -300,6 +300,15 @@ class SimplerBenchmark(Benchmark):
             specs += [EpisodeSpec(task=task, scene=listed[index].scene, instruction=listed[index].instruction,
                                   seed=index) for index in evenly_spread(listed, episodes_per_task)]
         return specs
+
+    def validation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """None: every episode SimplerEnv defines (its scripts' object placements, robot poses and overlays) is one
+        of its published evaluation, and its policies train on real-robot data, not on simulated scenes."""
+        raise ConfigError(
+            "SimplerEnv defines no validation episodes: every episode of visual matching and variant aggregation is "
+            "part of its published evaluation, so choosing settings on any of them chooses on the test. Choose on "
+            f"the validation loss of held-out training windows ({VAL_LOSS_SEARCH}), or on another benchmark "
+            "(docs/simpler.md)")
 
     @classmethod
     def published_agreement(cls, split: str, tasks: Sequence[str]) -> PublishedAgreement | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from robovlms.errors import RobovlmsError, SimulatorDied
 from robovlms.results import CELLS_DIR, CellResult, read_cell_result, software_versions, write_cell_result
 from robovlms.sweep.cells import Cell
-from robovlms.sweep.config import SweepConfig
+from robovlms.sweep.config import SweepConfig, evaluation_split
 from robovlms.sweep.study import cell_trials
 
 ERROR_FILE = "error.txt"  # a failed cell's traceback, beside its result.json
@@ -38,7 +38,8 @@ def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseExc
                     f"machine or the simulator, not of the policy; run the sweep again with --retry-failed to try "
                     f"again)")
     result = CellResult(cell_id=cell.cell_id, status="failed", kind=cell.kind, benchmark=sweep.benchmark.name,
-                        split=sweep.benchmark.split, policy=cell.policy, error=message, axes=cell.axes,
+                        split=sweep.benchmark.split, evaluation_split=evaluation_split(sweep),
+                        policy=cell.policy, error=message, axes=cell.axes,
                         config=cell.training, versions=software_versions(), sweep=sweep.name, trial=trial_number)
     if cell.kind == "trained":
         config = load_config({**cell.training, "store": sweep.store.path, "run_dir": "-"})

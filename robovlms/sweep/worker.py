@@ -64,7 +64,8 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
             trial.set_user_attr("error", message)
             raise CellFailed(message) from error
         trial.set_user_attr("success", result.success)
-        if search.objective == "success":
+        trial.set_user_attr("evaluation_split", result.evaluation_split)
+        if search.objective == "success":  # on the validation episodes unless the sweep file names test
             return result.success
         curve = read_training_curve(run_dir, cell.cell_id)
         if "val/loss" not in curve or curve["val/loss"].dropna().empty:
