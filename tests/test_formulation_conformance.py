@@ -1,7 +1,9 @@
 """The formulation conformance kit (robovlms.testing, `robovlms check-formulation`): every built-in formulation and
 the GRU-head example plugin pass it on every built-in backbone, and each check catches the mistake it is for."""
 
+import importlib
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from robovlms.testing import (
     check_predict,
     check_rollout_encoding,
     check_seeding,
+    run_check,
 )
 
 BUILT_IN = ["one-step-discrete", "one-step-continuous", "interleaved", "policy-head"]
@@ -172,6 +175,15 @@ def test_the_kit_reports_a_crash_inside_a_check_with_where_it_was_raised(broken)
     results = check_formulation("makes-cpu-tensors", ["gpt-scratch"])["gpt-scratch"]
     device = next(result for result in results if result.check == "device")
     assert device.status == "fail" and "RuntimeError" in device.reason and "broken_formulations.py" in device.reason
+
+
+def test_a_crash_inside_a_plugin_package_is_located_by_its_package_not_by_init_py_alone(tmp_path, monkeypatch):
+    (tmp_path / "crashing_plugin").mkdir()
+    (tmp_path / "crashing_plugin" / "__init__.py").write_text("def encode():\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "crashing_plugin", raising=False)
+    result = run_check("predict", importlib.import_module("crashing_plugin").encode)
+    assert result.reason == "RuntimeError: boom (crashing_plugin/__init__.py:2)"
 
 
 def test_a_formulation_option_the_formulation_does_not_take_is_one_config_error():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +43,28 @@ def run_check(check: str, function: Callable[..., str], *arguments) -> CheckResu
 
 
 def _where(error: Exception) -> str:
-    """file:line of the innermost frame outside torch and transformers: the line of the plugin (or of robovlms) whose
-    call failed, rather than the library's line that raised."""
+    """Where the plugin's (or robovlms') call failed, rather than the library line that raised: the innermost frame
+    outside torch and transformers, as its module's path and line (`gru_broken/__init__.py:23`, not `__init__.py:23`,
+    which every package has)."""
     libraries = tuple(str(Path(module.__file__).parent) for name in ("torch", "transformers")
                       if (module := sys.modules.get(name)) is not None)
-    frames = traceback.extract_tb(error.__traceback__)
-    frame = next((frame for frame in reversed(frames) if not frame.filename.startswith(libraries)), frames[-1])
-    return f"{Path(frame.filename).name}:{frame.lineno}"
+    frames = [(tb.tb_frame, tb.tb_lineno) for tb in _tracebacks(error.__traceback__)]
+    frame, line = next(((frame, line) for frame, line in reversed(frames)
+                        if not frame.f_code.co_filename.startswith(libraries)), frames[-1])
+    return f"{_module_path(frame.f_code.co_filename, frame.f_globals.get('__name__', ''))}:{line}"
+
+
+def _tracebacks(tb: types.TracebackType | None):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def _module_path(filename: str, module: str) -> str:
+    """`filename` as the path of `module` inside its package (`robovlms/formulations/policy_head.py`)."""
+    name = Path(filename).name
+    packages = module.split(".") if name == "__init__.py" else module.split(".")[:-1]
+    return "/".join([*packages, name]) if module and module != "__main__" else name
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = TOLERANCE) -> bool:
