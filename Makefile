@@ -67,6 +67,7 @@ perf: install
 	$(BIN)/python perf/discrete_decoding.py
 	$(BIN)/python perf/action_objectives.py
 	$(BIN)/python perf/sweep_ledger.py
+	$(BIN)/python perf/cli_startup.py
 
 clean:
 	rm -rf $(VENV) data/demo $(DEMO_RUN) $(DEMO_REPORT)
