@@ -296,11 +296,11 @@ def train_command(
     console.print(f"trained: {run_dir} (checkpoints in {run_dir / 'checkpoints'})")
 
 
-def _progress_printer(run_dir: Path):
+def _progress_printer(run_dir: Path, retried: set[str]):
     """How a sweep shows progress: on a terminal, a rich bar over its cells (done, running, waiting, failed) or a
     search's trials (also pruned); otherwise (`make demo > log`) one line per cell as it is committed."""
     if not console.is_terminal:
-        return (lambda: None), _line_per_cell(run_dir)
+        return (lambda: None), _line_per_cell(run_dir, retried)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -317,25 +317,27 @@ def _progress_printer(run_dir: Path):
     return bar.stop, update
 
 
-def _line_per_cell(run_dir: Path):
+def _line_per_cell(run_dir: Path, retried: set[str]):
     from robovlms.results import read_cell_results
 
-    printed: dict[str, int | None] | None = None  # cell -> the trial whose result was printed
-    finished = -1
+    printed = {result.cell_id: result.trial for result in read_cell_results(run_dir)}  # cell -> its printed trial
+    committed_before = len(printed.keys() - retried)
+    header_printed = False
+    last_counts = None
     started = time.monotonic()
 
     def update(status) -> None:
-        nonlocal printed, finished
-        if status.done + status.failed + status.pruned == finished:
-            return  # nothing committed since the last report: no need to read the cells again
-        finished = status.done + status.failed + status.pruned
-        results = read_cell_results(run_dir)
-        left = status.cells - finished
-        if printed is None:
-            printed = {result.cell_id: result.trial for result in results}
-            print(f"{status.cells} {status.unit}: {len(printed)} committed before, {left} to run", flush=True)
-            return
-        for result in results:
+        nonlocal header_printed, last_counts
+        if not header_printed:
+            header_printed = True
+            print(f"{status.cells} {status.unit}: {committed_before} committed before, "
+                  f"{status.cells - committed_before} to run", flush=True)
+        counts = (status.done, status.failed, status.pruned, status.running, status.waiting)
+        if counts == last_counts:
+            return  # nothing started or committed since the last report: no need to read the cells again
+        last_counts = counts
+        left = status.cells - status.done - status.failed - status.pruned
+        for result in read_cell_results(run_dir):
             if result.cell_id in printed and printed[result.cell_id] == result.trial:
                 continue  # printed, or committed before this run (a retried cell is committed again by a new trial)
             printed[result.cell_id] = result.trial
@@ -360,7 +362,7 @@ def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_fail
 
     run_dir = Path(load_sweep(file).run_dir)
     retried = {result.cell_id for result in read_cell_results(run_dir) if retry_failed and result.status == "failed"}
-    stop, update = _progress_printer(run_dir)
+    stop, update = _progress_printer(run_dir, retried)
     try:
         status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
                            progress=update)

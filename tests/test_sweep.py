@@ -451,6 +451,32 @@ def test_a_retried_cell_that_completes_loses_its_error_txt_and_its_outcome_is_pr
     assert not (tmp_path / "run" / "cells" / "baseline-zero" / "error.txt").exists()
 
 
+def test_a_retried_cell_is_printed_even_when_no_progress_report_falls_between_its_start_and_its_commit(
+        tmp_path, demo_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    import robovlms.sweep
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={})
+    the_simulator_dies(3, monkeypatch)
+    assert CliRunner().invoke(app, ["sweep", str(path)]).exit_code == 1
+    original = robovlms.sweep.run_sweep
+
+    def only_first_and_last_reports(*args, progress, **kwargs):  # a busy machine: the cell ran between two reports
+        reports = []
+        status = original(*args, progress=reports.append, **kwargs)
+        progress(reports[0])
+        progress(reports[-1])
+        return status
+
+    monkeypatch.setattr(robovlms.sweep, "run_sweep", only_first_and_last_reports)
+    retried = CliRunner().invoke(app, ["sweep", str(path), "--retry-failed"])
+    assert retried.exit_code == 0, retried.output
+    assert "1 cells: 0 committed before, 1 to run" in retried.output
+    assert re.search(r"\] baseline-zero: success 0/1 \(0%\)", retried.output)
+
+
 # ---- bad input: a clear error, and nothing stored ---------------------------------------------------------------
 
 
