@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from robovlms.errors import PluginError
 
 TOLERANCE = 1e-5  # between computations that should agree up to float rounding
 
@@ -22,6 +24,7 @@ class CheckResult:
     check: str
     status: str  # "pass" | "fail" | "skip"
     reason: str  # one line
+    error: Exception | None = field(default=None, repr=False, compare=False)  # what a failed check raised
 
     @property
     def passed(self) -> bool:
@@ -29,17 +32,20 @@ class CheckResult:
 
 
 def run_check(check: str, function: Callable[..., str], *arguments) -> CheckResult:
-    """`function(*arguments)`: its summary when it passes; its AssertionError's reason when it fails; for any
-    other error (the plugin crashed inside the check), the error's first line and where it was raised."""
+    """`function(*arguments)`: its summary when it passes; its AssertionError's reason when it fails; the message of
+    robovlms' own error about the plugin (a PluginError, one line naming it: a backbone's forward of the wrong width);
+    for any other error (the plugin crashed inside the check), the error's first line and where it was raised."""
     try:
         return CheckResult(check, "pass", function(*arguments))
     except SkipCheck as skip:
         return CheckResult(check, "skip", str(skip))
     except AssertionError as failure:
-        return CheckResult(check, "fail", str(failure))
+        return CheckResult(check, "fail", str(failure), failure)
+    except PluginError as error:
+        return CheckResult(check, "fail", str(error), error)
     except Exception as error:  # noqa: BLE001 (the plugin crashed inside the check: say where)
         first_line = (str(error).splitlines() or [""])[0]
-        return CheckResult(check, "fail", f"{type(error).__name__}: {first_line} ({_where(error)})")
+        return CheckResult(check, "fail", f"{type(error).__name__}: {first_line} ({_where(error)})", error)
 
 
 def _where(error: Exception) -> str:
