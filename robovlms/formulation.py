@@ -16,7 +16,8 @@ per row, and a row's output depends on that row alone.
 Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
 and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
 Formulations register in FORMULATIONS; built-in and third-party ones declare an entry point in the group
-`robovlms.formulations` naming their Formulation subclass.
+`robovlms.formulations` naming their Formulation subclass. docs/adding-a-formulation.md walks through writing one
+(examples/robovlms-gru-head-plugin), and `robovlms check-formulation NAME` checks it on every built-in backbone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from robovlms.action_objectives import ARM_LOSSES, OBJECTIVES, create_action_obj
 from robovlms.backbone import Backbone
 from robovlms.data.store import Statistics
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
-from robovlms.registry import Registry
+from robovlms.registry import FORMULATIONS
 
 STATE_INPUTS = ("add", "token")
 
@@ -141,7 +142,13 @@ def options_to_formulation_config(config_class: type, options: dict[str, Any], f
 
 
 class Formulation(nn.Module, abc.ABC):
-    """A backbone, an action space and the way one becomes the other."""
+    """A backbone, an action space and the way one becomes the other.
+
+    A plugin sets `name`, `description` and `config_class` (and `single_frame` if it sees one frame), implements
+    `predict` and `loss` (or subclasses ContinuousFormulation and writes `forward`), and may override `encode` and
+    `check_settings`. `encode` must treat each frame alone and `predict` draw only from the generator it is given:
+    the rollout policy encodes each observation once and seeds one generator per episode.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -236,10 +243,6 @@ class ContinuousFormulation(Formulation):
         condition = self(self.encode(batch["images"], batch["state"], batch["instruction"]), batch["instruction"])
         target_arm, target_gripper = self.actions.normalise(batch["actions"])
         return self.head.loss(condition, target_arm, target_gripper, batch["action_mask"], generator)
-
-
-FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.formulations", Formulation,
-                                                      ("name", "description", "config_class"))
 
 
 def create_formulation(name: str, backbone: Backbone, action_statistics: Statistics,
