@@ -21,8 +21,8 @@ from robovlms.sweep.cells import Cell, sweep_cells
 from robovlms.sweep.config import load_sweep
 from robovlms.sweep.failures import record_abandoned
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
-from robovlms.sweep.study import (cell_trials, count_cell_errors, count_trials, enqueue_cells, open_study,
-                                  storage_url)
+from robovlms.sweep.study import (abandoned, cell_trials, count_cell_errors, count_trials, enqueue_cells,
+                                  enqueue_search_trials, open_study, search_attempts, storage_url)
 from robovlms.sweep.worker import work
 
 
@@ -42,16 +42,18 @@ class SweepStatus:
 
 def sweep_status(study, cells: list[Cell], run_dir: Path, trials: int | None = None) -> SweepStatus:
     """A grid's cells done, running, waiting and failed; for a search (`trials`, its number of trials), its trials
-    complete, pruned, running, waiting and failed by an error (a trial whose worker died is retried, not failed)."""
+    complete, pruned, running, waiting and failed (by an error, or abandoned after its workers died in every
+    retry; a trial whose worker died once is retried, not failed)."""
     from optuna.trial import TrialState
 
     if trials is not None:
         found = study.get_trials(deepcopy=False)
         states = [trial.state for trial in found]
+        failed = sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in found)
+        failed += sum(abandoned(attempts) for attempts in search_attempts(study).values())
         return SweepStatus(cells=trials, done=states.count(TrialState.COMPLETE), running=states.count(TrialState.RUNNING),
-                           failed=sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in found),
-                           waiting=states.count(TrialState.WAITING), pruned=states.count(TrialState.PRUNED),
-                           unit="trials")
+                           failed=failed, waiting=states.count(TrialState.WAITING),
+                           pruned=states.count(TrialState.PRUNED), unit="trials")
     status = SweepStatus(cells=len(cells))
     trials = cell_trials(study)
     for cell in cells:
@@ -97,7 +99,10 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     study = open_study(sweep, cells, url, mode, create=True)
     spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
     write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
-    enqueue_cells(study, cells, run_dir, retry_failed)
+    if mode == "search":
+        enqueue_search_trials(study, sweep.search.trials)
+    else:
+        enqueue_cells(study, cells, run_dir, retry_failed)
     return sweep, cells, study, url
 
 

@@ -184,6 +184,51 @@ def enqueue_cells(study, cells: list[Cell], run_dir: Path, retry_failed: bool = 
     return enqueued
 
 
+def search_attempts(study) -> dict[int, list]:
+    """A search's trials grouped by the point they try: a retry of a killed trial (same parameters, same cell) joins
+    the group of the trial it retries."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    groups: dict[int, list] = {}
+    for trial in study.get_trials(deepcopy=False):
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        groups.setdefault(trial.number if first is None else first, []).append(trial)
+    return groups
+
+
+def killed(trial) -> bool:
+    """Failed because its worker stopped (killed, lost, interrupted), not by an error of its own."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
+
+
+def abandoned(attempts: list) -> bool:
+    """Every attempt at a point was killed, and it has been retried as often as it may be."""
+    return all(killed(trial) for trial in attempts) and len(attempts) > MAX_RETRIES
+
+
+def enqueue_search_trials(study, trials: int) -> int:
+    """Queue what a search's budget of `trials` points still misses; returns how many were queued. A point counts
+    once it is complete, pruned, failed by its own error, queued, running, or abandoned after MAX_RETRIES retries;
+    a point whose attempts were all killed is queued again as a retry (it resumes its cell), and the rest of the
+    budget as fresh trials. Queued here, by one process, so that workers only pop: however many there are, they
+    cannot draw more trials than the budget."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    counted, queued = 0, 0
+    for attempts in search_attempts(study).values():
+        if abandoned(attempts) or not all(killed(trial) for trial in attempts):
+            counted += 1
+        elif counted + queued < trials:
+            RetryHeartbeatStaleTrialCallback(MAX_RETRIES)(study, attempts[-1])
+            queued += 1
+    for _ in range(trials - counted - queued):
+        study.enqueue_trial({})
+        queued += 1
+    return queued
+
+
 def _trials_table():
     from optuna.storages._rdb.models import TrialModel
 
