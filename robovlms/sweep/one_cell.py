@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robovlms.atomic_files import remove_leftovers
 from robovlms.baselines import baseline_factory
 from robovlms.benchmark import BENCHMARKS, Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.data.store import EpisodeStore
@@ -76,6 +77,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     `holds_cell` says that this attempt was taken for dead meanwhile (then CellReleased)."""
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(cell_dir, recursive=True)  # of an attempt killed mid-write
     store = EpisodeStore(sweep.store.path)
     benchmark = sweep_benchmark(sweep, store)
     result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=benchmark.name,

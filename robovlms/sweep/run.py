@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from robovlms.atomic_files import write_atomically, write_json_atomically
+from robovlms.atomic_files import remove_leftovers, write_atomically, write_json_atomically
 from robovlms.baselines import check_baseline_data
 from robovlms.errors import ConfigError
 from robovlms.results import (CELLS_DIR, RESULTS_DIR, SEARCH_BEST_FILE, SEARCH_TRIALS_FILE, SWEEP_FILE, gather,
@@ -65,8 +65,9 @@ def sweep_status(study, cells: list[Cell], run_dir: Path, trials: int | None = N
             status.running += 1
         elif TrialState.WAITING in states:
             status.waiting += 1
-        elif result is not None and result.status == "failed":
-            status.failed += 1
+        elif (result is not None and result.status == "failed") or any(
+                trial.state == TrialState.FAIL and "error" in trial.user_attrs for trial in trials.get(cell.cell_id, [])):
+            status.failed += 1  # by its result, or by the ledger alone when its result could not be written
     return status
 
 
@@ -95,6 +96,8 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     for baseline in sweep.baselines:
         check_baseline_data(baseline, benchmark, store.path)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused sweep file leaves no study behind
+    for directory in (run_dir, run_dir / RESULTS_DIR):
+        remove_leftovers(directory)  # of a sweep killed while writing sweep.yaml or gathering
     url = storage_url(sweep, storage)
     study = open_study(sweep, cells, url, mode, create=True)
     spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
