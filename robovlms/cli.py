@@ -162,7 +162,7 @@ def evaluate_command(
 
         store = store or Path(load_config(run / CONFIG_FILE).store)
     options = {}
-    training_store = EpisodeStore(store) if store is not None else None
+    training_store = EpisodeStore(store, verify=True) if store is not None else None
     if training_store is not None:
         # a store made for no benchmark in particular (an imported dataset) is evaluated on --benchmark
         benchmark = training_store.metadata.get("benchmark", benchmark)

@@ -90,6 +90,7 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     check_run_dir(run_dir)
     sweep_benchmark(sweep, None)  # name, split and options, before a store is made with them
     store = ensure_store(sweep)
+    store.verify()
     benchmark = sweep_benchmark(sweep, store)
     benchmark.check_available()
     check_evaluated_tasks(sweep, store, benchmark)

@@ -142,7 +142,8 @@ def join_study(url: str, name: str):
     if STUDY_SPEC not in attributes:
         raise ConfigError(f"study {name!r} in {redact(url)} was not made by `robovlms sweep` or `robovlms tune`")
     sweep, mode = load_sweep(attributes[STUDY_SPEC]), attributes[STUDY_MODE]
-    sweep_benchmark(sweep, EpisodeStore(sweep.store.path)).check_available()  # before this machine takes a cell
+    # before this machine takes a cell: its simulator, and its copy of the store
+    sweep_benchmark(sweep, EpisodeStore(sweep.store.path, verify=True)).check_available()
     cells = sweep_cells(sweep, mode)
     return open_study(sweep, cells, url, mode, create=False), sweep, cells, mode
 

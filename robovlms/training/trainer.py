@@ -45,7 +45,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     config = load_config(config)
     run_dir = Path(config.run_dir)
     clock = TrainingClock(run_dir, config.checkpoint_every)
-    store = EpisodeStore(config.store)
+    store = EpisodeStore(config.store, verify=True)
     cameras = config.cameras or list(store.layout.cameras)
     config = config.model_copy(update={"cameras": cameras})
     validation = store.holdout(config.validation_fraction)
