@@ -490,7 +490,7 @@ def main() -> None:
     try:
         app()
     except RobovlmsError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)  # one line, however long
         sys.exit(2)
 
 
