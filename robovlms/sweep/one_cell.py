@@ -55,10 +55,16 @@ def check_evaluated_tasks(sweep: SweepConfig, store: EpisodeStore, benchmark: Be
 
 
 def ensure_store(sweep: SweepConfig) -> EpisodeStore:
+    """The sweep's store; generated when it is missing and the sweep says how (`store.generate`)."""
+    from robovlms.data.demonstrations import check_generated_as, generate_demonstrations
+
     path = Path(sweep.store.path)
-    if (path / "meta.json").exists() or sweep.store.generate is None:
+    if sweep.store.generate is None:
         return EpisodeStore(path)
-    from robovlms.data.demonstrations import generate_demonstrations
+    if (path / "meta.json").exists():
+        store = EpisodeStore(path)
+        check_generated_as(store, sweep.store.generate.episodes, sweep.store.generate.scenes)
+        return store
 
     benchmark = sweep_benchmark(sweep, None)
     generation = sweep.store.generate
