@@ -22,6 +22,15 @@ app.add_typer(data_app, name="data")
 console = Console()
 
 POLICIES = ("expert", *BASELINES)
+MAX_EPISODES = 100_000  # per task: beyond it a number is a typo, whose episode list alone would fill the memory
+MAX_WORKERS = 1024
+
+
+def _check_range(option: str, value: int, low: int, high: int) -> None:
+    from robovlms.errors import ConfigError
+
+    if not low <= value <= high:
+        raise ConfigError(f"{option} must be between {low} and {high}; got {value}")
 
 
 def _split_list(value: str) -> list[str]:
@@ -46,6 +55,8 @@ def data_generate(
                                                    "for some task and scene (recorded in its metadata).")] = False,
 ) -> None:
     """Run the benchmark's scripted experts and write their successful episodes to an episode store."""
+    _check_range("--episodes", episodes, 1, MAX_EPISODES)
+    _check_range("--workers", workers, 1, MAX_WORKERS)
     from robovlms.benchmark import create_benchmark
     from robovlms.data.demonstrations import generate_demonstrations
 
@@ -85,6 +96,8 @@ def data_import_lerobot(
     resume: Annotated[bool, typer.Option(help="Finish an interrupted import, keeping the episodes already written.")] = False,
 ) -> None:
     """Import the episodes of a LeRobot dataset into an episode store, mapping its features as a spec says."""
+    if episodes is not None:
+        _check_range("--episodes", episodes, 1, 100_000_000)
     from robovlms.data.lerobot_import import import_lerobot
 
     _print_store(import_lerobot(dataset, out, spec=spec, image_size=image_size, episodes=episodes,
@@ -152,6 +165,11 @@ def evaluate_command(
     from robovlms.rollout import evaluate, parse_shard, shard_specs, write_shard
     from robovlms.data.store import EpisodeStore
 
+    _check_range("--episodes", episodes, 1, MAX_EPISODES)
+    _check_range("--workers", workers, 1, MAX_WORKERS)
+    _check_range("--videos", videos, 0, MAX_EPISODES)
+    if videos and out is None:
+        raise ConfigError("--videos needs --out, the directory the videos are written to (under videos/)")
     if (policy is None) == (run is None):
         raise ConfigError("give either --policy (a baseline or expert) or --run (a trained run directory)")
     if policy is not None and policy not in POLICIES:
@@ -326,6 +344,7 @@ def sweep_command(
     retry_failed: Annotated[bool, typer.Option(help="Run again the cells that failed with an error.")] = False,
 ) -> None:
     """Train, evaluate and record every cell of a sweep grid; re-running resumes where it stopped."""
+    _check_range("--workers", workers, 1, MAX_WORKERS)
     if dry_run:
         from robovlms.results import CELLS_DIR, read_cell_result
         from robovlms.sweep import estimate_cost, expand_cells, load_sweep
@@ -367,6 +386,7 @@ def tune_command(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in the run directory).")] = None,
 ) -> None:
     """Search hyper-parameters with Optuna's TPE sampler, pruning on the validation loss; records the best trial."""
+    _check_range("--workers", workers, 1, MAX_WORKERS)
     _run_sweep_command(file, workers, storage, False, "search")
 
 

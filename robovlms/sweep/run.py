@@ -21,8 +21,9 @@ from robovlms.sweep.cells import Cell, sweep_cells
 from robovlms.sweep.config import load_sweep
 from robovlms.sweep.failures import record_abandoned
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
-from robovlms.sweep.study import (abandoned, cell_trials, count_cell_errors, count_trials, enqueue_cells,
-                                  enqueue_search_trials, open_study, search_attempts, storage_url)
+from robovlms.sweep.study import (abandoned, cell_trials, count_cell_errors, count_trials, creating_study,
+                                  enqueue_cells, enqueue_search_trials, open_study, search_attempts, storage_url,
+                                  study_name)
 from robovlms.sweep.worker import work
 
 
@@ -100,13 +101,14 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     for directory in (run_dir, run_dir / RESULTS_DIR):
         remove_leftovers(directory)  # of a sweep killed while writing sweep.yaml or gathering
     url = storage_url(sweep, storage)
-    study = open_study(sweep, cells, url, mode, create=True)
-    spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
-    write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
-    if mode == "search":
-        enqueue_search_trials(study, sweep.search.trials)
-    else:
-        enqueue_cells(study, cells, run_dir, retry_failed)
+    with creating_study(url, study_name(sweep, mode)):  # sweeps started at once create and queue it once
+        study = open_study(sweep, cells, url, mode, create=True)
+        spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+        write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
+        if mode == "search":
+            enqueue_search_trials(study, sweep.search.trials)
+        else:
+            enqueue_cells(study, cells, run_dir, retry_failed)
     return sweep, cells, study, url
 
 

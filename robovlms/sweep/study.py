@@ -4,7 +4,11 @@ alive, and a dead worker's trial goes stale and is re-enqueued."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,6 +30,56 @@ def storage_url(sweep: SweepConfig, url: str | None = None) -> str:
         return url or sweep.storage
     Path(sweep.run_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(sweep.run_dir).resolve() / 'optuna.db'}"
+
+
+def creation_lock_file(url: str) -> Path | None:
+    """The file locked while a sweep creates the tables and study of a SQLite storage; None for other storages."""
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    database = Path(url.removeprefix("sqlite:///"))
+    return database.with_name(f".{database.name}.lock")
+
+
+@contextlib.contextmanager
+def creating_study(url: str, name: str):
+    """Held while a sweep creates its storage's tables and its study, sets the study's settings and queues its cells,
+    so that sweeps started at once create them once: the others say that another sweep is creating the study, wait,
+    then join it (as workers of the same sweep file, or refused as another's). A file lock beside a SQLite database,
+    an advisory lock of the study's name in PostgreSQL."""
+    lock_file = creation_lock_file(url)
+    if lock_file is not None:
+        with open(lock_file, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say_waiting(url, name)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(f"robovlms study {name}".encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        connection = engine.connect()
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        raise ConfigError(f"cannot reach the Optuna storage {redact(url)}: {str(error).splitlines()[0]}") from None
+    with connection:
+        if not connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
+            _say_waiting(url, name)
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+def _say_waiting(url: str, name: str) -> None:
+    print(f"another sweep is creating the study {name} in {redact(url)}; waiting for it to finish, then joining the "
+          f"study", file=sys.stderr, flush=True)
 
 
 def open_storage(url: str, heartbeat_seconds: int | None = None):
