@@ -38,6 +38,16 @@ def write_json_atomically(path: Path, payload: Any) -> None:
     write_atomically(path, write)
 
 
+def why_directory_cannot_be_made(directory: Path) -> str | None:
+    """Why `directory` is not, and cannot be made as, a writable directory; None when it is or can be."""
+    existing = next((parent for parent in (directory, *directory.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if existing is not None and not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def remove_leftovers(directory: Path, recursive: bool = False) -> list[Path]:
     """Remove the temporaries of killed writers (.NAME.PID.tmp whose process no longer runs on this machine) from
     `directory`; returns what was removed."""

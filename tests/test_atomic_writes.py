@@ -3,9 +3,7 @@ whatever the disk allows, and the leftovers of a killed writer cleaned when the 
 
 import errno
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 from optuna.trial import TrialState
 from synthetic_store import write_synthetic_store
@@ -76,7 +73,7 @@ def test_a_checkpoint_write_that_fails_partway_leaves_the_last_checkpoint_whole(
     size = (checkpoints / "last.ckpt").stat().st_size
     resumed = subprocess.run([sys.executable, "-c", RESUME_UNDER_A_FILE_SIZE_LIMIT.format(
         limit=size // 2, config=training(store, tmp_path / "run", max_steps=4))], capture_output=True, text=True,
-        timeout=900)
+        timeout=900, check=False)
     assert resumed.returncode != 0 and "File too large" in resumed.stderr
     assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 2
     assert sorted(path.name for path in checkpoints.iterdir()) == ["last.ckpt", "step2.ckpt"]
@@ -149,7 +146,7 @@ def small_disk(tmp_path):
     mount_point.mkdir()
     try:
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, check=False)
     except FileNotFoundError:
         pytest.skip("no `mount` command to make a small filesystem to fill")
     if mounted.returncode != 0:
@@ -157,7 +154,7 @@ def small_disk(tmp_path):
     try:
         yield mount_point
     finally:
-        subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True)
+        subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True, check=False)
 
 
 def fill(disk, leave):
@@ -174,7 +171,7 @@ def fill(disk, leave):
 
 def sweep_command(path, *options):
     return subprocess.run([sys.executable, "-m", "robovlms.cli", "sweep", str(path), *options], capture_output=True,
-                          text=True, timeout=1800)
+                          text=True, timeout=1800, check=False)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from robovlms.cli import app
 from robovlms.errors import ConfigError, ReportError, RobovlmsError
-from test_sweep import postgres  # noqa: F401 - the fixture
 
 
 def refused(*arguments):
@@ -118,28 +117,8 @@ def test_sweeps_started_at_once_on_a_fresh_run_directory_create_one_study_and_qu
     sweeps = [subprocess.Popen([sys.executable, "-c", PREPARE, str(path)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
     for sweep in sweeps:
-        output, errors = sweep.communicate(timeout=900)
+        _, errors = sweep.communicate(timeout=900)
         assert sweep.returncode == 0, errors
     study = optuna.load_study(study_name="at-once", storage=storage_url(load_sweep(path)))
     assert sorted(trial.user_attrs["cell"] for trial in study.get_trials()) == ["baseline-mean", "baseline-zero"]
 
-
-HOLD_THEN_JOIN = """
-import sys
-from robovlms.sweep.study import creating_study
-with creating_study(sys.argv[1], "shared"):
-    print("inside", flush=True)
-"""
-
-
-def test_a_sweep_creating_a_postgresql_study_makes_the_others_wait_for_it(postgres):
-    from robovlms.sweep.study import creating_study
-
-    with creating_study(postgres, "shared"):
-        second = subprocess.Popen([sys.executable, "-c", HOLD_THEN_JOIN, postgres], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        said = second.stderr.readline()  # blocks until it says why it waits
-        assert "another sweep is creating the study shared in postgresql://postgres@" in said
-        assert second.poll() is None
-    output, errors = second.communicate(timeout=600)
-    assert second.returncode == 0 and output == "inside\n", errors

@@ -3,7 +3,10 @@ separate interpreter in which neither robovlms nor torch can be imported: handsh
 round trips, versions, a crashing simulator, errors raised there, and shutdown."""
 
 import io
+import json
 import os
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from robovlms.benchmarks.remote import SERVER_FILE, SimulatorProcess, probe
 from robovlms.errors import ConfigError, SimulatorProcessError
-from robovlms.simulators.server import PROTOCOL, VERSION, read_message, write_message
+from robovlms.simulators.server import PROTOCOL, VERSION, encode, read_message, write_message
 
 STAND_IN = Path(__file__).with_name("calvin_stand_in.py")
 PLAY_TABLE_MODULE = SERVER_FILE.with_name("calvin_play_table.py")
@@ -142,12 +145,6 @@ def test_messages_refuse_arrays_that_would_need_unpickling():
 
 
 # ---- malformed messages: an error reply each, and the server stays in sync, or says why it cannot and stops -----
-
-import json  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-
-from robovlms.simulators.server import encode  # noqa: E402
 
 SAFETY_S = 600  # a safety net against a hang, never a timing
 

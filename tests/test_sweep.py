@@ -671,3 +671,24 @@ def test_a_search_killed_during_a_trial_and_resumed_by_two_workers_completes_its
     assert sum(trial.user_attrs["cell"].startswith("search-0001-") for trial in complete) == 1  # the killed trial resumed
     trials = len(study.get_trials())
     assert run_sweep(path, mode="search").done == 4 and len(study.get_trials()) == trials  # nothing is missing
+
+
+HOLD_THEN_JOIN = """
+import sys
+from robovlms.sweep.study import creating_study
+with creating_study(sys.argv[1], "shared"):
+    print("inside", flush=True)
+"""
+
+
+def test_a_sweep_creating_a_postgresql_study_makes_the_others_wait_for_it(postgres):
+    from robovlms.sweep.study import creating_study
+
+    with creating_study(postgres, "shared"):
+        second = subprocess.Popen([sys.executable, "-c", HOLD_THEN_JOIN, postgres], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        said = second.stderr.readline()  # blocks until it says why it waits
+        assert "another sweep is creating the study shared in postgresql://postgres@" in said
+        assert second.poll() is None
+    output, errors = second.communicate(timeout=600)
+    assert second.returncode == 0 and output == "inside\n", errors

@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
+from robovlms.atomic_files import why_directory_cannot_be_made
 from robovlms.errors import ReportError
 from robovlms.report.runs import read_sweep_runs
 from robovlms.report.sections import Section, build_sections
@@ -20,7 +20,9 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, real_world: Pa
     file of real-world success rates (configuration -> task -> rate), for the run's sim-to-real agreement."""
     run_dirs = [Path(path) for path in run_dirs]
     out = Path(out)
-    _check_writable(out)
+    reason = why_directory_cannot_be_made(out)  # before any run is read
+    if reason is not None:
+        raise ReportError(f"cannot write the report to {out}: {reason}")
     runs = read_sweep_runs(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     sections = build_sections(runs, out, real_world)
@@ -37,15 +39,6 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, real_world: Pa
     (out / "index.md").write_text(_markdown(title, summary, sections))
     (out / "index.html").write_text(_html(title, summary, sections, out))
     return out / "index.html"
-
-
-def _check_writable(out: Path) -> None:
-    """The report directory is, or can be made as, a writable directory: checked before any run is read."""
-    existing = next((parent for parent in (out, *out.parents) if parent.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ReportError(f"cannot write the report to {out}: {existing} is a file, not a directory")
-    if existing is not None and not os.access(existing, os.W_OK):
-        raise ReportError(f"cannot write the report to {out}: {existing} is not writable")
 
 
 def _markdown(title: str, summary: str, sections: list[Section]) -> str:

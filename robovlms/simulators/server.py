@@ -239,7 +239,9 @@ def _wait_readable(stream, deadline: float, missing: int) -> None:
 _MALFORMED = object()  # a message answered with an error
 
 
-class _Stop(Exception):  # noqa: N818 - not an error: the server's end, with its exit code
+class _Stop(Exception):
+    """Not an error: the server's end, with its exit code."""
+
     def __init__(self, code: int):
         self.code = code
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from robovlms.atomic_files import remove_leftovers, write_atomically, write_json_atomically
+from robovlms.atomic_files import (remove_leftovers, why_directory_cannot_be_made, write_atomically,
+                                   write_json_atomically)
 from robovlms.baselines import check_baseline_data
 from robovlms.errors import ConfigError
 from robovlms.results import (CELLS_DIR, RESULTS_DIR, SEARCH_BEST_FILE, SEARCH_TRIALS_FILE, SWEEP_FILE, gather,
@@ -114,11 +115,9 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
 
 def check_run_dir(run_dir: Path) -> None:
     """The run directory is, or can be made as, a directory."""
-    existing = next((parent for parent in (run_dir, *run_dir.parents) if parent.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"run_dir {run_dir} cannot be made: {existing} is a file, not a directory")
-    if existing is not None and not os.access(existing, os.W_OK):
-        raise ConfigError(f"run_dir {run_dir} cannot be made: {existing} is not writable")
+    reason = why_directory_cannot_be_made(run_dir)
+    if reason is not None:
+        raise ConfigError(f"run_dir {run_dir} cannot be made: {reason}")
 
 
 def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None, retry_failed: bool = False,
