@@ -399,9 +399,11 @@ def worker_command(
 ) -> None:
     """Join a running sweep from any machine: take waiting cells until none is left."""
     from robovlms.sweep import join_study, work
+    from robovlms.sweep.study import ledger_errors
 
     study_, sweep, cells, mode = join_study(storage, study)
-    work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
+    with ledger_errors(storage):
+        work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
 
 
 @app.command("backbones")

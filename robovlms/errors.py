@@ -46,6 +46,11 @@ class SimulatorProcessError(RobovlmsError, RuntimeError):
     message; the message says which process and quotes its last output."""
 
 
+class LedgerError(RobovlmsError):
+    """A sweep's Optuna storage (its ledger) that cannot be written or read mid-sweep: a full disk, a database server
+    gone; what was committed is kept, and the sweep resumes when run again."""
+
+
 class ShapeError(RobovlmsError, ValueError):
     """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""
 

@@ -197,3 +197,22 @@ def test_a_full_disk_fails_the_cell_it_stops_and_the_sweep_goes_on_leaving_nothi
     ballast.unlink()
     freed = sweep_command(path, "--retry-failed")
     assert freed.returncode == 0 and "2 of 2 cells done, 0 failed" in " ".join(freed.stdout.split()), freed.stdout
+
+
+def test_a_ledger_that_cannot_be_written_stops_the_sweep_in_one_line(tmp_path, demo_store, monkeypatch):
+    import sqlalchemy
+
+    import robovlms.sweep.worker
+    from robovlms.errors import LedgerError
+    from robovlms.sweep import run_sweep
+
+    def disk_full(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("database or disk is full"))
+
+    path = one_cell_sweep(tmp_path, demo_store, tmp_path / "run")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "grid": {}}))  # the baseline alone
+    monkeypatch.setattr(robovlms.sweep.worker, "_tell", disk_full)
+    with pytest.raises(LedgerError, match=r"the sweep's ledger sqlite:///.*optuna.db cannot be written \(database or "
+                                          r"disk is full\); what was committed is kept") as error:
+        run_sweep(path)
+    assert "\n" not in str(error.value)

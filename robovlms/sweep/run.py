@@ -23,8 +23,8 @@ from robovlms.sweep.config import load_sweep
 from robovlms.sweep.failures import record_abandoned
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
 from robovlms.sweep.study import (abandoned, cell_trials, count_cell_errors, count_trials, creating_study,
-                                  enqueue_cells, enqueue_search_trials, open_study, search_attempts, storage_url,
-                                  study_name)
+                                  enqueue_cells, enqueue_search_trials, ledger_errors, open_study, search_attempts,
+                                  storage_url, study_name)
 from robovlms.sweep.worker import work
 
 
@@ -136,14 +136,15 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
             progress(ledger_status(study, cells) if mode == "grid" else sweep_status(study, cells, run_dir, trials))
             last_report = time.monotonic()
 
-    report()
-    if workers <= 1:
-        work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)
-    else:
-        _run_worker_processes(study.study_name, url, workers, run_dir, report)
-        work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
-    record_abandoned(study, sweep, cells, run_dir)
-    status = sweep_status(study, cells, run_dir, trials)
+    with ledger_errors(url):
+        report()
+        if workers <= 1:
+            work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)
+        else:
+            _run_worker_processes(study.study_name, url, workers, run_dir, report)
+            work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
+        record_abandoned(study, sweep, cells, run_dir)
+        status = sweep_status(study, cells, run_dir, trials)
     if progress is not None:
         progress(status)
     gather(run_dir)

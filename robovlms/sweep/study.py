@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from robovlms.data.store import EpisodeStore
-from robovlms.errors import ConfigError
+from robovlms.errors import ConfigError, LedgerError
 from robovlms.results import CELLS_DIR, read_cell_result
 from robovlms.sweep.cells import Cell, fingerprint, sweep_cells
 from robovlms.sweep.config import SweepConfig, load_sweep
@@ -75,6 +75,20 @@ def creating_study(url: str, name: str):
             yield
         finally:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+@contextlib.contextmanager
+def ledger_errors(url: str):
+    """A storage that fails mid-sweep (its disk full, its server gone) as one LedgerError line."""
+    import sqlalchemy
+
+    try:
+        yield
+    except sqlalchemy.exc.OperationalError as error:
+        reason = str(error.orig if error.orig is not None else error).splitlines()[0]
+        raise LedgerError(f"the sweep's ledger {redact(url)} cannot be written ({reason}); what was committed is "
+                          f"kept: free space on its disk, or bring its database server back, then run the sweep "
+                          f"again to resume it") from None
 
 
 def _say_waiting(url: str, name: str) -> None:
