@@ -117,6 +117,22 @@ def one_cell_sweep(tmp_path, store, run_dir, name="disk", hidden_size=32):
     return path
 
 
+def test_a_sweep_started_again_removes_what_a_killed_sweep_left_half_written(tmp_path, demo_store):
+    from robovlms.sweep import run_sweep
+
+    run_dir = tmp_path / "run"
+    path = one_cell_sweep(tmp_path, demo_store, run_dir)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "grid": {}}))  # the baseline alone
+    dead = a_dead_pid()
+    leftovers = [run_dir / f".sweep.yaml.{dead}.tmp", run_dir / "results" / f".summary.csv.{dead}.tmp",
+                 run_dir / "cells" / "baseline-zero" / f".result.json.{dead}.tmp"]
+    for leftover in leftovers:
+        leftover.parent.mkdir(parents=True, exist_ok=True)
+        leftover.write_bytes(b"")
+    assert run_sweep(path).done == 1
+    assert [leftover for leftover in leftovers if leftover.exists()] == []
+
+
 def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 

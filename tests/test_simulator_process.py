@@ -256,7 +256,8 @@ def never_answering(tmp_path):
 
 def test_a_call_that_is_not_answered_in_time_is_a_clear_error_and_stops_the_simulator(without_robovlms,
                                                                                       never_answering):
-    process = SimulatorProcess(sys.executable, environment=without_robovlms, timeout=1)
+    process = SimulatorProcess(sys.executable, environment=without_robovlms)  # started without a deadline
+    process.timeout = 1  # render() sleeps an hour: this fires however loaded the machine is
     with pytest.raises(SimulatorProcessError, match=r"did not answer slow_renderer.py:render\(\) within 1 s; it was "
                                                     r"stopped.*ROBOVLMS_SIMULATOR_TIMEOUT_S"):
         process.call(never_answering, "render")

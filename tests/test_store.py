@@ -358,7 +358,10 @@ def test_opening_a_store_verified_keeps_the_verdict_until_a_file_changes(tmp_pat
 
 
 def test_a_store_edited_within_the_clocks_resolution_is_never_taken_from_the_cache(tmp_path, monkeypatch):
+    import robovlms.data.store as store_module
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(store_module, "RACY_NS", 86_400 * 10 ** 9)  # the files are fresh however slow the machine
     path = three_episodes(tmp_path)
     EpisodeStore(path, verify=True)
     stat = (path / "actions.f32").stat()
@@ -402,3 +405,31 @@ def test_a_sweep_refuses_a_store_whose_bytes_changed_before_it_makes_a_study(tmp
     with pytest.raises(StoreError, match="actions.f32 changed since the store was written"):
         prepare_sweep(path)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_refuses_a_store_whose_bytes_changed_since_it_was_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = three_episodes(tmp_path)
+    a_same_size_edit(path)
+    result = CliRunner().invoke(app, ["evaluate", "--policy", "zero", "--store", str(path)])
+    assert isinstance(result.exception, StoreError), result.output
+    assert "actions.f32 changed since the store was written" in str(result.exception)
+
+
+def test_a_worker_refuses_to_join_with_a_store_whose_bytes_changed(tmp_path, demo_store, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from robovlms.sweep import join_study, prepare_sweep
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = shutil.copytree(demo_store.path, tmp_path / "store")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "joined", "run_dir": str(tmp_path / "run"), "store": {"path": str(store)},
+                                    "benchmark": {"options": {"tasks": ["button-press-topdown", "door-open"]}},
+                                    "baselines": ["zero"], "grid": {}}))
+    _, _, study, url = prepare_sweep(path)
+    a_same_size_edit(store)  # this machine's copy of the store, damaged since the sweep began
+    with pytest.raises(StoreError, match="actions.f32 changed since the store was written"):
+        join_study(url, study.study_name)
