@@ -51,6 +51,11 @@ class LedgerError(RobovlmsError):
     gone; what was committed is kept, and the sweep resumes when run again."""
 
 
+class SimulatorDied(SimulatorProcessError):
+    """A simulator process that exited or was killed in the middle of the evaluation: a failure of the machine or the
+    simulator, not of the policy (a sweep retries the cell)."""
+
+
 class ShapeError(RobovlmsError, ValueError):
     """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""
 

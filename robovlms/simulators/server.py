@@ -30,6 +30,7 @@ the same way, then the server exits with code 1: nothing after it could be read 
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import io
 import json
@@ -379,6 +380,7 @@ def main() -> int:
     outgoing = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    faulthandler.enable()  # a crash in native code leaves the Python stack it happened under in that output
     try:
         return Server(sys.stdin.buffer.raw, outgoing, message_timeout).serve()  # unbuffered: reads can time out
     except BrokenPipeError:  # the client went away while being answered
