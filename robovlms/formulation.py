@@ -122,6 +122,13 @@ def check_action_objective(config: ContinuousActionConfig) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
 
 
+def embedding_std(backbone: Backbone) -> float:
+    """The spread of the word embeddings, at which new embeddings start; 1.0 for a backbone built on the meta
+    device, which holds no values (to count parameters and estimate memory)."""
+    weight = backbone.input_embeddings().weight
+    return 1.0 if weight.is_meta else weight.detach().float().std().item()
+
+
 def options_to_formulation_config(config_class: type, options: dict[str, Any], formulation: str):
     valid = [f.name for f in fields(config_class)]
     unknown = sorted(set(options) - set(valid))
@@ -161,8 +168,7 @@ class Formulation(nn.Module, abc.ABC):
         self.actions = ActionNormaliser(action_statistics)
         self.state = RangeNormaliser(state_statistics.p01, state_statistics.p99) if use_state else None
         D = backbone.hidden_size
-        embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
-        self.lrn = nn.Parameter(torch.randn(D) * embedding_std)  # the learnable [LRN] action token
+        self.lrn = nn.Parameter(torch.randn(D) * embedding_std(backbone))  # the learnable [LRN] action token
         self.state_embedding = nn.Linear(len(state_statistics.p01), D) if use_state else None
         self.state_token = use_state and state_input == "token"
 

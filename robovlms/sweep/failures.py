@@ -12,7 +12,7 @@ from pathlib import Path
 
 from robovlms.atomic_files import write_atomically
 from robovlms.errors import RobovlmsError, SimulatorDied
-from robovlms.results import CELLS_DIR, CellResult, read_cell_result, software_versions, write_cell_result
+from robovlms.results import CELLS_DIR, TRAIN_DIR, CellResult, read_cell_result, software_versions, write_cell_result
 from robovlms.sweep.cells import Cell
 from robovlms.sweep.config import SweepConfig, evaluation_split
 from robovlms.sweep.study import cell_trials
@@ -53,7 +53,9 @@ def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseExc
     except OSError as failure:
         logger.warning(f"cell {cell.cell_id} failed and its traceback could not be written to {ERROR_FILE} ({failure})")
     try:
-        write_cell_result(cell_dir, _failed_result(sweep, cell, message, trial_number))
+        result = _failed_result(sweep, cell, message, trial_number)
+        result.train_seconds = _training_seconds(cell_dir / TRAIN_DIR)  # training a cell did before it failed counts
+        write_cell_result(cell_dir, result)
     except OSError as failure:
         logger.warning(f"cell {cell.cell_id} failed ({message}) and its result.json could not be written "
                        f"({failure}); the sweep's ledger records the error, and the cell runs again when the sweep "
@@ -78,6 +80,15 @@ def _failed_result(sweep: SweepConfig, cell: Cell, message: str, trial_number: i
         result.data_fraction, result.seed = config.data_fraction, config.seed
         result.episodes_per_task = config.episodes_per_task
     return result
+
+
+def _training_seconds(train_dir: Path) -> float | None:
+    from robovlms.training import training_seconds
+
+    try:
+        return training_seconds(train_dir)
+    except RobovlmsError:  # a damaged record of the time; the failure is what matters here
+        return None
 
 
 def clear_failure(run_dir: Path, cell: Cell) -> None:
