@@ -357,15 +357,22 @@ def enqueue_search_trials(study, trials: int) -> int:
 # public methods: the study's id by its name, the pop's state change.
 
 
-def _table(name: str, *columns: str):
+def _table(name: str, *columns):
+    """A table of the named columns; a column given as (name, type) is read and bound as that type."""
     import sqlalchemy
 
-    return sqlalchemy.table(name, *(sqlalchemy.column(column) for column in columns))
+    return sqlalchemy.table(name, *(sqlalchemy.column(*column) if isinstance(column, tuple)
+                                    else sqlalchemy.column(column) for column in columns))
 
 
 def ledger_tables() -> dict:
-    """Optuna's tables as far as the ledger reads them: name -> a SQLAlchemy table of those columns alone."""
-    return {"trials": _table("trials", "trial_id", "number", "study_id", "state"),
+    """Optuna's tables as far as the ledger reads them: name -> a SQLAlchemy table of those columns alone. `state` is
+    typed as Optuna declares it (an enum of TrialState: a native enum type on PostgreSQL, which refuses a comparison
+    with text)."""
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    return {"trials": _table("trials", "trial_id", "number", "study_id", ("state", sqlalchemy.Enum(TrialState))),
             "trial_user_attributes": _table("trial_user_attributes", "trial_id", "key", "value_json")}
 
 
@@ -396,7 +403,7 @@ def pop_waiting_trial(study) -> tuple[int, int] | None:
     study_id, after = _study_id(study), -1
     while True:
         query = (sqlalchemy.select(trials.c.trial_id, trials.c.number)
-                 .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING.name,
+                 .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING,
                         trials.c.trial_id > after)
                  .order_by(trials.c.trial_id).limit(1))
         with storage.engine.connect() as connection:
@@ -425,24 +432,21 @@ def popped_cell(study, trial_id: int) -> str | None:
 
 def trial_state(study, trial_id: int):
     import sqlalchemy
-    from optuna.trial import TrialState
 
     trials = ledger_tables()["trials"]
     with _rdb_storage(study).engine.connect() as connection:
-        state = connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
-    return None if state is None else TrialState[state]
+        return connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
 
 
 def count_trials(study) -> dict:
     """Trials per state, counted by the database."""
     import sqlalchemy
-    from optuna.trial import TrialState
 
     trials = ledger_tables()["trials"]
     query = (sqlalchemy.select(trials.c.state, sqlalchemy.func.count()).where(trials.c.study_id == _study_id(study))
              .group_by(trials.c.state))
     with _rdb_storage(study).engine.connect() as connection:
-        return {TrialState[state]: count for state, count in connection.execute(query).all()}
+        return dict(connection.execute(query).all())
 
 
 def count_cell_errors(study) -> int:
@@ -454,7 +458,7 @@ def count_cell_errors(study) -> int:
     trials, attributes = tables["trials"], tables["trial_user_attributes"]
     query = (sqlalchemy.select(sqlalchemy.func.count())
              .select_from(attributes.join(trials, attributes.c.trial_id == trials.c.trial_id))
-             .where(trials.c.study_id == _study_id(study), trials.c.state == TrialState.FAIL.name,
+             .where(trials.c.study_id == _study_id(study), trials.c.state == TrialState.FAIL,
                     attributes.c.key == "error"))
     with _rdb_storage(study).engine.connect() as connection:
         return connection.execute(query).scalar()
