@@ -56,6 +56,7 @@ class OneStepDiscrete(Formulation):
     name = "one-step-discrete"
     description = "current observation -> action tokens (bins per dimension), decoded in parallel or one by one"
     single_frame = True
+    batched_rollouts = True  # decoding draws no noise; each row's tokens depend on that row alone
     config_class = OneStepDiscreteConfig
 
     @classmethod

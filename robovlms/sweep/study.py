@@ -4,14 +4,19 @@ alive, and a dead worker's trial goes stale and is re-enqueued."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 from robovlms.data.store import EpisodeStore
-from robovlms.errors import ConfigError
+from robovlms.errors import ConfigError, LedgerError
 from robovlms.results import CELLS_DIR, read_cell_result
 from robovlms.sweep.cells import Cell, fingerprint, sweep_cells
 from robovlms.sweep.config import SweepConfig, load_sweep
@@ -21,6 +26,7 @@ STUDY_SPEC = "robovlms_sweep"  # study user attributes: the validated sweep file
 STUDY_FINGERPRINT = "robovlms_fingerprint"
 STUDY_MODE = "robovlms_mode"  # "grid" (`robovlms sweep`) or "search" (`robovlms tune`, study "<name>-search")
 MAX_RETRIES = 3  # a cell whose worker died this many times is left failed
+OPTUNA_SCHEMA = "v3.2.0.a"  # the schema of Optuna's tables that `ledger_tables` reads (Optuna 3.2 to 5.1)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +36,70 @@ def storage_url(sweep: SweepConfig, url: str | None = None) -> str:
         return url or sweep.storage
     Path(sweep.run_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(sweep.run_dir).resolve() / 'optuna.db'}"
+
+
+def creation_lock_file(url: str) -> Path | None:
+    """The file locked while a sweep creates the tables and study of a SQLite storage; None for other storages."""
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    database = Path(url.removeprefix("sqlite:///"))
+    return database.with_name(f".{database.name}.lock")
+
+
+@contextlib.contextmanager
+def creating_study(url: str, name: str):
+    """Held while a sweep creates its storage's tables and its study, sets the study's settings and queues its cells,
+    so that sweeps started at once create them once: the others say that another sweep is creating the study, wait,
+    then join it (as workers of the same sweep file, or refused as another's). A file lock beside a SQLite database,
+    an advisory lock of the study's name in PostgreSQL."""
+    lock_file = creation_lock_file(url)
+    if lock_file is not None:
+        with open(lock_file, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say_waiting(url, name)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(f"robovlms study {name}".encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        connection = engine.connect()
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        raise ConfigError(f"cannot reach the Optuna storage {redact(url)}: {str(error).splitlines()[0]}") from None
+    with connection:
+        if not connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
+            _say_waiting(url, name)
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+@contextlib.contextmanager
+def ledger_errors(url: str):
+    """A storage that fails mid-sweep (its disk full, its server gone) as one LedgerError line."""
+    import sqlalchemy
+
+    try:
+        yield
+    except sqlalchemy.exc.OperationalError as error:
+        reason = str(error.orig if error.orig is not None else error).splitlines()[0]
+        raise LedgerError(f"the sweep's ledger {redact(url)} cannot be written ({reason}); what was committed is "
+                          f"kept: free space on its disk, or bring its database server back, then run the sweep "
+                          f"again to resume it") from None
+
+
+def _say_waiting(url: str, name: str) -> None:
+    print(f"another sweep is creating the study {name} in {redact(url)}; waiting for it to finish, then joining the "
+          f"study", file=sys.stderr, flush=True)
 
 
 def open_storage(url: str, heartbeat_seconds: int | None = None):
@@ -55,6 +125,11 @@ def open_storage(url: str, heartbeat_seconds: int | None = None):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         raise ConfigError(f"cannot reach the Optuna storage {redact(url)}: {str(error).splitlines()[0]}") from None
+    schema = storage.get_current_version()
+    if schema != OPTUNA_SCHEMA:
+        raise ConfigError(f"the Optuna storage {redact(url)} has schema {schema} (Optuna {optuna.__version__}); the "
+                          f"sweep ledger reads schema {OPTUNA_SCHEMA}: install optuna in the range robovlms' "
+                          f"pyproject.toml gives")
     if url.startswith("sqlite"):
         # SQLite ignores the SELECT ... FOR UPDATE with which Optuna pops a waiting trial, so two workers could
         # both read it as waiting and run the same cell; a transaction that takes the write lock when it begins
@@ -186,7 +261,8 @@ def join_study(url: str, name: str):
     if STUDY_SPEC not in attributes:
         raise ConfigError(f"study {name!r} in {redact(url)} was not made by `robovlms sweep` or `robovlms tune`")
     sweep, mode = load_sweep(attributes[STUDY_SPEC]), attributes[STUDY_MODE]
-    sweep_benchmark(sweep, EpisodeStore(sweep.store.path)).check_available()  # before this machine takes a cell
+    # before this machine takes a cell: its simulator, and its copy of the store
+    sweep_benchmark(sweep, EpisodeStore(sweep.store.path, verify=True)).check_available()
     cells = sweep_cells(sweep, mode)
     return open_study(sweep, cells, url, mode, create=False), sweep, cells, mode
 
@@ -228,14 +304,91 @@ def enqueue_cells(study, cells: list[Cell], run_dir: Path, retry_failed: bool = 
     return enqueued
 
 
-def _trials_table():
-    from optuna.storages._rdb.models import TrialModel
+def search_attempts(study) -> dict[int, list]:
+    """A search's trials grouped by the point they try: a retry of a killed trial (same parameters, same cell) joins
+    the group of the trial it retries."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    return TrialModel.__table__
+    groups: dict[int, list] = {}
+    for trial in study.get_trials(deepcopy=False):
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        groups.setdefault(trial.number if first is None else first, []).append(trial)
+    return groups
 
 
-def _engine(study):
-    return getattr(study._storage, "_backend", study._storage).engine  # the RDB storage behind Optuna's cache
+def killed(trial) -> bool:
+    """Failed because its worker stopped (killed, lost, interrupted), not by an error of its own."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
+
+
+def abandoned(attempts: list) -> bool:
+    """Every attempt at a point was killed, and it has been retried as often as it may be."""
+    return all(killed(trial) for trial in attempts) and len(attempts) > MAX_RETRIES
+
+
+def enqueue_search_trials(study, trials: int) -> int:
+    """Queue what a search's budget of `trials` points still misses; returns how many were queued. A point counts
+    once it is complete, pruned, failed by its own error, queued, running, or abandoned after MAX_RETRIES retries;
+    a point whose attempts were all killed is queued again as a retry (it resumes its cell), and the rest of the
+    budget as fresh trials. Queued here, by one process, so that workers only pop: however many there are, they
+    cannot draw more trials than the budget."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    counted, queued = 0, 0
+    for attempts in search_attempts(study).values():
+        if abandoned(attempts) or not all(killed(trial) for trial in attempts):
+            counted += 1
+        elif counted + queued < trials:
+            RetryHeartbeatStaleTrialCallback(MAX_RETRIES)(study, attempts[-1])
+            queued += 1
+    for _ in range(trials - counted - queued):
+        study.enqueue_trial({})
+        queued += 1
+    return queued
+
+
+# What a worker does per cell must cost the same at 10 or 10,000 cells, which Optuna's public API cannot do for three
+# questions: which waiting trial is the oldest, how many trials are in each state, how many failed by their own error
+# (RDBStorage answers each by reading every trial). Those, and a popped trial's cell and state (one query, where the
+# storage's methods take a few), are asked of Optuna's tables directly, reading the columns `ledger_tables` declares,
+# which tests/test_sweep_ledger.py checks against the installed Optuna's schema. The rest goes through the storage's
+# public methods: the study's id by its name, the pop's state change.
+
+
+def _table(name: str, *columns):
+    """A table of the named columns; a column given as (name, type) is read and bound as that type."""
+    import sqlalchemy
+
+    return sqlalchemy.table(name, *(sqlalchemy.column(*column) if isinstance(column, tuple)
+                                    else sqlalchemy.column(column) for column in columns))
+
+
+def ledger_tables() -> dict:
+    """Optuna's tables as far as the ledger reads them: name -> a SQLAlchemy table of those columns alone. `state` is
+    typed as Optuna declares it (an enum of TrialState: a native enum type on PostgreSQL, which refuses a comparison
+    with text)."""
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    return {"trials": _table("trials", "trial_id", "number", "study_id", ("state", sqlalchemy.Enum(TrialState))),
+            "trial_user_attributes": _table("trial_user_attributes", "trial_id", "key", "value_json")}
+
+
+def _rdb_storage(study):
+    """The RDBStorage behind a study (Optuna puts a cache in front of it): the one private attribute the ledger reads,
+    as a study does not expose its storage."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+_study_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a study's id never changes: asked once
+
+
+def _study_id(study) -> int:
+    if study not in _study_ids:
+        _study_ids[study] = _rdb_storage(study).get_study_id_from_name(study.study_name)
+    return _study_ids[study]
 
 
 def pop_waiting_trial(study) -> tuple[int, int] | None:
@@ -246,19 +399,19 @@ def pop_waiting_trial(study) -> tuple[int, int] | None:
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    trials = _trials_table()
-    after = -1
+    storage, trials = _rdb_storage(study), ledger_tables()["trials"]
+    study_id, after = _study_id(study), -1
     while True:
         query = (sqlalchemy.select(trials.c.trial_id, trials.c.number)
-                 .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.WAITING,
+                 .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING,
                         trials.c.trial_id > after)
                  .order_by(trials.c.trial_id).limit(1))
-        with _engine(study).connect() as connection:
+        with storage.engine.connect() as connection:
             row = connection.execute(query).first()
         if row is None:
             return None
         try:
-            if study._storage.set_trial_state_values(row.trial_id, state=TrialState.RUNNING):
+            if storage.set_trial_state_values(row.trial_id, state=TrialState.RUNNING):
                 return row.trial_id, row.number
         except UpdateFinishedTrialError:
             pass
@@ -268,21 +421,20 @@ def pop_waiting_trial(study) -> tuple[int, int] | None:
 def popped_cell(study, trial_id: int) -> str | None:
     """The cell of a trial, by one query."""
     import sqlalchemy
-    from optuna.storages._rdb.models import TrialUserAttributeModel
 
-    attributes = TrialUserAttributeModel.__table__
+    attributes = ledger_tables()["trial_user_attributes"]
     query = sqlalchemy.select(attributes.c.value_json).where(attributes.c.trial_id == trial_id,
                                                              attributes.c.key == "cell")
-    with _engine(study).connect() as connection:
+    with _rdb_storage(study).engine.connect() as connection:
         value = connection.execute(query).scalar()
-    return json.loads(value) if value is not None else trial_cell(study._storage.get_trial(trial_id))
+    return json.loads(value) if value is not None else trial_cell(_rdb_storage(study).get_trial(trial_id))
 
 
 def trial_state(study, trial_id: int):
     import sqlalchemy
 
-    trials = _trials_table()
-    with _engine(study).connect() as connection:
+    trials = ledger_tables()["trials"]
+    with _rdb_storage(study).engine.connect() as connection:
         return connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
 
 
@@ -290,23 +442,23 @@ def count_trials(study) -> dict:
     """Trials per state, counted by the database."""
     import sqlalchemy
 
-    trials = _trials_table()
-    query = (sqlalchemy.select(trials.c.state, sqlalchemy.func.count()).where(trials.c.study_id == study._study_id)
+    trials = ledger_tables()["trials"]
+    query = (sqlalchemy.select(trials.c.state, sqlalchemy.func.count()).where(trials.c.study_id == _study_id(study))
              .group_by(trials.c.state))
-    with _engine(study).connect() as connection:
+    with _rdb_storage(study).engine.connect() as connection:
         return dict(connection.execute(query).all())
 
 
 def count_cell_errors(study) -> int:
     """Trials that ended in their cell's own error (not a lapsed heartbeat), counted by the database."""
     import sqlalchemy
-    from optuna.storages._rdb.models import TrialUserAttributeModel
     from optuna.trial import TrialState
 
-    trials, attributes = _trials_table(), TrialUserAttributeModel.__table__
+    tables = ledger_tables()
+    trials, attributes = tables["trials"], tables["trial_user_attributes"]
     query = (sqlalchemy.select(sqlalchemy.func.count())
              .select_from(attributes.join(trials, attributes.c.trial_id == trials.c.trial_id))
-             .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.FAIL,
+             .where(trials.c.study_id == _study_id(study), trials.c.state == TrialState.FAIL,
                     attributes.c.key == "error"))
-    with _engine(study).connect() as connection:
+    with _rdb_storage(study).engine.connect() as connection:
         return connection.execute(query).scalar()
