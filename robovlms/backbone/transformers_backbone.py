@@ -68,6 +68,18 @@ class TransformersBackbone(Backbone):
         embeds[0, -1] = suffix_embed
         return pixel_values, ids, embeds, image_mask
 
+    @classmethod
+    def supports_gradient_checkpointing(cls) -> bool:
+        return cls.model_class.supports_gradient_checkpointing
+
+    def enable_gradient_checkpointing(self) -> None:
+        # non-reentrant: correct with frozen embeddings and LoRA, where the inputs of a layer need no gradient
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        names = set(getattr(self.model, "_no_split_modules", None) or ())  # transformers' unit of device placement
+        return {type(module) for module in self.model.modules() if type(module).__name__ in names}
+
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
@@ -75,7 +87,8 @@ class TransformersBackbone(Backbone):
         return self.model.get_output_embeddings()
 
     def resize_vocabulary(self, vocab_size: int) -> None:
-        self.model.resize_token_embeddings(vocab_size)
+        # new rows start at the mean of the old ones; a model on `meta` has no values to take the mean of
+        self.model.resize_token_embeddings(vocab_size, mean_resizing=self.input_embeddings().weight.device.type != "meta")
 
 
 def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:
