@@ -26,9 +26,9 @@ from robovlms.sweep.failures import CellFailed
 from robovlms.sweep.one_cell import ensure_store, run_cell, sweep_benchmark
 from robovlms.sweep.run import SweepStatus, prepare_sweep, run_sweep, sweep_status
 from robovlms.sweep.study import enqueue_cells, join_study, open_storage, open_study, storage_url
-from robovlms.sweep.worker import OptunaPruning, work
+from robovlms.sweep.worker import prune_on_validation, work
 
-__all__ = ["Cell", "CellFailed", "OptunaPruning", "SweepConfig", "SweepStatus", "enqueue_cells", "ensure_store",
+__all__ = ["Cell", "CellFailed", "SweepConfig", "SweepStatus", "enqueue_cells", "ensure_store",
            "estimate_cost", "expand_cells", "fingerprint", "join_study", "load_sweep", "open_storage", "open_study",
-           "prepare_sweep", "run_cell", "run_sweep", "storage_url", "sweep_benchmark", "sweep_cells", "sweep_status",
-           "work"]
+           "prepare_sweep", "prune_on_validation", "run_cell", "run_sweep", "storage_url", "sweep_benchmark",
+           "sweep_cells", "sweep_status", "work"]

@@ -70,10 +70,12 @@ class CellReleased(Exception):  # noqa: N818 - not an error of the cell
     """This attempt no longer holds its cell: another worker took it for dead and the cell runs again."""
 
 
-def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (), trial_number: int | None = None,
-             progress: bool = False, holds_cell: Callable[[], bool] | None = None) -> CellResult:
-    """Train (resuming from the cell's last checkpoint) and evaluate one cell; commit its files, unless
-    `holds_cell` says that this attempt was taken for dead meanwhile (then CellReleased)."""
+def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, on_validation: Callable | None = None,
+             trial_number: int | None = None, progress: bool = False,
+             holds_cell: Callable[[], bool] | None = None) -> CellResult:
+    """Train (resuming from the cell's last checkpoint; `on_validation(step, metrics)` after each validation) and
+    evaluate one cell; commit its files, unless `holds_cell` says that this attempt was taken for dead meanwhile
+    (then CellReleased)."""
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
     store = EpisodeStore(sweep.store.path)
@@ -88,7 +90,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
         local_policy = factory()
         result.config = {"policy": cell.policy, "store": str(store.path)}
     else:
-        factory, local_policy = train_cell(sweep, cell, cell_dir, result, callbacks, progress)
+        factory, local_policy = train_cell(sweep, cell, cell_dir, result, on_validation, progress)
     started = time.perf_counter()
     from robovlms.rollout import evaluate
 
@@ -107,8 +109,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     return result
 
 
-def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResult, callbacks: tuple,
-                progress: bool):
+def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResult, on_validation: Callable | None,
+               progress: bool):
     """Train, fill in what the trained formulation tells; return the evaluation workers' policy factory and a
     policy in this process (the formulation already loaded), for timing a step."""
     from robovlms.action_objectives import describe_objective
@@ -119,7 +121,7 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
 
     train_dir = cell_dir / TRAIN_DIR
     config = load_config({**cell.training, "store": sweep.store.path, "run_dir": str(train_dir)})
-    train(config, progress=progress, callbacks=callbacks)
+    train(config, progress=progress, on_validation=on_validation)  # its own processes when devices > 1
     result.train_seconds = training_seconds(train_dir)  # every attempt's, a killed one's too
     formulation, config = load_formulation(train_dir)
     result.backbone, result.backbone_label = config.backbone.name, formulation.backbone.label
