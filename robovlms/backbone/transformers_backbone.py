@@ -73,8 +73,13 @@ class TransformersBackbone(Backbone):
         return cls.model_class.supports_gradient_checkpointing
 
     def enable_gradient_checkpointing(self) -> None:
-        # non-reentrant: correct with frozen embeddings and LoRA, where the inputs of a layer need no gradient
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: correct with frozen embeddings and LoRA, where the inputs of a layer need no gradient.
+        # transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def block_classes(self) -> set[type[nn.Module]]:
         names = set(getattr(self.model, "_no_split_modules", None) or ())  # transformers' unit of device placement
@@ -88,7 +93,8 @@ class TransformersBackbone(Backbone):
 
     def resize_vocabulary(self, vocab_size: int) -> None:
         # new rows start at the mean of the old ones; a model on `meta` has no values to take the mean of
-        self.model.resize_token_embeddings(vocab_size, mean_resizing=self.input_embeddings().weight.device.type != "meta")
+        on_meta = self.input_embeddings().weight.device.type == "meta"
+        self.model.resize_token_embeddings(vocab_size, mean_resizing=not on_meta)
 
 
 def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:

@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import importlib
 import json
+import logging
 import os
 import select
 import signal
@@ -40,6 +41,7 @@ from robovlms.training.config import TrainingConfig
 
 LAUNCHER_VARIABLE = "ROBOVLMS_LAUNCHER_PID"  # set in every rank robovlms starts: the pid of the process it dies with
 RELAY_VARIABLE = "ROBOVLMS_VALIDATION_RELAY"  # rank 0's ends of the validation pipes, "write,read"
+SWEEP_VARIABLE = "ROBOVLMS_SWEEP_PID"  # set in each worker process a sweep starts: the pid it dies with
 PR_SET_PDEATHSIG = 1
 
 ValidationHook = Callable[[int, dict[str, float]], None]
@@ -225,10 +227,10 @@ def relayed_validation_callback():
     return RelayValidation()
 
 
-def die_with_launcher() -> None:
-    """Ask the kernel to kill this process when the process that started it dies (a SIGKILLed sweep), and exit
-    now if that has already happened."""
-    launcher = int(os.environ[LAUNCHER_VARIABLE])
+def die_with_launcher(variable: str = LAUNCHER_VARIABLE) -> None:
+    """Ask the kernel to kill this process when the process that started it (its pid in `variable`) dies: a
+    SIGKILLed sweep or worker. Exit now if that has already happened."""
+    launcher = int(os.environ[variable])
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != launcher:
@@ -246,6 +248,9 @@ def rank_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if launched_by_robovlms():
         die_with_launcher()
+    if not args.progress:  # a sweep's log is for its cells, not Lightning's notices of each rank
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from robovlms.training.config import load_config
     from robovlms.training.trainer import train_here
 

@@ -72,6 +72,16 @@ class FormulationModule(L.LightningModule):
             value = norm.item() if not torch.isfinite(norm) else "non-finite in another process"
             self._diverged(f"the gradient norm became {value} at step {self.global_step}")
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning clips FSDP's gradients by value only; FSDP's own clip_grad_norm_ takes the norm over every
+            # shard (torch.nn.utils.clip_grad_norm_ would take each shard's alone)
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # Lightning's own
+
     def _diverged(self, what: str) -> None:
         last = Path(self.config.run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"

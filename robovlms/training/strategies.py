@@ -17,9 +17,11 @@ import os
 
 import torch
 
-from robovlms.backbone import BACKBONES, Backbone
+from robovlms.backbone import Backbone, check_backbone_settings
 from robovlms.errors import ConfigError, MissingDependencyError
 from robovlms.training.config import TrainingConfig
+
+SHARDING = ("fsdp", "deepspeed_stage_2", "deepspeed_stage_3")  # Lightning runs these on CUDA GPUs only
 
 
 def processes_per_machine(config: TrainingConfig) -> int:
@@ -35,9 +37,14 @@ def is_distributed(config: TrainingConfig) -> bool:
 
 
 def check_training(config: TrainingConfig) -> None:
-    """What can be checked before anything is built, beyond the config's own keys: the backbone supports what is
-    asked of it, and the strategy can hold its weights."""
-    backbone_class = BACKBONES.get(config.backbone.name)
+    """What can be checked before anything is built, beyond the config's own keys: the backbone's and the
+    formulation's own settings, that the backbone supports what is asked of it, and that the strategy can hold its
+    weights."""
+    from robovlms.formulation import FORMULATIONS
+
+    backbone = config.backbone
+    backbone_class = check_backbone_settings(backbone.name, backbone.size, backbone.path, backbone.options)
+    FORMULATIONS.get(config.formulation.name).check_settings(config.history, config.chunk, config.formulation.options)
     if config.gradient_checkpointing and not backbone_class.supports_gradient_checkpointing():
         raise ConfigError(f"backbone {config.backbone.name!r} does not support gradient_checkpointing; set it false, "
                           f"or train with a smaller batch_size and more accumulate_grad_batches")
@@ -51,10 +58,10 @@ def check_training(config: TrainingConfig) -> None:
 
 def check_machine(config: TrainingConfig) -> None:
     """What this machine must have for the config: checked where it trains, not where a sweep is dispatched."""
-    wants_gpu = config.accelerator in ("gpu", "cuda")
-    if config.strategy.startswith("deepspeed") and not torch.cuda.is_available():
+    wants_gpu = lightning_accelerator(config) in ("gpu", "cuda")
+    if config.strategy in SHARDING and not torch.cuda.is_available():
         raise ConfigError(f"strategy {config.strategy} trains on CUDA GPUs only and this machine has none; use "
-                          f"strategy ddp or fsdp")
+                          f"strategy ddp")
     if wants_gpu and not torch.cuda.is_available():
         raise ConfigError(f"accelerator {config.accelerator}: this machine has no CUDA GPU (CUDA_VISIBLE_DEVICES="
                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use accelerator auto")
@@ -70,7 +77,8 @@ def lightning_strategy(config: TrainingConfig, backbone: Backbone):
     if config.strategy in ("auto", "ddp"):
         from lightning.pytorch.strategies import DDPStrategy
 
-        # a formulation may leave a module of its backbone unused (an LM head the policy never reads)
+        # a formulation may leave a module of its backbone unused (an LM head the policy never reads); DDP's
+        # static_graph, which would find them once, fails with gradient accumulation and validation
         return DDPStrategy(find_unused_parameters=True)
     if config.strategy == "fsdp":
         return _fsdp_strategy(backbone)
@@ -82,14 +90,15 @@ def lightning_strategy(config: TrainingConfig, backbone: Backbone):
 def _fsdp_strategy(backbone: Backbone):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    class CellFSDPStrategy(FSDPStrategy):
-        """Lightning's FSDPStrategy. Checkpoints are full (one file that evaluation and `load_formulation` read
-        like any other); LoRA and partly frozen backbones keep their parameters' own requires_grad
-        (use_orig_params). A subclass, because Lightning allows its own class on CUDA only, while PyTorch's
-        FSDP also runs on CPU over gloo, which is how the test suite trains it."""
+    # Full checkpoints: one file, which resuming, evaluation and `load_formulation` read like any other. LoRA and
+    # partly frozen backbones keep their parameters' own requires_grad (use_orig_params).
+    return FSDPStrategy(auto_wrap_policy=set(backbone.block_classes()) or None, use_orig_params=True,
+                        state_dict_type="full")
 
-    return CellFSDPStrategy(auto_wrap_policy=set(backbone.block_classes()) or None, use_orig_params=True,
-                            state_dict_type="full")
+
+def lightning_accelerator(config: TrainingConfig) -> str:
+    """Lightning's accelerator: `auto` is `gpu` for the strategies that shard (they run on CUDA only)."""
+    return "gpu" if config.accelerator == "auto" and config.strategy in SHARDING else config.accelerator
 
 
 def lightning_refused(error: Exception) -> ConfigError:

@@ -40,8 +40,8 @@ from robovlms.training.module import FormulationModule
 from robovlms.training.precision import hold_backbone_weights
 from robovlms.training.run_dir import (BACKBONE_DIR, CHECKPOINT_DIR, STATISTICS_FILE, TrainingClock, build_formulation,
                                        check_run_dir, claim_run_dir)
-from robovlms.training.strategies import (check_machine, check_training, is_distributed, lightning_refused,
-                                          lightning_strategy, processes_per_machine)
+from robovlms.training.strategies import (check_machine, check_training, is_distributed, lightning_accelerator,
+                                          lightning_refused, lightning_strategy, processes_per_machine)
 
 
 def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool = False,
@@ -104,8 +104,9 @@ def train_here(config: TrainingConfig, progress: bool, callbacks: Sequence[L.Cal
         try:
             trainer = L.Trainer(
                 max_steps=config.max_steps, precision=config.precision, gradient_clip_val=config.gradient_clip,
-                accelerator=config.accelerator, devices=processes_per_machine(config), num_nodes=config.num_nodes,
-                strategy=lightning_strategy(config, backbone), accumulate_grad_batches=config.accumulate_grad_batches,
+                accelerator=lightning_accelerator(config), devices=processes_per_machine(config),
+                num_nodes=config.num_nodes, strategy=lightning_strategy(config, backbone),
+                accumulate_grad_batches=config.accumulate_grad_batches,
                 plugins=[LightningEnvironment()] if launched_by_robovlms() else None,
                 log_every_n_steps=config.log_every, enable_progress_bar=progress, enable_model_summary=progress,
                 num_sanity_val_steps=0, check_val_every_n_epoch=None,
@@ -168,6 +169,7 @@ class ValidationCallback(L.Callback):
 LIGHTNING_NOTICES = (r"You defined a `validation_step` but have no `val_dataloader`",
                      # StepBatchSampler yields from the resumed step on, which Lightning cannot know
                      r"your dataloader is not resumable",
+                     r"Checkpoint directory .* exists and is not empty",  # resuming writes where it left off
                      r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"💡 Tip: ")
 
 
