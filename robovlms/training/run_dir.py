@@ -4,7 +4,8 @@
     statistics.json    the store's action and state statistics the formulation normalises with
     backbone/          the backbone's architecture files (config, tokenizer, processor), before training
     checkpoints/       Lightning checkpoints: last.ckpt and one every `checkpoint_every` steps
-    training_time.json the wall time of every training attempt together, updated at each checkpoint
+    training_time.json the wall time of every training attempt together, updated at each checkpoint, and the
+                       processes (GPUs) the last one trained on
     logs/, tensorboard/  the CSV and TensorBoard logs of Lightning's loggers
 """
 
@@ -85,7 +86,8 @@ class TrainingClock(L.Callback):
 
     def _record(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
-            write_json_atomically(self.file, {"seconds": self.before + time.perf_counter() - self.started})
+            write_json_atomically(self.file, {"seconds": self.before + time.perf_counter() - self.started,
+                                              "processes": trainer.world_size})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0:

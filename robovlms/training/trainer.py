@@ -117,7 +117,9 @@ def train_here(config: TrainingConfig, progress: bool, callbacks: Sequence[L.Cal
         except (MisconfigurationException, ValueError) as error:
             raise lightning_refused(error) from None
         if start < config.max_steps:
-            trainer.fit(module, loader, validation_loader, ckpt_path=resume_from, weights_only=True)
+            # in training mode: a pretrained backbone comes out of from_pretrained in eval mode, which Lightning
+            # keeps, and which would switch off dropout and transformers' gradient checkpointing
+            trainer.fit(module.train(), loader, validation_loader, ckpt_path=resume_from, weights_only=True)
     return run_dir
 
 
@@ -168,7 +170,7 @@ class ValidationCallback(L.Callback):
 # torch deprecates the LeafSpec check Lightning still makes, and tips to install its cloud logger and registry.
 LIGHTNING_NOTICES = (r"You defined a `validation_step` but have no `val_dataloader`",
                      # StepBatchSampler yields from the resumed step on, which Lightning cannot know
-                     r"your dataloader is not resumable",
+                     r".*your dataloader is not resumable",
                      r"Checkpoint directory .* exists and is not empty",  # resuming writes where it left off
                      r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"💡 Tip: ")
 
