@@ -8,7 +8,6 @@ import re
 import shutil
 from contextlib import nullcontext
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
