@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from robovlms.baselines import BASELINES
@@ -507,7 +508,8 @@ def main() -> None:
     try:
         app()
     except RobovlmsError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        # one line however wide (a log is not a terminal); messages may hold [brackets]
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

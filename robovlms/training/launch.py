@@ -89,7 +89,7 @@ def train_in_processes(config: TrainingConfig, processes: int, progress: bool,
                                               stdout=None if rank == 0 else subprocess.DEVNULL))
             if relay is not None:
                 relay.close_child_ends()
-            _wait(ranks, relay)
+            failed = _wait(ranks, relay)
         finally:
             for process in ranks:
                 if process.poll() is None:
@@ -97,59 +97,72 @@ def train_in_processes(config: TrainingConfig, processes: int, progress: bool,
                     process.wait()
             if relay is not None:
                 relay.close()
-        failed = [rank for rank, process in enumerate(ranks) if process.returncode != 0]
         if failed:
             _raise_rank_error(scratch, ranks, failed, config.run_dir)
         if relay is not None and relay.error is not None:
             raise relay.error
 
 
-def _wait(ranks: list[subprocess.Popen], relay: _ValidationRelay | None) -> None:
-    """Until every rank has exited, or one has failed (then the others are killed: they would wait for it)."""
-    while any(process.poll() is None for process in ranks):
-        if any(process.returncode not in (None, 0) for process in ranks):
-            for process in ranks:
-                if process.poll() is None:
-                    process.kill()
-            return
+def _wait(ranks: list[subprocess.Popen], relay: _ValidationRelay | None) -> list[int]:
+    """Until every rank has exited; or until some fail, when the others are killed (they would wait for them in a
+    collective). Returns the ranks that failed on their own."""
+    while True:
+        codes = [process.poll() for process in ranks]
+        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed or None not in codes:
+            return failed
         if relay is not None:
             relay.serve(timeout=1.0)
         else:
             try:
-                ranks[0].wait(timeout=1.0)
+                ranks[codes.index(None)].wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
 
 
 def _raise_rank_error(scratch: Path, ranks: list[subprocess.Popen], failed: list[int], run_dir: str) -> None:
-    """The error of the rank that failed first on its own: the one that wrote a report (rank 0's first), else the
-    first one killed by a signal other than the one this launcher sent."""
+    """The cause among the ranks that failed: a rank that raised one of robovlms' errors, else one that died without
+    a word (killed: out of memory), else the first error reported (a rank whose peer died reports a broken
+    collective, not the cause)."""
     reports = {rank: json.loads((scratch / f"rank{rank}.json").read_text()) for rank in failed
                if (scratch / f"rank{rank}.json").is_file()}
-    if reports:
-        rank = min(reports)
-        raise _rebuilt_error(reports[rank], rank, run_dir)
-    rank = failed[0]
-    code = ranks[rank].returncode
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    raise TrainingProcessError(f"rank {rank} of the training in {run_dir} {how} (out of memory?); its output is "
-                               f"above")
+    own = [rank for rank, report in reports.items() if _is_robovlms_error(report["type"])]
+    silent = [rank for rank in failed if rank not in reports]
+    if own:
+        raise _rebuilt_error(reports[own[0]], own[0], run_dir)
+    if silent:
+        code = ranks[silent[0]].returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        raise TrainingProcessError(f"rank {silent[0]} of the training in {run_dir} {how} (out of memory?); the "
+                                   f"other ranks were stopped")
+    rank = min(reports)
+    raise _rebuilt_error(reports[rank], rank, run_dir)
+
+
+def _error_class(name: str) -> type | None:
+    module, _, attribute = name.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _is_robovlms_error(name: str) -> bool:
+    error_class = _error_class(name)
+    return error_class is not None and issubclass(error_class, RobovlmsError)
 
 
 def _rebuilt_error(report: dict, rank: int, run_dir: str) -> Exception:
     """robovlms' own error type with the rank's message, so a sweep records and the CLI prints it as it would from
     one process; anything else is a TrainingProcessError naming it."""
-    module, _, name = report["type"].rpartition(".")
-    try:
-        error_class = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        error_class = None
-    if isinstance(error_class, type) and issubclass(error_class, RobovlmsError):
+    if _is_robovlms_error(report["type"]):
+        error_class = _error_class(report["type"])
         error = error_class.__new__(error_class)
         error.args = (report["message"],)
         return error
-    return TrainingProcessError(f"rank {rank} of the training in {run_dir} failed: {report['type']}: "
-                                f"{report['message']}")
+    message = " ".join(report["message"].split())[:500]
+    return TrainingProcessError(f"rank {rank} of the training in {run_dir} failed: {report['type']}: {message}")
 
 
 def _free_port() -> int:

@@ -4,8 +4,8 @@
     statistics.json    the store's action and state statistics the formulation normalises with
     backbone/          the backbone's architecture files (config, tokenizer, processor), before training
     checkpoints/       Lightning checkpoints: last.ckpt and one every `checkpoint_every` steps
-    training_time.json the wall time of every training attempt together, updated at each checkpoint, and the
-                       processes (GPUs) the last one trained on
+    training_time.json the wall time of every training attempt together, updated at each checkpoint; the
+                       processes (GPUs) the last one trained on and the most GPU memory its rank 0 held
     logs/, tensorboard/  the CSV and TensorBoard logs of Lightning's loggers
 """
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 
 from robovlms.atomic_files import write_json_atomically
@@ -86,8 +87,10 @@ class TrainingClock(L.Callback):
 
     def _record(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
-            write_json_atomically(self.file, {"seconds": self.before + time.perf_counter() - self.started,
-                                              "processes": trainer.world_size})
+            device = trainer.strategy.root_device
+            write_json_atomically(self.file, {
+                "seconds": self.before + time.perf_counter() - self.started, "processes": trainer.world_size,
+                "gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0:
