@@ -60,7 +60,7 @@ class FormulationModule(L.LightningModule):
         engine's, so there the loss alone is checked."""
         gradients = [p.grad for p in self.parameters() if p.grad is not None]
         if gradients and self.config.precision != "16-mixed":
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gradients)).float())
+            norm = torch.nn.utils.get_total_norm(gradients)
         else:
             norm = torch.zeros((), device=self.device)
         flags = torch.stack([~torch.isfinite(self._bad_loss), ~torch.isfinite(norm)]).float()
