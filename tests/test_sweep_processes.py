@@ -129,7 +129,8 @@ def test_two_process_cells_train_once_each_in_a_group_of_their_own_with_one_or_t
                    stdout=subprocess.DEVNULL, timeout=PATIENCE)
     for cell, result in one.items():
         assert (result.success, result.final_train_loss) == (two[cell].success, two[cell].final_train_loss)
-        assert_same_weights(weights(cells_dir / cell / "train"), weights(tmp_path / "two_workers/cells" / cell / "train"))
+        two_workers_dir = tmp_path / "two_workers" / "cells" / cell / "train"
+        assert_same_weights(weights(cells_dir / cell / "train"), weights(two_workers_dir))
     assert_same_weights(weights(cells_dir / killed / "train"), weights(tmp_path / "alone"))
     print(f"\n3 cells x 2 ranks: one worker, killed and resumed, {one_worker_seconds:.0f} s; two workers "
           f"{two_workers_seconds:.0f} s; {killed} equals `robovlms train` of its settings")
@@ -147,8 +148,8 @@ def test_each_worker_process_of_a_machine_sees_only_its_own_gpus(tmp_path, demo_
 
 
 @pytest.mark.parametrize("devices, workers, expected", [
-    ([2, 2], 2, [["0", "1"], ["2", "3"]]), ([1], 4, [["0"], ["1"], ["2"], ["3"]]), (["auto"], 2, [["0", "1"], ["2", "3"]]),
-    ([1, 2], 1, [["0", "1"]])])
+    ([2, 2], 2, [["0", "1"], ["2", "3"]]), ([1], 4, [["0"], ["1"], ["2"], ["3"]]),
+    (["auto"], 2, [["0", "1"], ["2", "3"]]), ([1, 2], 1, [["0", "1"]])])
 def test_workers_get_disjoint_gpus_as_many_as_their_cells_train_on(monkeypatch, devices, workers, expected):
     monkeypatch.setattr(robovlms.sweep.gpus, "visible_gpus", lambda: ["0", "1", "2", "3"])
     assert assign_gpus(devices, workers) == expected

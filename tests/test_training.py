@@ -18,6 +18,7 @@ from robovlms.errors import ConfigError, MissingDependencyError, StoreError, Unk
 from robovlms.policy import load_policy
 from robovlms.training import (CheckpointError, FormulationModule, TrainingDivergedError, load_config,
                                load_formulation, train, training_seconds)
+from robovlms.training.checkpoints import read_weights, resume_point
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +377,41 @@ def test_a_sharding_strategy_on_a_machine_without_a_gpu_is_refused(store, tmp_pa
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: object())  # as if DeepSpeed were installed
     with pytest.raises(ConfigError, match=f"strategy {strategy} trains on CUDA GPUs only"):
         train(config(store, tmp_path / "run", strategy=strategy, devices=2))
+
+
+def test_fsdp_with_half_weights_beside_float32_adapters_is_refused_before_training(store, tmp_path):
+    settings = {"strategy": "fsdp", "devices": 2, "precision": "bf16-mixed",
+                "backbone": {"dtype": "bfloat16", "freeze": "lora"}}
+    with pytest.raises(ConfigError, match="strategy fsdp shards each layer's weights as one flat tensor of one dtype"):
+        train(config(store, tmp_path / "run", **settings))
+    assert not (tmp_path / "run").exists()
+
+
+def deepspeed_directory(path, step=None):
+    """A checkpoint as DeepSpeed writes it: a directory of shards, with the step.json RunCheckpoints adds."""
+    (path / "checkpoint").mkdir(parents=True)
+    (path / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(f"shard of step {step}".encode())
+    if step is not None:
+        (path / "step.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_deepspeed_checkpoint_directories_resume_from_the_newest_complete_one(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    deepspeed_directory(checkpoints / "step2.ckpt", 2)
+    deepspeed_directory(checkpoints / "step4.ckpt", 4)
+    deepspeed_directory(checkpoints / "step6.ckpt")  # killed before its step.json: incomplete
+    with pytest.warns(UserWarning, match="step6.ckpt is an incomplete DeepSpeed checkpoint"):
+        path, step = resume_point(checkpoints)
+    assert (path, step) == (checkpoints / "last.ckpt", 4)  # copied back to last.ckpt, where Lightning resumes from
+    assert (path / "checkpoint" / "mp_rank_00_model_states.pt").read_bytes() == b"shard of step 4"
+    assert json.loads((path / "step.json").read_text()) == {"global_step": 4}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed")
+def test_a_deepspeed_checkpoint_read_without_deepspeed_says_what_to_install(tmp_path):
+    deepspeed_directory(tmp_path / "last.ckpt", 4)
+    with pytest.raises(MissingDependencyError, match=re.escape("needs DeepSpeed: pip install robovlms[deepspeed]")):
+        read_weights(tmp_path / "last.ckpt")
 
 
 def test_a_cell_on_several_machines_is_left_to_the_launcher_of_each(store, tmp_path):
