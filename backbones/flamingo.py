@@ -144,7 +144,9 @@ class FlamingoBackbone(TransformersBackbone):
         return out.hidden_states[-1][0, -1]
 
     def vision_modules(self) -> list[nn.Module]:
-        return [self.model.model.vision_model, self.model.model.perceiver_resampler]
+        # an IDEFICS without a perceiver resampler (use_resampler false) cross-attends to the patch embeddings
+        resampler = getattr(self.model.model, "perceiver_resampler", None)
+        return [self.model.model.vision_model] + ([resampler] if resampler is not None else [])
 
     def language_modules(self) -> list[nn.Module]:
         decoder = self.model.model

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerFast
 
 from robovlms.backbone import SPEC_FILE, Backbone, Context, load_backbone, options_to_config, resolve_pretrained
@@ -91,6 +92,7 @@ class GPTScratch(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -103,7 +105,7 @@ class GPTScratch(nn.Module):
             raise ConfigError(f"context of {L} tokens exceeds max_positions={self.config.max_positions}")
         x = inputs_embeds + self.wpe(torch.arange(L, device=inputs_embeds.device))
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing and self.training else block(x)
         return self.ln_f(x)  # (B, L, D)
 
 
@@ -154,6 +156,16 @@ class GPTScratchBackbone(Backbone):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @classmethod
+    def supports_gradient_checkpointing(cls) -> bool:
+        return True
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing = True
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        return {Block}
+
     def image_block(self) -> tuple[list[int], int, list[int]]:
         return [], (self.image_size // 16) ** 2, []
 
@@ -189,7 +201,7 @@ class GPTScratchBackbone(Backbone):
 
     def resize_vocabulary(self, vocab_size: int) -> None:
         old = self.model.wte
-        new = nn.Embedding(vocab_size, old.embedding_dim).to(old.weight.device)
+        new = nn.Embedding(vocab_size, old.embedding_dim).to(old.weight.device, old.weight.dtype)
         nn.init.normal_(new.weight, std=0.02)
         with torch.no_grad():
             new.weight[:old.num_embeddings] = old.weight

@@ -108,7 +108,7 @@ class OneStepDiscrete(Formulation):
         state, start = prefix[:, :, :-1], prefix[:, :, -1:]
         if self.config.action_head == "mlp":
             hidden = self.backbone(encoded["pixel_values"][:, -1:], instructions, prefix)[:, 0, -1]  # (B, D)
-            return self.head(hidden).view(-1, self.tokens_per_step, self.config.bins)
+            return self.head(hidden.to(self.weight_dtype)).view(-1, self.tokens_per_step, self.config.bins)
         if self.config.decoding == "parallel":
             suffix = start + self.queries.to(start.dtype)  # (B, 1, L * A, D)
         else:

@@ -135,7 +135,9 @@ class ActionExpert(nn.Module):
         return self.condition(condition)  # (..., width)
 
     def forward(self, noisy_arm: torch.Tensor, t: torch.Tensor, condition_features: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.input(torch.cat([noisy_arm.flatten(-2), self.time(t)], dim=-1)) + condition_features)
+        dtype = condition_features.dtype  # the expert's own: times and noisy chunks may come in fp32
+        x = F.gelu(self.input(torch.cat([noisy_arm.flatten(-2).to(dtype), self.time(t).to(dtype)], dim=-1))
+                   + condition_features)
         for block in self.blocks:
             x = x + block(x)  # (..., width)
         return self.output(x).unflatten(-1, (self.chunk, self.arm_dim))  # (..., L, A-1)

@@ -196,10 +196,16 @@ class Formulation(nn.Module, abc.ABC):
         state = self.state_embedding(encoded["state"]).unsqueeze(2)  # (B, T, 1, D)
         return torch.cat([state, lrn], dim=2) if self.state_token else lrn + state
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the formulation's own weights (heads, [LRN]): what the backbone's hidden states are cast to
+        when the backbone's weights are held in another (backbone.dtype bfloat16 with LoRA)."""
+        return self.lrn.dtype
+
     def encode(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> dict[str, torch.Tensor]:
         """images uint8 (B, T, V, h, w, 3), state (B, T, S) -> per-frame inputs of `predict`."""
         state = self.state.normalise(state.float()) if self.state is not None else state.float()
-        return {"pixel_values": self.backbone.preprocess_images(images), "state": state}
+        return {"pixel_values": self.backbone.preprocess_images(images), "state": state.to(self.weight_dtype)}
 
     @abc.abstractmethod
     def predict(self, encoded: dict[str, torch.Tensor], instructions: list[str],

@@ -570,3 +570,64 @@ def test_tiny_kosmos2_image_tokens_vary_with_the_image_at_the_word_embeddings_sc
     assert image_variation_against_word_embeddings(create_backbone("kosmos2", init_std=0.02)) < 0.01
     with pytest.raises(ConfigError, match="init_std"):
         create_backbone("kosmos2", init_std=0)
+
+
+def saved_tensor_bytes_and_gradients(formulation, batch):
+    """The bytes autograd keeps for backward (each storage once) in a training step, and the gradients it gives."""
+    saved = {}
+
+    def keep(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss, _ = formulation.train().loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    return sum(saved.values()), {name: p.grad for name, p in formulation.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(name):
+    import copy
+
+    from robovlms.data.store import Statistics
+    from robovlms.formulation import create_formulation
+
+    statistics = Statistics(p01=[-1.0] * 4, p99=[1.0] * 4, mean=[0.0] * 4, std=[1.0] * 4, min=[-1.0] * 4,
+                            max=[1.0] * 4)
+    torch.manual_seed(0)
+    plain = create_formulation("policy-head", create_backbone(name, hidden_size=32, layers=2), statistics, statistics,
+                               history=2, chunk=2, use_state=True)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.backbone.enable_gradient_checkpointing()
+    generator = torch.Generator().manual_seed(1)
+    batch = {"images": torch.randint(0, 256, (4, 2, 1, 64, 64, 3), dtype=torch.uint8, generator=generator),
+             "state": torch.randn(4, 2, 4, generator=generator), "actions": torch.rand(4, 2, 2, 4, generator=generator),
+             "action_mask": torch.ones(4, 2, 2, dtype=torch.bool), "instruction": INSTRUCTIONS * 2}
+    plain_bytes, plain_gradients = saved_tensor_bytes_and_gradients(plain, batch)
+    checkpointed_bytes, checkpointed_gradients = saved_tensor_bytes_and_gradients(checkpointed, batch)
+    assert plain_gradients.keys() == checkpointed_gradients.keys()
+    for key, gradient in plain_gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[key], gradient, rtol=1e-5, atol=1e-7)
+    assert checkpointed_bytes < plain_bytes
+
+
+def test_gradient_checkpointing_on_a_backbone_without_it_is_refused_before_training(tmp_path):
+    from robovlms.backbones.gpt_scratch import GPTScratchBackbone
+    from robovlms.training import check_training, load_config
+
+    class NoCheckpointing(GPTScratchBackbone):
+        name = "no-checkpointing"
+
+        @classmethod
+        def supports_gradient_checkpointing(cls) -> bool:
+            return False
+
+    BACKBONES.register("no-checkpointing")(NoCheckpointing)
+    try:
+        config = load_config({"store": "-", "run_dir": "-", "backbone": {"name": "no-checkpointing"},
+                              "gradient_checkpointing": True})
+        with pytest.raises(ConfigError, match="backbone 'no-checkpointing' does not support gradient_checkpointing"):
+            check_training(config)
+    finally:
+        del BACKBONES._registered["no-checkpointing"]

@@ -55,10 +55,13 @@ def freeze(backbone: Backbone, mode: str, lora_rank: int = 8, lora_targets: str 
 def _add_lora_adapters(backbone: Backbone, lora_rank: int, lora_targets: str) -> None:
     if backbone.lora_rank is None:
         from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import cast_adapter_dtype
 
         targets = backbone.lora_target_modules if lora_targets == "attention" else all_linear_modules(backbone)
         config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules=targets)
         inject_adapter_in_model(config, backbone.model)
+        # adapters are made in their layer's dtype; in fp32 they train under mixed precision beside bf16 weights
+        cast_adapter_dtype(backbone.model, "default")
         backbone.lora_rank, backbone.lora_targets = lora_rank, lora_targets
     elif (lora_rank, lora_targets) != (backbone.lora_rank, backbone.lora_targets):
         raise ConfigError(f"{backbone.label} already carries LoRA adapters of rank {backbone.lora_rank} on "
