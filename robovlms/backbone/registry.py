@@ -77,7 +77,8 @@ def load_backbone(directory: str | Path) -> Backbone:
         backbone.action_token_ids = torch.tensor(spec["action_token_ids"])
     # LoRA adapters exist before loading
     backbone.freeze(spec["freeze_mode"], lora_rank=spec["lora_rank"] or 8,
-                    lora_targets=spec.get("lora_targets") or "attention")
+                    lora_targets=spec.get("lora_targets") or "attention", lora_alpha=spec.get("lora_alpha"),
+                    lora_dropout=spec.get("lora_dropout") or 0.0)
     load_model(backbone, str(directory / WEIGHTS_FILE))
     return backbone
 
