@@ -20,8 +20,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, IdeficsConfig, MptConfig,
-                          MptForCausalLM, PreTrainedTokenizerFast)
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    IdeficsConfig,
+    MptConfig,
+    MptForCausalLM,
+    PreTrainedTokenizerFast,
+)
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
@@ -74,10 +81,10 @@ class OpenFlamingoArchitecture:
             attn_implementation="sdpa", hidden_size=language.d_model, num_attention_heads=language.n_heads,
             intermediate_size=language.expansion_ratio * language.d_model, dropout=0.0,
             alpha_initializer="zeros", alpha_type="float",  # OpenFlamingo's scalar tanh gates, closed
-            vision_config=dict(embed_dim=vision.hidden_size, image_size=vision.image_size),
-            perceiver_config=dict(resampler_n_latents=self.latents, resampler_depth=self.resampler_depth,
-                                  resampler_n_heads=self.resampler_heads,
-                                  resampler_head_dim=self.resampler_head_dim))
+            vision_config={"embed_dim": vision.hidden_size, "image_size": vision.image_size},
+            perceiver_config={"resampler_n_latents": self.latents, "resampler_depth": self.resampler_depth,
+                              "resampler_n_heads": self.resampler_heads,
+                              "resampler_head_dim": self.resampler_head_dim})
 
 
 class CrossAttendedBlock(nn.Module):

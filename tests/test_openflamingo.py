@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from robovlms.backbones.openflamingo import CrossAttendedBlock, OpenFlamingo, OpenFlamingoArchitecture
 from synthetic_store import write_synthetic_store
 from transformers import CLIPVisionConfig, CLIPVisionModel, MptConfig, MptForCausalLM
 from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
@@ -9,7 +10,6 @@ from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 from transformers.models.mpt.modeling_mpt import MptBlock
 
 from robovlms.backbone import create_backbone
-from robovlms.backbones.openflamingo import CrossAttendedBlock, OpenFlamingo, OpenFlamingoArchitecture
 from robovlms.data.windows import WindowDataset
 from robovlms.errors import ConfigError
 from robovlms.formulation import create_formulation
@@ -71,6 +71,10 @@ def test_text_before_the_image_sees_no_image_and_text_after_it_does():
     assert not torch.allclose(first[:, 1:], second[:, 1:])
 
 
+def parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
 def test_openflamingo_3b_sizes_give_about_three_billion_parameters():
     """OpenFlamingo-3B's parts, built on the meta device: CLIP ViT-L/14, a 6-deep resampler of 64 latents, MPT-1B
     (transformers' MptConfig defaults: d_model 2048, 24 blocks), a cross-attention layer before every block."""
@@ -80,10 +84,9 @@ def test_openflamingo_3b_sizes_give_about_three_billion_parameters():
         language=MptConfig(vocab_size=50280).to_dict())
     with torch.device("meta"):
         model = OpenFlamingo(architecture)
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert 0.30e9 < count(model.vision) < 0.31e9
+    assert 0.30e9 < parameters(model.vision) < 0.31e9
     assert len(model.cross_attended_blocks()) == 24
-    assert 3.1e9 < count(model) < 3.3e9
+    assert 3.1e9 < parameters(model) < 3.3e9
 
 
 def test_pretrained_builds_from_a_local_clip_and_mpt_with_fresh_closed_gates(tmp_path):
