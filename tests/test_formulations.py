@@ -70,19 +70,25 @@ def test_one_step_formulations_refuse_a_history(store, name):
         make_formulation(store, name, history=4)
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize("name", list(HISTORY))
-def test_every_formulation_learns_on_every_backbone(store, name, backbone):
-    formulation = make_formulation(store, name, backbone)
+def train_briefly(formulation, store, steps=15):
+    """The losses of `steps` AdamW steps on one batch of windows, and the last step's metrics."""
     batch = WindowDataset(store, formulation.history, formulation.chunk).__getitems__(list(range(0, 48, 6)))
     optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(steps):
         loss, metrics = formulation.loss(batch)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
+    return losses, metrics
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("name", list(HISTORY))
+def test_every_formulation_learns_on_every_backbone(store, name, backbone):
+    formulation = make_formulation(store, name, backbone)
+    losses, metrics = train_briefly(formulation, store)
     assert losses[-1] < 0.8 * losses[0], losses
     assert {"arm_error", "gripper_accuracy"} <= set(metrics)
 
@@ -242,15 +248,7 @@ def test_the_mlp_action_head_reads_every_token_from_the_lrn_state_in_one_pass(st
 
 def test_the_mlp_action_head_learns_and_needs_parallel_decoding(store):
     formulation = make_formulation(store, "one-step-discrete", action_head="mlp")
-    batch = WindowDataset(store, 1, formulation.chunk).__getitems__(list(range(0, 48, 6)))
-    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss, _ = formulation.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses, _ = train_briefly(formulation, store)
     assert losses[-1] < 0.8 * losses[0]
     with pytest.raises(ConfigError, match="use decoding parallel"):
         make_formulation(store, "one-step-discrete", action_head="mlp", decoding="autoregressive")
@@ -499,15 +497,7 @@ def test_with_history_puts_the_frames_in_one_causal_context_each_predicting_its_
 
 def test_with_history_learns_every_frame_and_the_rollout_policy_matches_the_batched_forward(store):
     formulation = make_formulation(store, "one-step-discrete", history=3, with_history=True)
-    batch = WindowDataset(store, 3, formulation.chunk).__getitems__(list(range(0, 48, 6)))
-    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss, _ = formulation.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses, _ = train_briefly(formulation, store)
     assert losses[-1] < 0.8 * losses[0], losses
     formulation.eval()
     windows = episode_windows(store, formulation)
