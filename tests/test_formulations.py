@@ -519,3 +519,9 @@ def test_robovlms_token_placement_skips_the_special_token_count_plus_ten_ids(sto
     assert last.action_token_ids[0] > placed.action_token_ids[0]
     with pytest.raises(UnknownNameError, match="token placement 'first'; valid choices: last, robovlms"):
         make_formulation(store, "one-step-discrete", token_placement="first")
+
+
+def test_the_policy_head_lstm_is_as_wide_and_deep_as_its_fusion_options(store):
+    """RoboVLMs' LSTMDecoder: 1024 wide, 4 layers (`fusion_width`, `fusion_layers`; small here)."""
+    lstm = make_formulation(store, "policy-head", fusion_width=48, fusion_layers=3).fusion.lstm
+    assert (lstm.input_size, lstm.hidden_size, lstm.num_layers) == (64, 48, 3)
