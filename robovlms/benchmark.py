@@ -3,6 +3,10 @@
 Meta-World (embedded), CALVIN and SimplerEnv implement `Benchmark`. Single-task benchmarks score per-task success;
 chain benchmarks (CALVIN) override `run_episode` to run several subtasks in a row and `score` to report how many
 in a row succeeded.
+
+A split (ABC->D) has two sets of evaluation episodes, its evaluation splits: the test episodes
+(`evaluation_episodes`), which results are reported on, and the validation episodes (`validation_episodes`), which
+settings are chosen on. They never share an episode.
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
-from robovlms.errors import ConfigError, MissingDependencyError
+from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
 from robovlms.registry import Registry
 
 if TYPE_CHECKING:
     from robovlms.sim_to_real import PublishedAgreement
+
+
+EVALUATION_SPLITS = ("validation", "test")  # validation: for choosing settings; test: for reporting them
+# how to choose settings where a benchmark has no validation episodes: its trials are then evaluated on the test
+# episodes, by name, and only reported
+VAL_LOSS_SEARCH = ("search: {objective: val_loss} with train.validation_fraction > 0, and evaluation: {split: test} "
+                   "so that its trials are evaluated on the test episodes by name, reported but not selected on")
 
 
 @dataclass
@@ -130,7 +141,22 @@ class Benchmark(ABC):
 
     @abstractmethod
     def evaluation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
-        """The held-out episodes of a split: scenes, instructions and seeds never used for training."""
+        """The test episodes of a split: scenes, instructions and seeds never used for training."""
+
+    def validation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """The validation episodes of a split, for choosing settings: never a test episode nor a training one, and
+        held out from training as the test episodes are, so that success on them predicts success on the test
+        episodes without reading them. ConfigError where the benchmark's protocol allows none (say why)."""
+        raise ConfigError(f"{self.name} defines no validation episodes, so settings cannot be chosen on them. Choose "
+                          f"on the validation loss of held-out training windows ({VAL_LOSS_SEARCH}), or name the "
+                          f"test episodes knowing that results chosen on them are not test results")
+
+    def split_episodes(self, split: str, evaluation_split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """The episodes of one evaluation split of `split`: "validation" or "test"."""
+        if evaluation_split not in EVALUATION_SPLITS:
+            raise UnknownNameError("evaluation split", evaluation_split, EVALUATION_SPLITS)
+        episodes = self.validation_episodes if evaluation_split == "validation" else self.evaluation_episodes
+        return episodes(split, episodes_per_task)
 
     @abstractmethod
     def make_environment(self) -> Environment:
@@ -148,6 +174,16 @@ class Benchmark(ABC):
                 "this Python environment"
             raise MissingDependencyError(f"{self.name}: {where} cannot import {', '.join(installation.missing)}.\n"
                                          f"{installation.install}")
+
+    def try_one_step(self) -> None:
+        """Build the simulator, reset it to the first evaluation episode and take one zero action: whether it runs
+        (`robovlms doctor`). Raises what an evaluation would raise."""
+        environment = self.make_environment()
+        try:
+            environment.reset(self.evaluation_episodes(self.splits()[0], 1)[0])
+            environment.step(np.zeros(self.action_dim, dtype=np.float32), observe=True)
+        finally:
+            environment.close()
 
     def check_frames(self, cameras: Sequence[str], image_size: int, action_dim: int, source: str) -> None:
         """Raise ConfigError unless policies trained on frames of this kind (`source`: a store) can act here: the

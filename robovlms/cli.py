@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from robovlms.baselines import BASELINES
@@ -134,9 +135,12 @@ def evaluate_command(
     store: Annotated[Path | None, typer.Option(help="Training store: benchmark settings and baseline data.")] = None,
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
     tasks: Annotated[str | None, typer.Option(help="Tasks to evaluate (default: the store's).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split: Meta-World, CALVIN scenes such as ABC->D (evaluation uses "
-                                                   "its held-out scenes); SimplerEnv visual_matching or "
-                                                   "variant_aggregation. Default: the benchmark's first.")] = None,
+    split: Annotated[str, typer.Option(help="Which episodes: validation (for choosing settings) or test (for "
+                                            "reporting results).")] = "test",
+    benchmark_split: Annotated[str | None, typer.Option(help="The benchmark's split: Meta-World, CALVIN scenes such "
+                                                             "as ABC->D; SimplerEnv visual_matching or "
+                                                             "variant_aggregation. Default: the store's, else the "
+                                                             "benchmark's first.")] = None,
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per task (CALVIN: chains).")] = 10,
     shard: Annotated[str | None, typer.Option(help="K/N: only the K-th of N disjoint parts, for N machines.")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
@@ -144,10 +148,10 @@ def evaluate_command(
     out: Annotated[Path | None, typer.Option(help="Directory for records.parquet/.csv and videos.")] = None,
     videos: Annotated[int, typer.Option(help="Episodes per task to save as MP4 (needs --out).")] = 0,
 ) -> None:
-    """Roll out a trained run, a baseline or the scripted expert on a split's evaluation episodes and print the
-    benchmark's scores. With --shard K/N each machine runs one part; `robovlms merge-evaluation` joins them."""
+    """Roll out a trained run, a baseline or the scripted expert on a split's validation or test episodes and print
+    the benchmark's scores. With --shard K/N each machine runs one part; `robovlms merge-evaluation` joins them."""
     from robovlms.baselines import baseline_factory
-    from robovlms.benchmark import create_benchmark
+    from robovlms.benchmark import EVALUATION_SPLITS, create_benchmark
     from robovlms.errors import ConfigError, UnknownNameError
     from robovlms.rollout import evaluate, parse_shard, shard_specs, write_shard
     from robovlms.data.store import EpisodeStore
@@ -173,9 +177,16 @@ def evaluate_command(
     if training_store is not None:
         layout = training_store.layout
         bench.check_frames(layout.cameras, layout.image_size, layout.action_dim, f"the store {store}")
-    split = split or bench.splits()[0]
-    if split not in bench.splits():
-        raise UnknownNameError(f"{bench.name} split", split, bench.splits())
+    if split not in EVALUATION_SPLITS:
+        if split in bench.splits():
+            raise ConfigError(f"--split takes validation or test (which episodes of the split); {split!r} is a split "
+                              f"of {bench.name}: give it as --benchmark-split '{split}'")
+        raise UnknownNameError("evaluation split (--split)", split, EVALUATION_SPLITS)
+    stored_split = training_store.metadata.get("split") if training_store is not None else None
+    benchmark_split = benchmark_split or (stored_split if stored_split in bench.splits() else bench.splits()[0])
+    if benchmark_split not in bench.splits():
+        raise UnknownNameError(f"{bench.name} split (--benchmark-split)", benchmark_split, bench.splits())
+    specs = bench.split_episodes(benchmark_split, split, episodes)
     bench.check_available()
     if run is not None:
         from robovlms.policy import policy_digest
@@ -185,18 +196,18 @@ def evaluate_command(
         factory = bench.scripted_expert()
     else:
         factory = baseline_factory(policy, bench, store, seed)
-    specs = bench.evaluation_episodes(split, episodes)
     part = parse_shard(shard) if shard else (1, 1)
     total = len(specs)
     specs = shard_specs(specs, *part)
     records = evaluate(bench, factory, specs, workers=workers,
                        video_dir=(out / "videos") if out and videos else None, videos_per_task=videos)
     if out is not None:
-        write_shard(out, records, {"benchmark": bench.name, "benchmark_options": bench.options(), "split": split,
-                                   "episodes": total, "policy": policy_digest(run) if run else policy,
+        write_shard(out, records, {"benchmark": bench.name, "benchmark_options": bench.options(),
+                                   "split": benchmark_split, "evaluation_split": split, "episodes": total,
+                                   "policy": policy_digest(run) if run else policy,
                                    "policy_paths": [str(run.resolve())] if run else [], "shard": list(part)})
-    _print_scores(f"{run or policy} on {bench.name} {split}" + (f", shard {part[0]}/{part[1]}" if shard else ""),
-                  bench, records)
+    _print_scores(f"{run or policy} on {bench.name} {benchmark_split}, {split} episodes"
+                  + (f", shard {part[0]}/{part[1]}" if shard else ""), bench, records)
 
 
 @app.command("merge-evaluation")
@@ -215,14 +226,16 @@ def merge_evaluation_command(
     records = records_from_frame(frame)
     write_shard(out, records, {**evaluation, "shard": [1, 1]})
     policy = ", ".join(evaluation["policy_paths"]) or evaluation["policy"]
-    _print_scores(f"{policy} on {bench.name} {evaluation['split']}", bench, records)
+    _print_scores(f"{policy} on {bench.name} {evaluation['split']}, "
+                  f"{evaluation.get('evaluation_split', 'test')} episodes", bench, records)
 
 
 def _print_scores(title: str, bench, records) -> None:
     from robovlms.records import records_frame
 
     frame = records_frame(records)
-    table = Table(title=f"{title}: {len(records)} episodes")
+    console.print(f"{title}: {len(records)} episodes", highlight=False)  # in full: a table title is cut to its width
+    table = Table()
     for column in ("task", "successes", "rate", "mean steps"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, group in frame.groupby("task"):
@@ -245,11 +258,11 @@ def train_command(
     console.print(f"trained: {run_dir} (checkpoints in {run_dir / 'checkpoints'})")
 
 
-def _progress_printer(run_dir: Path):
+def _progress_printer(run_dir: Path, retried: set[str]):
     """How a sweep shows progress: on a terminal, a rich bar over its cells (done, running, waiting, failed) or a
     search's trials (also pruned); otherwise (`make demo > log`) one line per cell as it is committed."""
     if not console.is_terminal:
-        return (lambda: None), _line_per_cell(run_dir)
+        return (lambda: None), _line_per_cell(run_dir, retried)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -266,32 +279,31 @@ def _progress_printer(run_dir: Path):
     return bar.stop, update
 
 
-def _line_per_cell(run_dir: Path):
+def _line_per_cell(run_dir: Path, retried: set[str]):
     from robovlms.results import read_cell_results
 
-    printed: set[str] | None = None
-    finished = -1
+    printed = {result.cell_id: result.trial for result in read_cell_results(run_dir)}  # cell -> its printed trial
+    committed_before = len(printed.keys() - retried)
+    header_printed = False
+    last_counts = None
     started = time.monotonic()
 
     def update(status) -> None:
-        nonlocal printed, finished
-        if status.done + status.failed + status.pruned == finished:
-            return  # nothing committed since the last report: no need to read the cells again
-        finished = status.done + status.failed + status.pruned
-        results = read_cell_results(run_dir)
-        left = status.cells - finished
-        if printed is None:
-            printed = {result.cell_id for result in results}
-            print(f"{status.cells} {status.unit}: {len(printed)} committed before, {left} to run", flush=True)
-            return
-        for result in results:
-            if result.cell_id in printed:
-                continue
-            printed.add(result.cell_id)
-            if result.status == "complete":
-                outcome = f"success {result.successes}/{result.episodes} ({result.success:.0%})"
-            else:
-                outcome = f"{result.status}: {(result.error or '').splitlines()[0][:100]}"
+        nonlocal header_printed, last_counts
+        if not header_printed:
+            header_printed = True
+            print(f"{status.cells} {status.unit}: {committed_before} committed before, "
+                  f"{status.cells - committed_before} to run", flush=True)
+        counts = (status.done, status.failed, status.pruned, status.running, status.waiting)
+        if counts == last_counts:
+            return  # nothing started or committed since the last report: no need to read the cells again
+        last_counts = counts
+        left = status.cells - status.done - status.failed - status.pruned
+        for result in read_cell_results(run_dir):
+            if result.cell_id in printed and printed[result.cell_id] == result.trial:
+                continue  # printed, or committed before this run (a retried cell is committed again by a new trial)
+            printed[result.cell_id] = result.trial
+            outcome = _cell_outcome(result)
             cost = ", ".join(f"{what} {seconds:.0f} s" for what, seconds in (("train", result.train_seconds),
                                                                              ("eval", result.eval_seconds)) if seconds)
             print(f"[{(time.monotonic() - started) / 60:.1f} min] {result.cell_id}: {outcome}"
@@ -300,18 +312,34 @@ def _line_per_cell(run_dir: Path):
     return update
 
 
+def _cell_outcome(result) -> str:
+    if result.status == "complete":
+        return f"success {result.successes}/{result.episodes} ({result.success:.0%})"
+    return f"{result.status}: {(result.error or '').splitlines()[0][:100]}"
+
+
 def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_failed: bool, mode: str) -> None:
+    from robovlms.results import read_cell_results
     from robovlms.sweep import load_sweep, run_sweep
 
-    stop, update = _progress_printer(Path(load_sweep(file).run_dir))
+    run_dir = Path(load_sweep(file).run_dir)
+    retried = {result.cell_id for result in read_cell_results(run_dir) if retry_failed and result.status == "failed"}
+    stop, update = _progress_printer(run_dir, retried)
     try:
         status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
                            progress=update)
     finally:
         stop()
+    if console.is_terminal:  # without a terminal, each retried cell's line was printed as it was committed
+        for result in read_cell_results(run_dir):
+            if result.cell_id in retried:
+                console.print(f"retried {result.cell_id}: {_cell_outcome(result)}", highlight=False)
     pruned = f", {status.pruned} pruned" if status.unit == "trials" else ""
     console.print(f"{status.done} of {status.cells} {status.unit} done{pruned}, {status.failed} failed; results in "
                   f"the run directory's results/ (make a report with `robovlms report RUN_DIR`)")
+    if status.failed and mode == "grid" and not retry_failed:
+        console.print(f"the failed cells' errors are in {run_dir}/cells/CELL/error.txt; `robovlms sweep {file} "
+                      f"--retry-failed` runs them again", highlight=False)
     if status.failed:
         sys.exit(1)
 
@@ -366,7 +394,9 @@ def tune_command(
     workers: Annotated[int, typer.Option(help="Trials run at once on this machine.")] = 1,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in the run directory).")] = None,
 ) -> None:
-    """Search hyper-parameters with Optuna's TPE sampler, pruning on the validation loss; records the best trial."""
+    """Search hyper-parameters with Optuna's TPE sampler, pruning on the validation loss; records the best trial.
+    Trials are evaluated on the split's validation episodes, never its test episodes unless the sweep file names them
+    (evaluation: {split: test})."""
     _run_sweep_command(file, workers, storage, False, "search")
 
 
@@ -442,44 +472,53 @@ def check_backbone_command(
 
 
 @app.command("doctor")
-def doctor_command() -> None:
+def doctor_command(
+    names: Annotated[list[str] | None, typer.Argument(help="Benchmarks to check (default: every registered one).")]
+    = None,
+    time_limit: Annotated[float, typer.Option(help="Seconds a simulator may take to start, reset and take one step "
+                                                   "before it counts as hanging.")] = 600,
+) -> None:
     """Per benchmark: where its simulator runs (this process, or the interpreter of its own environment named by
-    the benchmark's python option or ROBOVLMS_<NAME>_PYTHON), which of the modules it needs are found there and
-    where, and what to run to install the rest."""
-    from robovlms.benchmark import BENCHMARKS, create_benchmark
+    the benchmark's python option or ROBOVLMS_<NAME>_PYTHON), which of the modules it needs are found there, and
+    whether it runs: it is started, reset to an evaluation episode and stepped once, within the time limit. Says
+    what to install or what failed; exits with 1 unless every benchmark checked is ready."""
+    from robovlms.benchmark import BENCHMARKS
+    from robovlms.doctor import diagnose
 
+    for name in names or []:
+        BENCHMARKS.get(name)  # an unknown name lists the valid ones
     table = Table(title="benchmarks")
-    for column in ("benchmark", "status", "runs in", "modules"):
+    for column in ("benchmark", "status", "runs in", "modules", "reset and one step"):
         table.add_column(column)
-    to_install = {}
-    for name in BENCHMARKS.names():
-        try:
-            installation = create_benchmark(name).installation()
-        except RobovlmsError as error:
-            table.add_row(name, "[red]error[/red]", "", str(error))
-            continue
-        where = installation.python + (" (own environment)" if installation.own_environment else " (this process)")
-        modules = "\n".join(f"{module}: {path or '[red]missing[/red]'}" for module, path in installation.modules.items())
-        status = "[red]missing[/red]" if installation.missing else "[green]ready[/green]"
-        table.add_row(name, status, where, modules or "installed with robovlms")
-        if installation.missing:
-            to_install[name] = installation.install
+    diagnoses = [diagnose(name, time_limit) for name in names or BENCHMARKS.names()]
+    for found in diagnoses:
+        status = "[green]ready[/green]" if found.ready else f"[red]{found.status}[/red]"
+        modules = "\n".join(f"{module}: {path or '[red]missing[/red]'}" for module, path in found.modules.items())
+        tried = (f"{found.seconds:.0f} s" if found.ready else
+                 "not tried" if found.status == "missing" else "[red]failed[/red] (below)")
+        table.add_row(found.benchmark, status, found.runs_in, modules or "installed with robovlms", tried)
     console.print(table)
-    for name, install in to_install.items():
-        console.print(f"\n[bold]{name}[/bold]: {install}", highlight=False)
+    for found in diagnoses:
+        if not found.ready:
+            console.print(f"\n[bold]{found.benchmark}[/bold]: {escape(found.problem)}", highlight=False)
+    if not all(found.ready for found in diagnoses):
+        sys.exit(1)
 
 
 @app.command("report")
 def report_command(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark and split.")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Sweep run directories, all of one benchmark, split and "
+                                                        "evaluation split.")],
     out: Annotated[Path, typer.Option(help="Report directory, e.g. reports/NAME.")],
     real_world: Annotated[Path | None, typer.Option(help="Real-world success rates (.yaml: "
                                                          "configuration -> task -> rate; .csv: a `configuration` "
                                                          "column and one column per task) for the sim-to-real "
                                                          "agreement.")] = None,
 ) -> None:
-    """Compare the cells of sweeps: success with 95% Wilson intervals, per task and scene, data efficiency, cost,
-    training curves, failed cells; writes index.md, a self-contained index.html, CSV tables and plots."""
+    """Compare the cells of sweeps: success with 95% Wilson intervals, paired comparisons (main effects, against
+    the baselines) with Holm-adjusted verdicts, per task and scene, data efficiency, cost, training curves, failed
+    cells, each table saying which episodes (validation or test) it comes from; writes index.md, a self-contained
+    index.html, CSV tables and plots."""
     from robovlms.report import write_report
 
     index = write_report(run_dirs, out, real_world)

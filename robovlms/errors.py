@@ -46,6 +46,11 @@ class SimulatorProcessError(RobovlmsError, RuntimeError):
     message; the message says which process and quotes its last output."""
 
 
+class SimulatorDied(SimulatorProcessError):
+    """A simulator process that exited or was killed in the middle of the evaluation: a failure of the machine or the
+    simulator, not of the policy (a sweep retries the cell)."""
+
+
 class ShapeError(RobovlmsError, ValueError):
     """A tensor (an image batch, suffix embeddings) whose shape or dtype is not the one expected; names both."""
 

@@ -53,7 +53,7 @@ class CellResult:
     status: str  # "complete" | "failed"
     kind: str  # "trained" | "baseline"
     benchmark: str
-    split: str
+    split: str  # the benchmark's split, e.g. "ABC->D"
     policy: str  # "trained", or the baseline's name: "zero", "mean", "replay"
     backbone: str | None = None  # registered name, None for baselines
     backbone_label: str | None = None  # e.g. "gpt-scratch (tiny, random init)"
@@ -83,6 +83,9 @@ class CellResult:
     versions: dict[str, str] = field(default_factory=dict)
     sweep: str = ""  # the sweep's name (its study)
     trial: int | None = None  # the Optuna trial number that produced it
+    # which episodes of the split its numbers come from: "validation" (for choosing settings) or "test"; results
+    # written before the field existed were all evaluated on the test episodes
+    evaluation_split: str = "test"
 
 
 def software_versions(benchmark: str | None = None, training: dict[str, Any] | None = None) -> dict[str, str]:

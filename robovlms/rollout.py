@@ -56,14 +56,17 @@ def run_episodes(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Seq
     bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit="episode")
     if workers <= 1:
         _start_worker(benchmark, policy_factory)
+        failure = None
         try:
             for job in jobs:
                 record, trajectory = _run_one(*job)
                 bar.update()
                 yield job[0], record, trajectory
+        except Exception as error:
+            failure = error
+            raise
         finally:
-            _worker.pop("environment").close()
-            _worker.clear()
+            _close_environment(failure)
             bar.close()
         return
     context = multiprocessing.get_context("spawn")  # MuJoCo's GL contexts and torch's threads do not survive fork
@@ -75,6 +78,20 @@ def run_episodes(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Seq
                 yield job[0], record, trajectory
         finally:
             bar.close()
+
+
+def _close_environment(failure: Exception | None) -> None:
+    """Close this process's environment. After an episode failed (`failure`), an error in closing is noted on that
+    failure rather than replacing it: what went wrong is the failure, not the close that followed."""
+    environment = _worker.pop("environment")
+    _worker.clear()
+    if failure is None:
+        environment.close()
+        return
+    try:
+        environment.close()
+    except Exception as error:  # noqa: BLE001 - kept as a note on the error that is raised
+        failure.add_note(f"closing the environment afterwards failed too: {type(error).__name__}: {error}")
 
 
 def _video_paths(specs: Sequence[EpisodeSpec], video_dir: str | Path | None, per_task: int) -> dict[int, str]:

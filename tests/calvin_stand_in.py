@@ -4,6 +4,7 @@ Imports only numpy, so a simulator server can load it in an interpreter without 
 """
 
 import os
+import signal
 
 import numpy as np
 
@@ -62,6 +63,17 @@ def exit_abruptly(code: int) -> None:
     """A simulator that dies in the middle of a call, as a segfaulting renderer does."""
     print("renderer: lost the device", flush=True)
     os._exit(code)
+
+
+def say(text: str) -> None:
+    """What a simulator prints in passing (start-up chatter, warnings)."""
+    print(text, flush=True)
+
+
+def kill_itself(last_words: str) -> None:
+    """A simulator killed in the middle of a call, as the out-of-memory killer kills."""
+    print(last_words, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def importable(module: str) -> bool:

@@ -5,7 +5,10 @@ The toy task: push the task's object at least 5 cm along +x (the action's first 
 judged at every step, so pushing it back undoes it. Objects rest on the table after reset, or, built with
 `table_missing`, lie far below it, as when a scene's mesh is missing. At reset the environment writes the asset files
 its scene refers to (the stage, its objects' meshes, the overlay), as in a complete checkout, except those named in
-`missing` (paths relative to the asset folder). Imports only numpy, so a simulator server can load it too.
+`missing` (paths relative to the asset folder); a missing collision mesh fails the build, as ManiSkill2_real2sim's
+asset check does, without naming it. Like ManiSkill2_real2sim's, a reset does not undo everything: once the arm has
+moved, every later image differs from a fresh environment's (in a corner here). Imports only numpy, so a
+simulator server can load it too.
 """
 
 from __future__ import annotations
@@ -58,11 +61,16 @@ class StandInEnv:
         self.scene_root, self.asset_root = asset_dir / "hab2_bench_assets", asset_dir / "custom"
         self.scene_table_height = TABLE_HEIGHT_M
         self.asset_dir, self.table_missing, self.missing = Path(asset_dir), table_missing, set(missing)
+        for path in sorted(self.missing):
+            if path.endswith("collision.obj"):  # ManiSkill2_real2sim's _check_assets, word for word
+                (self.asset_dir / path).parent.mkdir(parents=True, exist_ok=True)
+                raise FileNotFoundError("convex.obj has been renamed to collision.obj. ")
         self.agent = Agent()
         base = self.agent.robot.pose  # half a turn about z; the tool 10 cm behind it in the world, 20 cm up
         self.tcp = Actor("tcp", Pose(base.p + [-0.1, 0.0, 0.2], np.array([0.0, -np.sqrt(0.5), 0.0, np.sqrt(0.5)])))
         self.resets, self.actions, self.closed = [], [], False
         self.pushed, self.steps, self.instruction = 0.0, 0, ""
+        self.arm_moved = False  # kept by reset, as ManiSkill2_real2sim keeps the arm's drive targets
 
     def reset(self, seed=None, options=None):
         self.resets.append({"seed": seed, "options": options})
@@ -96,6 +104,7 @@ class StandInEnv:
     def step(self, action):
         assert np.asarray(action).shape == (7,)
         self.actions.append(np.array(action))
+        self.arm_moved = self.arm_moved or bool(np.any(np.asarray(action[:6]) != 0))
         self.pushed += action[0]
         self.steps += 1
         success = self.pushed >= PUSH_TO_SUCCEED_M - 1e-9
@@ -111,6 +120,8 @@ class StandInEnv:
     def _obs(self) -> dict:
         camera = "overhead_camera" if "google_robot" in self.robot_uid else "3rd_view_camera"
         image = np.full((*CAMERA_SHAPES[camera], 3), CAMERA_FILL[camera], np.uint8)
+        if self.arm_moved:
+            image[:64, :64] = 0
         return {"agent": {"qpos": np.zeros(11 if "google_robot" in self.robot_uid else 8)}, "extra": {},
                 "image": {camera: {"rgb": image, "depth": np.zeros(CAMERA_SHAPES[camera])}}}
 

@@ -4,6 +4,7 @@ without the real packages."""
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,12 +13,13 @@ import pytest
 import yaml
 from calvin_split import write_calvin_split
 from calvin_stand_in import IMPOSSIBLE, StandInOracle, StandInPlayTable
+from simulator_packages import write_calvin_env_failing_to_import
 
 from robovlms.benchmark import EpisodeRecord, create_benchmark
 from robovlms.benchmarks.calvin import (NEUTRAL_ROBOT_OBS, SLIDER_POSITIONS, TABLE_POSITIONS, CalvinBenchmark,
                                         CalvinEnvironment, env_action, find_calvin_conf, initial_env_state)
 from robovlms.data.calvin_import import import_calvin
-from robovlms.errors import ConfigError, MissingDependencyError, SimulatorProcessError
+from robovlms.errors import ConfigError, MissingDependencyError, SimulatorDied, SimulatorProcessError
 from robovlms.simulators.calvin_play_table import PlayTable
 
 FIRST_CHAINS = Path(__file__).resolve().parents[2] / "shared" / "calvin" / "eval_sequences_first10.json"
@@ -301,6 +303,52 @@ def test_a_chain_runs_the_same_with_the_play_table_in_another_interpreter(benchm
         table.reset(NEUTRAL_ROBOT_OBS, np.zeros(24))
 
 
+def remote_stand_in_environment(benchmark):
+    """A CalvinEnvironment over the stand-in play table in a simulator process of this interpreter."""
+    from robovlms.benchmarks.remote import SIMULATORS_DIR, SimulatorProcess
+
+    stand_in = Path(__file__).with_name("calvin_stand_in.py")
+    process = SimulatorProcess(sys.executable)
+    table = process.call(SIMULATORS_DIR / "calvin_play_table.py", "PlayTable",
+                         process.call(stand_in, "StandInPlayTable"), process.call(stand_in, "StandInOracle"))
+    return CalvinEnvironment(table, instructions(benchmark), benchmark.cameras, 64, process)
+
+
+def test_a_simulator_killed_mid_chain_fails_the_evaluation_with_its_death_not_with_the_close_after_it(
+        benchmark, monkeypatch):
+    from robovlms.rollout import evaluate
+
+    environment = remote_stand_in_environment(benchmark)
+    monkeypatch.setattr(benchmark, "make_environment", lambda: environment)
+
+    class KilledAtItsThirdStep(PushRight):
+        steps = 0
+
+        def step(self, observation):
+            self.steps += 1
+            if self.steps == 3:  # the out-of-memory killer strikes while the policy thinks
+                os.kill(environment.process.pid, signal.SIGKILL)
+            return super().step(observation)
+
+    with pytest.raises(SimulatorDied, match=r"killed by SIGKILL .* during step\(\); it printed nothing") as error:
+        evaluate(benchmark, KilledAtItsThirdStep, [chain_with(benchmark)], progress=False)
+    assert "close()" not in str(error.value)
+    assert environment.process.log_path.exists()
+    environment.process.log_path.unlink()
+
+
+def test_calvin_env_that_fails_to_import_is_named_with_what_it_could_not_import(tmp_path, monkeypatch):
+    write_calvin_env_failing_to_import(tmp_path, missing="rich_missing_in_this_environment")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    benchmark = CalvinBenchmark(image_size=64, calvin_conf=str(tmp_path / "conf"))
+    monkeypatch.setattr("robovlms.simulators.calvin_play_table.find_calvin_conf", lambda calvin_conf: calvin_conf)
+    with pytest.raises(MissingDependencyError, match="calvin_env fails to import in .*: No module named "
+                                                     "'rich_missing_in_this_environment'") as error:
+        benchmark.make_environment()
+    assert "git -C calvin/calvin_env checkout 797142c" in str(error.value)
+    assert "task definitions" not in str(error.value)
+
+
 def test_a_python_option_names_the_interpreter_that_runs_calvin(monkeypatch):
     monkeypatch.setenv("ROBOVLMS_CALVIN_PYTHON", "/opt/calvin/bin/python")
     assert CalvinBenchmark().python == "/opt/calvin/bin/python"
@@ -325,3 +373,25 @@ def test_a_sweep_on_a_store_missing_calvin_tasks_is_refused_saying_calvin_evalua
     with pytest.raises(ConfigError, match="calvin evaluates on all of its tasks, so train on a store that holds them"):
         prepare_sweep(tmp_path / "calvin.yaml")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("split", ["D->D", "ABCD->D"])
+def test_splits_that_train_on_scene_d_are_validated_on_chains_no_test_uses(benchmark, split):
+    from robovlms.benchmarks.calvin import VALIDATION_SEED_OFFSET, evaluation_chains, validation_chains
+    from robovlms.benchmarks.calvin_sequences import is_valid_chain
+
+    validation = benchmark.validation_episodes(split, 1000)
+    test = {(json.dumps(condition, sort_keys=True), chain) for condition, chain in evaluation_chains(1000)}
+    chains = validation_chains()
+    assert len(validation) == len(chains) == 1000 and {spec.scene for spec in validation} == {"D"}
+    assert [spec.seed for spec in validation] == list(range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + 1000))
+    assert not {(json.dumps(condition, sort_keys=True), chain) for condition, chain in chains} & test
+    assert all(is_valid_chain(condition, chain) for condition, chain in chains)
+    record, table, _ = run_chain(benchmark, next(spec for spec in validation if IMPOSSIBLE not in spec.subtasks))
+    condition = chains[record.seed - VALIDATION_SEED_OFFSET][0]
+    assert record.success and np.allclose(table.resets[0][1], initial_env_state(condition)[1])
+
+
+def test_abc_d_has_no_validation_chains_and_says_why(benchmark):
+    with pytest.raises(ConfigError, match="ABC->D has no validation episodes: its held-out scene D is the test scene"):
+        benchmark.split_episodes("ABC->D", "validation", 10)

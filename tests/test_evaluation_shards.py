@@ -76,8 +76,8 @@ def write_zero_shard(out, shard, policy="zero", policy_paths=()):
     records = [EpisodeRecord(task="door-open", scene="D", instruction="open the door", seed=shard[0], success=False,
                              steps=10, seconds=0.1)]
     write_shard(out, records, {"benchmark": "metaworld", "benchmark_options": {}, "split": "ABC->D",
-                               "episodes": 2, "policy": policy, "policy_paths": list(policy_paths),
-                               "shard": list(shard)})
+                               "evaluation_split": "test", "episodes": 2, "policy": policy,
+                               "policy_paths": list(policy_paths), "shard": list(shard)})
     return out
 
 
@@ -116,3 +116,38 @@ def test_shards_evaluated_from_copies_of_a_run_at_two_paths_merge(tmp_path, demo
     assert merged["policy_paths"] == [str(run_dir.resolve()), str(copy.resolve())]
     (copy / "checkpoints" / "last.ckpt").write_bytes(b"other weights")
     assert policy_digest(copy) != policy_digest(run_dir)
+
+
+@pytest.mark.slow
+def test_evaluate_split_validation_runs_the_validation_episodes_and_says_so(tmp_path):
+    output = run("evaluate", "--policy", "zero", "--tasks", "button-press-topdown", "--episodes", "2", "--workers", "1",
+                 "--split", "validation", "--out", tmp_path / "validation")
+    records = pd.read_parquet(tmp_path / "validation" / "records.parquet")
+    assert set(records.scene) == {"E"} and records.seed.min() >= 2_000_000
+    assert "ABC->D, validation episodes" in output
+    shard = json.loads((tmp_path / "validation" / "shard.json").read_text())
+    assert (shard["split"], shard["evaluation_split"]) == ("ABC->D", "validation")
+
+
+def test_a_benchmark_split_given_as_split_is_refused_naming_the_option_it_belongs_to():
+    result = CliRunner().invoke(app, [*EVALUATION, "--split", "ABC->D"])
+    assert isinstance(result.exception, ConfigError)
+    assert "--split takes validation or test" in str(result.exception)
+    assert "--benchmark-split 'ABC->D'" in str(result.exception)
+
+
+def test_an_unknown_evaluation_split_lists_validation_and_test():
+    from robovlms.errors import UnknownNameError
+
+    result = CliRunner().invoke(app, [*EVALUATION, "--split", "dev"])
+    assert isinstance(result.exception, UnknownNameError)
+    assert "valid choices: test, validation" in str(result.exception)
+
+
+def test_shards_of_the_validation_and_the_test_episodes_are_not_merged(tmp_path):
+    first = write_zero_shard(tmp_path / "first", (1, 2))
+    second = write_zero_shard(tmp_path / "second", (2, 2))
+    description = json.loads((second / "shard.json").read_text())
+    (second / "shard.json").write_text(json.dumps({**description, "evaluation_split": "validation"}))
+    with pytest.raises(ConfigError, match="another evaluation"):
+        merge_shards([first, second])

@@ -7,7 +7,7 @@ import pytest
 from robovlms.baselines import MeanActionPolicy, ReplayPolicy, ZeroPolicy, baseline_factory
 from robovlms.benchmark import EpisodeSpec, create_benchmark
 from robovlms.benchmarks.metaworld import (MetaWorldBenchmark, evaluation_instructions, resolve_tasks,
-                                           training_instructions)
+                                           training_instructions, validation_instructions)
 from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.rollout import evaluate
 
@@ -78,19 +78,76 @@ def test_evaluation_uses_held_out_scene_seeds_and_instructions():
     assert {s.scene for s in benchmark.demonstration_episodes("ABCD->D", 1)} == set("ABCD")
 
 
+@pytest.mark.parametrize("split, scene", [("ABC->D", "E"), ("D->D", "D"), ("ABCD->D", "D")])
+def test_validation_episodes_share_no_seed_instruction_or_held_out_scene_with_the_test_episodes(split, scene):
+    """ABC->D, whose test scene is held out from training, is validated in scene E, trained on by no split; D->D and
+    ABCD->D, which train on their test scene, on fresh seeds of it."""
+    benchmark = MetaWorldBenchmark(tasks="demo")
+    validation = benchmark.validation_episodes(split, 30)
+    test = benchmark.evaluation_episodes(split, 30)
+    training = benchmark.demonstration_episodes(split, 50)
+    assert {spec.scene for spec in validation} == {scene}
+    assert len(validation) == len(test) == 4 * 30
+    for other in (test, training):
+        assert not {(s.task, s.scene, s.seed) for s in validation} & {(s.task, s.scene, s.seed) for s in other}
+        assert not {(s.task, s.instruction) for s in validation} & {(s.task, s.instruction) for s in other}
+    for spec in validation:
+        assert spec.instruction in validation_instructions(spec.task)
+    assert benchmark.split_episodes(split, "validation", 30) == validation
+    assert benchmark.split_episodes(split, "test", 30) == test
+
+
+def test_no_split_trains_on_the_validation_scene():
+    with pytest.raises(ConfigError, match="scene E is the validation scene, never trained on; training scenes: A, B"):
+        MetaWorldBenchmark(tasks="demo").demonstration_episodes("ABC->D", 1, scenes="AE")
+    for split in MetaWorldBenchmark(tasks="demo").splits():
+        assert "E" not in {spec.scene for spec in MetaWorldBenchmark(tasks="demo").demonstration_episodes(split, 1)}
+
+
+def test_every_task_has_two_validation_instructions_of_its_own():
+    for task in resolve_tasks("mt50"):
+        held_out = validation_instructions(task)
+        assert len(set(held_out)) == 2
+        assert not set(held_out) & set(training_instructions(task) + evaluation_instructions(task))
+
+
+def test_an_unknown_evaluation_split_lists_the_valid_ones():
+    with pytest.raises(UnknownNameError, match="unknown evaluation split 'dev'; valid choices: test, validation"):
+        MetaWorldBenchmark(tasks="demo").split_episodes("ABC->D", "dev", 1)
+
+
+def test_the_validation_scene_is_as_far_from_the_training_scenes_as_the_test_scene_and_far_from_it():
+    """Mean absolute difference (grey levels) of each camera's first images of the demo tasks' episodes: E lies as
+    far from its nearest training scene as D does (within a fifth), and further from D than that, so choosing on E
+    neither favours nor reads D."""
+    benchmark = MetaWorldBenchmark(tasks="demo", image_size=64)
+    environment = benchmark.make_environment()
+    images = {scene: {camera: np.stack([environment.reset(EpisodeSpec(task, scene, "x", 1_000_000 + seed)).images[
+        camera].astype(float) for task in benchmark.tasks() for seed in range(2)]) for camera in benchmark.cameras}
+        for scene in "ABCDE"}
+    environment.close()
+    for camera in benchmark.cameras:
+        def distance(a, b):
+            return np.abs(images[a][camera] - images[b][camera]).mean()
+
+        nearest = {scene: min(distance(scene, training) for training in "ABC") for scene in "DE"}
+        assert abs(nearest["E"] - nearest["D"]) < 0.2 * nearest["D"], (camera, nearest)
+        assert distance("E", "D") > nearest["D"], camera
+
+
 def test_scenes_change_the_rendered_images_and_images_are_upright():
     benchmark = MetaWorldBenchmark(tasks="button-press-topdown", image_size=96)
     environment = benchmark.make_environment()
     images = {scene: environment.reset(EpisodeSpec("button-press-topdown", scene, "x", 7)).images
-              for scene in "ABCD"}
+              for scene in "ABCDE"}
     environment.close()
     for camera in ("rgb_static", "rgb_gripper"):
         assert images["A"][camera].shape == (96, 96, 3)
-        for other in "BCD":
+        for other in "BCDE":
             assert np.abs(images["A"][camera].astype(int) - images[other][camera].astype(int)).mean() > 5
     # Upright: the third-person camera sees the plain background wall in its top right corner and the
     # textured table and floor in its bottom right corner; upside down it would be the other way round.
-    for scene in "ABCD":
+    for scene in "ABCD":  # E's lower camera sees the button's box in that corner; upright is the renderer's doing
         static = images[scene]["rgb_static"].astype(float)
         assert static[:16, 48:].std() * 1.5 < static[-16:, 48:].std()
 
@@ -133,8 +190,8 @@ def test_bad_names_list_the_valid_choices():
         resolve_tasks(["open-sesame"])
     with pytest.raises(UnknownNameError, match="unknown split 'AB->C'; valid choices: ABC->D, ABCD->D, D->D"):
         MetaWorldBenchmark(tasks="demo").evaluation_episodes("AB->C", 1)
-    with pytest.raises(UnknownNameError, match="unknown scene 'E'"):
-        MetaWorldBenchmark(tasks="demo").demonstration_episodes("ABC->D", 1, scenes="AE")
+    with pytest.raises(UnknownNameError, match="unknown scene 'F'"):
+        MetaWorldBenchmark(tasks="demo").demonstration_episodes("ABC->D", 1, scenes="AF")
     with pytest.raises(UnknownNameError, match="unknown camera 'rgb_tactile'"):
         MetaWorldBenchmark(cameras=("rgb_tactile",))
     with pytest.raises(ConfigError, match="64 to 224"):

@@ -3,17 +3,20 @@
 
 ROBOVLMS_CALVIN_PYTHON names the interpreter of CALVIN's environment and ROBOVLMS_CALVIN_CONF the calvin
 repository's calvin_models/conf folder; ROBOVLMS_SIMPLER_PYTHON the interpreter of SimplerEnv's (a wrapper script
-may set VK_ICD_FILENAMES and LD_PRELOAD first). Tests of a simulator whose variables are unset are skipped. Each test
-prints the simulator's steps per second.
+may set VK_ICD_FILENAMES and LD_PRELOAD first). Tests of a simulator whose variables are unset are skipped. Tests
+that step print the simulator's steps per second.
 """
 
 import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from robovlms.errors import MissingDependencyError
+from robovlms.benchmark import EpisodeSpec
+from robovlms.errors import MissingDependencyError, SimulatorDied
 
 pytestmark = pytest.mark.real_simulators
 
@@ -84,6 +87,25 @@ def test_two_calvin_evaluations_run_in_one_process(calvin):
 
 
 @needs_calvin
+def test_a_calvin_simulator_killed_mid_chain_is_reported_as_killed_during_its_step(calvin, monkeypatch):
+    from robovlms.rollout import evaluate
+
+    environment = calvin.make_environment()
+    monkeypatch.setattr(calvin, "make_environment", lambda: environment)
+
+    class KilledAtItsThirdStep(Zero):
+        def step(self, observation):
+            if self.steps == 2:
+                os.kill(environment.process.pid, signal.SIGKILL)
+            return super().step(observation)
+
+    with pytest.raises(SimulatorDied, match=r"killed by SIGKILL .* during step\(\); it printed nothing") as error:
+        evaluate(calvin, KilledAtItsThirdStep, calvin.evaluation_episodes("ABC->D", 1), progress=False)
+    assert "close()" not in str(error.value) and environment.process.log_path.exists()
+    environment.process.log_path.unlink()
+
+
+@needs_calvin
 def test_a_zero_action_leaves_calvins_gripper_open(calvin):
     environment = calvin.make_environment()
     try:
@@ -120,20 +142,58 @@ def test_pick_coke_can_runs_in_simpler_envs_own_environment():
         environment.close()
 
 
+def arm_motion(step: int) -> np.ndarray:
+    """Raw policy actions that move the arm out, down and back, turn the wrist and close the gripper."""
+    out = step < 6
+    return np.array([0.03 if out else -0.02, 0.02 * np.sin(step), -0.02 if out else 0.03, 0.0, 0.05,
+                     0.1 * (-1) ** step, 1.0 if step < 4 else -1.0])
+
+
 @needs_simpler
-def test_a_reused_pick_coke_can_environment_renders_what_a_fresh_one_renders():
-    benchmark = simpler("google_robot_pick_coke_can")
-    spec = benchmark.evaluation_episodes("visual_matching", 1)[0]
-    reused = benchmark.make_environment()
-    fresh = benchmark.make_environment()
+@pytest.mark.parametrize("task", ["google_robot_pick_coke_can", "widowx_carrot_on_plate"])  # reused before #29
+def test_an_episode_after_one_that_moved_the_arm_starts_and_goes_on_as_in_a_fresh_environment(task):
+    from robovlms.benchmarks.simpler_episodes import episodes
+
+    benchmark = simpler(task)
+    first, second = (EpisodeSpec(task=task, scene=episode.scene, instruction=episode.instruction, seed=index)
+                     for index, episode in enumerate(episodes(task, "visual_matching")[:2]))  # same build arguments
+    after, fresh = benchmark.make_environment(), benchmark.make_environment()
     try:
-        reused.reset(spec)
-        reused.step(np.array([0.02, 0, 0, 0, 0, 0, -1.0]), observe=False)
-        again = reused.reset(spec).images["rgb_static"]
-        assert (again == fresh.reset(spec).images["rgb_static"]).all()
+        after.reset(first)
+        for step in range(12):
+            after.step(arm_motion(step), observe=False)
+        observed = [after.reset(second)], [fresh.reset(second)]
+        for step in range(3):
+            for environment, frames in zip((after, fresh), observed):
+                frames.append(environment.step(arm_motion(step), observe=True)[0])
+        for frame_after, frame_fresh in zip(*observed):
+            differing = int((frame_after.images["rgb_static"] != frame_fresh.images["rgb_static"]).any(-1).sum())
+            assert differing == 0 and (frame_after.state == frame_fresh.state).all()
     finally:
-        reused.close()
+        after.close()
         fresh.close()
+
+
+@needs_simpler
+def test_a_missing_collision_mesh_of_the_real_simulator_is_named(monkeypatch, tmp_path):
+    benchmark = simpler("google_robot_pick_coke_can")
+    environment = benchmark.make_environment()
+    data = environment.asset_dir
+    environment.close()
+    collision_mesh = Path("custom") / "models" / "opened_coke_can" / "collision.obj"
+    copy = tmp_path / "data"  # the checkout's assets, linked, less the coke can's collision mesh
+    for path in sorted(data.rglob("*")):
+        if path.is_file() and path != data / collision_mesh:
+            (copy / path.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / path.relative_to(data)).symlink_to(path)
+    monkeypatch.setenv("MS2_REAL2SIM_ASSET_DIR", str(copy))
+    environment = benchmark.make_environment()
+    try:
+        missing = copy / collision_mesh
+        with pytest.raises(MissingDependencyError, match=f"missing collision mesh\\(es\\): {missing}\n"):
+            environment.reset(benchmark.evaluation_episodes("visual_matching", 1)[0])
+    finally:
+        environment.close()
 
 
 @needs_simpler
@@ -146,3 +206,17 @@ def test_move_near_without_its_bottles_visual_mesh_is_refused():
                 environment.reset(spec)
     finally:
         environment.close()
+
+
+# ---- the doctor -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (CALVIN_PYTHON and CALVIN_CONF and SIMPLER_PYTHON), reason="needs both simulators' variables")
+def test_the_doctor_says_both_real_simulators_are_ready(monkeypatch):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    monkeypatch.setenv("COLUMNS", "400")
+    result = CliRunner().invoke(app, ["doctor", "calvin", "simpler"])
+    print(result.output)
+    assert result.exit_code == 0, result.output

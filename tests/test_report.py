@@ -569,10 +569,12 @@ def test_main_effects_pool_each_level_over_the_other_axes_and_resolve_only_clear
     assert (continuous.wilson_low, continuous.wilson_high) == pytest.approx(wilson_interval(91, 120))
     pairs = pairwise_table(runs).set_index("axis")
     formulation, backbone = pairs.loc["formulation"], pairs.loc["backbone"]
-    assert formulation.matched_cells == 2 and formulation.difference == pytest.approx(24 / 60)
-    assert formulation.low > 0.2 and formulation.resolved
+    assert formulation.matched_cells == 2 and formulation.episodes == 60
+    assert formulation.difference == pytest.approx(24 / 60)
+    assert formulation.low > 0.2 and formulation.resolved and formulation.p_holm < 0.05
     assert backbone.difference == pytest.approx(-1 / 60) and backbone.low < 0 <= backbone.high
     assert not backbone.resolved
+    assert pairs.attrs["tests"] == 2
 
 
 def test_levels_with_no_matched_cells_are_not_compared(tmp_path):
@@ -597,11 +599,13 @@ def test_the_report_has_a_main_effects_section_with_its_table_plot_and_differenc
     section = markdown[markdown.index("## Main effects"):]
     section = re.sub(" +", " ", section[:section.index("\n## ", 1)])
     assert "| formulation | one-step-continuous | 2 | 120 | 75% [67%, 82%] |" in section
-    assert re.search(r"\| formulation \| one-step-continuous \| one-step-discrete \| 2 \| \+42 \[\+\d+, \+\d+\] "
-                     r"points \| yes \|", section)
+    assert re.search(r"\| formulation \| one-step-continuous \| one-step-discrete \| 2 \| 60 \| \+42 \[\+\d+, \+\d+\] "
+                     r"points \| resolved \(Holm p [\d.e-]+\) \|", section)
+    assert "Holm-adjusted over the 1 comparison of this table" in section
     assert (tmp_path / "report" / "main_effects.png").is_file()
     assert set(pd.read_csv(tmp_path / "report" / "main_effect_differences.csv").columns) >= {
-        "axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved"}
+        "axis", "level_a", "level_b", "matched_cells", "episodes", "difference", "low", "high", "p_value", "p_holm",
+        "resolved"}
 
 
 def baseline_run(run_dir):
@@ -622,7 +626,7 @@ def test_each_configuration_is_compared_with_each_baseline_on_matched_episodes(t
 
     baseline_run(tmp_path / "run")
     table = baseline_comparison_table(read_sweep_runs([tmp_path / "run"]))
-    assert len(table) == 3 * 2
+    assert len(table) == 3 * 2 and table.attrs["tests"] == 6
     rows = table.set_index([table.backbone_label.str.split().str[0], "baseline"])
     paired = rows.loc[("paligemma", "demo replay (baseline)")]
     assert paired.difference == pytest.approx(9 / 60) and paired.low > 0 and paired.resolved
@@ -630,7 +634,8 @@ def test_each_configuration_is_compared_with_each_baseline_on_matched_episodes(t
     unpaired = rows.loc[("gpt-scratch", "demo replay (baseline)")]
     assert unpaired.difference == pytest.approx(0) and unpaired.low < 0 < unpaired.high and not unpaired.resolved
     seeds = rows.loc[("kosmos2", "demo replay (baseline)")]
-    assert seeds.difference == pytest.approx(-4 / 60) and seeds.resolved and seeds.high < 0  # worse, resolved
+    assert seeds.seeds == 2 and seeds.difference == pytest.approx(-4 / 60) and seeds.p_value < 0.05
+    assert not seeds.resolved and seeds.p_holm > seeds.p_value  # its own interval excludes 0; the family's does not
     zero = rows.loc[("paligemma", "zero action (baseline)")]
     assert zero.difference == pytest.approx(33 / 60) and zero.resolved and zero.interval_above
 
@@ -641,12 +646,15 @@ def test_the_report_says_which_configurations_beat_every_baseline(tmp_path):
     markdown = (tmp_path / "report" / "index.md").read_text()
     section = markdown[markdown.index("## Against the baselines"):]
     section = re.sub(" +", " ", section[:section.index("\n## ", 1)])
-    assert re.search(r"\| paligemma \(tiny, random init\) · one-step-discrete[^|]*\| \+55 \[\+\d+, \+\d+\] points "
-                     r"\(resolved\) \| \+15 \[\+\d+, \+\d+\] points \(resolved\) \| yes \| no \|", section)
+    assert re.search(r"\| paligemma \(tiny, random init\) · one-step-discrete[^|]*\| \+55 \[\+\d+, \+\d+\] points; "
+                     r"resolved \(Holm p [\d.e-]+\) \| \+15 \[\+\d+, \+\d+\] points; resolved \(Holm p [\d.e-]+\) \| yes "
+                     r"\| no \|", section)
     assert re.search(r"\| gpt-scratch \(tiny, random init\) · one-step-discrete[^|]*\|[^|]*\| \+0 \[-\d+, \+\d+\] "
-                     r"points \| no \| no \|", section)
+                     r"points; not resolved \(Holm p 1\) \| no \| no \|", section)
+    assert "Holm-adjusted over the 6 comparisons of this table" in section
     assert set(pd.read_csv(tmp_path / "report" / "baseline_comparison.csv").columns) >= {
-        "baseline", "difference", "low", "high", "resolved", "interval_above"}
+        "baseline", "seeds", "episodes", "difference", "low", "high", "p_value", "p_holm", "resolved",
+        "interval_above"}
 
 
 def two_cell_run(run_dir):
@@ -690,6 +698,91 @@ def test_a_complete_cell_without_records_is_flagged_as_left_out_of_the_per_task_
     assert "records.parquet is missing" in (tmp_path / "report" / "index.md").read_text()
 
 
+def test_cells_whose_records_are_unreadable_are_compared_as_independent_samples_never_by_position(tmp_path):
+    """60/120 against 50/120: aligned by position (the first k of each succeeding) they would read +8 [+4, +13]
+    points, resolved; with kosmos2's records gone the two rates are compared as independent samples."""
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import pairwise_table
+
+    run_dir = tmp_path / "run"
+    add_design_cell(run_dir, "gpt-scratch", "one-step-continuous", 60, records=fixed_records(60, 120))
+    add_design_cell(run_dir, "kosmos2", "one-step-continuous", 50, records=fixed_records(50, 120))
+    (run_dir / "cells" / "kosmos2-one-step-continuous-s0" / "records.parquet").unlink()
+    backbone = pairwise_table(read_sweep_runs([run_dir])).set_index("axis").loc["backbone"]
+    assert backbone.difference == pytest.approx(10 / 120)
+    assert backbone.low == pytest.approx(-0.043, abs=0.01) and backbone.high == pytest.approx(0.21, abs=0.01)
+    assert not backbone.resolved
+
+
+def test_episodes_are_paired_by_identity_whatever_order_the_records_hold(tmp_path):
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import pairwise_table
+
+    def differences(order):
+        run_dir = tmp_path / "-".join(map(str, order[:3]))
+        add_design_cell(run_dir, "gpt-scratch", "one-step-continuous", 45)
+        add_design_cell(run_dir, "kosmos2", "one-step-continuous", 20,
+                        records=[fixed_records(20)[index] for index in order])
+        return pairwise_table(read_sweep_runs([run_dir]))[["difference", "low", "high"]].to_numpy()
+
+    shuffled = np.random.default_rng(0).permutation(60).tolist()
+    assert differences(shuffled) == pytest.approx(differences(list(range(60))))
+
+
+def test_every_table_of_evaluation_numbers_says_which_episodes_they_come_from(sweep):
+    markdown = (sweep[0] / "index.md").read_text()
+    assert markdown.startswith("# Sweep report: metaworld, split AB->CD, test episodes")
+    caption = "*Evaluated on the test episodes of metaworld AB->CD: numbers for reporting, not for choosing settings.*"
+    for section in ("## Success rate", "## Against the baselines", "## Main effects", "## Success per task",
+                    "## Success per scene", "## Data efficiency", "## Cost"):
+        body = markdown[markdown.index(section):]
+        body = body[:body.index("\n## ", 1)]
+        assert body.count(caption) == body.count("CSV: ["), section
+    configuration = markdown[markdown.index("## Configuration of every cell"):]
+    assert caption not in configuration
+
+
+def test_a_run_evaluated_on_validation_episodes_says_so_and_cannot_be_pooled_with_a_test_run(tmp_path):
+    rng = np.random.default_rng(0)
+    add_trained_cell(tmp_path / "validation", rng, "a", "gpt-scratch", SCRATCH, "policy-head",
+                     evaluation_split="validation")
+    add_trained_cell(tmp_path / "test", rng, "a", "gpt-scratch", SCRATCH, "policy-head")
+    write_report([tmp_path / "validation"], tmp_path / "report")
+    markdown = (tmp_path / "report" / "index.md").read_text()
+    assert "split AB->CD, validation episodes" in markdown
+    assert "validation episodes of metaworld AB->CD: numbers for choosing settings, not for reporting" in markdown
+    with pytest.raises(ReportError, match="cannot report different evaluation splits.*'test' in test; 'validation' "
+                                          "in validation"):
+        write_report([tmp_path / "validation", tmp_path / "test"], tmp_path / "mixed")
+
+
+def test_a_setting_a_cells_grid_left_at_its_default_shows_the_value_not_a_blank(tmp_path):
+    """A union of grids sets frame_stride in one grid only: the other cells' level is their config's value."""
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import cell_levels
+
+    run_dir = tmp_path / "run"
+    add_design_cell(run_dir, "gpt-scratch", "policy-head", 30, history=2, frame_stride=8)
+    add_design_cell(run_dir, "gpt-scratch", "one-step-continuous", 30)
+    result = read_cell_result(run_dir / "cells" / "gpt-scratch-one-step-continuous-s0")
+    write_cell_result(run_dir / "cells" / "gpt-scratch-one-step-continuous-s0",
+                      dataclasses.replace(result, config={"frame_stride": 1}))
+    levels = cell_levels(read_sweep_runs([run_dir])).set_index("formulation")
+    assert levels.frame_stride.to_dict() == {"policy-head": "8", "one-step-continuous": "1"}
+
+
+def test_a_plugin_option_left_at_its_default_is_shown_as_the_default_not_a_blank(tmp_path):
+    rng = np.random.default_rng(0)
+    run_dir = tmp_path / "run"
+    add_trained_cell(run_dir, rng, "bins16", "gpt-scratch", SCRATCH, "one-step-discrete",
+                     settings={"formulation": {"name": "one-step-discrete", "options": {"bins": 16}}})
+    add_trained_cell(run_dir, rng, "default", "gpt-scratch", SCRATCH, "one-step-discrete", seed=1,
+                     settings={"formulation": {"name": "one-step-discrete", "options": {}}})
+    write_report([run_dir], tmp_path / "report")
+    success = pd.read_csv(tmp_path / "report" / "success.csv", keep_default_na=False)
+    assert sorted(success["formulation.options.bins"]) == ["(default)", "16"]
+
+
 # ---- plots and cost, readable ---------------------------------------------------------------------------------
 
 
@@ -718,6 +811,40 @@ def test_latency_points_are_numbered_and_named_in_a_legend_not_labelled_in_place
     axes = figure.axes[0]
     assert [text.get_text() for text in axes.texts] == ["1", "2"]
     assert [text.get_text() for text in axes.get_legend().get_texts()] == [f"1  {labels[0]}", f"2  {labels[1]}"]
+
+
+def drawn(figure):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_the_latency_axis_labels_its_ticks_in_plain_milliseconds():
+    """Within one decade a log axis would label its ticks 2x10^1, 3x10^1."""
+    from robovlms.report.plots import latency_figure
+
+    figure = latency_figure(["a", "b", "c"], [18.0, 26.0, 41.0], [0.5, 0.52, 0.6], [0.4, 0.42, 0.5], [0.6, 0.62, 0.7])
+    drawn(figure)
+    axes = figure.axes[0]
+    low, high = axes.get_xlim()
+    labels = [tick.label1.get_text() for tick in axes.xaxis.get_major_ticks() + axes.xaxis.get_minor_ticks()
+              if low <= tick.get_loc() <= high and tick.label1.get_visible() and tick.label1.get_text()]
+    assert len(labels) >= 2 and all(re.fullmatch(r"\d+(\.\d+)?", label) for label in labels), labels
+
+
+def test_each_training_curves_panels_step_label_lies_above_the_next_panels_title():
+    """Level with it, "step" would read as part of the next panel's title line."""
+    from robovlms.report.plots import training_curves_figure
+
+    figure = training_curves_figure({f"formulation {index}": {f"cell {index}": ([0, 10], [1.0, 0.5])}
+                                     for index in range(3)})
+    renderer = drawn(figure)
+    for upper, lower in zip(figure.axes, figure.axes[1:]):
+        label = upper.xaxis.label.get_window_extent(renderer)
+        title = lower._left_title.get_window_extent(renderer)
+        assert label.y0 > title.y1
 
 
 def test_an_axis_each_level_sets_is_named_not_matched_on(tmp_path):

@@ -3,6 +3,8 @@ episode is built and reset, the action conversion of its reference policies, the
 instruction, the task's step limit, success judged at the last step), scoring per variant, missing assets, and what
 happens without the real packages."""
 
+import os
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -15,8 +17,8 @@ from robovlms.benchmark import EpisodeRecord, EpisodeSpec
 from robovlms.benchmarks.simpler import (BRIDGE_TOP_DOWN, EPISODE_SEED, SimplerActionConverter, SimplerBenchmark,
                                          SimplerEnvironment, euler_to_axis_angle, proprio_state)
 from robovlms.simulators.simpler_scene import SimplerScene, robot_poses
-from robovlms.benchmarks.simpler_episodes import episodes, robot_init_quat
-from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
+from robovlms.benchmarks.simpler_episodes import TASKS, episodes, robot_init_quat
+from robovlms.errors import ConfigError, MissingDependencyError, SimulatorDied, UnknownNameError
 
 
 class Push:
@@ -206,14 +208,13 @@ def test_observations_are_the_robots_default_camera_resized_square_and_its_8d_st
     assert observation.state.shape == (8,) and observation.state.dtype == np.float32
 
 
-def test_a_pick_coke_can_environment_is_reused_until_build_arguments_change(tmp_path):
-    simulator = StandInSimulator(tmp_path / "data")
-    environment = stand_in_environment("google_robot", simulator)
-    for index in (0, 1, 25):  # 0 and 1 share a variant; 25 is the next URDF
-        environment.reset(spec_of("google_robot_pick_coke_can", "visual_matching", index))
-    built = simulator.built
-    assert len(built) == 2 and built[0].closed and not built[1].closed
-    assert len(built[0].resets) == 2 and built[1].build_kwargs["urdf_version"] == "recolor_tabletop_visual_matching_1"
+def test_an_episode_after_one_that_moved_the_arm_starts_as_in_a_fresh_environment(google, tmp_path):
+    environment = stand_in_environment("google_robot", StandInSimulator(tmp_path / "data"))
+    google.run_episode(environment, spec_of("google_robot_pick_coke_can", "visual_matching", 0), Push([0.01] * 12))
+    after = environment.reset(spec_of("google_robot_pick_coke_can", "visual_matching", 1)).images["rgb_static"]
+    fresh = stand_in_environment("google_robot", StandInSimulator(tmp_path / "fresh"))
+    assert (after == fresh.reset(spec_of("google_robot_pick_coke_can", "visual_matching", 1)).images["rgb_static"]
+            ).all()
 
 
 def test_a_policy_of_another_action_dimension_is_refused(google, tmp_path):
@@ -317,6 +318,24 @@ def test_a_missing_overlay_is_named(widowx, tmp_path):
             simulator=StandInSimulator(data, missing=("real_inpainting/bridge_real_eval_1.png",)))
 
 
+def test_a_missing_collision_mesh_is_named(google, tmp_path):
+    data = tmp_path / "data"
+    collision = data / "custom" / "models" / "opened_coke_can" / "collision.obj"
+    with pytest.raises(MissingDependencyError, match=f"missing collision mesh\\(es\\): {collision}\n"):
+        run(google, spec_of("google_robot_pick_coke_can", "visual_matching", 0), tmp_path,
+            simulator=StandInSimulator(data, missing=("custom/models/opened_coke_can/collision.obj",)))
+
+
+def test_a_renderer_without_a_vulkan_device_is_named_with_what_to_install(tmp_path):
+    def no_vulkan_device(env_name, **kwargs):
+        raise RuntimeError("Cannot find a suitable rendering device")
+
+    environment = SimplerEnvironment("widowx", 64, SimplerScene(no_vulkan_device, get_image_from_maniskill2_obs_dict),
+                                     tmp_path)
+    with pytest.raises(MissingDependencyError, match="SAPIEN found no Vulkan device .* bookworm-backports"):
+        environment.reset(spec_of("widowx_carrot_on_plate", "visual_matching", 0))
+
+
 def test_objects_fallen_through_the_table_with_every_asset_present_may_be_damaged(google, tmp_path):
     with pytest.raises(MissingDependencyError, match="fell through the table .* may be damaged"):
         run(google, spec_of("google_robot_pick_coke_can", "visual_matching", 0), tmp_path,
@@ -331,6 +350,29 @@ def test_without_simpler_env_the_error_says_what_to_install(google, monkeypatch)
         google.check_available()
     assert "pip install -e SimplerEnv/ManiSkill2_real2sim" in str(error.value) and "Vulkan" in str(error.value)
     assert "ROBOVLMS_SIMPLER_PYTHON" in str(error.value)
+
+
+def test_the_install_lines_pin_what_docs_simpler_md_pins():
+    from pathlib import Path
+
+    from robovlms.benchmarks.simpler import INSTALL
+
+    docs = (Path(__file__).parents[1] / "docs" / "simpler.md").read_text().replace("\\\n", " ")
+    pins = next(line for line in docs.splitlines() if "simpler-venv/bin/pip install 'numpy<2'" in line).split()[2:]
+    assert "sapien==2.2.2" in pins and [pin for pin in pins if pin not in INSTALL] == []
+
+
+def test_a_missing_vulkan_loader_is_named_with_what_to_install(monkeypatch):
+    from robovlms.benchmarks import simpler
+    from robovlms.simulators import simpler_scene
+
+    def without_vulkan_loader():
+        raise ImportError("libvulkan.so.1: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(simpler.SimplerBenchmark, "check_available", lambda self: None)
+    monkeypatch.setattr(simpler_scene, "open_simpler", without_vulkan_loader)
+    with pytest.raises(MissingDependencyError, match="SAPIEN cannot load the Vulkan loader .* libvulkan1"):
+        SimplerBenchmark(robot="widowx").make_environment()
 
 
 # ---- robot and tasks, environment reuse, a simulator in its own environment -----------------------------------
@@ -359,17 +401,18 @@ def test_evaluate_takes_one_google_robot_task_without_a_store(monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.delenv("ROBOVLMS_SIMPLER_PYTHON", raising=False)
     result = CliRunner().invoke(app, ["evaluate", "--benchmark", "simpler", "--tasks", "google_robot_pick_coke_can",
-                                      "--split", "variant_aggregation", "--policy", "zero"])
+                                      "--benchmark-split", "variant_aggregation", "--policy", "zero"])
     assert isinstance(result.exception, MissingDependencyError)  # it got as far as looking for SimplerEnv
 
 
-def test_move_near_episodes_each_get_a_fresh_environment(tmp_path):
+@pytest.mark.parametrize("task", ["google_robot_pick_coke_can", "google_robot_move_near", "widowx_carrot_on_plate"])
+def test_each_episode_gets_a_freshly_built_environment(task, tmp_path):
     simulator = StandInSimulator(tmp_path / "data")
-    environment = stand_in_environment("google_robot", simulator)
-    first, second = episodes("google_robot_move_near", "visual_matching")[:2]
+    environment = stand_in_environment(TASKS[task], simulator)
+    first, second = episodes(task, "visual_matching")[:2]
     assert first.build_kwargs(tmp_path) == second.build_kwargs(tmp_path)
     for index in (0, 1):
-        environment.reset(spec_of("google_robot_move_near", "visual_matching", index))
+        environment.reset(spec_of(task, "visual_matching", index))
     assert len(simulator.built) == 2 and simulator.built[0].closed and len(simulator.built[1].resets) == 1
 
 
@@ -391,6 +434,24 @@ def test_an_episode_runs_the_same_with_the_simulator_in_another_interpreter(goog
     assert remote.success
 
 
+def test_closing_an_environment_whose_simulator_died_raises_nothing_more(tmp_path):
+    from simpler_stand_in import __file__ as stand_in_file
+
+    from robovlms.benchmarks.remote import SimulatorProcess
+    from robovlms.benchmarks.simpler import SCENE_MODULE
+
+    process = SimulatorProcess(sys.executable)
+    scene = process.call(stand_in_file, "stand_in_scene", SCENE_MODULE, str(tmp_path / "remote"))
+    environment = SimplerEnvironment("google_robot", 64, scene, tmp_path / "remote", process)
+    environment.reset(spec_of("google_robot_pick_coke_can", "visual_matching", 0))
+    os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(SimulatorDied, match=r"killed by SIGKILL .* during step\(\)"):
+        environment.step(np.zeros(7), observe=True)
+    environment.close()
+    assert process.log_path.exists()  # named by the error
+    process.log_path.unlink()
+
+
 def test_a_python_option_names_the_interpreter_that_runs_simpler_env(monkeypatch):
     monkeypatch.setenv("ROBOVLMS_SIMPLER_PYTHON", "/opt/simpler/bin/python")
     assert SimplerBenchmark().python == "/opt/simpler/bin/python"
@@ -402,3 +463,10 @@ def test_a_python_option_names_the_interpreter_that_runs_simpler_env(monkeypatch
 def test_an_interpreter_without_simpler_env_says_what_to_install_there():
     with pytest.raises(MissingDependencyError, match=f"{sys.executable} .* cannot import simpler_env"):
         SimplerBenchmark(python=sys.executable).check_available()
+
+
+def test_simpler_has_no_validation_episodes_and_says_what_to_choose_on_instead(google):
+    """Every episode SimplerEnv defines is part of its published evaluation."""
+    with pytest.raises(ConfigError, match="no validation episodes.*published evaluation.*val_loss"):
+        google.split_episodes("visual_matching", "validation", 1)
+    assert google.split_episodes("visual_matching", "test", 2) == google.evaluation_episodes("visual_matching", 2)

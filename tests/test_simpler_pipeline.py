@@ -118,7 +118,8 @@ def test_evaluate_on_simpler_checks_the_protocol_then_says_what_to_install(witho
     from robovlms.errors import UnknownNameError
 
     runner = CliRunner()
-    wrong = runner.invoke(app, ["evaluate", "--benchmark", "simpler", "--policy", "zero", "--split", "ABC->D"])
+    wrong = runner.invoke(app, ["evaluate", "--benchmark", "simpler", "--policy", "zero", "--benchmark-split",
+                                "ABC->D"])
     assert isinstance(wrong.exception, UnknownNameError) and "visual_matching" in str(wrong.exception)
     missing = runner.invoke(app, ["evaluate", "--benchmark", "simpler", "--policy", "zero"])  # its first protocol
     assert isinstance(missing.exception, MissingDependencyError)

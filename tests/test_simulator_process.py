@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from robovlms.benchmarks.remote import SERVER_FILE, SimulatorProcess, probe
-from robovlms.errors import ConfigError, SimulatorProcessError
+from robovlms.errors import ConfigError, SimulatorDied, SimulatorProcessError
 from robovlms.simulators.server import PROTOCOL, VERSION, read_message, write_message
 
 STAND_IN = Path(__file__).with_name("calvin_stand_in.py")
@@ -33,6 +33,7 @@ def simulator(without_robovlms):
     process = SimulatorProcess(sys.executable, environment=without_robovlms)
     yield process
     process.close()
+    process.log_path.unlink(missing_ok=True)  # kept by a process that died
 
 
 def test_the_handshake_names_the_protocol_version_and_the_servers_interpreter(simulator):
@@ -112,6 +113,21 @@ def test_a_simulator_that_dies_mid_call_is_reported_with_its_exit_code_and_last_
     assert "renderer: lost the device" in str(error.value)
     with pytest.raises(SimulatorProcessError, match="exited with code 7"):  # and so does every later call
         simulator.call(STAND_IN, "importable", "numpy")
+
+
+def test_a_dead_simulators_error_quotes_what_it_printed_during_the_call_it_died_in(simulator):
+    simulator.call(STAND_IN, "say", "pybullet build time: Jan 29 2025")
+    with pytest.raises(SimulatorDied, match="killed by SIGKILL \\(sent from outside the process: the kernel's "
+                                            "out-of-memory killer") as error:
+        simulator.call(STAND_IN, "kill_itself", "b3Warning: out of memory")
+    assert "b3Warning: out of memory" in str(error.value) and "pybullet build time" not in str(error.value)
+
+
+def test_the_log_a_dead_simulators_error_names_outlives_closing_it(simulator):
+    with pytest.raises(SimulatorDied) as error:
+        simulator.call(STAND_IN, "exit_abruptly", 7)
+    simulator.close()
+    assert f"(its whole output: {simulator.log_path})" in str(error.value) and simulator.log_path.exists()
 
 
 def test_close_stops_the_server_and_may_be_called_again(without_robovlms):

@@ -386,6 +386,97 @@ def test_a_cell_that_raises_is_recorded_failed_and_the_sweep_goes_on(small_grid,
     assert run_sweep(small_grid, retry_failed=True).failed == 0
 
 
+def the_simulator_dies(times, monkeypatch):
+    """Cells' evaluations: the first `times` of them die with their simulator, later ones run. Returns the calls."""
+    import robovlms.rollout
+    from robovlms.errors import SimulatorDied
+
+    original, calls = robovlms.rollout.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= times:
+            raise SimulatorDied("the simulator process (python, pid 7) was killed by SIGKILL during step()")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(robovlms.rollout, "evaluate", evaluate)
+    return calls
+
+
+def test_a_cell_whose_simulator_died_is_run_again_and_completes(tmp_path, demo_store, monkeypatch):
+    calls = the_simulator_dies(1, monkeypatch)
+    status = run_sweep(sweep_file(tmp_path, demo_store, grid={}))
+    assert (status.done, status.failed, len(calls)) == (1, 0, 2)
+    assert [r.status for r in read_cell_results(tmp_path / "run")] == ["complete"]
+
+
+def test_a_cell_whose_simulator_died_in_every_attempt_is_failed_saying_so_and_how_to_retry(tmp_path, demo_store,
+                                                                                            monkeypatch):
+    from robovlms.sweep.failures import SIMULATOR_ATTEMPTS
+
+    calls = the_simulator_dies(100, monkeypatch)
+    status = run_sweep(sweep_file(tmp_path, demo_store, grid={}))
+    assert (status.done, status.failed, len(calls)) == (0, 1, SIMULATOR_ATTEMPTS)
+    error = read_cell_results(tmp_path / "run")[0].error
+    assert "killed by SIGKILL" in error and f"died in all {SIMULATOR_ATTEMPTS} attempts" in error
+    assert "not of the policy" in error and "--retry-failed" in error
+
+
+def test_a_rerun_that_leaves_cells_failed_says_how_to_retry_them(tmp_path, demo_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={})
+    the_simulator_dies(100, monkeypatch)
+    assert CliRunner().invoke(app, ["sweep", str(path)]).exit_code == 1
+    rerun = CliRunner().invoke(app, ["sweep", str(path)])
+    assert rerun.exit_code == 1 and "0 to run" in rerun.output
+    assert f"`robovlms sweep {path} --retry-failed` runs them again" in " ".join(rerun.output.split())
+
+
+def test_a_retried_cell_that_completes_loses_its_error_txt_and_its_outcome_is_printed(tmp_path, demo_store,
+                                                                                      monkeypatch):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={})
+    calls = the_simulator_dies(3, monkeypatch)
+    assert CliRunner().invoke(app, ["sweep", str(path)]).exit_code == 1
+    assert (tmp_path / "run" / "cells" / "baseline-zero" / "error.txt").exists() and len(calls) == 3
+    retried = CliRunner().invoke(app, ["sweep", str(path), "--retry-failed"])
+    assert retried.exit_code == 0, retried.output
+    assert re.search(r"\] baseline-zero: success 0/1 \(0%\)", retried.output)
+    assert not (tmp_path / "run" / "cells" / "baseline-zero" / "error.txt").exists()
+
+
+def test_a_retried_cell_is_printed_even_when_no_progress_report_falls_between_its_start_and_its_commit(
+        tmp_path, demo_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    import robovlms.sweep
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={})
+    the_simulator_dies(3, monkeypatch)
+    assert CliRunner().invoke(app, ["sweep", str(path)]).exit_code == 1
+    original = robovlms.sweep.run_sweep
+
+    def only_first_and_last_reports(*args, progress, **kwargs):  # a busy machine: the cell ran between two reports
+        reports = []
+        status = original(*args, progress=reports.append, **kwargs)
+        progress(reports[0])
+        progress(reports[-1])
+        return status
+
+    monkeypatch.setattr(robovlms.sweep, "run_sweep", only_first_and_last_reports)
+    retried = CliRunner().invoke(app, ["sweep", str(path), "--retry-failed"])
+    assert retried.exit_code == 0, retried.output
+    assert "1 cells: 0 committed before, 1 to run" in retried.output
+    assert re.search(r"\] baseline-zero: success 0/1 \(0%\)", retried.output)
+
+
 # ---- bad input: a clear error, and nothing stored ---------------------------------------------------------------
 
 
@@ -633,3 +724,52 @@ def test_a_search_worker_taken_for_dead_drops_its_result_and_goes_on(tmp_path, d
     trials = optuna.load_study(study_name="search-search", storage=storage_url(load_sweep(path))).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and status.done == 1
     assert "search trial 0 was taken for dead" in caplog.text
+
+
+def test_tune_chooses_on_validation_episodes_and_a_grid_reports_test_episodes_unless_the_file_names_them(tmp_path):
+    from robovlms.sweep.config import with_evaluation_split
+
+    def split(mode, **evaluation):
+        sweep = load_sweep({"name": "s", "run_dir": str(tmp_path), "store": {"path": "x"},
+                            "evaluation": evaluation})
+        return with_evaluation_split(sweep, mode).evaluation.split
+
+    assert (split("search"), split("grid")) == ("validation", "test")
+    assert (split("search", split="test"), split("grid", split="validation")) == ("test", "validation")
+
+
+def test_the_evaluation_split_changes_a_sweeps_fingerprint_except_the_test_split_every_older_sweep_evaluated(
+        tmp_path):
+    from robovlms.sweep import fingerprint
+
+    def of(**evaluation):
+        return fingerprint(load_sweep({"name": "s", "run_dir": str(tmp_path), "store": {"path": "x"},
+                                       "evaluation": evaluation}), [])
+
+    assert of() == of(split="test") != of(split="validation")
+
+
+@pytest.mark.slow
+def test_a_sweep_evaluated_on_validation_episodes_records_them_as_such(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, grid={}, baselines=["zero"],
+                      evaluation={"episodes_per_task": 2, "latency_steps": 2, "split": "validation"})
+    run_sweep(path)
+    (result,) = read_cell_results(tmp_path / "run")
+    records = pd.read_parquet(tmp_path / "run" / "cells" / "baseline-zero" / "records.parquet")
+    assert result.evaluation_split == "validation" and set(records.scene) == {"E"}
+
+
+@pytest.mark.slow
+def test_a_search_selects_on_the_success_of_validation_episodes(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, name="search", grid={}, baselines=[],
+                      train={"max_steps": 2, "batch_size": 4, "chunk": 2, "log_every": 1, "cameras": ["rgb_static"],
+                             "execution": "chunk", "formulation": {"name": "one-step-continuous"},
+                             "backbone": {"options": {"hidden_size": 32, "layers": 1}}},
+                      search={"trials": 1, "prune": False,
+                              "space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+    run_sweep(path, mode="search")
+    (result,) = read_cell_results(tmp_path / "run")
+    records = pd.read_parquet(tmp_path / "run" / "cells" / result.cell_id / "records.parquet")
+    assert result.evaluation_split == "validation" and set(records.scene) == {"E"}
+    best = json.loads((tmp_path / "run" / "results" / "best.json").read_text())
+    assert (best["objective"], best["evaluation_split"], best["value"]) == ("success", "validation", result.success)

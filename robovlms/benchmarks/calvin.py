@@ -13,7 +13,10 @@ Neither package installs from a registry: the adapter imports them only when an 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,24 +25,33 @@ from typing import Any
 import numpy as np
 import yaml
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
-                                Trajectory, square_image)
-from robovlms.benchmarks.calvin_sequences import CHAIN_LENGTH, SUBTASKS, get_sequences, initial_condition_seed
+from robovlms.benchmark import (VAL_LOSS_SEARCH, Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation,
+                                Observation, Policy, Trajectory, square_image)
+from robovlms.benchmarks.calvin_sequences import (CHAIN_LENGTH, SUBTASKS, get_sequences, initial_condition_seed,
+                                                   initial_conditions, sample_chains)
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
 from robovlms.simulators import calvin_play_table
 from robovlms.simulators.calvin_play_table import ANNOTATIONS_FILE, CAMERA_SIZES, PlayTable
 
-INSTALL = ("CALVIN's simulator is not installed. Install it from its repository (it is not on PyPI), best into an "
-           "environment of its own:\n"
-           "  git clone --recurse-submodules https://github.com/mees/calvin.git\n"
-           "  python3 -m venv calvin-venv && calvin-venv/bin/pip install pybullet gym hydra-core hydra-colorlog "
-           "omegaconf opencv-python-headless numpy-quaternion gitpython cloudpickle scipy\n"
-           "  calvin-venv/bin/pip install --no-deps -e calvin/calvin_env\n"
-           "then set benchmark option python (or ROBOVLMS_CALVIN_PYTHON) to calvin-venv/bin/python and calvin_conf to "
-           "calvin/calvin_models/conf (editable installs: calvin_env finds its assets relative to its source tree)")
+CALVIN_ENV_COMMIT = "797142c"  # the calvin_env commit robovlms is checked with (the calvin repository pins 1431a46)
+INSTALL_STEPS = ("Install it from its repository (it is not on PyPI), best into an environment of its own:\n"
+                 "  git clone --recurse-submodules https://github.com/mees/calvin.git\n"
+                 f"  git -C calvin/calvin_env checkout {CALVIN_ENV_COMMIT}\n"
+                 "  python3 -m venv calvin-venv && calvin-venv/bin/pip install pybullet gym hydra-core hydra-colorlog "
+                 "omegaconf opencv-python-headless numpy-quaternion gitpython cloudpickle scipy\n"
+                 "  calvin-venv/bin/pip install --no-deps -e calvin/calvin_env\n"
+                 "then set benchmark option python (or ROBOVLMS_CALVIN_PYTHON) to calvin-venv/bin/python and "
+                 "calvin_conf to calvin/calvin_models/conf (editable installs: calvin_env finds its assets relative to "
+                 "its source tree)")
+INSTALL = f"CALVIN's simulator is not installed. {INSTALL_STEPS}"
 SPLITS = ("ABC->D", "ABCD->D", "D->D")  # every split evaluates on scene D
 STEPS_PER_SUBTASK = 360
 NUM_CHAINS = 1000
+# Validation chains, for choosing settings where the test scene is trained on (D->D, ABCD->D): drawn by the
+# benchmark's own sampler from other seeds, none of them a test chain; their spec seeds start here.
+VALIDATION_SPLITS = ("D->D", "ABCD->D")
+VALIDATION_SEED_OFFSET = 1_000_000
+VALIDATION_SAMPLER_SEED = 10_000  # condition i draws with seed 10_000 + i (the test chains: seed i)
 PYTHON_VARIABLE = "ROBOVLMS_CALVIN_PYTHON"  # the interpreter of CALVIN's own environment, when not given
 CONF_VARIABLE = "ROBOVLMS_CALVIN_CONF"  # the calvin repository's calvin_models/conf, when not given
 PLAY_TABLE_MODULE = Path(calvin_play_table.__file__)
@@ -58,6 +70,36 @@ def evaluation_chains(count: int) -> list[tuple[dict[str, Any], tuple[str, ...]]
     """The first `count` of the benchmark's 1000 evaluation chains (a quick run evaluates a prefix of the published
     protocol; the generator itself draws other chains for another total)."""
     return get_sequences(max(NUM_CHAINS, count), limit=count)
+
+
+@functools.cache
+def validation_chains() -> tuple[tuple[dict[str, Any], tuple[str, ...]], ...]:
+    """NUM_CHAINS chains spread over the initial conditions as the test chains are, from other seeds of the same
+    sampler, in an order shuffled with seed 1; no (condition, chain) of the test chains among them."""
+    conditions = initial_conditions()
+    test = {(json.dumps(condition, sort_keys=True), chain) for condition, chain in evaluation_chains(NUM_CHAINS)}
+    base, extra = divmod(NUM_CHAINS, len(conditions))
+    chains = []
+    for index, condition in enumerate(conditions):
+        wanted = count = base + (index < extra)
+        key = json.dumps(condition, sort_keys=True)
+        while True:  # a longer draw from one seed extends the shorter one
+            fresh = [chain for chain in sample_chains(condition, count, VALIDATION_SAMPLER_SEED + index)
+                     if (key, chain) not in test]
+            if len(fresh) >= wanted:
+                break
+            count += wanted - len(fresh)
+        chains += [(condition, chain) for chain in fresh[:wanted]]
+    order = np.random.RandomState(1).permutation(len(chains))
+    return tuple(chains[i] for i in order)
+
+
+def chain_of(spec: EpisodeSpec) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The (initial condition, subtasks) a spec names: a test chain by its index, a validation chain by its index
+    past VALIDATION_SEED_OFFSET."""
+    if spec.seed >= VALIDATION_SEED_OFFSET:
+        return validation_chains()[spec.seed - VALIDATION_SEED_OFFSET]
+    return evaluation_chains(spec.seed + 1)[spec.seed]
 
 
 def initial_env_state(condition: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +173,25 @@ class CalvinBenchmark(Benchmark):
         return [EpisodeSpec(task="chain", scene="D", instruction="", seed=index, subtasks=tuple(subtasks))
                 for index, (_, subtasks) in enumerate(evaluation_chains(episodes_per_task))]
 
+    def validation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """The first `episodes_per_task` of NUM_CHAINS validation chains, in scene D, for the splits that train on
+        it (D->D, ABCD->D): held-out chains of a training scene, with the evaluation instructions (CALVIN has one
+        held-out instruction per subtask). ABC->D has none: its only held-out scene is the test scene D."""
+        if split not in SPLITS:
+            raise UnknownNameError("CALVIN split", split, SPLITS)
+        if split not in VALIDATION_SPLITS:
+            raise ConfigError(
+                f"CALVIN {split} has no validation episodes: its held-out scene D is the test scene (the dataset's "
+                f"validation/ folder is scene D too), and chains in the training scenes A-C would need their own "
+                f"initial states, which CALVIN defines for D only. Choose on the validation loss of held-out "
+                f"training windows ({VAL_LOSS_SEARCH}); D->D and ABCD->D have validation chains "
+                f"(docs/calvin.md)")
+        if episodes_per_task > NUM_CHAINS:
+            raise ConfigError(f"CALVIN has {NUM_CHAINS} validation chains; asked for {episodes_per_task}")
+        return [EpisodeSpec(task="chain", scene="D", instruction="", seed=VALIDATION_SEED_OFFSET + index,
+                            subtasks=tuple(subtasks))
+                for index, (_, subtasks) in enumerate(validation_chains()[:episodes_per_task])]
+
     def installation(self) -> Installation:
         from robovlms.benchmarks.remote import locate_modules
 
@@ -144,7 +205,7 @@ class CalvinBenchmark(Benchmark):
         while _OPEN_ENVIRONMENTS:  # two play tables in one process clash over pybullet's client
             _OPEN_ENVIRONMENTS.pop().close()
         self.check_available()
-        with _calvin_errors():
+        with _calvin_errors(sys.executable):
             conf = Path(calvin_play_table.find_calvin_conf(self.calvin_conf))
             table = calvin_play_table.open_play_table(list(self.cameras), self.dataset, self.use_egl, str(conf))
         environment = CalvinEnvironment(table, load_instructions(conf), self.cameras, self.image_size)
@@ -156,7 +217,7 @@ class CalvinBenchmark(Benchmark):
 
         process = SimulatorProcess(self.python)
         try:
-            with _calvin_errors():
+            with _calvin_errors(self.python):
                 conf = Path(process.call(PLAY_TABLE_MODULE, "find_calvin_conf", self.calvin_conf))
                 table = process.call(PLAY_TABLE_MODULE, "open_play_table", list(self.cameras), self.dataset,
                                      self.use_egl, str(conf))
@@ -164,6 +225,17 @@ class CalvinBenchmark(Benchmark):
             process.close()
             raise
         return CalvinEnvironment(table, load_instructions(conf), self.cameras, self.image_size, process)
+
+    def try_one_step(self) -> None:
+        """The first chain's start and one zero action in its first subtask, judged by the task oracle."""
+        environment = self.make_environment()
+        try:
+            spec = self.evaluation_episodes(SPLITS[0], 1)[0]
+            environment.reset(spec)
+            environment.begin_subtask(spec.subtasks[0])
+            environment.step(np.zeros(self.action_dim, dtype=np.float32), observe=True)
+        finally:
+            environment.close()
 
     def run_episode(self, environment: CalvinEnvironment, spec: EpisodeSpec, policy: Policy,
                     trajectory: Trajectory | None = None, on_frame: Any = None) -> EpisodeRecord:
@@ -220,7 +292,7 @@ class CalvinEnvironment(Environment):
         self._gripper = 1.0
 
     def reset(self, spec: EpisodeSpec) -> Observation:
-        condition, subtasks = evaluation_chains(spec.seed + 1)[spec.seed]
+        condition, subtasks = chain_of(spec)
         if tuple(subtasks) != tuple(spec.subtasks):
             raise ConfigError(f"chain {spec.seed} of the benchmark is {list(subtasks)}, not {list(spec.subtasks)}")
         robot_obs, scene_obs = initial_env_state(condition)
@@ -252,7 +324,8 @@ class CalvinEnvironment(Environment):
         if self.table is not None:
             table, self.table = self.table, None
             try:
-                table.close()
+                if self.process is None or not self.process.dead:  # a dead simulator holds nothing to close
+                    table.close()
             finally:
                 if self.process is not None:
                     self.process.close()
@@ -275,24 +348,32 @@ def env_action(action: np.ndarray, gripper_now: float = 1.0) -> np.ndarray:
 # ---- the real packages' errors --------------------------------------------------------------------------------
 
 @contextmanager
-def _calvin_errors():
-    """Turns what `calvin_play_table` raises (here or in a simulator process) into robovlms' errors."""
+def _calvin_errors(python: str):
+    """Turns what `calvin_play_table` raises (here or in a simulator process run by `python`) into robovlms' errors:
+    calvin_agent missing where the task definitions are looked up through it, anything else that fails to import
+    (calvin_env or what it imports), a calvin_conf folder without the task definitions."""
     try:
         yield
     except MissingDependencyError:
         raise
     except ImportError as error:
+        if "calvin_agent" in str(error):
+            raise MissingDependencyError(
+                f"CALVIN's task definitions and evaluation instructions live in its repository's calvin_models/conf; "
+                f"install calvin_models (below) or set benchmark option calvin_conf to that folder.\n{INSTALL}\n"
+                f"(import failed: {error})") from None
         raise MissingDependencyError(
-            f"CALVIN's task definitions and evaluation instructions live in its repository's calvin_models/conf; "
-            f"install calvin_models (below) or set benchmark option calvin_conf to that folder.\n{INSTALL}\n"
-            f"(import failed: {error})") from None
+            f"calvin_env fails to import in {python}: {error}. robovlms was checked with calvin_env "
+            f"{CALVIN_ENV_COMMIT}, which needs only the packages below; a recursive clone of calvin checks out an "
+            f"older calvin_env: run git -C calvin/calvin_env checkout {CALVIN_ENV_COMMIT} (an editable install "
+            f"follows it). {INSTALL_STEPS}") from None
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
 
 
 def find_calvin_conf(calvin_conf: str | None) -> Path:
     """The calvin repository's `calvin_models/conf` folder: given, or next to the installed `calvin_agent`."""
-    with _calvin_errors():
+    with _calvin_errors(sys.executable):
         return Path(calvin_play_table.find_calvin_conf(calvin_conf))
 
 

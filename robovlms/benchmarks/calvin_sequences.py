@@ -216,7 +216,7 @@ def _feasible_batch(state: tuple, picks: np.ndarray) -> np.ndarray:
     return ok & (current != len(ids))
 
 
-def _sample_chains(condition: dict[str, Any], count: int, seed: int) -> list[tuple[str, ...]]:
+def sample_chains(condition: dict[str, Any], count: int, seed: int) -> list[tuple[str, ...]]:
     """Rejection-sample `count` feasible chains, drawing 5 distinct subtasks at a time as CALVIN does.
 
     CALVIN draws np.random.choice(34 names, 5, replace=False) after np.random.seed(seed); in numpy's legacy
@@ -245,9 +245,9 @@ def _draw(needed: dict[int, int], conditions: list[dict[str, Any]], num_workers:
     if num_workers > 1 and len(todo) > 1:
         context = multiprocessing.get_context("spawn")  # the caller may hold torch threads, which fork does not survive
         with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-            results = list(pool.map(_sample_chains, *args, chunksize=4))
+            results = list(pool.map(sample_chains, *args, chunksize=4))
     else:
-        results = list(map(_sample_chains, *args))
+        results = list(map(sample_chains, *args))
     _drawn.update((i, tuple(chains)) for i, chains in zip(todo, results))
 
 

@@ -4,6 +4,12 @@ Playing the part CALVIN ABC->D plays in the RoboVLMs paper: train on scenes A, B
 instructions at evaluation that training never used. Scenes differ in table and floor colour, lighting and the
 third-person camera's pose. Actions are 4-D (xyz delta, gripper); proprioception is the hand position and the
 gripper opening.
+
+Settings are chosen on validation episodes that mirror the test episodes without touching them. Where the test
+scene is held out from training (ABC->D), the validation episodes run in scene E, which is neither trained on nor
+tested, as far from A-C as D is and far from D; where it is trained on (D->D, ABCD->D), in the test scene with
+fresh seeds, as held-out episodes of a training scene. Either way with instructions of their own and seeds of their
+own (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from robovlms.benchmark import Benchmark, Environment, EpisodeSpec, Observation
-from robovlms.benchmarks.metaworld_instructions import INSTRUCTIONS
+from robovlms.benchmarks.metaworld_instructions import INSTRUCTIONS, VALIDATION_INSTRUCTIONS
 from robovlms.errors import ConfigError, UnknownNameError
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
@@ -46,11 +52,18 @@ SCENES = {
     "B": Scene((0.55, 0.75, 1.0, 1), (0.8, 0.65, 0.5, 1), 0.45, 0.05, (0.06, -0.05, 0.04)),
     "C": Scene((1.0, 0.6, 0.55, 1), (0.55, 0.8, 0.6, 1), 0.22, 0.20, (-0.05, 0.06, -0.03)),
     "D": Scene((0.7, 1.0, 0.6, 1), (0.6, 0.6, 0.85, 1), 0.38, 0.15, (0.04, 0.05, 0.05)),
+    # the validation scene, never trained on nor tested: its images differ from the nearest of A-C by 22.9 grey
+    # levels (third-person camera) and 8.0 (gripper camera) on average, as D's do by 22.1 and 7.6, and from D's by
+    # 29.9 and 13.0 (tests/test_metaworld.py)
+    "E": Scene((0.8, 0.7, 1.0, 1), (0.9, 0.85, 0.55, 1), 0.26, 0.12, (0.05, -0.05, -0.05)),
 }
+TRAINING_SCENES = "ABCD"
 
-SPLITS = {"ABC->D": ("ABC", "D"), "D->D": ("D", "D"), "ABCD->D": ("ABCD", "D")}
+# split -> (training scenes, test scenes, validation scenes)
+SPLITS = {"ABC->D": ("ABC", "D", "E"), "D->D": ("D", "D", "D"), "ABCD->D": ("ABCD", "D", "D")}
 
-EVALUATION_SEED_OFFSET = 1_000_000  # evaluation seeds never meet demonstration seeds (scene * 100_000 + i)
+EVALUATION_SEED_OFFSET = 1_000_000  # test seeds never meet demonstration seeds (scene * 100_000 + i)
+VALIDATION_SEED_OFFSET = 2_000_000  # nor validation seeds either
 
 
 def task_env_name(task: str) -> str:
@@ -83,8 +96,8 @@ def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return resolved
 
 
-def split_scenes(split: str) -> tuple[str, str]:
-    """(training scenes, evaluation scenes) of a split."""
+def split_scenes(split: str) -> tuple[str, str, str]:
+    """(training scenes, test scenes, validation scenes) of a split."""
     if split not in SPLITS:
         raise UnknownNameError("split", split, SPLITS)
     return SPLITS[split]
@@ -102,6 +115,10 @@ def training_instructions(task: str) -> tuple[str, ...]:
 
 def evaluation_instructions(task: str) -> tuple[str, ...]:
     return INSTRUCTIONS[task_env_name(task)][TRAIN_INSTRUCTIONS:]
+
+
+def validation_instructions(task: str) -> tuple[str, ...]:
+    return VALIDATION_INSTRUCTIONS[task_env_name(task)]
 
 
 class MetaWorldBenchmark(Benchmark):
@@ -135,10 +152,13 @@ class MetaWorldBenchmark(Benchmark):
 
     def demonstration_episodes(self, split: str, episodes_per_scene: int, attempt: int = 0,
                                scenes: str | None = None) -> list[EpisodeSpec]:
-        train_scenes, _ = split_scenes(split)
+        train_scenes = split_scenes(split)[0]
         if scenes is not None:
             for scene in scenes:
                 check_scene(scene)
+                if scene not in TRAINING_SCENES:
+                    raise ConfigError(f"scene {scene} is the validation scene, never trained on; training scenes: "
+                                      f"{', '.join(TRAINING_SCENES)}")
             train_scenes = scenes
         specs = []
         for task in self.task_names:
@@ -146,18 +166,26 @@ class MetaWorldBenchmark(Benchmark):
             for scene in train_scenes:
                 for i in range(episodes_per_scene):
                     index = attempt * episodes_per_scene + i
-                    seed = "ABCD".index(scene) * 100_000 + index
+                    seed = TRAINING_SCENES.index(scene) * 100_000 + index
                     specs.append(EpisodeSpec(task, scene, instructions[seed % len(instructions)], seed))
         return specs
 
     def evaluation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
-        _, evaluation_scenes = split_scenes(split)
+        return self._held_out_episodes(split_scenes(split)[1], evaluation_instructions, EVALUATION_SEED_OFFSET,
+                                       episodes_per_task)
+
+    def validation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        return self._held_out_episodes(split_scenes(split)[2], validation_instructions, VALIDATION_SEED_OFFSET,
+                                       episodes_per_task)
+
+    def _held_out_episodes(self, scenes: str, instructions_of, seed_offset: int, episodes_per_task: int
+                           ) -> list[EpisodeSpec]:
         specs = []
         for task in self.task_names:
-            instructions = evaluation_instructions(task)
+            instructions = instructions_of(task)
             for i in range(episodes_per_task):
-                scene = evaluation_scenes[i % len(evaluation_scenes)]
-                specs.append(EpisodeSpec(task, scene, instructions[i % len(instructions)], EVALUATION_SEED_OFFSET + i))
+                specs.append(EpisodeSpec(task, scenes[i % len(scenes)], instructions[i % len(instructions)],
+                                         seed_offset + i))
         return specs
 
     def make_environment(self) -> MetaWorldEnvironment:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from robovlms.errors import ConfigError, SimulatorProcessError
+from robovlms.errors import ConfigError, SimulatorDied, SimulatorProcessError
 from robovlms.simulators.server import PROTOCOL, VERSION, ProtocolError, read_message, write_message
 from robovlms.simulators.server import probe as probe_here
 
@@ -29,6 +29,12 @@ SERVER_FILE = Path(__file__).resolve().parents[1] / "simulators" / "server.py"
 SIMULATORS_DIR = SERVER_FILE.parent
 SHUTDOWN_WAIT_S = 30
 OUTPUT_LINES_SHOWN = 20
+# What a signal that ended a simulator process says about its cause.
+SIGNAL_CAUSES = {"SIGKILL": "sent from outside the process: the kernel's out-of-memory killer (see dmesg), a job "
+                            "scheduler or a person",
+                 "SIGSEGV": "a crash in the simulator's native code (its renderer or physics engine)",
+                 "SIGBUS": "a crash in the simulator's native code (its renderer or physics engine)",
+                 "SIGABRT": "the simulator's native code gave up (an assertion or an uncaught C++ exception)"}
 
 
 class RemoteObject:
@@ -51,8 +57,8 @@ class RemoteObject:
 class SimulatorProcess:
     """A simulator server run by `python` (an interpreter path), started at construction, stopped by `close`.
 
-    `environment` adds variables to the server's environment. Whatever the simulator prints goes to a log file,
-    whose last lines an error quotes when the process dies.
+    `environment` adds variables to the server's environment. Whatever the simulator prints goes to a log file; when
+    the process dies, the error quotes what it printed during the call it died in, and the log is kept.
     """
 
     def __init__(self, python: str | os.PathLike, *, environment: Mapping[str, str] | None = None,
@@ -68,6 +74,8 @@ class SimulatorProcess:
                                              env={**os.environ, **(environment or {})})
         self._finalizer = weakref.finalize(self, _stop, self._process)
         self._ended: str | None = None  # why no more requests can be made
+        self._dead = False  # ended by dying, not by close()
+        self._output_from = 0  # the log's size when the current call began
         self.server_info = self._receive("start-up")
         if self.server_info.get("protocol") != PROTOCOL or self.server_info.get("version") != VERSION:
             self._finalizer()
@@ -86,9 +94,15 @@ class SimulatorProcess:
         return self.request({"op": "call", "module": str(module), "function": function, "args": list(args),
                              "kwargs": kwargs}, f"{Path(module).name}:{function}()")
 
+    @property
+    def dead(self) -> bool:
+        """Whether the process exited or was killed without being closed."""
+        return self._dead
+
     def request(self, request: dict, what: str) -> Any:
         if self._ended is not None:
-            raise SimulatorProcessError(f"{what}: {self._ended}")
+            raise (SimulatorDied if self._dead else SimulatorProcessError)(f"{what}: {self._ended}")
+        self._output_from = self._log_size()
         try:
             write_message(self._process.stdin, request, hold=_handle_of)
         except OSError:
@@ -122,19 +136,34 @@ class SimulatorProcess:
             raise SimulatorProcessError(f"the simulator process ({self.python}) sent a malformed message during "
                                         f"{what}: {error}") from None
 
-    def _died(self, what: str) -> SimulatorProcessError:
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _died(self, what: str) -> SimulatorDied:
+        """The error of a process that ended during `what`: how it ended, what it printed during that call (not the
+        start-up chatter before it), and where its whole output is kept."""
         try:
             code = self._process.wait(timeout=SHUTDOWN_WAIT_S)
         except subprocess.TimeoutExpired:
             code = None
         self._finalizer()
-        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else \
-            f"exited with code {code}"
-        self._ended = f"the simulator process ({self.python}, pid {self._process.pid}) {how}"
-        output = self.log_path.read_text(errors="replace").splitlines()[-OUTPUT_LINES_SHOWN:]
-        shown = "\n".join(f"  | {line}" for line in output) or "  (nothing)"
-        return SimulatorProcessError(f"{self._ended} during {what}; its last output:\n{shown}\n"
-                                     f"(all of it: {self.log_path})")
+        how = f"exited with code {code}"
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            how = f"was killed by {name}" + (f" ({SIGNAL_CAUSES[name]})" if name in SIGNAL_CAUSES else "")
+        self._ended, self._dead = f"the simulator process ({self.python}, pid {self._process.pid}) {how}", True
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._output_from)
+                output = log.read().decode(errors="replace").splitlines()[-OUTPUT_LINES_SHOWN:]
+        except OSError:  # removed by a cleaner of temporary files
+            output = []
+        shown = (f"its output during {what}:\n" + "\n".join(f"  | {line}" for line in output) if output else
+                 f"it printed nothing during {what}")
+        return SimulatorDied(f"{self._ended} during {what}; {shown}\n(its whole output: {self.log_path})")
 
 
 def probe(python: str | os.PathLike, modules: list[str]) -> dict[str, Any]:

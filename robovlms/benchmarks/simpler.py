@@ -3,11 +3,13 @@ Google robot and WidowX tasks, evaluated by visual matching and (Google robot) v
 
 The protocol is SimplerEnv's own: the episodes its scripts run (`simpler_episodes`), each in an environment built
 with the scripts' arguments and reset with their options, at 3 Hz (Google robot) or 5 Hz (WidowX), for the task's
-whole step limit. Building is slow, so for the tasks where a reused environment was shown to give what a fresh one
-gives (`REUSABLE_TASKS`) an environment is reused while the arguments stay the same, reset with the episode seed a
-freshly built one gets; every other episode gets a fresh environment. As simpler_env's evaluator does, an episode is
-not stopped when the task is first solved: success is the environment's `success` at its last step (a coke can lifted
-and dropped again is a failure), and the instruction is the environment's own. A policy's raw action is converted the
+whole step limit. Every episode gets a freshly built environment, as in SimplerEnv's scripts: a ManiSkill2_real2sim
+reset keeps the robot's joint drive targets and leaves the arm where the last episode left it while the objects
+settle, so a reused environment's episode can start from another scene (measured: 355 pixels of pick coke can's
+first image at 224 x 224 after a 12-step episode that moved the arm), and a reset that rebuilds the scene costs what
+a rebuild costs (docs/simpler.md). As simpler_env's evaluator does, an episode is not stopped when the task is first
+solved: success is the environment's `success` at its last step (a coke can lifted and dropped again is a failure),
+and the instruction is the environment's own. A policy's raw action is converted the
 way SimplerEnv's Octo and OpenVLA policies convert theirs (`SimplerActionConverter`). A task's score is the mean over
 its variants of each variant's success rate.
 
@@ -30,8 +32,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from robovlms.benchmark import (Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation, Observation, Policy,
-                                Trajectory, square_image)
+from robovlms.benchmark import (VAL_LOSS_SEARCH, Benchmark, EpisodeRecord, EpisodeSpec, Environment, Installation,
+                                Observation, Policy, Trajectory, square_image)
 from robovlms.benchmarks.simpler_episodes import (TASKS, SimplerEpisode, check_task, episodes, evenly_spread,
                                                    find_episode, protocols, step_limit)
 from robovlms.benchmarks.simpler_metrics import PUBLISHED_SIM_SUCCESS, published_agreement
@@ -44,7 +46,7 @@ INSTALL = ("SimplerEnv is not installed. Install it from its repository (neither
            "is on PyPI) into an environment of its own (it needs numpy<2 and gymnasium<1.0):\n"
            "  git clone https://github.com/simpler-env/SimplerEnv --recurse-submodules\n"
            "  python3 -m venv simpler-venv && simpler-venv/bin/pip install 'numpy<2' 'gymnasium<1.0' sapien==2.2.2 "
-           "'setuptools<80' 'opencv-python<4.12'\n"
+           "'setuptools<80' 'opencv-python<4.12' 'pandas<3' 'pyarrow<=22'\n"
            "  simpler-venv/bin/pip install -e SimplerEnv/ManiSkill2_real2sim && simpler-venv/bin/pip install --no-deps "
            "-e SimplerEnv\n"
            "then set benchmark option python (or ROBOVLMS_SIMPLER_PYTHON) to simpler-venv/bin/python. Its renderer, "
@@ -56,17 +58,16 @@ SCENE_MODULE = Path(simpler_scene.__file__)
 ROBOTS = ("google_robot", "widowx")
 CAMERAS = ("rgb_static",)  # the robot's default camera: the Google robot's overhead camera, WidowX's 3rd-view camera
 ASSETS_HINT = ("Point MS2_ASSET_DIR (MS2_REAL2SIM_ASSET_DIR in later versions) at the data folder of a complete "
-               "ManiSkill2_real2sim checkout (git clone --recurse-submodules).")
+               "ManiSkill2_real2sim checkout (git clone --recurse-submodules, with git LFS).")
+VULKAN_HINT = ("SAPIEN, SimplerEnv's renderer, draws with Vulkan: on a GPU machine, NVIDIA's driver with its Vulkan "
+               "ICD; without a GPU, the Vulkan loader (Debian: libvulkan1) and Mesa's lavapipe from bookworm-backports "
+               "with the semaphore shim, named by VK_ICD_FILENAMES and LD_PRELOAD in a wrapper script that the python "
+               "option names (docs/simpler.md, Vulkan)")
 
 # A fresh environment is built with seed 2022 (ManiSkill2's BaseEnv) and simpler_env's evaluator resets it once
 # without a seed, so every episode it runs draws the first number of that generator as its episode seed (it decides
-# distractor placements, for one). Reusing an environment, the adapter passes that seed explicitly.
+# distractor placements, for one). The adapter passes that seed explicitly.
 EPISODE_SEED = int(np.random.RandomState(2022).randint(2**32))
-
-# Tasks whose environment, reset again with the same seed and options, renders what a freshly built one renders
-# (checked against the real simulator: pick coke can and carrot on plate are pixel-identical; move near's differs
-# in 440 pixels at 224 x 224). Every other task's episodes are run in a fresh environment.
-REUSABLE_TASKS = frozenset({"google_robot_pick_coke_can", "widowx_carrot_on_plate"})
 
 # Objects are dropped from 0.5 m above the table at reset; one found this far below the table top fell through it.
 FALLEN_BELOW_TABLE_M = 0.5
@@ -175,14 +176,13 @@ def check_scene(scene: dict) -> None:
 
 class SimplerEnvironment(Environment):
     """simpler_env environments, one at a time, through a `SimplerScene` (in this process, or held by the simulator
-    `process`): each episode builds one with its build arguments, or reuses the last one where its task is in
-    REUSABLE_TASKS and the arguments are the same."""
+    `process`): each episode builds one with its build arguments (in one process only the first build starts the
+    renderer: later ones take 1-2 s on a CPU)."""
 
     def __init__(self, robot: str, image_size: int, scene: SimplerScene, asset_dir: Path, process: Any = None):
         self.robot, self.image_size = robot, image_size
         self.scene, self.asset_dir, self.process = scene, Path(asset_dir), process
         self.actions = SimplerActionConverter(robot)
-        self._built_with: tuple[str, dict] | None = None
         self.episode: SimplerEpisode | None = None
         self.instruction = ""
         self.episode_stats: dict[str, Any] = {}
@@ -195,7 +195,7 @@ class SimplerEnvironment(Environment):
         episode = find_episode(spec.task, spec.scene, spec.seed)
         if TASKS[episode.task] != self.robot:
             raise ConfigError(f"{episode.task} is a {TASKS[episode.task]} task; this environment drives {self.robot}")
-        self._build_for(episode)
+        self._build(episode)
         state = self.scene.reset(EPISODE_SEED, episode.reset_options())
         check_scene(state["scene"])
         self.episode, self.episode_stats = episode, {}
@@ -209,16 +209,17 @@ class SimplerEnvironment(Environment):
         self.episode_stats = state["episode_stats"]
         return (self._observation(state) if observe else None), state["success"] and state["truncated"]
 
-    def _build_for(self, episode: SimplerEpisode) -> None:
-        built_with = (episode.env_name, episode.build_kwargs(self.asset_dir))
-        if built_with == self._built_with and episode.task in REUSABLE_TASKS:
-            return
-        self._built_with = None
+    def _build(self, episode: SimplerEpisode) -> None:
         try:
-            self.scene.build(*built_with)
+            self.scene.build(episode.env_name, episode.build_kwargs(self.asset_dir))
         except FileNotFoundError as error:
-            raise MissingDependencyError(f"{error}\n{ASSETS_HINT}") from None
-        self._built_with = built_with
+            raise MissingDependencyError(f"ManiSkill2_real2sim's assets are incomplete: {error}\n{ASSETS_HINT}"
+                                         ) from None
+        except RuntimeError as error:
+            if "rendering device" not in str(error):
+                raise
+            raise MissingDependencyError(f"SAPIEN found no Vulkan device it can render with ({error}). "
+                                         f"{VULKAN_HINT}") from None
 
     def _observation(self, state: dict) -> Observation:
         image = square_image(np.asarray(state["image"]), self.image_size)
@@ -230,11 +231,11 @@ class SimplerEnvironment(Environment):
         if self.scene is not None:
             scene, self.scene = self.scene, None
             try:
-                scene.close()
+                if self.process is None or not self.process.dead:  # a dead simulator holds nothing to close
+                    scene.close()
             finally:
                 if self.process is not None:
                     self.process.close()
-        self._built_with = None
 
 
 class SimplerBenchmark(Benchmark):
@@ -300,6 +301,15 @@ class SimplerBenchmark(Benchmark):
                                   seed=index) for index in evenly_spread(listed, episodes_per_task)]
         return specs
 
+    def validation_episodes(self, split: str, episodes_per_task: int) -> list[EpisodeSpec]:
+        """None: every episode SimplerEnv defines (its scripts' object placements, robot poses and overlays) is one
+        of its published evaluation, and its policies train on real-robot data, not on simulated scenes."""
+        raise ConfigError(
+            "SimplerEnv defines no validation episodes: every episode of visual matching and variant aggregation is "
+            "part of its published evaluation, so choosing settings on any of them chooses on the test. Choose on "
+            f"the validation loss of held-out training windows ({VAL_LOSS_SEARCH}), or on another benchmark "
+            "(docs/simpler.md)")
+
     @classmethod
     def published_agreement(cls, split: str, tasks: Sequence[str]) -> PublishedAgreement | None:
         """SimplerEnv's published agreement for its reference policies (simpler_metrics) on the tasks it publishes."""
@@ -335,6 +345,19 @@ class SimplerBenchmark(Benchmark):
             process.close()
             raise
         return SimplerEnvironment(self.robot, self.image_size, scene, asset_dir, process)
+
+    def try_one_step(self) -> None:
+        """The first episode of each robot's first task and one zero action, in one simulator: every robot's
+        stage, objects and renderer."""
+        environment = self.make_environment()
+        try:
+            for robot in ROBOTS:
+                robots_tasks = SimplerBenchmark(robot=robot, image_size=self.image_size)
+                driver = SimplerEnvironment(robot, self.image_size, environment.scene, environment.asset_dir)
+                driver.reset(robots_tasks.evaluation_episodes(robots_tasks.splits()[0], 1)[0])
+                driver.step(np.zeros(self.action_dim, dtype=np.float32), observe=True)
+        finally:
+            environment.close()
 
     def run_episode(self, environment: SimplerEnvironment, spec: EpisodeSpec, policy: Policy,
                     trajectory: Trajectory | None = None, on_frame: Any = None) -> EpisodeRecord:
@@ -396,4 +419,6 @@ def _simpler_errors():
     except MissingDependencyError:
         raise
     except ImportError as error:
+        if "libvulkan" in str(error):
+            raise MissingDependencyError(f"SAPIEN cannot load the Vulkan loader ({error}). {VULKAN_HINT}") from None
         raise MissingDependencyError(f"{INSTALL}\n(import failed: {error})") from None

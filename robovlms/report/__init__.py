@@ -9,6 +9,8 @@
 Modules, one concern each:
     runs.py         reading run directories into SweepRuns
     statistics.py   Wilson intervals of success rates
+    comparisons.py  paired differences in success and their family-wise (Holm) verdicts
+    main_effects.py which cells and episodes are compared: main effects and against the baselines
     tables.py       the tables, as data frames
     formatting.py   the tables for reading
     plots.py        the figures

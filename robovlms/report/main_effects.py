@@ -1,29 +1,30 @@
 """Main effects: for each design axis that varies among a run's trained cells, success pooled over the other axes,
-and which differences between its levels are resolved.
+and which differences between its levels are resolved; and each trained configuration against each baseline.
 
 A level's pooled rate mixes whatever else varies with it, so differences are judged on matched cells only: two
 cells form a pair when they agree on every other axis and the seed. An axis nested in the compared one (whose value
 each level of it sets, as the demo's formulations set their history) is not matched on but named: the comparison is
-of the levels as configured. The difference of a pair of levels is the mean
-over its matched pairs of (success of a - success of b); its 95% interval is a paired bootstrap that resamples the
-matched pairs and, within each pair, the evaluation episodes (jointly where both cells ran the same episodes). A
-difference is resolved when its interval excludes 0.
+of the levels as configured. Each trained configuration is compared with each baseline the same way, its cells (one
+per seed) paired with the baseline's cell of their run.
 
-Each trained configuration is also compared with each baseline the same way: its cells (one per seed) paired with
-the baseline's cell on the episodes both ran, since a paired comparison resolves differences that two overlapping
-Wilson intervals leave open.
+A pair of cells is compared episode by episode on the episodes both ran, matched by identity (task, scene,
+instruction, seed, and which repeat of them), and as two independent samples where its episodes cannot be matched
+(a cell whose records are unreadable). The statistics, and what "resolved" means, are in comparisons.py: the main
+effects are one family and the comparisons against the baselines another, each Holm-adjusted.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from robovlms.report.runs import ACTION_OBJECTIVE, OBJECTIVE_OPTIONS, SweepRuns, complete_cells
+from robovlms.report.comparisons import ComparisonData, comparison_statistics, family_verdicts
+from robovlms.report.runs import ACTION_OBJECTIVE, DEFAULT_SETTING, OBJECTIVE_OPTIONS, SweepRuns, complete_cells
 from robovlms.report.statistics import RATE_COLUMNS, rate
 
 # The axes every trained cell has, as the report names them; further grid axes (learning_rate, ...) come from
@@ -33,8 +34,8 @@ CONFIGURATION_AXES = {"backbone": "backbone_label", "formulation": "formulation"
                       "data_fraction": "data_fraction"}
 # a seed is a replicate, not a design choice; the objective's options are the "action objective" axis
 NOT_AXES = {"seed", "policy", *(f"formulation.options.{option}" for option in OBJECTIVE_OPTIONS)}
-BOOTSTRAP_SAMPLES = 2000
-EPISODE_KEY = ["task", "scene", "seed"]  # the same episode evaluated by two cells
+EPISODE_IDENTITY = ["task", "scene", "instruction", "seed"]  # the same episode, evaluated by two cells
+VERDICT_COLUMNS = ["episodes", "difference", "low", "high", "p_value", "p_holm", "resolved"]
 
 
 def _level(shown: Any, value: Any) -> str:
@@ -49,17 +50,31 @@ def _level(shown: Any, value: Any) -> str:
 
 
 def cell_levels(runs: SweepRuns) -> pd.DataFrame:
-    """One row per complete trained cell: run, cell_id, seed, and its level of every axis (as text)."""
+    """One row per complete trained cell: run, cell_id, seed, and its level of every axis (as text). A grid axis
+    that a cell's grid did not set takes the value of the cell's resolved config (a union of grids sets
+    frame_stride in one grid only), or "(default)" where the config leaves it to the plugin."""
     trained = complete_cells(runs)[lambda cells: cells.kind == "trained"]
+    extra = list(dict.fromkeys(axis for axes in trained["axes"] for axis in (axes or {})
+                               if axis not in CONFIGURATION_AXES and axis not in NOT_AXES))
     rows = []
     for cell in trained.itertuples(index=False):
         axes = dict(cell.axes or {})
         levels = {axis: _level(getattr(cell, column) or "", axes.get(axis))
                   for axis, column in CONFIGURATION_AXES.items()}
-        levels.update({axis: _level(value.get("name", "") if isinstance(value, dict) else value, value)
-                       for axis, value in axes.items() if axis not in CONFIGURATION_AXES and axis not in NOT_AXES})
+        for axis in extra:
+            value = axes[axis] if axis in axes else _config_value(cell.config or {}, axis)
+            levels[axis] = _level(value.get("name", "") if isinstance(value, dict) else value, value)
         rows.append({"run": cell.run, "cell_id": cell.cell_id, "seed": cell.seed, **levels})
     return pd.DataFrame(rows)
+
+
+def _config_value(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return DEFAULT_SETTING
+        value = value[key]
+    return value
 
 
 def varying_axes(levels: pd.DataFrame) -> list[str]:
@@ -92,17 +107,17 @@ def _episode_counts(runs: SweepRuns) -> pd.DataFrame:
     return cells.set_index(["run", "cell_id"])[["successes", "episodes"]].astype(int)
 
 
-def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
-    """Per varying axis and pair of its levels: matched pairs of cells, the mean difference in success (a - b),
-    its 95% paired-bootstrap interval, whether the interval excludes 0, and the axes nested in this one (set by it,
-    as history by the formulation) that also differ between the two levels."""
-    levels = cell_levels(runs).fillna("")
-    columns = ["axis", "level_a", "level_b", "matched_cells", "difference", "low", "high", "resolved", "also_differs"]
+def pairwise_table(runs: SweepRuns) -> pd.DataFrame:
+    """Per varying axis and pair of its levels: matched pairs of cells, episodes per pair, the mean difference in
+    success (a - b) with its 95% interval, its p-value, Holm-adjusted over the family of every compared pair of
+    levels, whether it is resolved, and the axes nested in this one (set by it, as history by the formulation)
+    that also differ between the two levels. The family's pooled pair noise is in the frame's `attrs`."""
+    levels = cell_levels(runs)
+    columns = ["axis", "level_a", "level_b", "matched_cells", *VERDICT_COLUMNS, "also_differs"]
     if levels.empty:
         return pd.DataFrame(columns=columns)
-    outcomes = _episode_outcomes(runs)
-    rng = np.random.default_rng(seed)
-    rows = []
+    outcomes = episode_outcomes(runs)
+    rows, comparisons = [], []
     axes = varying_axes(levels)
     for axis in axes:
         nested = [other for other in axes if other != axis and _sets(levels, axis, other)
@@ -118,46 +133,64 @@ def pairwise_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
             matched = [((row.run_a, row.cell_id_a), (row.run_b, row.cell_id_b)) for row in joined.itertuples()]
             differs = [other for other in nested if set(levels.loc[levels[axis] == level_a, other])
                        != set(levels.loc[levels[axis] == level_b, other])]
-            row = {"axis": axis, "level_a": level_a, "level_b": level_b, "matched_cells": len(matched),
-                   "also_differs": ", ".join(differs)}
-            if matched:
-                pairs = [_paired_outcomes(outcomes[cell_a], outcomes[cell_b]) for cell_a, cell_b in matched]
-                difference = float(np.mean([x.mean() - y.mean() for x, y in pairs]))
-                low, high = _bootstrap_interval(pairs, rng)
-                row.update(difference=difference, low=low, high=high, resolved=bool(low > 0 or high < 0))
-            rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
+            rows.append({"axis": axis, "level_a": level_a, "level_b": level_b, "matched_cells": len(matched),
+                         "also_differs": ", ".join(differs)})
+            comparisons.append(compared_pairs(outcomes, matched) if matched else None)
+    return _with_verdicts(pd.DataFrame(rows, columns=[column for column in columns if column not in VERDICT_COLUMNS]),
+                          comparisons, columns)
 
 
-def baseline_comparison_table(runs: SweepRuns, seed: int = 0) -> pd.DataFrame:
+def baseline_comparison_table(runs: SweepRuns) -> pd.DataFrame:
     """Per trained configuration (seeds pooled) and baseline: the mean difference in success (configuration -
-    baseline) with its 95% paired-bootstrap interval, whether it is resolved, and whether the configuration's Wilson
-    interval (seeds pooled) lies wholly above the baseline's."""
+    baseline) with its 95% interval, p-value, Holm-adjusted over the family of every configuration and baseline,
+    whether it is resolved, and whether the configuration's Wilson interval (seeds pooled) lies wholly above the
+    baseline's."""
     configuration = runs.configuration
-    columns = [*configuration, "baseline", "difference", "low", "high", "resolved", "interval_above"]
+    columns = [*configuration, "baseline", "seeds", *VERDICT_COLUMNS, "interval_above"]
     cells = complete_cells(runs)
     trained, baselines = cells[cells.kind == "trained"], cells[cells.kind == "baseline"]
     if trained.empty or baselines.empty:
         return pd.DataFrame(columns=columns)
-    outcomes = _episode_outcomes(runs)
-    rng = np.random.default_rng(seed)
-    rows = []
+    outcomes = episode_outcomes(runs)
+    rows, comparisons = [], []
     for key, group in trained.groupby(configuration, sort=False):
         pooled = rate(group.successes.sum(), group.episodes.sum())
         for label, baseline_cells in baselines.groupby("backbone_label", sort=False):
             by_run = baseline_cells.drop_duplicates("run").set_index("run")
-            pairs = []
+            matched = []
             for cell in group.itertuples():  # the baseline of the cell's own run where it has one
                 baseline = by_run.loc[cell.run] if cell.run in by_run.index else by_run.iloc[0]
-                pairs.append(_paired_outcomes(outcomes[cell.run, cell.cell_id],
-                                              outcomes[baseline.name, baseline.cell_id]))
-            low, high = _bootstrap_interval(pairs, rng)
+                matched.append(((cell.run, cell.cell_id), (baseline.name, baseline.cell_id)))
             baseline_rate = rate(baseline_cells.successes.sum(), baseline_cells.episodes.sum())
-            rows.append({**dict(zip(configuration, key)), "baseline": label,
-                         "difference": float(np.mean([a.mean() - b.mean() for a, b in pairs])), "low": low,
-                         "high": high, "resolved": bool(low > 0 or high < 0),
+            rows.append({**dict(zip(configuration, key)), "baseline": label, "seeds": len(group),
                          "interval_above": bool(pooled["wilson_low"] > baseline_rate["wilson_high"])})
-    return pd.DataFrame(rows, columns=columns)
+            comparisons.append(compared_pairs(outcomes, matched))
+    return _with_verdicts(pd.DataFrame(rows), comparisons, columns)
+
+
+def _with_verdicts(table: pd.DataFrame, comparisons: list[ComparisonData | None], columns: list[str]
+                   ) -> pd.DataFrame:
+    """The table with each row's verdict (blank where a row has no comparison), its family's pooled pair noise
+    (`pair_noise_sd`, `pair_noise_df`) and number of tests in `attrs`."""
+    compared = [index for index, comparison in enumerate(comparisons) if comparison is not None]
+    verdicts = pd.DataFrame(index=table.index, columns=VERDICT_COLUMNS).astype(float)
+    verdicts["resolved"] = False
+    attributes = {"pair_noise_df": 0.0, "pair_noise_sd": 0.0, "tests": 0}
+    if compared:
+        family = family_verdicts([comparison_statistics(comparisons[index]) for index in compared])
+        rows = table.index[compared]
+        verdicts.loc[rows, "episodes"] = [comparisons[index].episodes for index in compared]
+        for column, values in (("difference", family.difference), ("low", family.low), ("high", family.high),
+                               ("p_value", family.p_value), ("p_holm", family.p_holm)):
+            verdicts.loc[rows, column] = values[0]
+        verdicts.loc[rows, "resolved"] = family.resolved[0]
+        attributes = {"pair_noise_df": family.between_pairs_df,
+                      "pair_noise_sd": float(np.sqrt(family.between_pairs_variance[0])),
+                      "tests": int(family.tested.sum())}
+    verdicts["episodes"] = verdicts.episodes.astype("Int64")
+    table = pd.concat([table, verdicts], axis=1)[columns]
+    table.attrs.update(attributes)
+    return table
 
 
 def _sets(levels: pd.DataFrame, axis: str, other: str) -> bool:
@@ -165,41 +198,60 @@ def _sets(levels: pd.DataFrame, axis: str, other: str) -> bool:
     return bool(levels.groupby(axis)[other].nunique().max() == 1)
 
 
-def _episode_outcomes(runs: SweepRuns) -> dict[tuple[str, str], pd.DataFrame]:
-    """Each complete cell's episodes (EPISODE_KEY, success); from its counts alone where its records are missing."""
-    key = [column for column in EPISODE_KEY if column in runs.episodes]
-    outcomes = {(run, cell_id): episodes[[*key, "success"]].reset_index(drop=True)
-                for (run, cell_id), episodes in runs.episodes.groupby(["run", "cell_id"], sort=False)}
+@dataclass
+class CellOutcomes:
+    """A complete cell's evaluation episodes: `success` indexed by episode identity, or, where its records are
+    unreadable, only its counts."""
+
+    successes: int
+    episodes: int
+    success: pd.Series | None = None
+
+
+def episode_outcomes(runs: SweepRuns) -> dict[tuple[str, str], CellOutcomes]:
+    """Each complete cell's outcomes; its episodes keyed by identity (EPISODE_IDENTITY, then the repeat of that
+    identity within the cell) where its records could be read."""
+    identity = [column for column in EPISODE_IDENTITY if column in runs.episodes]
+    outcomes = {}
     for (run, cell_id), counts in _episode_counts(runs).iterrows():
-        if (run, cell_id) not in outcomes:
-            outcomes[run, cell_id] = pd.DataFrame({"success": np.arange(counts.episodes) < counts.successes})
+        outcomes[run, cell_id] = CellOutcomes(int(counts.successes), int(counts.episodes))
+    for (run, cell_id), episodes in runs.episodes.groupby(["run", "cell_id"], sort=False):
+        keys = episodes[identity].assign(repeat=episodes.groupby(identity, sort=False).cumcount())
+        success = pd.Series(episodes.success.to_numpy(float), index=pd.MultiIndex.from_frame(keys))
+        outcomes[run, cell_id].success = success
     return outcomes
 
 
-def _paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The two cells' successes, aligned episode by episode when both ran the same episodes (equal length then),
-    otherwise as they are."""
-    key = [column for column in EPISODE_KEY if column in a and column in b]
-    if key and len(a) == len(b) and not a.duplicated(key).any():
-        joined = a.merge(b, on=key, suffixes=("_a", "_b"))
-        if len(joined) == len(a):
-            return joined.success_a.to_numpy(float), joined.success_b.to_numpy(float)
-    return a.success.to_numpy(float), b.success.to_numpy(float)
+def compared_pairs(outcomes: dict[tuple[str, str], CellOutcomes],
+                   pairs: list[tuple[tuple[str, str], tuple[str, str]]]) -> ComparisonData:
+    """The pairs of cells as ComparisonData: episode by episode on the episodes both ran, matched by identity; as
+    two independent samples where they share none (or one's records are unreadable): never by position."""
+    paired, paired_cells, unpaired, unpaired_cells, episodes = [], [], [], [], []
+    for a, b in pairs:
+        x, y = outcomes[a], outcomes[b]
+        if x.success is not None and y.success is not None:
+            shared = x.success.index.intersection(y.success.index)
+            if len(shared):
+                paired.append((x.success.loc[shared] - y.success.loc[shared]).rename(len(paired)))
+                paired_cells.append((a, b))
+                episodes.append(len(shared))
+                continue
+        unpaired.append(_independent_difference(x, y))
+        unpaired_cells.append((a, b))
+        episodes.append(min(x.episodes, y.episodes))
+    data = ComparisonData(episodes=min(episodes), cells=paired_cells + unpaired_cells)
+    if paired:
+        aligned = pd.concat(paired, axis=1)  # (E, K): NaN where a pair did not run an episode of another
+        data.paired = aligned.to_numpy(float).T[None]
+    if unpaired:
+        difference, variance = np.array(unpaired).T
+        data.unpaired_difference, data.unpaired_variance = difference[None, :], variance[None, :]
+    return data
 
 
-def _bootstrap_interval(pairs: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
-                        samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
-    """95% interval of the mean paired difference: resample pairs, then episodes within each (jointly when
-    aligned)."""
-    per_pair = np.empty((samples, len(pairs)))  # one resampled difference per bootstrap sample and pair
-    for j, (a, b) in enumerate(pairs):
-        if len(a) == len(b):
-            index = rng.integers(0, len(a), (samples, len(a)))
-            per_pair[:, j] = (a[index] - b[index]).mean(1)
-        else:
-            per_pair[:, j] = (a[rng.integers(0, len(a), (samples, len(a)))].mean(1)
-                              - b[rng.integers(0, len(b), (samples, len(b)))].mean(1))
-    chosen = rng.integers(0, len(pairs), (samples, len(pairs)))
-    means = np.take_along_axis(per_pair, chosen, axis=1).mean(1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(low), float(high)
+def _independent_difference(a: CellOutcomes, b: CellOutcomes) -> tuple[float, float]:
+    """Difference of the two rates and its variance as independent binomial samples (conservative for cells that
+    in fact ran the same episodes, whose outcomes are positively correlated)."""
+    rates = [cell.successes / cell.episodes for cell in (a, b)]
+    variance = sum(rate * (1 - rate) / max(cell.episodes - 1, 1) for rate, cell in zip(rates, (a, b)))
+    return rates[0] - rates[1], variance

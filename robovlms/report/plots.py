@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 TRAINED_COLOUR = "tab:blue"
 BASELINE_COLOUR = "tab:gray"
@@ -67,6 +68,9 @@ def latency_figure(labels: Sequence[str], latency_ms: Sequence[float], success: 
         axes.annotate(str(number), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, weight="bold")
         axes.plot([], [], " ", label=f"{number}  {label}")
     axes.set_xscale("log")
+    # plain milliseconds (20, 30, 50), not 2x10^1; minor ticks labelled where few decades leave room for them
+    axes.xaxis.set_major_formatter(LogFormatter())
+    axes.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     axes.set_xlabel("policy step latency (ms, log scale)")
     axes.set_ylabel("success rate (95% Wilson interval)")
     axes.set_ylim(0, 1)
@@ -78,7 +82,7 @@ def latency_figure(labels: Sequence[str], latency_ms: Sequence[float], success: 
 def training_curves_figure(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]]) -> Figure:
     """Training loss against optimiser step: one panel per group (formulation), one line per trained cell,
     {panel: {label: (step, loss)}}."""
-    figure = Figure(figsize=(8, 3.2 * len(panels)))
+    figure = Figure(figsize=(8, 3.2 * len(panels)), layout="constrained")  # each "step" clear of the next title
     for axes, (title, curves) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels.items()):
         for label, (step, loss) in curves.items():
             axes.plot(step, loss, label=label, linewidth=1)

@@ -30,6 +30,7 @@ NOT_SETTINGS = {"seed", "store", "run_dir", "backbone", "backbone.name", "formul
 # that reading reports needs no torch): the ACTION_OBJECTIVE column shows them together.
 OBJECTIVE_OPTIONS = ("objective", "arm_loss", "denoising_steps", "expert_width", "expert_layers")
 ACTION_OBJECTIVE = "action_objective"
+DEFAULT_SETTING = "(default)"  # a setting a trained cell's resolved config leaves to its plugin's default
 REPEAT_RUN = "repeat_run"  # the run of a cell whose configuration and seed another run repeats, so kept apart
 # What decides the evaluation in a run's sweep.yaml (section, key); runs that differ in one are not compared.
 EVALUATION_SETTINGS = {"episodes per task": ("evaluation", "episodes_per_task"),
@@ -40,7 +41,7 @@ BASELINE_LABELS = {"zero": "zero action (baseline)", "mean": "mean action (basel
 
 @dataclass
 class SweepRuns:
-    """The cells of one or more sweep run directories, all of one benchmark and one split."""
+    """The cells of one or more sweep run directories, all of one benchmark, one split and one evaluation split."""
 
     benchmark: str | None  # None when no cell has committed
     split: str | None
@@ -58,6 +59,7 @@ class SweepRuns:
     repeats: list[str] = field(default_factory=list)  # each configuration and seed that several runs hold
     trials: dict[str, pd.DataFrame] = field(default_factory=dict)  # run -> a search's results/trials.csv
     best: dict[str, dict] = field(default_factory=dict)  # run -> a search's results/best.json
+    evaluation_split: str | None = None  # "validation" or "test": which episodes of the split every cell ran
 
     @property
     def configuration(self) -> list[str]:
@@ -91,6 +93,8 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
     cells = pd.DataFrame(rows, columns=[f.name for f in fields(CellResult)] + ["run", "run_dir"])
     benchmark = _one_value(cells, "benchmark", "benchmarks")
     split = _one_value(cells, "split", f"splits of {benchmark}")
+    evaluation_split = _one_value(cells, "evaluation_split", "evaluation splits (validation episodes choose "
+                                  "settings, test episodes report them)")
     _check_evaluated_alike(dict(zip(runs, paths)))
     cells = _with_configuration(cells)
     cells, settings = _with_settings(cells)
@@ -126,7 +130,7 @@ def read_sweep_runs(run_dirs: Iterable[str | Path]) -> SweepRuns:
     return SweepRuns(benchmark, split, cells.drop(columns="run_dir"), episodes, curves,
                      pd.DataFrame(unfinished, columns=["run", "cell_id"]), results,
                      damaged=pd.DataFrame(damaged, columns=DAMAGED_COLUMNS), settings=settings, repeats=repeats,
-                     trials=trials, best=best)
+                     trials=trials, best=best, evaluation_split=evaluation_split)
 
 
 class _UnreadableRecords(Exception):
@@ -193,7 +197,8 @@ def _with_settings(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     varied = [key for key in keys if len({_setting_text(settings.get(key)) for settings in compared}) > 1]
     columns = [key if key not in cells else f"config.{key}" for key in varied]
     for key, column in zip(varied, columns):
-        cells[column] = [_setting_text(settings.get(key)) for settings in flat]
+        cells[column] = [_setting_text(settings[key]) if key in settings else
+                         DEFAULT_SETTING if kind == "trained" else "" for settings, kind in zip(flat, cells.kind)]
     cells[ACTION_OBJECTIVE] = cells[ACTION_OBJECTIVE].fillna("")
     trained = cells[(cells.kind == "trained") & (cells.status == "complete")]
     if trained[ACTION_OBJECTIVE].replace("", None).nunique() > 1:  # "": a formulation without one

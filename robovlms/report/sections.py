@@ -14,6 +14,7 @@ from robovlms.errors import ReportError, UnknownNameError
 from robovlms.report import plots
 from robovlms.report.formatting import (HEADERS, configuration_label, number_text, percent_text, rate_text, readable,
                                         seed_text, shown_configuration, shown_table, wide_table)
+from robovlms.report.comparisons import FAMILY_ERROR, MIN_PAIRED_EPISODES
 from robovlms.report.main_effects import baseline_comparison_table, main_effects_table, pairwise_table
 from robovlms.report.runs import BASELINE_LABELS, REPEAT_RUN, SweepRuns, complete_cells
 from robovlms.report.tables import (CHAIN_LENGTH, breakdown_table, chain_table, chained, configuration_table,
@@ -28,6 +29,7 @@ class Table:
     name: str  # the CSV file's stem
     data: pd.DataFrame  # written to CSV
     shown: pd.DataFrame | None  # formatted for reading; None: only written to CSV
+    caption: str | None = None  # shown above the table: which episodes its numbers come from
 
 
 @dataclass
@@ -56,11 +58,16 @@ def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -
 
 def _success_section(runs: SweepRuns, out: Path) -> Section:
     section = Section("Success rate", [
-        f"Benchmark {runs.benchmark}, split {runs.split}. One row per configuration; baselines (no backbone, nothing "
-        "learned from images) each have their own row.",
+        (f"Benchmark {runs.benchmark}, split {runs.split}, {runs.evaluation_split} episodes. One row per "
+         "configuration; baselines (no backbone, nothing learned from images) each have their own row."),
         "successes: successes over all evaluation episodes of the row, seeds pooled; episodes is that number. "
         "[low, high] is the 95% Wilson score interval. seed mean ± std: mean and sample standard deviation of the "
         "per-seed success rates, where a row has several seeds."])
+    trained = complete_cells(runs)[lambda cells: cells.kind == "trained"]
+    if len(trained) and trained.groupby(runs.configuration, sort=False).seed.nunique().max() > 1:
+        section.notes.append("A Wilson interval treats a row's seeds' episodes as one sample: it covers episode "
+                             "noise, not how much the configuration varies from seed to seed (seed mean ± std shows "
+                             "that); the comparisons below include both.")
     settings = [setting for setting in runs.settings if setting != REPEAT_RUN]
     if settings:
         section.notes.append(f"The cells differ in {', '.join(HEADERS.get(setting, setting) for setting in settings)} "
@@ -77,7 +84,7 @@ def _success_section(runs: SweepRuns, out: Path) -> Section:
     section.tables.append(Table("success", success, shown_table(success, {
         **shown_configuration(runs.configuration), "seeds": "seeds", "episodes": "episodes",
         "successes": lambda row: f"{row.successes}/{row.episodes}", "success [95% CI]": rate_text,
-        "seed mean ± std": seed_text})))
+        "seed mean ± std": seed_text}), _evaluated(runs)))
     figure = plots.success_figure([configuration_label(row, runs.settings) for _, row in success.iterrows()],
                                   success.success,
                                   success.wilson_low, success.wilson_high,
@@ -87,28 +94,81 @@ def _success_section(runs: SweepRuns, out: Path) -> Section:
     return section
 
 
+def _evaluated(runs: SweepRuns) -> str:
+    """The caption of a table of evaluation numbers: which episodes they come from."""
+    purpose = ("numbers for choosing settings, not for reporting" if runs.evaluation_split == "validation" else
+               "numbers for reporting, not for choosing settings")
+    return f"Evaluated on the {runs.evaluation_split} episodes of {runs.benchmark} {runs.split}: {purpose}."
+
+
 def _baselines_section(runs: SweepRuns) -> Section | None:
     comparison = baseline_comparison_table(runs)
     if comparison.empty:
         return None
+    tests = comparison.attrs["tests"]
     section = Section("Against the baselines", [
-        "Each trained configuration against each baseline: the mean difference in success (configuration - "
-        "baseline) on the episodes both ran, with a 95% paired bootstrap interval over seeds and episodes; resolved "
-        "when it excludes 0. Pairing on episodes resolves differences that two overlapping Wilson intervals leave "
-        "open; the last column says whether the configuration's Wilson interval lies wholly above every "
-        "baseline's (the stricter test)."])
+        ("Each trained configuration against each baseline: the mean difference in success (configuration - "
+         "baseline) over the configuration's seeds, each seed's cell compared with the baseline episode by episode "
+         "on the episodes both ran, with its own 95% interval. Pairing on episodes resolves differences that two "
+         "overlapping Wilson intervals leave open."),
+        _family_note(tests, "configuration and baseline"),
+        _pair_noise_note(comparison.attrs, runs, seeds_only=True),
+        ("The last two columns: whether the configuration is resolved above every baseline, and whether its "
+         "Wilson interval (seeds pooled) lies wholly above every baseline's, a stricter test that is not adjusted "
+         "for the family.")])
     shown = comparison.assign(
         configuration=[configuration_label(row, runs.settings) for _, row in comparison.iterrows()],
-        text=[_difference_text(row) + (" (resolved)" if row.resolved else "") for _, row in comparison.iterrows()])
+        text=[f"{_difference_text(row)}; {_verdict_text(row)}" for _, row in comparison.iterrows()])
     wide = shown.pivot(index="configuration", columns="baseline", values="text")
     wide = wide.loc[shown.configuration.unique(), shown.baseline.unique()]
     wide.columns = [f"- {label}" for label in wide.columns]
-    verdicts = shown.assign(above=shown.low > 0).groupby("configuration", sort=False).agg(
+    verdicts = shown.assign(above=shown.resolved & (shown.difference > 0)).groupby("configuration", sort=False).agg(
         above=("above", "all"), apart=("interval_above", "all"))
-    wide["beats every baseline (paired)"] = verdicts.above.map({True: "yes", False: "no"})
-    wide["interval above every baseline's"] = verdicts.apart.map({True: "yes", False: "no"})
-    section.tables.append(Table("baseline_comparison", comparison, wide.reset_index()))
+    wide["beats every baseline (Holm)"] = verdicts.above.map({True: "yes", False: "no"})
+    wide["Wilson interval above every baseline's"] = verdicts.apart.map({True: "yes", False: "no"})
+    section.tables.append(Table("baseline_comparison", comparison, wide.reset_index(), _evaluated(runs)))
     return section
+
+
+def _family_note(tests: int, compared: str) -> str:
+    if not tests:
+        return (f"No comparison of this table has {MIN_PAIRED_EPISODES} episodes per pair of cells, too few for "
+                "the interval's approximation: none is tested, and none is resolved.")
+    return (f"Resolved (Holm): the comparison's p-value, Holm-adjusted over the {tests} "
+            f"comparison{'' if tests == 1 else 's'} of this table (one per {compared}), is below "
+            f"{FAMILY_ERROR:.2f}, so the chance that any difference this table calls resolved does not exist stays "
+            f"within {FAMILY_ERROR:.0%}. The interval beside it is the comparison's own, not adjusted: one that "
+            "excludes 0 without \"resolved\" is not evidence once the table's other comparisons are counted. A "
+            f"comparison of fewer than {MIN_PAIRED_EPISODES} episodes per pair of cells is never resolved and is no "
+            "test of the family: on fewer, the interval's approximation fails (a difference on 2 episodes can have "
+            "no spread at all).")
+
+
+def _pair_noise_note(attributes: dict, runs: SweepRuns, seeds_only: bool) -> str:
+    """What the intervals cover beyond episode noise, from the family's pooled pair noise."""
+    trained = complete_cells(runs)[lambda cells: cells.kind == "trained"]
+    seeds = int(trained.groupby(runs.configuration, sort=False).seed.nunique().max()) if len(trained) else 0
+    if not attributes["pair_noise_df"]:
+        return ("One seed per configuration: the intervals cover episode noise only (which episodes were drawn), "
+                "not how much a configuration varies from one training seed to another. They say whether these "
+                "trained cells differ on the evaluation episodes' distribution; train two or more seeds to compare "
+                "configurations.")
+    who = "the seeds of a configuration" if seeds_only else "matched pairs"
+    over = ("" if seeds_only else " over seeds and the other axes' levels" if seeds > 1 else
+            " over the other axes' levels (one seed per configuration, so this also holds those axes' interactions "
+            "with the compared one)")
+    df = attributes["pair_noise_df"]
+    freedom = f"{df:.0f} effective degree{'' if round(df) == 1 else 's'} of freedom"
+    size = (f"{attributes['pair_noise_sd'] * 100:.1f} points per pair" if attributes["pair_noise_sd"] >= 0.0005 else
+            "no more than episode noise explains")
+    return (f"The intervals include how much a pair's difference varies beyond episode noise, estimated from how "
+            f"{who} disagree{over}, pooled over this table's comparisons: {size} ({freedom}).")
+
+
+def _verdict_text(row: pd.Series) -> str:
+    if pd.isna(row.p_holm):
+        return f"fewer than {MIN_PAIRED_EPISODES} episodes: not tested"
+    return f"{'resolved' if row.resolved else 'not resolved'} (Holm p {row.p_holm:.2g})"
 
 
 def _search_section(runs: SweepRuns) -> Section | None:
@@ -131,10 +191,13 @@ def _search_section(runs: SweepRuns) -> Section | None:
                 str(int(row.user_attrs_duplicate_of))
         best = runs.best.get(run)
         if best is not None:
-            section.notes.append(f"{run}: objective {best.get('objective', 'value')} ({best['direction']}); best "
+            objective = best.get("objective", "value")
+            if objective == "success":
+                objective += f" on the {best.get('evaluation_split', runs.evaluation_split)} episodes"
+            section.notes.append(f"{run}: objective {objective} ({best['direction']}); best "
                                  f"trial {best['trial']}, value {best['value']:.4g}, parameters "
                                  f"{json.dumps(best['params'], sort_keys=True)}, cell {best['cell']}.")
-        section.tables.append(Table(name, trials, shown_table(trials, shown)))
+        section.tables.append(Table(name, trials, shown_table(trials, shown), _evaluated(runs)))
     return section
 
 
@@ -145,8 +208,8 @@ def _breakdown_section(runs: SweepRuns, by: str) -> Section | None:
     shown = wide_table(table, by, lambda row: f"{percent_text(row.success)} ({row.successes}/{row.episodes})",
                        runs.configuration)
     attempts = "subtask attempts (chains that reached it)" if by == "task" and chained(runs.episodes) else "episodes"
-    return Section(f"Success per {by}", [f"Split {runs.split}. Each cell: success rate (successes/{attempts} of that "
-                                         f"{by}, seeds pooled)."], [Table(f"per_{by}", table, shown)])
+    return Section(f"Success per {by}", [f"Each cell: success rate (successes/{attempts} of that {by}, seeds "
+                                         "pooled)."], [Table(f"per_{by}", table, shown, _evaluated(runs))])
 
 
 def _real_world_success(path: Path, runs: SweepRuns, sim: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -210,10 +273,12 @@ def _sim_to_real_section(runs: SweepRuns, real_world: Path | None) -> Section | 
             section.notes.append("No task has a simulated and a real-world rate for at least 2 configurations: "
                                  "nothing to compare.")
         else:
-            section.tables.append(Table("sim_to_real_agreement", agreement, _agreement_shown(agreement)))
+            section.tables.append(Table("sim_to_real_agreement", agreement, _agreement_shown(agreement),
+                                        _evaluated(runs)))
             section.tables.append(Table("sim_to_real_pairs", pairs, shown_table(pairs, {
-                "configuration": "configuration", "task": "task", "simulated": lambda row: percent_text(row.sim_success),
-                "real world": lambda row: percent_text(row.real_success)})))
+                "configuration": "configuration", "task": "task",
+                "simulated": lambda row: percent_text(row.sim_success),
+                "real world": lambda row: percent_text(row.real_success)}), _evaluated(runs)))
     if published is not None:
         section.notes.append(f"The yardstick (the last table): {published.source}'s own agreement under {runs.split} "
                              f"on this run's tasks, the published simulated success of its {len(published.policies)} "
@@ -243,7 +308,7 @@ def _chain_section(runs: SweepRuns) -> Section | None:
                            "average length": lambda row: f"{row.average_length:.2f}"})
     return Section("Tasks completed in a row", [
         f"Columns 1 to {CHAIN_LENGTH}: share of episodes that completed at least that many of the chain's subtasks "
-        "in a row; average length: the mean number completed."], [Table("chain", chain, shown)])
+        "in a row; average length: the mean number completed."], [Table("chain", chain, shown, _evaluated(runs))])
 
 
 def _data_efficiency_section(runs: SweepRuns, out: Path) -> Section | None:
@@ -259,7 +324,7 @@ def _data_efficiency_section(runs: SweepRuns, out: Path) -> Section | None:
     plots.save_figure(plots.data_efficiency_figure(series), out, "data_efficiency")
     return Section("Data efficiency", [
         "Success (95% Wilson interval) against the fraction of training demonstrations used, seeds pooled."],
-        [Table("data_efficiency", efficiency, shown)], ["data_efficiency"])
+        [Table("data_efficiency", efficiency, shown, _evaluated(runs))], ["data_efficiency"])
 
 
 def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
@@ -269,12 +334,13 @@ def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
     section = Section("Cost", ["The backbone's size, parameters of the whole policy, mean training time, and the "
                                "median time of one policy step (observation in, action out), averaged over seeds."])
     section.tables.append(Table("cost", cost, shown_table(cost, {
-        **shown_configuration(runs.configuration), "backbone size": "backbone_size", "parameters": lambda row: number_text(row.parameters),
+        **shown_configuration(runs.configuration), "backbone size": "backbone_size",
+        "parameters": lambda row: number_text(row.parameters),
         "trainable": lambda row: number_text(row.trainable_parameters),
         "training (s)": lambda row: number_text(row.train_seconds),
         "step (ms)": lambda row: _policy_cost(row, number_text(row.step_latency_ms, 1)),
         "steps/s (Hz)": lambda row: _policy_cost(row, number_text(row.steps_per_second, 1)),
-        "success [95% CI]": rate_text})))
+        "success [95% CI]": rate_text}), _evaluated(runs)))
     timed = cost[(cost.step_latency_ms > 0) & ~cost.backbone_label.isin(BASELINE_LABELS.values())]
     if len(timed):
         figure = plots.latency_figure([configuration_label(row, runs.settings) for _, row in timed.iterrows()],
@@ -344,20 +410,22 @@ def _main_effects_section(runs: SweepRuns, out: Path) -> Section | None:
         return None
     pairs = pairwise_table(runs)
     section = Section("Main effects", [
-        "For each design axis that varies among the trained cells: success of each level, pooled over everything "
-        "else that varies (with its 95% Wilson interval), then each pair of levels compared on matched cells only "
-        "(cells that agree on every other axis and the seed, except axes that the compared one sets, such as the "
-        "history each formulation was run with, named in the last column): the mean difference in success with a "
-        "95% paired bootstrap interval over matched cells and episodes. A difference is resolved when its interval excludes "
-        "0; a pair with no matched cells cannot be compared, because what else differs would be compared too."])
+        ("For each design axis that varies among the trained cells: success of each level, pooled over everything "
+         "else that varies (with its 95% Wilson interval), then each pair of levels compared on matched cells only "
+         "(cells that agree on every other axis and the seed, except axes that the compared one sets, such as the "
+         "history each formulation was run with, named in the last column): the mean difference in success over "
+         "the matched pairs, each pair compared episode by episode, with its own 95% interval. A pair of levels "
+         "with no matched cells cannot be compared, because what else differs would be compared too."),
+        _family_note(pairs.attrs["tests"], "pair of levels"),
+        _pair_noise_note(pairs.attrs, runs, seeds_only=False)])
     section.tables.append(Table("main_effects", effects, shown_table(effects, {
         "axis": "axis", "level": "level", "cells": "cells", "episodes": "episodes",
-        "success [95% CI]": rate_text})))
+        "success [95% CI]": rate_text}), _evaluated(runs)))
     section.tables.append(Table("main_effect_differences", pairs, shown_table(pairs, {
         "axis": "axis", "a": "level_a", "b": "level_b", "matched cells": "matched_cells",
-        "a - b [95% CI]": _difference_text,
-        "resolved": lambda row: "" if pd.isna(row.difference) else ("yes" if row.resolved else "no"),
-        "levels also differ in": "also_differs"})))
+        "episodes per pair": "episodes", "a - b [95% CI]": _difference_text,
+        "resolved (Holm)": lambda row: "" if pd.isna(row.difference) else _verdict_text(row),
+        "levels also differ in": "also_differs"}), _evaluated(runs)))
     series = {axis: (group.level.tolist(), group.success, group.wilson_low, group.wilson_high)
               for axis, group in effects.groupby("axis", sort=False)}
     plots.save_figure(plots.main_effects_figure(series), out, "main_effects")
@@ -368,5 +436,7 @@ def _main_effects_section(runs: SweepRuns, out: Path) -> Section | None:
 def _difference_text(row: pd.Series) -> str:
     if pd.isna(row.difference):
         return "no matched cells"
+    if pd.isna(row.low):  # a pair of one episode has no spread to make an interval of
+        return f"{row.difference * 100:+.0f} points, no interval"
     return f"{row.difference * 100:+.0f} [{row.low * 100:+.0f}, {row.high * 100:+.0f}] points"
 

@@ -28,9 +28,11 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, real_world: Pa
     complete = int((runs.cells.status == "complete").sum())
     summary = (f"{len(runs.cells)} committed cell(s) in {', '.join(str(path) for path in run_dirs)}: {complete} "
                f"complete, {len(runs.cells) - complete} failed, {len(runs.unfinished)} unfinished. Every rate is over "
-               "the evaluation episodes counted in its row; every interval is a 95% Wilson score interval. Backbones "
+               "the evaluation episodes counted in its row; a success rate's interval is a 95% Wilson score interval, "
+               "a difference's interval a 95% t interval whose verdict is Holm-adjusted over its table. Backbones "
                "trained from scratch are labelled \"random init\".")
-    title = f"Sweep report: {runs.benchmark or 'no results'}" + (f", split {runs.split}" if runs.split else "")
+    title = f"Sweep report: {runs.benchmark or 'no results'}" + (
+        f", split {runs.split}, {runs.evaluation_split} episodes" if runs.split else "")
     (out / "index.md").write_text(_markdown(title, summary, sections))
     (out / "index.html").write_text(_html(title, summary, sections, out))
     return out / "index.html"
@@ -42,6 +44,8 @@ def _markdown(title: str, summary: str, sections: list[Section]) -> str:
         blocks += [f"## {section.title}", *section.notes]
         for table in section.tables:
             if table.shown is not None:
+                if table.caption:
+                    blocks.append(f"*{table.caption}*")
                 blocks.append(table.shown.to_markdown(index=False, disable_numparse=True))
             blocks.append(f"CSV: [{table.name}.csv]({table.name}.csv)")
         blocks += [f"![{stem}]({stem}.png) ([SVG]({stem}.svg))" for stem in section.figures]
@@ -60,6 +64,7 @@ th { background: #f3f3f3; }
 img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
 pre { background: #f7f7f7; padding: 0.5em; font-size: 0.8em; overflow-x: auto; }
 .note { color: #444; }
+.caption { font-style: italic; margin-bottom: 0; }
 """
 
 
@@ -82,6 +87,8 @@ def _html(title: str, summary: str, sections: list[Section], out: Path) -> str:
         body += [f'<p class="note">{html.escape(note)}</p>' for note in section.notes]
         for table in section.tables:
             if table.shown is not None:
+                if table.caption:
+                    body.append(f'<p class="caption">{html.escape(table.caption)}</p>')
                 body.append(f'<div class="table-scroll">{table.shown.to_html(index=False, border=0)}</div>')
             body.append(f'<p class="note">CSV: <a href="{table.name}.csv">{table.name}.csv</a></p>')
         for stem in section.figures:

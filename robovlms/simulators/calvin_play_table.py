@@ -64,8 +64,8 @@ def find_calvin_conf(calvin_conf: str | None) -> str:
         conf = Path(calvin_conf)
     for needed in (TASKS_FILE, ANNOTATIONS_FILE):
         if not (conf / needed).is_file():
-            raise FileNotFoundError(f"{conf / needed} is missing: calvin_conf must be the calvin repository's "
-                                    f"calvin_models/conf folder")
+            raise FileNotFoundError(f"{conf / needed} is missing: calvin_conf (the benchmark option, or "
+                                    f"$ROBOVLMS_CALVIN_CONF) must be the calvin repository's calvin_models/conf folder")
     return str(conf)
 
 

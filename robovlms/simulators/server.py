@@ -24,6 +24,7 @@ imported from in this interpreter.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import json
 import os
@@ -239,6 +240,7 @@ def main() -> int:
     outgoing = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    faulthandler.enable()  # a crash in native code leaves the Python stack it happened under in that output
     return Server(sys.stdin.buffer, outgoing).serve()
 
 

@@ -24,9 +24,21 @@ class SimplerScene:
         return self._asset_dir
 
     def build(self, env_name: str, kwargs: dict) -> None:
-        """Close the current environment and build a new one (FileNotFoundError where an asset file is missing)."""
+        """Close the current environment and build a new one (FileNotFoundError where an asset file is missing,
+        naming it)."""
         self.close()
-        self.env = self.build_env(env_name, **kwargs)
+        try:
+            self.env = self.build_env(env_name, **kwargs)
+        except FileNotFoundError as error:
+            if "collision.obj" not in str(error):
+                raise
+            # ManiSkill2_real2sim checks every object's collision mesh when it builds, and says only "convex.obj
+            # has been renamed to collision.obj"
+            models = Path(self._asset_dir) / "custom" / "models"
+            missing = [str(model / "collision.obj") for model in sorted(models.glob("*"))
+                       if model.is_dir() and not (model / "collision.obj").exists()]
+            raise FileNotFoundError(f"missing collision mesh(es): {', '.join(missing)}" if missing else
+                                    f"{error} (a collision.obj under {models})") from None
 
     def reset(self, seed: int, options: dict) -> dict:
         """{"image", "robot", "instruction", "scene"} after resetting with `seed` and `options`."""

@@ -137,6 +137,8 @@ def fingerprint(sweep: SweepConfig, cells: list[Cell]) -> str:
     """What decides a sweep's results; workers, storage and heartbeats may change between runs."""
     decisive = sweep.model_dump(mode="json", exclude={"storage", "heartbeat_seconds", "run_dir"})
     decisive["evaluation"].pop("workers")
+    if decisive["evaluation"].get("split") in (None, "test"):  # what every sweep evaluated before it could choose
+        decisive["evaluation"].pop("split", None)
     decisive["store"].pop("generate")
     decisive["grid"] = decisive["grid"] or {}  # no grid was stored as {} before it could be None
     decisive["cells"] = [cell.cell_id for cell in cells]

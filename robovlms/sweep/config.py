@@ -36,6 +36,9 @@ class StoreSettings(_Strict):
 
 
 class EvaluationSettings(_Strict):
+    # which episodes of the split every cell is evaluated on: "validation" for choosing settings, "test" for
+    # reporting them; by default test for `robovlms sweep`, validation for `robovlms tune` (evaluation_split)
+    split: Literal["validation", "test"] | None = None
     episodes_per_task: int = Field(10, ge=1)
     workers: int = Field(1, ge=1)  # simulator processes per cell
     execution: Literal["first", "ensemble", "chunk"] | None = None  # overrides each cell's own
@@ -54,6 +57,8 @@ class SearchDimension(_Strict):
 class SearchSettings(_Strict):
     trials: int = Field(10, ge=1)
     space: dict[str, SearchDimension]  # training keys, dotted for nested ones (formulation.options.head)
+    # success: on the evaluation split's episodes (validation unless the sweep names test); val_loss: on held-out
+    # training windows (train.validation_fraction)
     objective: Literal["success", "val_loss"] = "success"
     prune: bool = True  # median pruning on the validation loss
     seed: int = 0
@@ -72,6 +77,21 @@ class SweepConfig(_Strict):
     evaluation: EvaluationSettings = EvaluationSettings()
     search: SearchSettings | None = None  # for `robovlms tune`
     heartbeat_seconds: int = Field(30, ge=1)  # a worker silent for twice this long is taken for dead
+
+
+def with_evaluation_split(sweep: SweepConfig, mode: str) -> SweepConfig:
+    """The sweep with its evaluation split decided: as the file names it, else test for a grid (`robovlms sweep`,
+    whose results are reported) and validation for a search (`robovlms tune`, which chooses settings): a search
+    selects on the test episodes only when its file names them."""
+    if sweep.evaluation.split is not None:
+        return sweep
+    split = "validation" if mode == "search" else "test"
+    return sweep.model_copy(update={"evaluation": sweep.evaluation.model_copy(update={"split": split})})
+
+
+def evaluation_split(sweep: SweepConfig) -> str:
+    """The episodes a sweep's cells are evaluated on; test for a sweep file made before it could choose."""
+    return sweep.evaluation.split or "test"
 
 
 def load_sweep(source: str | Path | dict[str, Any]) -> SweepConfig:

@@ -1,20 +1,31 @@
 """Failure records: a cell that raises, or whose workers died in every retry, is committed as failed with the
-reason, so reports list it and the sweep goes on."""
+reason, so reports list it and the sweep goes on. A cell whose simulator died is not failed by the first death: that
+is the machine's or the simulator's failure, not the policy's, and the worker runs the cell again."""
 
 from __future__ import annotations
 
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from robovlms.errors import RobovlmsError
+from robovlms.errors import RobovlmsError, SimulatorDied
 from robovlms.results import CELLS_DIR, CellResult, read_cell_result, software_versions, write_cell_result
 from robovlms.sweep.cells import Cell
-from robovlms.sweep.config import SweepConfig
+from robovlms.sweep.config import SweepConfig, evaluation_split
 from robovlms.sweep.study import cell_trials
+
+ERROR_FILE = "error.txt"  # a failed cell's traceback, beside its result.json
+SIMULATOR_ATTEMPTS = 3  # a cell whose simulator died is run at most this many times by one worker
 
 
 class CellFailed(RobovlmsError):
     """A cell raised; its error is recorded in its result.json and the sweep goes on."""
+
+
+def is_infrastructure_failure(error: BaseException) -> bool:
+    """Whether `error` says the simulator died (a simulator process, or an evaluation worker process holding one)
+    rather than that the cell itself is wrong."""
+    return isinstance(error, (SimulatorDied, BrokenProcessPool))
 
 
 def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseException, trial_number: int | None
@@ -22,8 +33,13 @@ def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseExc
     from robovlms.training import load_config
 
     message = f"{type(error).__name__}: {error}"
+    if is_infrastructure_failure(error):
+        message += (f"\n(the simulator died in all {SIMULATOR_ATTEMPTS} attempts at this cell: a failure of the "
+                    f"machine or the simulator, not of the policy; run the sweep again with --retry-failed to try "
+                    f"again)")
     result = CellResult(cell_id=cell.cell_id, status="failed", kind=cell.kind, benchmark=sweep.benchmark.name,
-                        split=sweep.benchmark.split, policy=cell.policy, error=message, axes=cell.axes,
+                        split=sweep.benchmark.split, evaluation_split=evaluation_split(sweep),
+                        policy=cell.policy, error=message, axes=cell.axes,
                         config=cell.training, versions=software_versions(), sweep=sweep.name, trial=trial_number)
     if cell.kind == "trained":
         config = load_config({**cell.training, "store": sweep.store.path, "run_dir": "-"})
@@ -36,8 +52,13 @@ def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseExc
         result.episodes_per_task = config.episodes_per_task
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     write_cell_result(cell_dir, result)
-    (cell_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
+    (cell_dir / ERROR_FILE).write_text("".join(traceback.format_exception(error)))
     return message
+
+
+def clear_failure(run_dir: Path, cell: Cell) -> None:
+    """Remove the traceback of an earlier failed attempt at a cell that has now completed."""
+    (run_dir / CELLS_DIR / cell.cell_id / ERROR_FILE).unlink(missing_ok=True)
 
 
 def record_abandoned(study, sweep: SweepConfig, cells: list[Cell], run_dir: Path) -> None:

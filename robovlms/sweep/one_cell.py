@@ -16,7 +16,7 @@ from robovlms.errors import ConfigError
 from robovlms.results import (CELLS_DIR, TRAIN_DIR, CellResult, read_training_curve, software_versions,
                               write_cell_result, write_records)
 from robovlms.sweep.cells import Cell
-from robovlms.sweep.config import SweepConfig
+from robovlms.sweep.config import SweepConfig, evaluation_split
 
 
 def sweep_benchmark(sweep: SweepConfig, store: EpisodeStore | None) -> Benchmark:
@@ -81,8 +81,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=benchmark.name,
                         split=sweep.benchmark.split, policy=cell.policy, axes=cell.axes,
                         versions=software_versions(benchmark.name, cell.training if cell.kind == "trained" else None),
-                        sweep=sweep.name, trial=trial_number)
-    specs = benchmark.evaluation_episodes(sweep.benchmark.split, sweep.evaluation.episodes_per_task)
+                        sweep=sweep.name, trial=trial_number, evaluation_split=evaluation_split(sweep))
+    specs = benchmark.split_episodes(sweep.benchmark.split, evaluation_split(sweep), sweep.evaluation.episodes_per_task)
     if cell.kind == "baseline":
         factory = baseline_factory(cell.policy, benchmark, store.path, seed=0)
         local_policy = factory()

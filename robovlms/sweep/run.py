@@ -18,7 +18,7 @@ from robovlms.errors import ConfigError
 from robovlms.results import (CELLS_DIR, RESULTS_DIR, SEARCH_BEST_FILE, SEARCH_TRIALS_FILE, SWEEP_FILE, gather,
                               read_cell_result)
 from robovlms.sweep.cells import Cell, sweep_cells
-from robovlms.sweep.config import load_sweep
+from robovlms.sweep.config import evaluation_split, load_sweep, with_evaluation_split
 from robovlms.sweep.failures import record_abandoned
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
 from robovlms.sweep.study import (cell_trials, count_cell_errors, count_trials, enqueue_cells, open_study,
@@ -81,11 +81,12 @@ def ledger_status(study, cells: list[Cell]) -> SweepStatus:
 
 def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bool = False, mode: str = "grid"):
     """Validate a sweep file, open (or create) its study, make its store if asked, enqueue unfinished cells."""
-    sweep = load_sweep(path)
+    sweep = with_evaluation_split(load_sweep(path), mode)
     cells = sweep_cells(sweep, mode)
     run_dir = Path(sweep.run_dir)
     check_run_dir(run_dir)
-    sweep_benchmark(sweep, None)  # name, split and options, before a store is made with them
+    sweep_benchmark(sweep, None).split_episodes(  # name, split, options and evaluation split, before a store is
+        sweep.benchmark.split, sweep.evaluation.split, 1)  # made with them
     store = ensure_store(sweep)
     benchmark = sweep_benchmark(sweep, store)
     benchmark.check_available()
@@ -138,7 +139,7 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
         progress(status)
     gather(run_dir)
     if mode == "search":
-        write_search_results(study, run_dir, sweep.search.objective)
+        write_search_results(study, run_dir, sweep.search.objective, evaluation_split(sweep))
     return status
 
 
@@ -165,9 +166,10 @@ def _run_worker_processes(name: str, url: str, workers: int, run_dir: Path, repo
             log.close()
 
 
-def write_search_results(study, run_dir: Path, objective: str) -> None:
+def write_search_results(study, run_dir: Path, objective: str, split: str) -> None:
     """results/trials.csv: every trial of the search (Optuna's trials_dataframe: number, state, value, params_*,
-    user_attrs_cell, ...), and results/best.json: the best complete trial and the objective."""
+    user_attrs_cell, ...), and results/best.json: the best complete trial, the objective and the evaluation split
+    its success was measured on."""
     from optuna.trial import TrialState
 
     trials = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
@@ -178,5 +180,5 @@ def write_search_results(study, run_dir: Path, objective: str) -> None:
     best = study.best_trial
     write_json_atomically(run_dir / RESULTS_DIR / SEARCH_BEST_FILE,
                           {"trial": best.number, "value": best.value, "params": best.params,
-                           "cell": best.user_attrs.get("cell"), "objective": objective,
+                           "cell": best.user_attrs.get("cell"), "objective": objective, "evaluation_split": split,
                            "direction": study.direction.name.lower()})

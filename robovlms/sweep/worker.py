@@ -15,10 +15,11 @@ from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
-from robovlms.results import CELLS_DIR, read_cell_result, read_training_curve
+from robovlms.results import CELLS_DIR, CellResult, read_cell_result, read_training_curve
 from robovlms.sweep.cells import Cell, check_cell, make_cell_id, merge, nested, search_base
 from robovlms.sweep.config import SweepConfig
-from robovlms.sweep.failures import CellFailed, record_failure
+from robovlms.sweep.failures import (SIMULATOR_ATTEMPTS, CellFailed, clear_failure, is_infrastructure_failure,
+                                     record_failure)
 from robovlms.sweep.one_cell import CellReleased, run_cell
 from robovlms.sweep.study import count_trials, pop_waiting_trial, popped_cell, trial_state
 
@@ -54,7 +55,8 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
         callbacks = (OptunaPruning(trial),) if search.prune else ()
         try:
             check_cell(cell)
-            result = run_cell(sweep, cell, run_dir, callbacks=callbacks, trial_number=trial.number, progress=progress)
+            result = _run_cell_retrying_simulator_deaths(sweep, cell, run_dir, callbacks=callbacks,
+                                                         trial_number=trial.number, progress=progress)
         except optuna.TrialPruned:
             raise
         except Exception as error:  # noqa: BLE001
@@ -62,7 +64,8 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
             trial.set_user_attr("error", message)
             raise CellFailed(message) from error
         trial.set_user_attr("success", result.success)
-        if search.objective == "success":
+        trial.set_user_attr("evaluation_split", result.evaluation_split)
+        if search.objective == "success":  # on the validation episodes unless the sweep file names test
             return result.success
         curve = read_training_curve(run_dir, cell.cell_id)
         if "val/loss" not in curve or curve["val/loss"].dropna().empty:
@@ -156,8 +159,8 @@ def _run_trial(study, trial_id: int, number: int, sweep: SweepConfig, by_id: dic
         return
     try:
         with get_heartbeat_thread(trial_id, study._storage):
-            result = run_cell(sweep, cell, run_dir, trial_number=number, progress=progress,
-                              holds_cell=holds_cell)
+            result = _run_cell_retrying_simulator_deaths(sweep, cell, run_dir, trial_number=number,
+                                                         progress=progress, holds_cell=holds_cell)
     except CellReleased:
         _log_released(cell, number)
         return
@@ -172,6 +175,24 @@ def _run_trial(study, trial_id: int, number: int, sweep: SweepConfig, by_id: dic
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         raise
     _tell(study, trial_id, number, cell, TrialState.COMPLETE, result.success, {})
+
+
+def _run_cell_retrying_simulator_deaths(sweep: SweepConfig, cell: Cell, run_dir: Path, **options) -> CellResult:
+    """run_cell, run again when its simulator died (training resumes from its last checkpoint, so only the
+    evaluation is repeated), at most SIMULATOR_ATTEMPTS times in all; an earlier attempt's error.txt is removed once
+    the cell completes."""
+    for attempt in range(1, SIMULATOR_ATTEMPTS + 1):
+        try:
+            result = run_cell(sweep, cell, run_dir, **options)
+        except Exception as error:
+            if not is_infrastructure_failure(error) or attempt == SIMULATOR_ATTEMPTS:
+                raise
+            logger.warning(f"cell {cell.cell_id}: the simulator died ({str(error).splitlines()[0]}); running the "
+                           f"cell again, attempt {attempt + 1} of {SIMULATOR_ATTEMPTS}")
+        else:
+            clear_failure(run_dir, cell)
+            return result
+    raise AssertionError("unreachable")
 
 
 def _completed_by(study, cell: Cell, run_dir: Path, number: int) -> int | None:
