@@ -1,6 +1,8 @@
 """Recipes: `recipe: robovlms` expands into RoboVLMs' definitions before validation, a setting beside it wins, the
 run directory keeps every value, and the recipe trains and rolls out on Meta-World under every formulation."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -13,6 +15,7 @@ from robovlms.policy import policy_factory
 from robovlms.recipes import ROBOVLMS
 from robovlms.rollout import evaluate
 from robovlms.sweep import expand_cells, load_sweep
+from robovlms.sweep.cells import check_cell
 from robovlms.training import load_config, load_formulation, train
 
 FORMULATIONS = ["one-step-discrete", "one-step-continuous", "interleaved", "policy-head"]
@@ -128,3 +131,14 @@ def test_the_recipe_s_discrete_tokens_on_a_tiny_vocabulary_are_refused_naming_th
     with pytest.raises(ConfigError, match="token_mode overwrite would turn 255 of the .*use token_mode: append"):
         train({"store": str(store.path), "run_dir": str(tmp_path / "run"), "recipe": "robovlms",
                "formulation": {"name": "one-step-discrete"}, "chunk": 2, "batch_size": 4, "max_steps": 1})
+
+
+def test_every_trained_cell_of_calvin_abc_d_validates_with_the_robovlms_recipe():
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "experiments" / "calvin_abc_d.yaml")
+    cells = [cell for cell in expand_cells(sweep) if cell.kind == "trained"]
+    for cell in cells:
+        check_cell(cell)
+        config = load_config({**cell.training, "store": "-", "run_dir": "-"})
+        assert config.recipe == "robovlms"
+        assert ROBOVLMS.every.items() <= config.formulation.options.items()
+    assert {cell.training["formulation"]["name"] for cell in cells} == set(FORMULATIONS)
