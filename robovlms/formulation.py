@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +40,7 @@ from robovlms.action_objectives import (
 from robovlms.backbone import Backbone
 from robovlms.data.store import Statistics
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
-from robovlms.registry import Registry
+from robovlms.registry import Registry, plugin_options
 
 STATE_INPUTS = ("add", "token")
 ACTION_NORMALISATIONS = ("percentiles", "clip")
@@ -177,25 +177,6 @@ def check_action_objective(config: ContinuousActionConfig) -> None:
             raise UnknownNameError(name.replace("_", " "), getattr(config, name), valid)
 
 
-def options_to_formulation_config(config_class: type, options: dict[str, Any], formulation: str):
-    """A formulation's config dataclass from its options, each checked against its field's type; an unknown key
-    names the valid ones."""
-    from pydantic import TypeAdapter, ValidationError
-
-    valid = [f.name for f in fields(config_class)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for formulation {formulation!r}; "
-                          f"valid options: {', '.join(valid)}")
-    try:
-        return TypeAdapter(config_class).validate_python(options)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        key = ".".join(str(part) for part in problem["loc"])
-        raise ConfigError(f"formulation {formulation!r} option {key}: {problem['msg']} (got "
-                          f"{problem.get('input')!r})") from None
-
-
 class Formulation(nn.Module, abc.ABC):
     """A backbone, an action space and the way one becomes the other."""
 
@@ -210,7 +191,7 @@ class Formulation(nn.Module, abc.ABC):
         """The formulation's own config from `options`, checked with the shared settings, before any model is built."""
         if chunk < 1:
             raise ConfigError(f"chunk must be at least 1, got {chunk}")
-        config = options_to_formulation_config(cls.config_class, options, cls.name)
+        config = plugin_options(cls.config_class, options, "formulation", cls.name)
         if isinstance(config, FormulationConfig):
             check_formulation_config(config)
         if history != 1 and not cls.takes_history(config):

@@ -7,7 +7,6 @@ the group `robovlms.backbones` that names their Backbone subclass.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_model
 
 from robovlms.backbone.interface import SIZES, SPEC_FILE, WEIGHTS_FILE, Backbone
 from robovlms.errors import ConfigError, RobovlmsError, UnknownNameError
-from robovlms.registry import Registry
+from robovlms.registry import Registry, plugin_options
 
 BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones", Backbone,
                                                 ("name", "description", "lora_target_modules"))
@@ -24,21 +23,7 @@ BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones",
 
 def options_to_config(config_class: type, options: dict[str, Any], backbone: str):
     """A tiny config dataclass from keyword overrides; an unknown key names the valid ones."""
-    from pydantic import TypeAdapter, ValidationError
-
-    valid = [f.name for f in fields(config_class)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for backbone {backbone!r}; "
-                          f"valid options: {', '.join(valid)}")
-    try:
-        return TypeAdapter(config_class).validate_python(options)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        key = ".".join(str(part) for part in problem["loc"])
-        raise ConfigError(f"backbone {backbone!r} option {key}: {problem['msg']} (got "
-                          f"{problem.get('input')!r})") from None
-
+    return plugin_options(config_class, options, "backbone", backbone)
 
 
 def create_backbone(name: str, size: str = "tiny", path: str | None = None, **options) -> Backbone:
