@@ -3,16 +3,17 @@
 import numpy as np
 import pytest
 import torch
+from brief_training import train_briefly
 from synthetic_store import write_synthetic_store
 
 from robovlms.backbone import create_backbone
 from robovlms.benchmark import EpisodeSpec, Observation
+from robovlms.data.store import Statistics
 from robovlms.data.windows import WindowDataset
 from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.formulation import FORMULATIONS, ActionDiscretiser, ActionNormaliser, create_formulation
 from robovlms.policy import CheckpointPolicy
 from robovlms.training import FormulationModule, load_config
-from robovlms.data.store import Statistics
 
 BACKBONES = ["gpt-scratch", "kosmos2", "paligemma", "flamingo", "film-convnet"]
 HISTORY = {"one-step-discrete": 1, "one-step-continuous": 1, "interleaved": 3, "policy-head": 3}
@@ -68,20 +69,6 @@ def test_an_unknown_formulation_option_lists_the_valid_ones(store):
 def test_one_step_formulations_refuse_a_history(store, name):
     with pytest.raises(ConfigError, match="history must be 1"):
         make_formulation(store, name, history=4)
-
-
-def train_briefly(formulation, store, steps=15):
-    """The losses of `steps` AdamW steps on one batch of windows, and the last step's metrics."""
-    batch = WindowDataset(store, formulation.history, formulation.chunk).__getitems__(list(range(0, 48, 6)))
-    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss, metrics = formulation.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    return losses, metrics
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -303,15 +290,7 @@ def test_the_state_token_comes_just_before_each_lrn_and_the_prediction_is_read_a
 @pytest.mark.parametrize("name", list(HISTORY))
 def test_every_formulation_learns_with_a_state_token(store, name):
     formulation = make_formulation(store, name, state_input="token")
-    batch = WindowDataset(store, formulation.history, formulation.chunk).__getitems__(list(range(0, 48, 6)))
-    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss, _ = formulation.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses, _ = train_briefly(formulation, store, steps=30)
     assert losses[-1] < 0.8 * losses[0], losses
     assert formulation.state_embedding.weight.grad.abs().sum() > 0
 
