@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robovlms.errors import ConfigError, UnknownNameError
-from robovlms.formulation import ActionDiscretiser, Formulation, FormulationConfig
+from robovlms.formulation import ActionDiscretiser, Formulation, FormulationConfig, embedding_std
 
 DECODINGS = ("parallel", "autoregressive")
 READOUTS = ("argmax", "expectation")
@@ -136,8 +136,7 @@ class OneStepDiscrete(Formulation):
         self.register_buffer("action_token_ids", backbone.reserve_action_tokens(self.config.bins,
                                                                                 self.config.token_mode, skip=skip))
         if self.config.decoding == "parallel":
-            embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
-            self.queries = nn.Parameter(torch.randn(self.tokens_per_step, backbone.hidden_size) * embedding_std)
+            self.queries = nn.Parameter(torch.randn(self.tokens_per_step, backbone.hidden_size) * embedding_std(backbone))
 
     def tokens(self, actions: torch.Tensor) -> torch.Tensor:
         """Raw actions (..., L, A) -> bin indices (..., L * A), dimension by dimension, action by action."""

@@ -352,40 +352,136 @@ def sweep_command(
                                                      "postgresql://... for many machines).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the cells and an estimate of their cost; run nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Run again the cells that failed with an error.")] = False,
+    gpu_memory: Annotated[float, typer.Option(help="With --dry-run: the memory of one GPU, in GiB, that each "
+                                                   "cell's estimate is checked against.", min=1.0)] = 80.0,
 ) -> None:
     """Train, evaluate and record every cell of a sweep grid; re-running resumes where it stopped."""
     if dry_run:
-        from robovlms.results import CELLS_DIR, read_cell_result
-        from robovlms.sweep import estimate_cost, expand_cells, load_sweep
-
-        sweep = load_sweep(file)
-        cells = expand_cells(sweep)
-        rows = estimate_cost(sweep, cells)
-        table = Table(title=f"sweep {sweep.name}: {len(rows)} cells (estimates on this machine)")
-        headers = {"cell": "id", "fraction": "data", "train_s": "train s", "step_ms": "step ms", "eval_max_s": "eval ≤ s"}
-        for column in rows[0]:
-            table.add_column(headers.get(column, column), justify="right" if column.endswith("s") else "left",
-                             overflow="fold")
-        for row in rows:
-            # a cell id ends with the digest of its settings, which the other columns spell out
-            shown = {**row, "cell": row["cell"].rsplit("-", 1)[-1] if row["formulation"] else ""}
-            table.add_row(*(f"{value:.1f}" if column == "step_ms" else f"{value:.0f}" if column.endswith("_s")
-                            else str(value) for column, value in shown.items()))
-        console.print(table)
-        measured = [row for row in rows if row["train_s"] == row["train_s"]]  # NaN: a pretrained cell
-        total = sum(row["train_s"] + row["eval_max_s"] for row in measured)
-        console.print(f"about {total / 60:.0f} min of one worker for {len(measured)} cells (evaluation counted at its "
-                      f"upper bound), {total / 60 / max(workers, 1):.0f} min with {workers} worker(s)")
-        if len(measured) < len(rows):
-            console.print(f"{len(rows) - len(measured)} cells with pretrained backbones are not measured here: "
-                          f"time a few steps on the machine that will run them")
-        results = [read_cell_result(Path(sweep.run_dir) / CELLS_DIR / cell.cell_id) for cell in cells]
-        done = sum(result is not None and result.status == "complete" for result in results)
-        if done:
-            console.print(f"{done} of {len(cells)} cells are done in {sweep.run_dir}"
-                          + (": the sweep is finished" if done == len(cells) else "; running it takes the rest"))
+        _print_dry_run(file, workers, gpu_memory)
         return
     _run_sweep_command(file, workers, storage, retry_failed, "grid")
+
+
+def _print_dry_run(file: Path, workers: int, gpu_memory: float) -> None:
+    """`robovlms sweep FILE --dry-run`: per cell its parameters, memory per device, where it runs and, for cells
+    that train on this machine's CPU, its time; then what was assumed (docs/sweeps.md, "The dry run")."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from robovlms.results import CELLS_DIR, read_cell_result
+    from robovlms.sweep import dry_run, expand_cells, load_sweep
+    from robovlms.training.memory import GIB, format_bytes
+
+    sweep = load_sweep(file)
+    cells = expand_cells(sweep)
+    with Progress(TextColumn("dry run"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("", total=len(cells))
+        estimate = dry_run(sweep, cells, workers, progress=lambda done, total, what: bar.update(
+            task, completed=done, description=what[:40]))
+    from rich import box
+
+    rows = estimate.cells
+    trained = [cost for cost in rows if cost.cell.kind == "trained"]
+    varying = [column for column, attribute in (("data", "fraction"), ("seed", "seed"))
+               if len({getattr(cost, attribute) for cost in trained}) > 1]
+
+    def short_id(cost) -> str:  # a cell id ends with the digest of its settings, which the other columns spell out
+        return cost.cell.cell_id.rsplit("-", 1)[-1] if cost.cell.kind == "trained" else cost.cell.cell_id
+
+    cells_table = Table(title=f"sweep {sweep.name}: {len(rows)} cells", box=box.SIMPLE_HEAD, padding=(0, 1),
+                        pad_edge=False, collapse_padding=True)
+    for column in ("id", "backbone", "formulation", "H", "L", *varying, "params", "trainable"):
+        cells_table.add_column(column, justify="right" if column in ("H", "L", "params", "trainable") else "left",
+                               no_wrap=column not in ("backbone", "formulation"), overflow="fold",
+                               min_width=19 if column == "formulation" else None)
+    for cost in trained:
+        name, size = cost.backbone.split(" ", 1)
+        backbone = name if size == "(pretrained)" else f"{name} (tiny)"
+        cells_table.add_row(short_id(cost), backbone, cost.formulation, str(cost.history),
+                            str(cost.chunk), *(str(cost.fraction if column == "data" else cost.seed)
+                                               for column in varying),
+                            _count(cost.parameters), _count(cost.trainable))
+    console.print(cells_table)
+    costs_table = Table(title=f"per device: the memory of a training step, whether it fits one {gpu_memory:g} GiB "
+                              f"GPU, the time on this machine", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+                        collapse_padding=True)
+    for column in ("id", "runs on", "memory", "w/ ckpt", "fits", "train", "eval ≤"):
+        costs_table.add_column(column, justify="left" if column in ("id", "runs on", "fits") else "right",
+                               no_wrap=True)
+    for cost in rows:
+        memory = cost.memory
+        on_gpu = not cost.runs_on.startswith("cpu")
+        train = (f"{cost.train_s:.0f} s" if cost.train_s is not None else "" if cost.cell.kind == "baseline"
+                 else "on GPU" if on_gpu else "no")
+        evaluation = f"{cost.eval_max_s:.0f} s" if cost.timed or cost.cell.kind == "baseline" else ""
+        costs_table.add_row(short_id(cost), cost.runs_on, format_bytes(memory.total()) if memory else "",
+                            format_bytes(memory.total(True)) if memory else "",
+                            _fits(memory, gpu_memory * GIB) if memory and on_gpu else "", train, evaluation)
+    console.print(costs_table)
+    _print_dry_run_notes(sweep, estimate, workers)
+    results = [read_cell_result(Path(sweep.run_dir) / CELLS_DIR / cell.cell_id) for cell in cells]
+    done = sum(result is not None and result.status == "complete" for result in results)
+    if done:
+        console.print(f"{done} of {len(cells)} cells are done in {sweep.run_dir}"
+                      + (": the sweep is finished" if done == len(cells) else "; running it takes the rest"))
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _fits(memory, capacity: float) -> str:
+    """Whether a cell's estimate fits one device of `capacity` bytes, leaving 10% for the CUDA context and the
+    allocator: as it is, with gradient checkpointing, or not."""
+    if memory.total() is None:
+        return "?"
+    if memory.total() <= 0.9 * capacity:
+        return "yes"
+    if memory.total(True) <= 0.9 * capacity:
+        return "ckpt"
+    return "no"
+
+
+def _print_dry_run_notes(sweep, estimate, workers: int) -> None:
+    from collections import Counter
+
+    rows = estimate.cells
+    sources = {}
+    for cost in rows:
+        if cost.missing_path:
+            sources[(cost.missing_path, cost.backbone)] = cost.source
+    if sources:
+        console.print("not on this machine, so sized as the published model (weights are never loaded):")
+        for (path, backbone), source in sources.items():
+            console.print(f"  {path} ({backbone.split()[0]}): {source}", highlight=False)
+    notes = Counter(note for cost in rows for note in cost.notes)
+    for note, count in notes.items():
+        console.print(f"{count} cell(s): {note}", highlight=False)
+    console.print("tiny: randomly initialised, sized by its options; memory: weights, gradients, AdamW state, the "
+                  "activations of one micro-batch and the batch; "
+                  "w/ ckpt: the same with gradient checkpointing; fits: with 10% left for the CUDA context, as it "
+                  "is (yes), only with gradient checkpointing (ckpt) or not (no); docs/sweeps.md, 'The dry run'",
+                  highlight=False)
+    gpu_cells = [cost for cost in rows if cost.cell.kind == "trained" and not cost.timed]
+    if gpu_cells:
+        console.print(f"{len(gpu_cells)} cell(s) are meant for GPUs or pretrained weights and not timed here: "
+                      f"measure their time where they run (`robovlms train` of one cell's settings with max_steps: "
+                      f"20 on its machine)", highlight=False)
+    total = estimate.total_seconds(workers)
+    timed = sum(cost.timed for cost in rows)
+    if total is not None and timed:
+        startup = f"{estimate.startup_s:.0f} s" if estimate.startup_s is not None else "unknown"
+        console.print(f"about {total / 60:.1f} min with {workers} worker(s) for the {timed} timed cell(s) and the "
+                      f"baselines: steps timed on {estimate.threads} thread(s) per worker, a worker's start-up "
+                      f"({startup}) once, evaluation at its upper bound", highlight=False)
+    elif total is not None:
+        console.print(f"the baselines: at most {total / 60:.1f} min of evaluation with {workers} worker(s)",
+                      highlight=False)
 
 
 @app.command("tune")

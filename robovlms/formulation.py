@@ -177,6 +177,13 @@ def check_action_objective(config: ContinuousActionConfig) -> None:
             raise UnknownNameError(name.replace("_", " "), getattr(config, name), valid)
 
 
+def embedding_std(backbone: Backbone) -> float:
+    """The spread of the word embeddings, at which new embeddings start; 1.0 for a backbone built on the meta
+    device, which holds no values (to count parameters and estimate memory)."""
+    weight = backbone.input_embeddings().weight
+    return 1.0 if weight.is_meta else weight.detach().float().std().item()
+
+
 class Formulation(nn.Module, abc.ABC):
     """A backbone, an action space and the way one becomes the other."""
 
@@ -219,8 +226,7 @@ class Formulation(nn.Module, abc.ABC):
         if self.config.lrn_init == "zeros":
             self.lrn = nn.Parameter(torch.zeros(D))  # the learnable [LRN] action token
         else:
-            embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
-            self.lrn = nn.Parameter(torch.randn(D) * embedding_std)
+            self.lrn = nn.Parameter(torch.randn(D) * embedding_std(backbone))
         self.state_embedding = nn.Linear(len(state_statistics.p01), D) if use_state else None
         self.state_token = use_state and state_input == "token"
 

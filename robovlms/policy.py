@@ -30,6 +30,18 @@ from robovlms.formulation import Formulation
 EXECUTIONS = ("first", "ensemble", "chunk")
 
 
+def check_execution(history: int, chunk: int, frame_stride: int, execution: str) -> None:
+    """A policy can observe its history frames `frame_stride` env steps apart only if it observes at least that
+    often: `chunk` execution observes every `chunk` steps."""
+    if execution not in EXECUTIONS:
+        raise UnknownNameError("chunk execution", execution, EXECUTIONS)
+    steps_between_observations = chunk if execution == "chunk" else 1
+    if history > 1 and frame_stride % steps_between_observations:
+        raise ConfigError(f"history frames {frame_stride} env steps apart cannot be observed when each chunk of "
+                          f"{chunk} runs open-loop; train with frame_stride {chunk} (or a multiple) for `chunk` "
+                          f"execution, or execute with `first` or `ensemble`")
+
+
 class CheckpointPolicy:
     def __init__(self, formulation: Formulation, cameras: list[str], execution: str = "first",
                  ensemble_decay: float = 0.01, frame_stride: int = 1):
@@ -40,11 +52,8 @@ class CheckpointPolicy:
         self.execution = execution
         self.ensemble_decay = ensemble_decay
         self.history = formulation.history
+        check_execution(self.history, formulation.chunk, frame_stride, execution)
         steps_between_observations = formulation.chunk if execution == "chunk" else 1
-        if self.history > 1 and frame_stride % steps_between_observations:
-            raise ConfigError(f"history frames {frame_stride} env steps apart cannot be observed when each chunk of "
-                              f"{formulation.chunk} runs open-loop; train with frame_stride {formulation.chunk} (or a "
-                              f"multiple) for `chunk` execution, or execute with `first` or `ensemble`")
         self._every = max(1, frame_stride // steps_between_observations)  # observations between history frames
         self._frames: deque[dict[str, torch.Tensor]] = deque(maxlen=(self.history - 1) * self._every + 1)
         self._chunks: list[np.ndarray] = []  # the unexecuted rest of each recent chunk, oldest first

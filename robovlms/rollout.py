@@ -55,6 +55,7 @@ def run_episodes(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Seq
     jobs = [(spec, record_trajectories, video_paths.get(i)) for i, spec in enumerate(specs)]
     bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit="episode")
     if workers <= 1:
+        threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
         _start_worker(benchmark, policy_factory)
         failure = None
         try:
@@ -68,6 +69,8 @@ def run_episodes(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Seq
         finally:
             _close_environment(failure)
             bar.close()
+            if threads is not None:  # this process goes on (a sweep's next cell trains on its own threads)
+                sys.modules["torch"].set_num_threads(threads)
         return
     context = multiprocessing.get_context("spawn")  # MuJoCo's GL contexts and torch's threads do not survive fork
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,

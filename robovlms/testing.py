@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from robovlms.backbone import FREEZE_MODES, MAX_IMAGE_SIZE, Backbone, create_backbone, load_backbone
+from robovlms.errors import HiddenSizeError
 
 INSTRUCTIONS = ["press the button from the top", "open the door"]  # different lengths: rows get padded
 MAX_IMAGE_SLOTS = 4096  # image tokens per image; more means the image size is wrong (a 4096-pixel "side")
@@ -353,6 +354,7 @@ def check_backbone(name: str, **options) -> list[CheckResult]:
     """Every check on tiny `name` built with `options` (a fresh, seeded backbone for each check)."""
     create_backbone(name, **options)  # a plugin that cannot be built is one clear error, not ten failed checks
     results = []
+    wrong_width = None  # a forward of the wrong width fails every check that runs one: said once
     for check, function in CHECKS.items():
         torch.manual_seed(0)
         backbone = create_backbone(name, **options)
@@ -360,6 +362,10 @@ def check_backbone(name: str, **options) -> list[CheckResult]:
             results.append(CheckResult(check, "pass", function(backbone)))
         except SkipCheck as skip:
             results.append(CheckResult(check, "skip", str(skip)))
+        except HiddenSizeError as error:
+            results.append(CheckResult(check, "skip", f"needs a forward of the right width ({wrong_width})")
+                           if wrong_width else CheckResult(check, "fail", str(error)))
+            wrong_width = wrong_width or f"see {check!r}"
         except AssertionError as failure:
             results.append(CheckResult(check, "fail", str(failure)))
         except Exception as error:  # the backbone crashed inside the check: say where

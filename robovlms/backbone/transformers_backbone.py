@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from robovlms.backbone.activations import Elements, Layers, Saved, config_layers, find_layers, trains
 from robovlms.backbone.interface import Backbone
 from robovlms.backbone.pretrained import resolve_pretrained
 from robovlms.errors import ConfigError, PluginError
@@ -74,8 +75,51 @@ class TransformersBackbone(Backbone):
     def output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def activation_layers(self, images: int, rows: int, context: int) -> list[Layers | Saved]:
+        """A vision encoder over each image's patches and a decoder over the contexts, sized from the config;
+        backbones with more (a resampler, cross-attention) add theirs."""
+        vision_modules, text = self.vision_modules(), self.model.config.get_text_config()
+        vision_trains = trains(vision_modules)
+        described = [*vision_encoder_activations(vision_modules, getattr(self.model.config, "vision_config", None),
+                                                 images, self.image_size)]
+        described += decoder_activations(self.language_modules(), text, rows, context)
+        if vision_trains and described[0].name == "vision encoder":
+            projector = vision_modules[-1]  # the projector into the language model: keeps the image tokens
+            if projector is not self.model and trains([projector]):
+                encoder = described[0]
+                described.append(Saved("projector input", Elements(other=images * encoder.tokens * encoder.hidden)))
+        return described
+
     def resize_vocabulary(self, vocab_size: int) -> None:
-        self.model.resize_token_embeddings(vocab_size)
+        # a model built on the meta device (to count parameters) holds no values to take the mean of
+        self.model.resize_token_embeddings(vocab_size, mean_resizing=not self.input_embeddings().weight.is_meta)
+
+
+def vision_encoder_activations(vision_modules: list[nn.Module], vision_config, images: int,
+                               image_size: int) -> list[Layers | Saved]:
+    """A ViT's layers over each image's patches (and class token), its pixels and final norm, when its config and
+    a `layers` ModuleList are found in `vision_modules`."""
+    layers = find_layers(vision_modules)
+    if vision_config is None or layers is None:
+        return []
+    on_path = trains(vision_modules)
+    class_token = any("class_embedding" in name for module in vision_modules for name, _ in module.named_parameters())
+    tokens = (image_size // vision_config.patch_size) ** 2 + class_token
+    encoder = config_layers("vision encoder", layers, vision_config, images, tokens, on_path)
+    if not on_path:
+        return [encoder]
+    return [encoder, Saved("pixels", Elements(other=images * 3 * image_size ** 2)),
+            Saved("vision norms", Elements(norms=images * tokens * (encoder.hidden + 2)))]
+
+
+def decoder_activations(language_modules: list[nn.Module], text_config, rows: int, context: int,
+                        **overrides) -> list[Layers | Saved]:
+    """A decoder's layers over the contexts, each keeping an attention mask (a transformers decoder makes one for
+    padding and prefixes), and its final norm."""
+    decoder = config_layers("language model", find_layers(language_modules), text_config, rows, context, True,
+                            **{"attention_mask": True, **overrides})
+    final_norm = decoder.hidden + 2 if decoder.norm == "layer" else 2 * decoder.hidden + 1
+    return [decoder, Saved("final norm", Elements(norms=rows * context * final_norm))]
 
 
 def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:

@@ -5,6 +5,8 @@ alive, and a dead worker's trial goes stale and is re-enqueued."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,8 @@ STUDY_SPEC = "robovlms_sweep"  # study user attributes: the validated sweep file
 STUDY_FINGERPRINT = "robovlms_fingerprint"
 STUDY_MODE = "robovlms_mode"  # "grid" (`robovlms sweep`) or "search" (`robovlms tune`, study "<name>-search")
 MAX_RETRIES = 3  # a cell whose worker died this many times is left failed
+
+logger = logging.getLogger(__name__)
 
 
 def storage_url(sweep: SweepConfig, url: str | None = None) -> str:
@@ -106,10 +110,10 @@ def open_study(sweep: SweepConfig, cells: list[Cell], url: str, mode: str, *, cr
     if name in study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(sweep, cells, mode),
                                   pruner=_pruner(sweep, mode))
-        if study.user_attrs.get(STUDY_FINGERPRINT) != mine:
-            raise ConfigError(f"study {name!r} in {redact(url)} belongs to another sweep file (other cells or "
-                              f"settings); give this sweep another name, or re-run the file that made it")
-        return study
+        if study.user_attrs.get(STUDY_FINGERPRINT) == mine:
+            return study
+        if not create or not replace_failed_study(study, storage, Path(sweep.run_dir)):
+            raise ConfigError(another_sweep_file(study, url, Path(sweep.run_dir)))
     if not create:
         raise ConfigError(f"no study {name!r} in {redact(url)}; start it with `robovlms sweep FILE`")
     direction = "minimize" if mode == "search" and sweep.search.objective == "val_loss" else "maximize"
@@ -119,6 +123,46 @@ def open_study(sweep: SweepConfig, cells: list[Cell], url: str, mode: str, *, cr
     study.set_user_attr(STUDY_MODE, mode)
     study.set_user_attr(STUDY_FINGERPRINT, mine)
     return study
+
+
+def replace_failed_study(study, storage, run_dir: Path) -> bool:
+    """A study made by an earlier version of a sweep file whose trained cells all failed, and in which nothing
+    runs or waits, holds no result worth keeping: it is deleted, so the edited file can start afresh under the same
+    name, and its cells' directories are moved to run_dir/replaced/<time>/ (their errors stay readable)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if any(trial.state in (TrialState.RUNNING, TrialState.WAITING) for trial in trials):
+        return False
+    if any(trial.state == TrialState.COMPLETE and not str(trial_cell(trial)).startswith("baseline-")
+           for trial in trials):
+        return False
+    moved = run_dir / "replaced" / time.strftime("%Y%m%dT%H%M%S")
+    for cell in sorted({trial_cell(trial) for trial in trials} - {None}):
+        if (run_dir / CELLS_DIR / cell).exists():
+            moved.mkdir(parents=True, exist_ok=True)
+            (run_dir / CELLS_DIR / cell).rename(moved / cell)
+    optuna.delete_study(study_name=study.study_name, storage=storage)
+    logger.warning(f"study {study.study_name!r} came from an earlier version of this sweep file and none of its "
+                   f"trained cells completed: it is replaced by this file"
+                   + (f" (its cells' directories are in {moved})" if moved.exists() else ""))
+    return True
+
+
+def another_sweep_file(study, url: str, run_dir: Path) -> str:
+    """Why a study cannot be reused by this sweep file, and exactly what to do."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = {trial_cell(trial) for trial in trials if trial.state == TrialState.COMPLETE}
+    busy = sum(trial.state in (TrialState.RUNNING, TrialState.WAITING) for trial in trials)
+    held = (f"{busy} of its trials are running or waiting" if busy else
+            f"it holds {len(complete)} complete cell(s) ({', '.join(sorted(map(str, complete))[:3])}"
+            f"{', ...' if len(complete) > 3 else ''})")
+    return (f"study {study.study_name!r} in {redact(url)} belongs to another sweep file (other cells or settings), "
+            f"and {held}: run the file that made it to keep them, or give this sweep another name, or delete "
+            f"{run_dir} to start this file afresh (losing them)")
 
 
 def _pruner(sweep: SweepConfig, mode: str):
