@@ -83,6 +83,7 @@ class OneStepDiscrete(Formulation):
     single_frame = True
     history_advice = ("use interleaved or policy-head for a history, or with_history: true (RoboVLMs: the frames in "
                       "one causal context)")
+    batched_rollouts = True  # decoding draws no noise; each row's tokens depend on that row alone
     config_class = OneStepDiscreteConfig
 
     @classmethod

@@ -1,9 +1,16 @@
-"""The `robovlms` command line."""
+"""The `robovlms` command line.
+
+Kept quick to start: this module imports only typer, rich and robovlms' light modules (errors, registries, baseline
+names); each command imports what it needs in its own body, so `robovlms --help` and the plugin listings import
+no model library.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,14 +22,45 @@ from rich.table import Table
 
 from robovlms.baselines import BASELINES
 from robovlms.errors import RobovlmsError
+from robovlms.registry import BACKBONES, BENCHMARKS, FORMULATIONS, Registry
 
 app = typer.Typer(help="robovlms: build, train, sweep and compare vision-language-action robot policies.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Episode stores: generate demonstrations, import datasets, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+PIPED_WIDTH = 10_000  # columns when output is not a terminal: wide enough that no table cell is cut or wrapped
+
+
+def _console() -> Console:
+    """Rich's console. Piped or redirected output would be cut to rich's default 80 columns, breaking entry
+    points, paths and ids that scripts grep for: it is as wide as its lines instead, unless COLUMNS says otherwise."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
+
+
+console = _console()
+show_traceback = False  # set by --traceback or ROBOVLMS_DEBUG=1
 
 POLICIES = ("expert", *BASELINES)
+
+
+@app.callback()
+def global_options(
+    traceback: Annotated[bool, typer.Option("--traceback", envvar="ROBOVLMS_DEBUG",
+                                            help="Show the traceback behind an error, not only its one-line message "
+                                                 "(also ROBOVLMS_DEBUG=1).")] = False,
+) -> None:
+    global show_traceback
+    show_traceback = traceback
+
+
+def _tasks(values: list[str]) -> str | list[str]:
+    """Values of a repeatable --tasks, each a task set, a task or comma-separated tasks: the one value as given, or
+    every task named, in order."""
+    tasks = [task for value in values for task in _split_list(value)]
+    return tasks[0] if len(tasks) == 1 else tasks
 
 
 def _split_list(value: str) -> list[str]:
@@ -33,7 +71,8 @@ def _split_list(value: str) -> list[str]:
 def data_generate(
     out: Annotated[Path, typer.Argument(help="Directory of the episode store to write.")],
     benchmark: Annotated[str, typer.Option(help="Benchmark with scripted experts.")] = "metaworld",
-    tasks: Annotated[str, typer.Option(help="Task set (demo, mt10, mt50) or comma-separated task names.")] = "demo",
+    tasks: Annotated[list[str], typer.Option(help="Task set (demo, mt10, mt50) or comma-separated task names; "
+                                                  "repeatable.")] = ["demo"],  # noqa: B006 (typer reads it)
     split: Annotated[str, typer.Option(help="Scene split; demonstrations come from its training scenes.")] = "ABC->D",
     scenes: Annotated[str | None, typer.Option(help="Training scenes to use instead of the split's, e.g. AB.")] = None,
     episodes: Annotated[int, typer.Option(help="Successful demonstrations per task and scene.")] = 20,
@@ -50,8 +89,7 @@ def data_generate(
     from robovlms.benchmark import create_benchmark
     from robovlms.data.demonstrations import generate_demonstrations
 
-    task_list = tasks if "," not in tasks else _split_list(tasks)
-    bench = create_benchmark(benchmark, tasks=task_list, image_size=image_size, cameras=_split_list(cameras),
+    bench = create_benchmark(benchmark, tasks=_tasks(tasks), image_size=image_size, cameras=_split_list(cameras),
                              max_steps=max_steps)
     store = generate_demonstrations(bench, split, episodes, out, scenes=scenes, workers=workers,
                                     overwrite=overwrite, resume=resume, allow_short=allow_short)
@@ -134,7 +172,8 @@ def evaluate_command(
     run: Annotated[Path | None, typer.Option(help="A trained run directory: roll out its last checkpoint.")] = None,
     store: Annotated[Path | None, typer.Option(help="Training store: benchmark settings and baseline data.")] = None,
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
-    tasks: Annotated[str | None, typer.Option(help="Tasks to evaluate (default: the store's).")] = None,
+    tasks: Annotated[list[str] | None, typer.Option(help="Tasks to evaluate, comma-separated or repeated "
+                                                         "(default: the store's).")] = None,
     split: Annotated[str, typer.Option(help="Which episodes: validation (for choosing settings) or test (for "
                                             "reporting results).")] = "test",
     benchmark_split: Annotated[str | None, typer.Option(help="The benchmark's split: Meta-World, CALVIN scenes such "
@@ -144,6 +183,8 @@ def evaluate_command(
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per task (CALVIN: chains).")] = 10,
     shard: Annotated[str | None, typer.Option(help="K/N: only the K-th of N disjoint parts, for N machines.")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
+    device: Annotated[str, typer.Option(help="Where a trained run's policy runs: auto, cpu, cuda or cuda:N; this "
+                                             "process holds it and serves every simulator worker.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the replay baseline's choice of demonstration.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for records.parquet/.csv and videos.")] = None,
     videos: Annotated[int, typer.Option(help="Episodes per task to save as MP4 (needs --out).")] = 0,
@@ -161,7 +202,6 @@ def evaluate_command(
     if policy is not None and policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; valid choices: {', '.join(POLICIES)}")
     if run is not None:
-        from robovlms.policy import policy_factory
         from robovlms.training import CONFIG_FILE, load_config
 
         store = store or Path(load_config(run / CONFIG_FILE).store)
@@ -171,8 +211,8 @@ def evaluate_command(
         # a store made for no benchmark in particular (an imported dataset) is evaluated on --benchmark
         benchmark = training_store.metadata.get("benchmark", benchmark)
         options = dict(training_store.metadata.get("benchmark_options", {}))
-    if tasks is not None:
-        options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
+    if tasks:
+        options["tasks"] = _tasks(tasks)
     bench = create_benchmark(benchmark, **options)
     if training_store is not None:
         layout = training_store.layout
@@ -189,9 +229,9 @@ def evaluate_command(
     specs = bench.split_episodes(benchmark_split, split, episodes)
     bench.check_available()
     if run is not None:
-        from robovlms.policy import policy_digest
+        from robovlms.policy import load_batched_policy, policy_digest
 
-        factory = policy_factory(run)
+        factory = load_batched_policy(run, device=device)
     elif policy == "expert":
         factory = bench.scripted_expert()
     else:
@@ -208,6 +248,46 @@ def evaluate_command(
                                    "policy_paths": [str(run.resolve())] if run else [], "shard": list(part)})
     _print_scores(f"{run or policy} on {bench.name} {benchmark_split}, {split} episodes"
                   + (f", shard {part[0]}/{part[1]}" if shard else ""), bench, records)
+
+
+@app.command("serve")
+def serve_command(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory (robovlms train's run_dir).")],
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 for this machine only.")] = "0.0.0.0",
+    device: Annotated[str, typer.Option(help="Where the policy runs: auto, cpu, cuda or cuda:N.")] = "auto",
+    execution: Annotated[str | None, typer.Option(help="first, ensemble or chunk (default: the run's).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="A checkpoint file of the run (default: last.ckpt).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Side the images are resized to (default: the run's store's "
+                                                        "when it is here, else the backbone's).")] = None,
+    max_message_mb: Annotated[float, typer.Option(help="Largest observation message accepted, in MiB.")] = 32,
+) -> None:
+    """Serve a trained run's policy to robots over a websocket, one connection per robot: msgpack observations
+    (images, state, instruction) in, action chunks out; openpi's conventions (docs/evaluation.md)."""
+    from robovlms.policy import load_batched_policy, observation_layout, policy_digest
+    from robovlms.serving.websocket_server import WebsocketPolicyServer
+
+    if max_message_mb <= 0:
+        raise RobovlmsError(f"--max-message-mb must be positive, got {max_message_mb}")
+    policy = load_batched_policy(run_dir, execution, checkpoint, device)
+    store_image_size, state_dim, where = observation_layout(run_dir, policy)
+    server = WebsocketPolicyServer(policy, image_size or store_image_size, state_dim, host, port,
+                                   int(max_message_mb * 2 ** 20),
+                                   metadata={"policy": policy_digest(run_dir, checkpoint), "run_dir": str(run_dir)})
+    threading.Thread(target=_announce, args=(server, run_dir, policy, where if image_size is None else "--image-size"),
+                     daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+def _announce(server, run_dir: Path, policy, image_size_from: str) -> None:
+    server.wait_until_serving()
+    dtype = next(policy.formulation.parameters()).dtype
+    console.print(f"serving {run_dir} on ws://{server.host}:{server.port} ({policy.device}, {dtype}, execution "
+                  f"{policy.execution}; images resized to {server.image_size} px, from {image_size_from}); "
+                  f"Ctrl-C stops", highlight=False, soft_wrap=True)
 
 
 @app.command("merge-evaluation")
@@ -510,29 +590,58 @@ def worker_command(
     work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
 
 
+CHECK_HELP = "Import each plugin and check it against its interface (seconds: imports the model libraries)."
+
+
+def _print_listing(registry: Registry, rows: list[dict], table=None) -> None:
+    """A listing's table; exits with 1 when a plugin failed."""
+    console.print(table if table is not None else registry.table(rows))
+    if any(row["failed"] for row in rows):
+        sys.exit(1)
+
+
 @app.command("backbones")
 def backbones_command(
     parameters: Annotated[bool, typer.Option(help="Also build each tiny size to count its parameters (slower).")] = False,
+    check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False,
 ) -> None:
-    """List the registered backbones (built-in and from plugins): entry point, package and version, description;
-    a plugin that fails to load gets a row naming its error. Exits with 1 when one fails."""
-    from robovlms.backbone import backbones_table, list_backbones
+    """List the registered backbones (built-in and from plugins): description, entry point, package and version,
+    read from package metadata and source. A plugin found broken gets a row naming its error, and the command
+    exits with 1; --check finds every way a plugin can fail to load."""
+    if parameters:
+        from robovlms.backbone import backbones_table, list_backbones
 
-    rows = list_backbones(parameters)
-    console.print(backbones_table(rows))
-    if any(row["failed"] for row in rows):
-        sys.exit(1)
+        rows = list_backbones(parameters)
+        _print_listing(BACKBONES, rows, backbones_table(rows))
+    else:
+        _print_listing(BACKBONES, BACKBONES.listing(check))
+
+
+@app.command("formulations")
+def formulations_command(check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False) -> None:
+    """List the registered formulations, like `robovlms backbones` (see docs/adding-a-formulation.md)."""
+    _print_listing(FORMULATIONS, FORMULATIONS.listing(check))
 
 
 @app.command("benchmarks")
-def benchmarks_command() -> None:
-    """List the registered benchmarks, like `robovlms backbones`. Exits with 1 when one fails to load."""
-    from robovlms.benchmark import BENCHMARKS
+def benchmarks_command(check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False) -> None:
+    """List the registered benchmarks, like `robovlms backbones`."""
+    _print_listing(BENCHMARKS, BENCHMARKS.listing(check))
 
-    rows = BENCHMARKS.listing()
-    console.print(BENCHMARKS.table(rows))
-    if any(row["failed"] for row in rows):
-        sys.exit(1)
+
+def _key_values(option: list[str] | None) -> dict:
+    """--option KEY=VALUE items, each value read as YAML."""
+    import yaml
+
+    from robovlms.errors import ConfigError
+
+    options = {}
+    for item in option or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 @app.command("check-backbone")
@@ -544,17 +653,9 @@ def check_backbone_command(
     """Run the backbone conformance kit (robovlms.testing) on a tiny NAME: causality of the suffix and of
     interleaved frames, batch independence, save / load, freeze modes and LoRA, action tokens, image settings and
     agreement with the wrapped model's own forward. One line per check; exits with 1 when one fails."""
-    import yaml
-
-    from robovlms.errors import ConfigError
     from robovlms.testing import check_backbone
 
-    options = {}
-    for item in option or []:
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
-        options[key] = yaml.safe_load(value)
+    options = _key_values(option)
     results = check_backbone(name, **options)
     table = Table(title=f"conformance of backbone {name}" + "".join(f" {k}={v}" for k, v in options.items()))
     for column in ("check", "result", "reason"):
@@ -564,6 +665,40 @@ def check_backbone_command(
         table.add_row(result.check, f"[{colours[result.status]}]{result.status}[/]", result.reason)
     console.print(table)
     if not all(result.passed for result in results):
+        sys.exit(1)
+
+
+@app.command("check-formulation")
+def check_formulation_command(
+    name: Annotated[str, typer.Argument(help="A registered formulation (see `robovlms formulations`).")],
+    backbone: Annotated[list[str] | None, typer.Option(help="Check on this backbone only (repeatable; default: every "
+                                                            "built-in one).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="One of its options, or history, chunk, use_state, "
+                                                          "state_input, as KEY=VALUE (the value read as YAML), e.g. "
+                                                          "--option head_width=32; repeatable.")] = None,
+) -> None:
+    """Run the formulation conformance kit (robovlms.testing) on NAME over tiny built-in backbones: loss and its
+    gradients, predict, act, encoding frames one at a time as rollouts do, batching, another device (meta tensors),
+    seeding, and rebuilding from its state dict. A table of checks by backbone, then each failure's reason; exits
+    with 1 when one fails."""
+    from robovlms.testing import check_formulation
+
+    options = _key_values(option)
+    results = check_formulation(name, backbone, **options)
+    table = Table(title=f"conformance of formulation {name}" + "".join(f" {k}={v}" for k, v in options.items()))
+    table.add_column("check")
+    for backbone_name in results:
+        table.add_column(backbone_name)
+    colours = {"pass": "green", "fail": "red", "skip": "yellow"}
+    checks = [result.check for result in next(iter(results.values()))]
+    for index, check in enumerate(checks):
+        table.add_row(check, *(f"[{colours[rows[index].status]}]{rows[index].status}[/]" for rows in results.values()))
+    console.print(table)
+    failures = [(backbone_name, result) for backbone_name, rows in results.items() for result in rows
+                if not result.passed]
+    for backbone_name, result in failures:
+        console.print(f"[red]{backbone_name} / {result.check}:[/red] {result.reason}", highlight=False)
+    if failures:
         sys.exit(1)
 
 
@@ -625,6 +760,10 @@ def main() -> None:
     try:
         app()
     except RobovlmsError as error:
+        if show_traceback:
+            import traceback
+
+            traceback.print_exception(error)
         console.print(f"[red]error:[/red] {error}", highlight=False)
         sys.exit(2)
 

@@ -922,8 +922,9 @@ def test_the_dry_run_says_in_one_line_that_a_backbone_returns_the_wrong_width(tm
 
 
 def test_every_cell_of_a_one_worker_sweep_trains_on_the_same_threads(tmp_path, demo_store, monkeypatch):
-    """Evaluating in the sweep's own process pins torch to one thread for the rollouts; the next cell must train
-    on the process's threads again, or the first cell's time is not comparable with the others'."""
+    """Evaluating in the sweep's own process (a policy stepped there, or a step timed on one thread) must leave
+    torch's threads as it found them: the next cell trains on the process's threads, or the first cell's time is
+    not comparable with the others'."""
     import torch
 
     import robovlms.training

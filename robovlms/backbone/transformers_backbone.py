@@ -24,6 +24,9 @@ class TransformersBackbone(Backbone):
         """`image_size`: the side of the square images the vision tower takes, when the image processor's size
         is not one (Qwen2-VL's is a pixel count); by default the processor's, checked against the vision config."""
         settings = processor_image_settings(processor.image_processor)
+        if image_size is None and settings["image_size"] is None:
+            raise ConfigError(f"backbone {self.name!r}: its image processor's size {_size_dict(processor.image_processor)}"
+                              f" names no image side; pass image_size= to TransformersBackbone.__init__")
         settings["image_size"] = image_size or settings["image_size"]
         check_image_size(settings["image_size"], model.config, self.name, declared=image_size is not None)
         super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer, **settings)
@@ -91,8 +94,13 @@ class TransformersBackbone(Backbone):
         return described
 
     def resize_vocabulary(self, vocab_size: int) -> None:
-        # a model built on the meta device (to count parameters) holds no values to take the mean of
-        self.model.resize_token_embeddings(vocab_size, mean_resizing=not self.input_embeddings().weight.is_meta)
+        # Not transformers' mean resizing: it puts every new row at the old rows' mean plus noise at 1e-9 of their
+        # covariance, so appended action tokens would start as one token (the same logit for every bin, the same
+        # input when decoded one by one). The model's own initialisation gives each bin a row of its own. What mean
+        # resizing guards against, new tokens taking probability from the pretrained vocabulary, cannot happen
+        # here: the discrete formulation's softmax is over the action tokens alone. (It also needs no values, so a
+        # model built on the meta device, to count parameters, resizes too.)
+        self.model.resize_token_embeddings(vocab_size, mean_resizing=False)
 
 
 def vision_encoder_activations(vision_modules: list[nn.Module], vision_config, images: int,
@@ -152,10 +160,20 @@ def auto_processor(directory: Path, backbone: str):
                           f"*ImageProcessorPil class instead (docs/adding-a-backbone.md)") from error
 
 
-def processor_image_settings(image_processor) -> dict[str, Any]:
-    """image_size, image_mean, image_std, rescale_factor as a transformers image processor configures them."""
+def _size_dict(image_processor) -> dict[str, Any]:
+    """The image processor's resize target, without the keys it leaves unset (a SizeDict holds all of them)."""
     size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
-    size = dict(size)
-    side = size.get("height", size.get("shortest_edge"))
-    return {"image_size": int(side), "image_mean": tuple(image_processor.image_mean),
+    return {key: value for key, value in dict(size).items() if value is not None}
+
+
+def processor_image_settings(image_processor) -> dict[str, Any]:
+    """image_size, image_mean, image_std, rescale_factor as a transformers image processor configures them. The
+    image size is the side of the square images the vision tower takes: the size's `height`, else its
+    `shortest_edge` (after a centre crop, `crop_size`'s), else, for processors that cut images into tiles
+    (Idefics3, SmolVLM), the tiles' `max_image_size`, else the size's `longest_edge`; None when the size names no
+    side (a pixel count only), for the backbone to declare."""
+    size = _size_dict(image_processor)
+    tiles = dict(getattr(image_processor, "max_image_size", None) or {})
+    side = size.get("height") or size.get("shortest_edge") or tiles.get("longest_edge") or size.get("longest_edge")
+    return {"image_size": int(side) if side else None, "image_mean": tuple(image_processor.image_mean),
             "image_std": tuple(image_processor.image_std), "rescale_factor": float(image_processor.rescale_factor)}

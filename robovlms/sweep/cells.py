@@ -163,7 +163,7 @@ def check_cells_on_store(cells: list[Cell], store, benchmark, execution: str | N
     both, its history and chunk fit the shortest episode it trains on, and a rollout can observe its history
     under its execution (`execution` overrides the cells')."""
     from robovlms.data.windows import check_windows_fit
-    from robovlms.policy import check_execution
+    from robovlms.serving.batched_policy import check_execution
     from robovlms.training import load_config
 
     for cell in cells:
