@@ -241,7 +241,8 @@ class OpenFlamingoBackbone(Backbone):
         return self.model.language.get_output_embeddings()
 
     def resize_vocabulary(self, vocab_size: int) -> None:
-        self.model.language.resize_token_embeddings(vocab_size)
+        # the model's own initialisation for new rows, not mean resizing: TransformersBackbone.resize_vocabulary
+        self.model.language.resize_token_embeddings(vocab_size, mean_resizing=False)
 
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.vision, self.model.resampler]
