@@ -200,6 +200,30 @@ def test_save_and_load_rebuild_identical_outputs(backbone, tmp_path):
         [n for n, p in backbone.named_parameters() if p.requires_grad]
 
 
+def lora_layers(backbone):
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in backbone.modules() if isinstance(module, LoraLayer)]
+
+
+def test_lora_alpha_and_dropout_reach_the_adapters_and_survive_save_and_load(tmp_path):
+    """RoboVLMs' LoRA: rank 64, alpha 16 (a scale of 0.25), dropout 0.05; by default alpha is the rank, no dropout."""
+    backbone = create_backbone("kosmos2")
+    backbone.freeze("lora", lora_rank=64, lora_alpha=16, lora_dropout=0.05)
+    backbone.save(tmp_path / "backbone")
+    for adapted in (backbone, load_backbone(tmp_path / "backbone")):
+        assert lora_layers(adapted)
+        for layer in lora_layers(adapted):
+            assert layer.scaling["default"] == 0.25
+            assert layer.lora_dropout["default"].p == 0.05
+    plain = create_backbone("kosmos2")
+    plain.freeze("lora", lora_rank=8)
+    assert {layer.scaling["default"] for layer in lora_layers(plain)} == {1.0}
+    assert all(isinstance(layer.lora_dropout["default"], torch.nn.Identity) for layer in lora_layers(plain))
+    with pytest.raises(ConfigError, match=r"rank 8 on attention \(alpha 8, dropout 0.0\), not rank 8 on attention \(alpha 16"):
+        plain.freeze("lora", lora_rank=8, lora_alpha=16)
+
+
 def test_save_and_load_keep_lora_adapters(backbone, tmp_path):
     backbone.freeze("lora", lora_rank=4)
     with torch.no_grad():
@@ -297,7 +321,7 @@ def test_lora_targets_are_checked_and_cannot_change_once_adapters_exist(backbone
     with pytest.raises(UnknownNameError, match="LoRA targets 'mlp'; valid choices: all-linear, attention"):
         backbone.freeze("lora", lora_targets="mlp")
     backbone.freeze("lora", lora_rank=2)
-    with pytest.raises(ConfigError, match="LoRA adapters of rank 2 on attention, not rank 2 on all-linear"):
+    with pytest.raises(ConfigError, match=r"LoRA adapters of rank 2 on attention \(alpha 2, dropout 0.0\), not rank 2 on all-linear"):
         backbone.freeze("lora", lora_rank=2, lora_targets="all-linear")
 
 

@@ -191,6 +191,10 @@ def test_robovlms_definitions_are_checked_with_the_valid_choices(store, tmp_path
         load_config(config(store, tmp_path, backbone={"freeze": "lora", "lora_targets": "mlp"}))
     with pytest.raises(ConfigError, match="backbone.freeze: Input should be .*'frozen-vision-and-embeddings'"):
         load_config(config(store, tmp_path, backbone={"freeze": "robovlms"}))
+    with pytest.raises(ConfigError, match="backbone.lora_dropout: Input should be less than 1 .*got 1.0"):
+        load_config(config(store, tmp_path, backbone={"freeze": "lora", "lora_dropout": 1.0}))
+    with pytest.raises(ConfigError, match="backbone.lora_alpha: Input should be greater than or equal to 1"):
+        load_config(config(store, tmp_path, backbone={"freeze": "lora", "lora_alpha": 0}))
 
 
 @pytest.mark.parametrize("settings", [

@@ -56,6 +56,8 @@ class Backbone(nn.Module, abc.ABC):
         self.freeze_mode = "full"
         self.lora_rank: int | None = None
         self.lora_targets: str | None = None
+        self.lora_alpha: int | None = None
+        self.lora_dropout: float | None = None
         self.action_token_ids: torch.Tensor | None = None  # the last reserved, in bin order
         self._action_rows_hook = None  # keeps only the action token rows' gradient in the word embeddings
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows seen before
@@ -227,11 +229,12 @@ class Backbone(nn.Module, abc.ABC):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_embeddings()(hidden)
 
-    def reserve_action_tokens(self, count: int, mode: str = "overwrite") -> torch.Tensor:
+    def reserve_action_tokens(self, count: int, mode: str = "overwrite", skip: int = 0) -> torch.Tensor:
         """Token ids for `count` action bins, in bin order.
 
         overwrite: reuse the last `count` ids of the base vocabulary (the least used merges of a BPE vocabulary),
-        skipping special and added tokens; bin 0 takes the last id, as RT-2 and OpenVLA do.
+        skipping special and added tokens, and the last `skip` ordinary ones; bin 0 takes the last id, as RT-2 and
+        OpenVLA do.
         append: add the tokens <action_0> ... <action_{count-1}> to the tokenizer and grow the embeddings and LM
         head; a tokenizer that holds them already (a backbone rebuilt from a trained run) keeps their ids.
         """
@@ -242,10 +245,10 @@ class Backbone(nn.Module, abc.ABC):
         if mode == "overwrite":
             added = set(self.tokenizer.get_added_vocab().values()) | set(self.tokenizer.all_special_ids)
             candidates = [i for i in range(self.tokenizer.vocab_size - 1, -1, -1) if i not in added]
-            if count > len(candidates):
-                raise ConfigError(f"cannot overwrite {count} tokens: {self.label} has {len(candidates)} ordinary "
-                                  f"tokens; use mode='append'")
-            self.action_token_ids = torch.tensor(candidates[:count])
+            if count + skip > len(candidates):
+                raise ConfigError(f"cannot overwrite {count} tokens after skipping {skip}: {self.label} has "
+                                  f"{len(candidates)} ordinary tokens; use mode='append'")
+            self.action_token_ids = torch.tensor(candidates[skip:skip + count])
             return self.action_token_ids
         names = [f"<action_{i}>" for i in range(count)]
         self.tokenizer.add_tokens(names, special_tokens=True)  # skips the ones it holds
@@ -254,9 +257,10 @@ class Backbone(nn.Module, abc.ABC):
             self.resize_vocabulary(len(self.tokenizer))
         return self.action_token_ids
 
-    def freeze(self, mode: str, lora_rank: int = 8, lora_targets: str = "attention") -> None:
+    def freeze(self, mode: str, lora_rank: int = 8, lora_targets: str = "attention", lora_alpha: int | None = None,
+               lora_dropout: float = 0.0) -> None:
         """Which parameters train (`robovlms/backbone/freezing.py` lists the modes)."""
-        freeze(self, mode, lora_rank, lora_targets)
+        freeze(self, mode, lora_rank, lora_targets, lora_alpha, lora_dropout)
 
     def partly_frozen_parameters(self) -> list[nn.Parameter]:
         """Parameters of which only some rows train (the word embeddings in frozen-vision-and-embeddings, with
@@ -269,7 +273,8 @@ class Backbone(nn.Module, abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         self.save_files(directory)
         spec = {"name": self.name, "size": self.size, "origin": self.origin, "freeze_mode": self.freeze_mode,
-                "lora_rank": self.lora_rank, "lora_targets": self.lora_targets,
+                "lora_rank": self.lora_rank, "lora_targets": self.lora_targets, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout,
                 "action_token_ids": None if self.action_token_ids is None else self.action_token_ids.tolist()}
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         save_model(self, str(directory / WEIGHTS_FILE))

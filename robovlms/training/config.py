@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from robovlms.errors import ConfigError, config_error
+from robovlms.recipes import expand_recipe
 from robovlms.yaml_files import read_yaml_mapping
 
 # Upper bounds of plausible settings: beyond them a value is a typo (1e15 steps, a batch of a billion windows).
@@ -38,6 +39,8 @@ class BackboneSettings(_Strict):
     freeze: Literal["full", "frozen-vision", "frozen-language", "frozen-vision-and-embeddings", "lora"] = "full"
     lora_rank: int = Field(8, ge=1, le=4096, strict=True)
     lora_targets: Literal["attention", "all-linear"] = "attention"  # all-linear: RoboVLMs' choice
+    lora_alpha: int | None = Field(None, ge=1, le=65_536, strict=True)  # adapters scaled alpha/rank; None: the rank
+    lora_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input (RoboVLMs: 0.05)
     # the dtype the weights are held in: float32 keeps fp32 master weights under mixed precision, whatever dtype a
     # pretrained checkpoint was saved in; bfloat16 or float16 halve the weights' memory (with precision bf16-true)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -51,6 +54,8 @@ class FormulationSettings(_Strict):
 class TrainingConfig(_Strict):
     store: str
     run_dir: str
+    # a named set of settings expanded before validation, the settings given beside it winning (robovlms/recipes.py)
+    recipe: str | None = None
     backbone: BackboneSettings = BackboneSettings()
     formulation: FormulationSettings = FormulationSettings()
     history: int = Field(1, ge=1, le=MAX_WINDOW, strict=True)  # H frames per window
@@ -106,6 +111,7 @@ def load_config(source: TrainingConfig | dict[str, Any] | str | Path) -> Trainin
     if source.get("strategy") == "ddp_spawn":  # what made `ddp` inside a sweep work before robovlms launched ranks
         raise ConfigError("strategy ddp_spawn: robovlms starts a cell's processes itself, so use strategy ddp "
                           "(the same training, without pickling the model into each process)")
+    source = expand_recipe(source, FormulationSettings.model_fields["name"].default)
     try:
         config = TrainingConfig.model_validate(source)
     except ValidationError as error:

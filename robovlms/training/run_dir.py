@@ -41,7 +41,8 @@ def build_formulation(config: TrainingConfig, backbone, action_statistics: Stati
                                      history=config.history, chunk=config.chunk, use_state=config.use_state,
                                      state_input=config.state_input, **config.formulation.options)
     backbone.freeze(config.backbone.freeze, lora_rank=config.backbone.lora_rank,
-                    lora_targets=config.backbone.lora_targets)
+                    lora_targets=config.backbone.lora_targets, lora_alpha=config.backbone.lora_alpha,
+                    lora_dropout=config.backbone.lora_dropout)
     return formulation
 
 
