@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robovlms.backbone import Context
+from robovlms.backbone.activations import trains
 from robovlms.backbones.gpt_scratch import GPTScratch, GPTScratchBackbone, GPTScratchConfig
 from robovlms.errors import ConfigError
 
@@ -76,6 +77,19 @@ class FiLMConvNetBackbone(GPTScratchBackbone):
 
     def image_block(self) -> tuple[list[int], int, list[int]]:
         return [], self.model.config.image_tokens, []
+
+    def image_encoder_on_gradient_path(self) -> bool:
+        """The instruction modulates the stem: a gradient to trainable word embeddings passes through it."""
+        return super().image_encoder_on_gradient_path() or self.input_embeddings().weight.requires_grad
+
+    def image_encoder_elements(self) -> int:
+        """Per image: each conv layer's output four times (kept by its group norm, its FiLM, its GELU and the
+        next layer), and the pixels; three times and no pixels when the stem is frozen (a frozen conv keeps no
+        input)."""
+        S, c = self.image_size, self.model.config.conv_channels
+        stem_trains = trains([self.model.image_encoder])
+        copies, pixels = (4, 3 * S * S) if stem_trains else (3, 0)
+        return pixels + sum(copies * channels * (S >> (i + 1)) ** 2 for i, channels in enumerate([c // 2, c, c, c]))
 
     def contextualise(self, context: Context, images: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
         words = self.embed_tokens(context.input_ids)  # (R, L, D)

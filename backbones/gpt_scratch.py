@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from robovlms.backbone import SPEC_FILE, Backbone, Context, load_backbone, options_to_config, resolve_pretrained
+from robovlms.backbone.activations import Elements, Layers, Saved, training_flags, trains
 from robovlms.errors import ConfigError
 from robovlms.tokenizer import train_instruction_tokenizer
 
@@ -162,6 +163,26 @@ class GPTScratchBackbone(Backbone):
     def contextualise(self, context: Context, images: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
         embeds = self.merge_embeddings(context, self.model.image_encoder(images), suffix_embeds)
         return self.model(embeds)
+
+    def activation_layers(self, images: int, rows: int, context: int) -> list[Layers | Saved]:
+        """The conv stem over each image, then the decoder's blocks over the contexts (causal attention without
+        a mask) and its final norm."""
+        config = self.model.config
+        described = []
+        if self.image_encoder_on_gradient_path():
+            described.append(Saved("image encoder", Elements(other=images * self.image_encoder_elements())))
+        described.append(Layers("decoder", config.layers, rows, context, config.hidden_size, 4 * config.hidden_size,
+                                config.heads, input_projections=1, **training_flags(self.model.blocks[0])))
+        return described + [Saved("final norm", Elements(norms=rows * context * (config.hidden_size + 2)))]
+
+    def image_encoder_on_gradient_path(self) -> bool:
+        return trains([self.model.image_encoder])
+
+    def image_encoder_elements(self) -> int:
+        """Per image: the pixels, and each conv layer's output three times (kept by its group norm, its GELU and
+        the next layer)."""
+        S, c = self.image_size, self.model.config.conv_channels
+        return 3 * S * S + sum(3 * channels * (S >> (i + 1)) ** 2 for i, channels in enumerate([c // 2, c, c, c]))
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.wte

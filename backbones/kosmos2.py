@@ -4,7 +4,7 @@ a fixed number of image tokens, placed between <image> and </image> in the langu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,22 @@ from torch import nn
 from transformers import CLIPImageProcessorPil, Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Processor
 
 from robovlms.backbone import Context, TransformersBackbone, options_to_config
-from robovlms.tokenizer import train_instruction_tokenizer
+from robovlms.backbone.activations import Elements, Layers, Saved, trains
+from robovlms.backbone.transformers_backbone import decoder_activations, vision_encoder_activations
+from robovlms.tokenizer import stand_in_tokenizer, train_instruction_tokenizer
+
+# The sizes of the published model, from its config.json (https://huggingface.co/microsoft/kosmos-2-patch14-224/
+# blob/main/config.json; transformers' Kosmos2Config defaults are documented as these), for estimates where its
+# weights are not on this machine. Its tokenizer holds exactly vocab_size tokens.
+PUBLISHED_CONFIGS = {
+    "microsoft/kosmos-2-patch14-224": dict(
+        latent_query_num=64,
+        text_config=dict(vocab_size=65037, embed_dim=2048, layers=24, ffn_dim=8192, attention_heads=32,
+                         max_position_embeddings=2048, dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
+                         scale_embedding=True, layer_norm_eps=1e-5),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+}
 
 
 @dataclass
@@ -39,12 +54,13 @@ class Kosmos2Backbone(TransformersBackbone):
     tiny_config = Kosmos2TinyConfig
     lora_target_modules = r"text_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
+    published_models: ClassVar[dict[str, str]] = {
+        model: "config.json of the model" for model in PUBLISHED_CONFIGS}
+
     @classmethod
     def tiny(cls, **options) -> Kosmos2Backbone:
         tiny = options_to_config(Kosmos2TinyConfig, options, cls.name)
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": tiny.image_size},
-                                                crop_size={"height": tiny.image_size, "width": tiny.image_size})
-        processor = Kosmos2Processor(image_processor, train_instruction_tokenizer(tiny.tokenizer_vocab_size))
+        processor = _processor(tiny.image_size, train_instruction_tokenizer(tiny.tokenizer_vocab_size))
         tokenizer = processor.tokenizer
         config = Kosmos2Config(
             text_config=dict(vocab_size=len(tokenizer), embed_dim=tiny.hidden_size, layers=tiny.layers,
@@ -60,9 +76,32 @@ class Kosmos2Backbone(TransformersBackbone):
             latent_query_num=tiny.latent_queries)
         return cls(Kosmos2ForConditionalGeneration(config), processor, "tiny", None)
 
+    @classmethod
+    def published_architecture(cls, model_id: str) -> Kosmos2Backbone:
+        config = Kosmos2Config(**PUBLISHED_CONFIGS[model_id])
+        processor = _processor(config.vision_config.image_size, stand_in_tokenizer(config.text_config.vocab_size))
+        processor.tokenizer.mark_published()  # the published tokenizer holds the processor's tokens already
+        return cls(Kosmos2ForConditionalGeneration(config), processor, "pretrained", model_id)
+
     @property
     def hidden_size(self) -> int:
         return self.model.config.text_config.embed_dim
+
+    def activation_layers(self, images: int, rows: int, context: int) -> list[Layers | Saved]:
+        """The CLIP encoder; its patches normalised, projected and resampled by latent queries attending over
+        patches and latents; the decoder, whose layers norm inside attention and MLP (sub-layer norms)."""
+        config, vision_modules = self.model.config, self.vision_modules()
+        text = config.text_config
+        described = vision_encoder_activations(vision_modules, config.vision_config, images, self.image_size)
+        patches, latents = described[0].tokens, config.latent_query_num
+        if trains(vision_modules):
+            width = config.vision_config.hidden_size
+            described += [Saved("post-norm, normalisation and projection of the patches",
+                                Elements(norms=images * patches * (2 * width + 3), other=images * patches * width)),
+                          Layers("latent queries", 1, images, latents, text.embed_dim, 0, text.attention_heads,
+                                 key_tokens=patches + latents, key_input=text.embed_dim, norms=0, checkpointed=False)]
+        return described + decoder_activations(self.language_modules(), text, rows, context, attention_norm=True,
+                                               mlp_norm=True, dropouts=2 if text.dropout else 0)
 
     def image_block(self) -> tuple[list[int], int, list[int]]:
         begin, end = self.tokenizer.convert_tokens_to_ids([self.processor.boi_token, self.processor.eoi_token])
@@ -92,3 +131,9 @@ class Kosmos2Backbone(TransformersBackbone):
 
     def language_modules(self) -> list[nn.Module]:
         return [self.model.text_model]
+
+
+def _processor(image_size: int, tokenizer) -> Kosmos2Processor:
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    return Kosmos2Processor(image_processor, tokenizer)

@@ -5,7 +5,7 @@ token) and causally after it, as PaliGemma's prefix-LM does for prompt and answe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
@@ -13,7 +13,23 @@ from torch import nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
 from robovlms.backbone import Context, TransformersBackbone, options_to_config
-from robovlms.tokenizer import train_instruction_tokenizer
+from robovlms.tokenizer import stand_in_tokenizer, train_instruction_tokenizer
+
+# The sizes of the published model, from its config.json (https://huggingface.co/google/paligemma-3b-pt-224/blob/
+# main/config.json, gated; the same file is copied into its fine-tunes, e.g. https://huggingface.co/merve/
+# paligemma_vqav2), for estimates where its weights are not on this machine. Its tokenizer's last token is <image>,
+# id 257152 (image_token_index).
+PUBLISHED_CONFIGS = {
+    "google/paligemma-3b-pt-224": dict(
+        bos_token_id=2, eos_token_id=1, pad_token_id=0, hidden_size=2048, image_token_index=257152,
+        projection_dim=2048, vocab_size=257216,
+        text_config=dict(model_type="gemma", hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
+                         num_hidden_layers=18, num_image_tokens=256, num_key_value_heads=1, vocab_size=257216),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_attention_heads=16, num_hidden_layers=27, num_image_tokens=256, patch_size=14,
+                           projection_dim=2048, projector_hidden_act="gelu_fast", vision_use_head=False)),
+}
+PUBLISHED_TOKENIZER_LENGTH = 257153
 
 
 @dataclass
@@ -35,12 +51,13 @@ class PaliGemmaBackbone(TransformersBackbone):
     tiny_config = PaliGemmaTinyConfig
     lora_target_modules = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
+    published_models: ClassVar[dict[str, str]] = {
+        model: "config.json of the model" for model in PUBLISHED_CONFIGS}
+
     @classmethod
     def tiny(cls, **options) -> PaliGemmaBackbone:
         tiny = options_to_config(PaliGemmaTinyConfig, options, cls.name)
-        image_processor = SiglipImageProcessorPil(size={"height": tiny.image_size, "width": tiny.image_size})
-        image_processor.image_seq_length = (tiny.image_size // tiny.patch_size) ** 2
-        processor = PaliGemmaProcessor(image_processor, train_instruction_tokenizer(tiny.tokenizer_vocab_size))
+        processor = _processor(tiny.image_size, tiny.patch_size, train_instruction_tokenizer(tiny.tokenizer_vocab_size))
         tokenizer = processor.tokenizer
         config = PaliGemmaConfig(
             vision_config=dict(model_type="siglip_vision_model", hidden_size=tiny.hidden_size,
@@ -57,6 +74,14 @@ class PaliGemmaBackbone(TransformersBackbone):
             image_token_index=processor.image_token_id, vocab_size=len(tokenizer),
             projection_dim=tiny.hidden_size, hidden_size=tiny.hidden_size)
         return cls(PaliGemmaForConditionalGeneration(config), processor, "tiny", None)
+
+    @classmethod
+    def published_architecture(cls, model_id: str) -> PaliGemmaBackbone:
+        config = PaliGemmaConfig(**PUBLISHED_CONFIGS[model_id])
+        vision = config.vision_config
+        processor = _processor(vision.image_size, vision.patch_size, stand_in_tokenizer(PUBLISHED_TOKENIZER_LENGTH))
+        processor.tokenizer.mark_published()  # <image>, which the processor adds, is the published tokenizer's last
+        return cls(PaliGemmaForConditionalGeneration(config), processor, "pretrained", model_id)
 
     @property
     def hidden_size(self) -> int:
@@ -92,3 +117,9 @@ class PaliGemmaBackbone(TransformersBackbone):
 
     def language_modules(self) -> list[nn.Module]:
         return [self.model.model.language_model, self.model.lm_head]
+
+
+def _processor(image_size: int, patch_size: int, tokenizer) -> PaliGemmaProcessor:
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    return PaliGemmaProcessor(image_processor, tokenizer)

@@ -24,6 +24,7 @@ class InterleavedConfig(ContinuousActionConfig):
 class Interleaved(ContinuousFormulation):
     name = "interleaved"
     description = "H observations, each followed by [LRN], in one causal context; each [LRN] predicts its chunk"
+    batched_rollouts = True  # checked by tests/test_batched_policy.py
     config_class = InterleavedConfig
 
     @classmethod

@@ -20,6 +20,7 @@ class OneStepContinuous(ContinuousFormulation):
     name = "one-step-continuous"
     description = "current observation -> [LRN] hidden state -> action objective -> chunk of L continuous actions"
     single_frame = True
+    batched_rollouts = True  # checked by tests/test_batched_policy.py
     config_class = OneStepContinuousConfig
 
     def __init__(self, backbone, action_statistics, state_statistics, **settings):

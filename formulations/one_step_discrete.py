@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robovlms.errors import ConfigError, UnknownNameError
-from robovlms.formulation import ActionDiscretiser, Formulation
+from robovlms.formulation import ActionDiscretiser, Formulation, embedding_std
 
 DECODINGS = ("parallel", "autoregressive")
 READOUTS = ("argmax", "expectation")
@@ -56,6 +56,7 @@ class OneStepDiscrete(Formulation):
     name = "one-step-discrete"
     description = "current observation -> action tokens (bins per dimension), decoded in parallel or one by one"
     single_frame = True
+    batched_rollouts = True  # decoding draws no noise; each row's tokens depend on that row alone
     config_class = OneStepDiscreteConfig
 
     @classmethod
@@ -91,8 +92,7 @@ class OneStepDiscrete(Formulation):
         self.register_buffer("action_token_ids", backbone.reserve_action_tokens(self.config.bins,
                                                                                 self.config.token_mode))
         if self.config.decoding == "parallel":
-            embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
-            self.queries = nn.Parameter(torch.randn(self.tokens_per_step, backbone.hidden_size) * embedding_std)
+            self.queries = nn.Parameter(torch.randn(self.tokens_per_step, backbone.hidden_size) * embedding_std(backbone))
 
     def tokens(self, actions: torch.Tensor) -> torch.Tensor:
         """Raw actions (B, L, A) -> bin indices (B, L * A), dimension by dimension, action by action."""

@@ -76,6 +76,7 @@ FUSIONS = {"lstm": LSTMFusion, "gpt": GPTFusion, "mlp": MLPFusion}
 class PolicyHead(ContinuousFormulation):
     name = "policy-head"
     description = "each frame through the backbone once -> [LRN] state; an LSTM/GPT/MLP head fuses H of them"
+    batched_rollouts = True  # checked by tests/test_batched_policy.py
     config_class = PolicyHeadConfig
 
     @classmethod

@@ -25,12 +25,12 @@ from types import SimpleNamespace
 
 import optuna
 import sqlalchemy
-from optuna.storages._rdb.models import TrialModel
 from optuna.trial import TrialState
 
 import robovlms.sweep.worker
 from robovlms.sweep import Cell, enqueue_cells, load_sweep, open_storage, work
 from robovlms.sweep.run import ledger_status
+from robovlms.sweep.study import ledger_tables
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -74,13 +74,12 @@ def seconds_per_pop(url: str, cells: int, pops: int, run_dir: Path, late: bool) 
     study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
     enqueue_cells(study, grid, run_dir)
     if late:  # all but the last cells complete, as a sweep near its end
-        trials = TrialModel.__table__
+        trials, study_id = ledger_tables()["trials"], storage.get_study_id_from_name(name)
         with storage.engine.begin() as connection:
-            last = connection.execute(sqlalchemy.select(trials.c.trial_id).where(trials.c.study_id == study._study_id)
+            last = connection.execute(sqlalchemy.select(trials.c.trial_id).where(trials.c.study_id == study_id)
                                       .order_by(trials.c.trial_id.desc()).limit(pops)).scalars().all()
-            connection.execute(trials.update().where(trials.c.study_id == study._study_id,
-                                                     trials.c.trial_id.not_in(last))
-                               .values(state=TrialState.COMPLETE))
+            connection.execute(trials.update().where(trials.c.study_id == study_id, trials.c.trial_id.not_in(last))
+                               .values(state=TrialState.COMPLETE.name))
     robovlms.sweep.worker.run_cell = no_op_cell
     done = [0]
 

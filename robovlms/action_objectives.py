@@ -153,8 +153,17 @@ class GenerativeObjective(ActionObjective):
     def forward(self, condition, generator=None):
         return self.sample_arm(condition, generator), self.gripper(condition)
 
-    def noise_like(self, condition: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Gaussian noise (..., L, A-1), drawn where the generator lives (a CPU one for a model on a GPU)."""
+    def noise_like(self, condition: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
+                   ) -> torch.Tensor:
+        """Gaussian noise (..., L, A-1), drawn where the generator lives (a CPU one for a model on a GPU). With a
+        list of generators, one per row of condition (B, W), row b's noise comes from the b-th alone: an episode's
+        noise is the same whichever episodes share its batch."""
+        if isinstance(generator, (list, tuple)):
+            if condition.dim() != 2 or len(generator) != condition.shape[0]:
+                raise ValueError(f"{len(generator)} generators for conditions of shape {tuple(condition.shape)}: "
+                                 f"give one per row of a (B, W) condition")
+            noise = [torch.randn((self.chunk, self.arm_dim), generator=g, device=g.device) for g in generator]
+            return torch.stack(noise).to(condition.device, condition.dtype)  # (B, L, A-1)
         shape = (*condition.shape[:-1], self.chunk, self.arm_dim)
         device = generator.device if generator is not None else condition.device
         return torch.randn(shape, generator=generator, device=device).to(condition.device, condition.dtype)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from robovlms.benchmark import Benchmark, EpisodeSpec, Observation
-from robovlms.data.store import EpisodeStore
 from robovlms.errors import ConfigError, UnknownNameError
+
+if TYPE_CHECKING:  # the command line reads BASELINES for its help without importing a store's libraries
+    from robovlms.benchmark import Benchmark, EpisodeSpec, Observation
 
 BASELINES = ("zero", "mean", "replay")
 
@@ -33,6 +35,8 @@ class MeanActionPolicy:
     """Repeats the mean action of the task's training demonstrations: solves tasks that need no perception."""
 
     def __init__(self, store_path: str):
+        from robovlms.data.store import EpisodeStore
+
         store = EpisodeStore(store_path)
         frame_tasks = np.repeat(store.episodes["task"].to_numpy(), store.episodes["length"].to_numpy())
         actions = np.asarray(store.actions)
@@ -50,6 +54,8 @@ class ReplayPolicy:
     """Replays, open-loop, the actions of a random training demonstration of the task, then holds still."""
 
     def __init__(self, store_path: str, seed: int = 0):
+        from robovlms.data.store import EpisodeStore
+
         self.store = EpisodeStore(store_path)
         self.seed = seed
         self._plan: np.ndarray | None = None
@@ -75,6 +81,8 @@ def check_baseline_data(name: str, benchmark: Benchmark, store: str | Path | Non
         return
     if store is None:
         raise ConfigError(f"the {name} baseline needs the training store (its demonstrations)")
+    from robovlms.data.store import EpisodeStore
+
     stored = EpisodeStore(store).tasks()
     missing = sorted(set(benchmark.tasks()) - set(stored))
     if missing:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from robovlms.errors import ConfigError, MissingDependencyError, UnknownNameError
-from robovlms.registry import Registry
+from robovlms.registry import BENCHMARKS
 
 if TYPE_CHECKING:
     from robovlms.sim_to_real import PublishedAgreement
@@ -274,9 +274,6 @@ def square_image(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-
-
-BENCHMARKS: Registry[Benchmark] = Registry("benchmark", "robovlms.benchmarks", Benchmark, ("name",))
 
 
 def create_benchmark(name: str, **options: Any) -> Benchmark:

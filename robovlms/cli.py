@@ -1,9 +1,16 @@
-"""The `robovlms` command line."""
+"""The `robovlms` command line.
+
+Kept quick to start: this module imports only typer, rich and robovlms' light modules (errors, registries, baseline
+names); each command imports what it needs in its own body, so `robovlms --help` and the plugin listings import
+no model library.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,14 +22,45 @@ from rich.table import Table
 
 from robovlms.baselines import BASELINES
 from robovlms.errors import RobovlmsError
+from robovlms.registry import BACKBONES, BENCHMARKS, FORMULATIONS, Registry
 
 app = typer.Typer(help="robovlms: build, train, sweep and compare vision-language-action robot policies.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Episode stores: generate demonstrations, import datasets, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+PIPED_WIDTH = 10_000  # columns when output is not a terminal: wide enough that no table cell is cut or wrapped
+
+
+def _console() -> Console:
+    """Rich's console. Piped or redirected output would be cut to rich's default 80 columns, breaking entry
+    points, paths and ids that scripts grep for: it is as wide as its lines instead, unless COLUMNS says otherwise."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
+
+
+console = _console()
+show_traceback = False  # set by --traceback or ROBOVLMS_DEBUG=1
 
 POLICIES = ("expert", *BASELINES)
+
+
+@app.callback()
+def global_options(
+    traceback: Annotated[bool, typer.Option("--traceback", envvar="ROBOVLMS_DEBUG",
+                                            help="Show the traceback behind an error, not only its one-line message "
+                                                 "(also ROBOVLMS_DEBUG=1).")] = False,
+) -> None:
+    global show_traceback
+    show_traceback = traceback
+
+
+def _tasks(values: list[str]) -> str | list[str]:
+    """Values of a repeatable --tasks, each a task set, a task or comma-separated tasks: the one value as given, or
+    every task named, in order."""
+    tasks = [task for value in values for task in _split_list(value)]
+    return tasks[0] if len(tasks) == 1 else tasks
 
 
 def _split_list(value: str) -> list[str]:
@@ -33,7 +71,8 @@ def _split_list(value: str) -> list[str]:
 def data_generate(
     out: Annotated[Path, typer.Argument(help="Directory of the episode store to write.")],
     benchmark: Annotated[str, typer.Option(help="Benchmark with scripted experts.")] = "metaworld",
-    tasks: Annotated[str, typer.Option(help="Task set (demo, mt10, mt50) or comma-separated task names.")] = "demo",
+    tasks: Annotated[list[str], typer.Option(help="Task set (demo, mt10, mt50) or comma-separated task names; "
+                                                  "repeatable.")] = ["demo"],  # noqa: B006 (typer reads it)
     split: Annotated[str, typer.Option(help="Scene split; demonstrations come from its training scenes.")] = "ABC->D",
     scenes: Annotated[str | None, typer.Option(help="Training scenes to use instead of the split's, e.g. AB.")] = None,
     episodes: Annotated[int, typer.Option(help="Successful demonstrations per task and scene.")] = 20,
@@ -50,8 +89,7 @@ def data_generate(
     from robovlms.benchmark import create_benchmark
     from robovlms.data.demonstrations import generate_demonstrations
 
-    task_list = tasks if "," not in tasks else _split_list(tasks)
-    bench = create_benchmark(benchmark, tasks=task_list, image_size=image_size, cameras=_split_list(cameras),
+    bench = create_benchmark(benchmark, tasks=_tasks(tasks), image_size=image_size, cameras=_split_list(cameras),
                              max_steps=max_steps)
     store = generate_demonstrations(bench, split, episodes, out, scenes=scenes, workers=workers,
                                     overwrite=overwrite, resume=resume, allow_short=allow_short)
@@ -134,7 +172,8 @@ def evaluate_command(
     run: Annotated[Path | None, typer.Option(help="A trained run directory: roll out its last checkpoint.")] = None,
     store: Annotated[Path | None, typer.Option(help="Training store: benchmark settings and baseline data.")] = None,
     benchmark: Annotated[str, typer.Option(help="Benchmark, when no store is given.")] = "metaworld",
-    tasks: Annotated[str | None, typer.Option(help="Tasks to evaluate (default: the store's).")] = None,
+    tasks: Annotated[list[str] | None, typer.Option(help="Tasks to evaluate, comma-separated or repeated "
+                                                         "(default: the store's).")] = None,
     split: Annotated[str, typer.Option(help="Which episodes: validation (for choosing settings) or test (for "
                                             "reporting results).")] = "test",
     benchmark_split: Annotated[str | None, typer.Option(help="The benchmark's split: Meta-World, CALVIN scenes such "
@@ -144,6 +183,8 @@ def evaluate_command(
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per task (CALVIN: chains).")] = 10,
     shard: Annotated[str | None, typer.Option(help="K/N: only the K-th of N disjoint parts, for N machines.")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes.")] = 2,
+    device: Annotated[str, typer.Option(help="Where a trained run's policy runs: auto, cpu, cuda or cuda:N; this "
+                                             "process holds it and serves every simulator worker.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the replay baseline's choice of demonstration.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for records.parquet/.csv and videos.")] = None,
     videos: Annotated[int, typer.Option(help="Episodes per task to save as MP4 (needs --out).")] = 0,
@@ -161,7 +202,6 @@ def evaluate_command(
     if policy is not None and policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; valid choices: {', '.join(POLICIES)}")
     if run is not None:
-        from robovlms.policy import policy_factory
         from robovlms.training import CONFIG_FILE, load_config
 
         store = store or Path(load_config(run / CONFIG_FILE).store)
@@ -171,8 +211,8 @@ def evaluate_command(
         # a store made for no benchmark in particular (an imported dataset) is evaluated on --benchmark
         benchmark = training_store.metadata.get("benchmark", benchmark)
         options = dict(training_store.metadata.get("benchmark_options", {}))
-    if tasks is not None:
-        options["tasks"] = tasks if "," not in tasks else _split_list(tasks)
+    if tasks:
+        options["tasks"] = _tasks(tasks)
     bench = create_benchmark(benchmark, **options)
     if training_store is not None:
         layout = training_store.layout
@@ -189,9 +229,9 @@ def evaluate_command(
     specs = bench.split_episodes(benchmark_split, split, episodes)
     bench.check_available()
     if run is not None:
-        from robovlms.policy import policy_digest
+        from robovlms.policy import load_batched_policy, policy_digest
 
-        factory = policy_factory(run)
+        factory = load_batched_policy(run, device=device)
     elif policy == "expert":
         factory = bench.scripted_expert()
     else:
@@ -208,6 +248,46 @@ def evaluate_command(
                                    "policy_paths": [str(run.resolve())] if run else [], "shard": list(part)})
     _print_scores(f"{run or policy} on {bench.name} {benchmark_split}, {split} episodes"
                   + (f", shard {part[0]}/{part[1]}" if shard else ""), bench, records)
+
+
+@app.command("serve")
+def serve_command(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory (robovlms train's run_dir).")],
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 for this machine only.")] = "0.0.0.0",
+    device: Annotated[str, typer.Option(help="Where the policy runs: auto, cpu, cuda or cuda:N.")] = "auto",
+    execution: Annotated[str | None, typer.Option(help="first, ensemble or chunk (default: the run's).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="A checkpoint file of the run (default: last.ckpt).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Side the images are resized to (default: the run's store's "
+                                                        "when it is here, else the backbone's).")] = None,
+    max_message_mb: Annotated[float, typer.Option(help="Largest observation message accepted, in MiB.")] = 32,
+) -> None:
+    """Serve a trained run's policy to robots over a websocket, one connection per robot: msgpack observations
+    (images, state, instruction) in, action chunks out; openpi's conventions (docs/evaluation.md)."""
+    from robovlms.policy import load_batched_policy, observation_layout, policy_digest
+    from robovlms.serving.websocket_server import WebsocketPolicyServer
+
+    if max_message_mb <= 0:
+        raise RobovlmsError(f"--max-message-mb must be positive, got {max_message_mb}")
+    policy = load_batched_policy(run_dir, execution, checkpoint, device)
+    store_image_size, state_dim, where = observation_layout(run_dir, policy)
+    server = WebsocketPolicyServer(policy, image_size or store_image_size, state_dim, host, port,
+                                   int(max_message_mb * 2 ** 20),
+                                   metadata={"policy": policy_digest(run_dir, checkpoint), "run_dir": str(run_dir)})
+    threading.Thread(target=_announce, args=(server, run_dir, policy, where if image_size is None else "--image-size"),
+                     daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+def _announce(server, run_dir: Path, policy, image_size_from: str) -> None:
+    server.wait_until_serving()
+    dtype = next(policy.formulation.parameters()).dtype
+    console.print(f"serving {run_dir} on ws://{server.host}:{server.port} ({policy.device}, {dtype}, execution "
+                  f"{policy.execution}; images resized to {server.image_size} px, from {image_size_from}); "
+                  f"Ctrl-C stops", highlight=False, soft_wrap=True)
 
 
 @app.command("merge-evaluation")
@@ -258,11 +338,11 @@ def train_command(
     console.print(f"trained: {run_dir} (checkpoints in {run_dir / 'checkpoints'})")
 
 
-def _progress_printer(run_dir: Path):
+def _progress_printer(run_dir: Path, retried: set[str]):
     """How a sweep shows progress: on a terminal, a rich bar over its cells (done, running, waiting, failed) or a
     search's trials (also pruned); otherwise (`make demo > log`) one line per cell as it is committed."""
     if not console.is_terminal:
-        return (lambda: None), _line_per_cell(run_dir)
+        return (lambda: None), _line_per_cell(run_dir, retried)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -279,25 +359,27 @@ def _progress_printer(run_dir: Path):
     return bar.stop, update
 
 
-def _line_per_cell(run_dir: Path):
+def _line_per_cell(run_dir: Path, retried: set[str]):
     from robovlms.results import read_cell_results
 
-    printed: dict[str, int | None] | None = None  # cell -> the trial whose result was printed
-    finished = -1
+    printed = {result.cell_id: result.trial for result in read_cell_results(run_dir)}  # cell -> its printed trial
+    committed_before = len(printed.keys() - retried)
+    header_printed = False
+    last_counts = None
     started = time.monotonic()
 
     def update(status) -> None:
-        nonlocal printed, finished
-        if status.done + status.failed + status.pruned == finished:
-            return  # nothing committed since the last report: no need to read the cells again
-        finished = status.done + status.failed + status.pruned
-        results = read_cell_results(run_dir)
-        left = status.cells - finished
-        if printed is None:
-            printed = {result.cell_id: result.trial for result in results}
-            print(f"{status.cells} {status.unit}: {len(printed)} committed before, {left} to run", flush=True)
-            return
-        for result in results:
+        nonlocal header_printed, last_counts
+        if not header_printed:
+            header_printed = True
+            print(f"{status.cells} {status.unit}: {committed_before} committed before, "
+                  f"{status.cells - committed_before} to run", flush=True)
+        counts = (status.done, status.failed, status.pruned, status.running, status.waiting)
+        if counts == last_counts:
+            return  # nothing started or committed since the last report: no need to read the cells again
+        last_counts = counts
+        left = status.cells - status.done - status.failed - status.pruned
+        for result in read_cell_results(run_dir):
             if result.cell_id in printed and printed[result.cell_id] == result.trial:
                 continue  # printed, or committed before this run (a retried cell is committed again by a new trial)
             printed[result.cell_id] = result.trial
@@ -322,7 +404,7 @@ def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_fail
 
     run_dir = Path(load_sweep(file).run_dir)
     retried = {result.cell_id for result in read_cell_results(run_dir) if retry_failed and result.status == "failed"}
-    stop, update = _progress_printer(run_dir)
+    stop, update = _progress_printer(run_dir, retried)
     try:
         status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
                            progress=update)
@@ -350,40 +432,136 @@ def sweep_command(
                                                      "postgresql://... for many machines).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the cells and an estimate of their cost; run nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Run again the cells that failed with an error.")] = False,
+    gpu_memory: Annotated[float, typer.Option(help="With --dry-run: the memory of one GPU, in GiB, that each "
+                                                   "cell's estimate is checked against.", min=1.0)] = 80.0,
 ) -> None:
     """Train, evaluate and record every cell of a sweep grid; re-running resumes where it stopped."""
     if dry_run:
-        from robovlms.results import CELLS_DIR, read_cell_result
-        from robovlms.sweep import estimate_cost, expand_cells, load_sweep
-
-        sweep = load_sweep(file)
-        cells = expand_cells(sweep)
-        rows = estimate_cost(sweep, cells)
-        table = Table(title=f"sweep {sweep.name}: {len(rows)} cells (estimates on this machine)")
-        headers = {"cell": "id", "fraction": "data", "train_s": "train s", "step_ms": "step ms", "eval_max_s": "eval ≤ s"}
-        for column in rows[0]:
-            table.add_column(headers.get(column, column), justify="right" if column.endswith("s") else "left",
-                             overflow="fold")
-        for row in rows:
-            # a cell id ends with the digest of its settings, which the other columns spell out
-            shown = {**row, "cell": row["cell"].rsplit("-", 1)[-1] if row["formulation"] else ""}
-            table.add_row(*(f"{value:.1f}" if column == "step_ms" else f"{value:.0f}" if column.endswith("_s")
-                            else str(value) for column, value in shown.items()))
-        console.print(table)
-        measured = [row for row in rows if row["train_s"] == row["train_s"]]  # NaN: a pretrained cell
-        total = sum(row["train_s"] + row["eval_max_s"] for row in measured)
-        console.print(f"about {total / 60:.0f} min of one worker for {len(measured)} cells (evaluation counted at its "
-                      f"upper bound), {total / 60 / max(workers, 1):.0f} min with {workers} worker(s)")
-        if len(measured) < len(rows):
-            console.print(f"{len(rows) - len(measured)} cells with pretrained backbones are not measured here: "
-                          f"time a few steps on the machine that will run them")
-        results = [read_cell_result(Path(sweep.run_dir) / CELLS_DIR / cell.cell_id) for cell in cells]
-        done = sum(result is not None and result.status == "complete" for result in results)
-        if done:
-            console.print(f"{done} of {len(cells)} cells are done in {sweep.run_dir}"
-                          + (": the sweep is finished" if done == len(cells) else "; running it takes the rest"))
+        _print_dry_run(file, workers, gpu_memory)
         return
     _run_sweep_command(file, workers, storage, retry_failed, "grid")
+
+
+def _print_dry_run(file: Path, workers: int, gpu_memory: float) -> None:
+    """`robovlms sweep FILE --dry-run`: per cell its parameters, memory per device, where it runs and, for cells
+    that train on this machine's CPU, its time; then what was assumed (docs/sweeps.md, "The dry run")."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from robovlms.results import CELLS_DIR, read_cell_result
+    from robovlms.sweep import dry_run, expand_cells, load_sweep
+    from robovlms.training.memory import GIB, format_bytes
+
+    sweep = load_sweep(file)
+    cells = expand_cells(sweep)
+    with Progress(TextColumn("dry run"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("", total=len(cells))
+        estimate = dry_run(sweep, cells, workers, progress=lambda done, total, what: bar.update(
+            task, completed=done, description=what[:40]))
+    from rich import box
+
+    rows = estimate.cells
+    trained = [cost for cost in rows if cost.cell.kind == "trained"]
+    varying = [column for column, attribute in (("data", "fraction"), ("seed", "seed"))
+               if len({getattr(cost, attribute) for cost in trained}) > 1]
+
+    def short_id(cost) -> str:  # a cell id ends with the digest of its settings, which the other columns spell out
+        return cost.cell.cell_id.rsplit("-", 1)[-1] if cost.cell.kind == "trained" else cost.cell.cell_id
+
+    cells_table = Table(title=f"sweep {sweep.name}: {len(rows)} cells", box=box.SIMPLE_HEAD, padding=(0, 1),
+                        pad_edge=False, collapse_padding=True)
+    for column in ("id", "backbone", "formulation", "H", "L", *varying, "params", "trainable"):
+        cells_table.add_column(column, justify="right" if column in ("H", "L", "params", "trainable") else "left",
+                               no_wrap=column not in ("backbone", "formulation"), overflow="fold",
+                               min_width=19 if column == "formulation" else None)
+    for cost in trained:
+        name, size = cost.backbone.split(" ", 1)
+        backbone = name if size == "(pretrained)" else f"{name} (tiny)"
+        cells_table.add_row(short_id(cost), backbone, cost.formulation, str(cost.history),
+                            str(cost.chunk), *(str(cost.fraction if column == "data" else cost.seed)
+                                               for column in varying),
+                            _count(cost.parameters), _count(cost.trainable))
+    console.print(cells_table)
+    costs_table = Table(title=f"per device: the memory of a training step, whether it fits one {gpu_memory:g} GiB "
+                              f"GPU, the time on this machine", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+                        collapse_padding=True)
+    for column in ("id", "runs on", "memory", "w/ ckpt", "fits", "train", "eval ≤"):
+        costs_table.add_column(column, justify="left" if column in ("id", "runs on", "fits") else "right",
+                               no_wrap=True)
+    for cost in rows:
+        memory = cost.memory
+        on_gpu = not cost.runs_on.startswith("cpu")
+        train = (f"{cost.train_s:.0f} s" if cost.train_s is not None else "" if cost.cell.kind == "baseline"
+                 else "on GPU" if on_gpu else "no")
+        evaluation = f"{cost.eval_max_s:.0f} s" if cost.timed or cost.cell.kind == "baseline" else ""
+        costs_table.add_row(short_id(cost), cost.runs_on, format_bytes(memory.total()) if memory else "",
+                            format_bytes(memory.total(True)) if memory else "",
+                            _fits(memory, gpu_memory * GIB) if memory and on_gpu else "", train, evaluation)
+    console.print(costs_table)
+    _print_dry_run_notes(sweep, estimate, workers)
+    results = [read_cell_result(Path(sweep.run_dir) / CELLS_DIR / cell.cell_id) for cell in cells]
+    done = sum(result is not None and result.status == "complete" for result in results)
+    if done:
+        console.print(f"{done} of {len(cells)} cells are done in {sweep.run_dir}"
+                      + (": the sweep is finished" if done == len(cells) else "; running it takes the rest"))
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _fits(memory, capacity: float) -> str:
+    """Whether a cell's estimate fits one device of `capacity` bytes, leaving 10% for the CUDA context and the
+    allocator: as it is, with gradient checkpointing, or not."""
+    if memory.total() is None:
+        return "?"
+    if memory.total() <= 0.9 * capacity:
+        return "yes"
+    if memory.total(True) <= 0.9 * capacity:
+        return "ckpt"
+    return "no"
+
+
+def _print_dry_run_notes(sweep, estimate, workers: int) -> None:
+    from collections import Counter
+
+    rows = estimate.cells
+    sources = {}
+    for cost in rows:
+        if cost.missing_path:
+            sources[(cost.missing_path, cost.backbone)] = cost.source
+    if sources:
+        console.print("not on this machine, so sized as the published model (weights are never loaded):")
+        for (path, backbone), source in sources.items():
+            console.print(f"  {path} ({backbone.split()[0]}): {source}", highlight=False)
+    notes = Counter(note for cost in rows for note in cost.notes)
+    for note, count in notes.items():
+        console.print(f"{count} cell(s): {note}", highlight=False)
+    console.print("tiny: randomly initialised, sized by its options; memory: weights, gradients, AdamW state, the "
+                  "activations of one micro-batch and the batch; "
+                  "w/ ckpt: the same with gradient checkpointing; fits: with 10% left for the CUDA context, as it "
+                  "is (yes), only with gradient checkpointing (ckpt) or not (no); docs/sweeps.md, 'The dry run'",
+                  highlight=False)
+    gpu_cells = [cost for cost in rows if cost.cell.kind == "trained" and not cost.timed]
+    if gpu_cells:
+        console.print(f"{len(gpu_cells)} cell(s) are meant for GPUs or pretrained weights and not timed here: "
+                      f"measure their time where they run (`robovlms train` of one cell's settings with max_steps: "
+                      f"20 on its machine)", highlight=False)
+    total = estimate.total_seconds(workers)
+    timed = sum(cost.timed for cost in rows)
+    if total is not None and timed:
+        startup = f"{estimate.startup_s:.0f} s" if estimate.startup_s is not None else "unknown"
+        console.print(f"about {total / 60:.1f} min with {workers} worker(s) for the {timed} timed cell(s) and the "
+                      f"baselines: steps timed on {estimate.threads} thread(s) per worker, a worker's start-up "
+                      f"({startup}) once, evaluation at its upper bound", highlight=False)
+    elif total is not None:
+        console.print(f"the baselines: at most {total / 60:.1f} min of evaluation with {workers} worker(s)",
+                      highlight=False)
 
 
 @app.command("tune")
@@ -412,29 +590,58 @@ def worker_command(
     work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
 
 
+CHECK_HELP = "Import each plugin and check it against its interface (seconds: imports the model libraries)."
+
+
+def _print_listing(registry: Registry, rows: list[dict], table=None) -> None:
+    """A listing's table; exits with 1 when a plugin failed."""
+    console.print(table if table is not None else registry.table(rows))
+    if any(row["failed"] for row in rows):
+        sys.exit(1)
+
+
 @app.command("backbones")
 def backbones_command(
     parameters: Annotated[bool, typer.Option(help="Also build each tiny size to count its parameters (slower).")] = False,
+    check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False,
 ) -> None:
-    """List the registered backbones (built-in and from plugins): entry point, package and version, description;
-    a plugin that fails to load gets a row naming its error. Exits with 1 when one fails."""
-    from robovlms.backbone import backbones_table, list_backbones
+    """List the registered backbones (built-in and from plugins): description, entry point, package and version,
+    read from package metadata and source. A plugin found broken gets a row naming its error, and the command
+    exits with 1; --check finds every way a plugin can fail to load."""
+    if parameters:
+        from robovlms.backbone import backbones_table, list_backbones
 
-    rows = list_backbones(parameters)
-    console.print(backbones_table(rows))
-    if any(row["failed"] for row in rows):
-        sys.exit(1)
+        rows = list_backbones(parameters)
+        _print_listing(BACKBONES, rows, backbones_table(rows))
+    else:
+        _print_listing(BACKBONES, BACKBONES.listing(check))
+
+
+@app.command("formulations")
+def formulations_command(check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False) -> None:
+    """List the registered formulations, like `robovlms backbones` (see docs/adding-a-formulation.md)."""
+    _print_listing(FORMULATIONS, FORMULATIONS.listing(check))
 
 
 @app.command("benchmarks")
-def benchmarks_command() -> None:
-    """List the registered benchmarks, like `robovlms backbones`. Exits with 1 when one fails to load."""
-    from robovlms.benchmark import BENCHMARKS
+def benchmarks_command(check: Annotated[bool, typer.Option(help=CHECK_HELP)] = False) -> None:
+    """List the registered benchmarks, like `robovlms backbones`."""
+    _print_listing(BENCHMARKS, BENCHMARKS.listing(check))
 
-    rows = BENCHMARKS.listing()
-    console.print(BENCHMARKS.table(rows))
-    if any(row["failed"] for row in rows):
-        sys.exit(1)
+
+def _key_values(option: list[str] | None) -> dict:
+    """--option KEY=VALUE items, each value read as YAML."""
+    import yaml
+
+    from robovlms.errors import ConfigError
+
+    options = {}
+    for item in option or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 @app.command("check-backbone")
@@ -446,17 +653,9 @@ def check_backbone_command(
     """Run the backbone conformance kit (robovlms.testing) on a tiny NAME: causality of the suffix and of
     interleaved frames, batch independence, save / load, freeze modes and LoRA, action tokens, image settings and
     agreement with the wrapped model's own forward. One line per check; exits with 1 when one fails."""
-    import yaml
-
-    from robovlms.errors import ConfigError
     from robovlms.testing import check_backbone
 
-    options = {}
-    for item in option or []:
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise ConfigError(f"--option {item!r} is not KEY=VALUE, e.g. --option hidden_size=32")
-        options[key] = yaml.safe_load(value)
+    options = _key_values(option)
     results = check_backbone(name, **options)
     table = Table(title=f"conformance of backbone {name}" + "".join(f" {k}={v}" for k, v in options.items()))
     for column in ("check", "result", "reason"):
@@ -466,6 +665,40 @@ def check_backbone_command(
         table.add_row(result.check, f"[{colours[result.status]}]{result.status}[/]", result.reason)
     console.print(table)
     if not all(result.passed for result in results):
+        sys.exit(1)
+
+
+@app.command("check-formulation")
+def check_formulation_command(
+    name: Annotated[str, typer.Argument(help="A registered formulation (see `robovlms formulations`).")],
+    backbone: Annotated[list[str] | None, typer.Option(help="Check on this backbone only (repeatable; default: every "
+                                                            "built-in one).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="One of its options, or history, chunk, use_state, "
+                                                          "state_input, as KEY=VALUE (the value read as YAML), e.g. "
+                                                          "--option head_width=32; repeatable.")] = None,
+) -> None:
+    """Run the formulation conformance kit (robovlms.testing) on NAME over tiny built-in backbones: loss and its
+    gradients, predict, act, encoding frames one at a time as rollouts do, batching, another device (meta tensors),
+    seeding, and rebuilding from its state dict. A table of checks by backbone, then each failure's reason; exits
+    with 1 when one fails."""
+    from robovlms.testing import check_formulation
+
+    options = _key_values(option)
+    results = check_formulation(name, backbone, **options)
+    table = Table(title=f"conformance of formulation {name}" + "".join(f" {k}={v}" for k, v in options.items()))
+    table.add_column("check")
+    for backbone_name in results:
+        table.add_column(backbone_name)
+    colours = {"pass": "green", "fail": "red", "skip": "yellow"}
+    checks = [result.check for result in next(iter(results.values()))]
+    for index, check in enumerate(checks):
+        table.add_row(check, *(f"[{colours[rows[index].status]}]{rows[index].status}[/]" for rows in results.values()))
+    console.print(table)
+    failures = [(backbone_name, result) for backbone_name, rows in results.items() for result in rows
+                if not result.passed]
+    for backbone_name, result in failures:
+        console.print(f"[red]{backbone_name} / {result.check}:[/red] {result.reason}", highlight=False)
+    if failures:
         sys.exit(1)
 
 
@@ -527,6 +760,10 @@ def main() -> None:
     try:
         app()
     except RobovlmsError as error:
+        if show_traceback:
+            import traceback
+
+            traceback.print_exception(error)
         console.print(f"[red]error:[/red] {error}", highlight=False)
         sys.exit(2)
 

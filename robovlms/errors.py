@@ -41,6 +41,10 @@ class PluginError(RobovlmsError):
     fails while being built; names the plugin, its entry point and the package it came from."""
 
 
+class HiddenSizeError(PluginError, ValueError):
+    """A backbone whose forward returns hidden states of another width than its `hidden_size` says."""
+
+
 class SimulatorProcessError(RobovlmsError, RuntimeError):
     """A simulator run in its own Python environment that died, speaks another protocol version, or sent a malformed
     message; the message says which process and quotes its last output."""

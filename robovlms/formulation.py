@@ -9,12 +9,15 @@ A formulation is an nn.Module around a backbone with two halves:
 once and keep it: for `policy-head` the encoding is the backbone pass, so a step costs one pass whatever H is.
 Formulations that sample (the generative action objectives) draw from the `generator` that `predict`, `act` and
 `loss` take: the rollout policy seeds one per episode, training one per step; without one they draw from torch's
-global generator.
+global generator. A formulation class that sets `batched_rollouts` in its own body lets the rollout policy server
+(robovlms/serving/) stack the windows of several episodes in one `predict`: it then takes a list of generators, one
+per row, and a row's output depends on that row alone.
 
 Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
 and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
 Formulations register in FORMULATIONS; built-in and third-party ones declare an entry point in the group
-`robovlms.formulations` naming their Formulation subclass.
+`robovlms.formulations` naming their Formulation subclass. docs/adding-a-formulation.md walks through writing one
+(examples/robovlms-gru-head-plugin), and `robovlms check-formulation NAME` checks it on every built-in backbone.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from robovlms.action_objectives import ARM_LOSSES, OBJECTIVES, create_action_obj
 from robovlms.backbone import Backbone
 from robovlms.data.store import Statistics
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
-from robovlms.registry import Registry
+from robovlms.registry import FORMULATIONS
 
 STATE_INPUTS = ("add", "token")
 
@@ -122,6 +125,13 @@ def check_action_objective(config: ContinuousActionConfig) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
 
 
+def embedding_std(backbone: Backbone) -> float:
+    """The spread of the word embeddings, at which new embeddings start; 1.0 for a backbone built on the meta
+    device, which holds no values (to count parameters and estimate memory)."""
+    weight = backbone.input_embeddings().weight
+    return 1.0 if weight.is_meta else weight.detach().float().std().item()
+
+
 def options_to_formulation_config(config_class: type, options: dict[str, Any], formulation: str):
     valid = [f.name for f in fields(config_class)]
     unknown = sorted(set(options) - set(valid))
@@ -132,12 +142,22 @@ def options_to_formulation_config(config_class: type, options: dict[str, Any], f
 
 
 class Formulation(nn.Module, abc.ABC):
-    """A backbone, an action space and the way one becomes the other."""
+    """A backbone, an action space and the way one becomes the other.
+
+    A plugin sets `name`, `description` and `config_class` (and `single_frame` if it sees one frame), implements
+    `predict` and `loss` (or subclasses ContinuousFormulation and writes `forward`), and may override `encode` and
+    `check_settings`. `encode` must treat each frame alone and `predict` draw only from the generator it is given:
+    the rollout policy encodes each observation once and seeds one generator per episode.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type]  # the dataclass of this formulation's own options
     single_frame: ClassVar[bool] = False  # sees only the current observation: history must be 1
+    # predict takes several episodes' windows and a list of generators, one per row. Each class says so in its own
+    # body (a subclass that changes forward or predict may break it, so it is not inherited); one that does not is
+    # served one episode at a time
+    batched_rollouts: ClassVar[bool] = False
 
     @classmethod
     def check_settings(cls, history: int, chunk: int, options: dict[str, Any]):
@@ -161,8 +181,7 @@ class Formulation(nn.Module, abc.ABC):
         self.actions = ActionNormaliser(action_statistics)
         self.state = RangeNormaliser(state_statistics.p01, state_statistics.p99) if use_state else None
         D = backbone.hidden_size
-        embedding_std = backbone.input_embeddings().weight.detach().float().std().item()
-        self.lrn = nn.Parameter(torch.randn(D) * embedding_std)  # the learnable [LRN] action token
+        self.lrn = nn.Parameter(torch.randn(D) * embedding_std(backbone))  # the learnable [LRN] action token
         self.state_embedding = nn.Linear(len(state_statistics.p01), D) if use_state else None
         self.state_token = use_state and state_input == "token"
 
@@ -184,8 +203,9 @@ class Formulation(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def predict(self, encoded: dict[str, torch.Tensor], instructions: list[str],
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """The chunk for the last frame (B, L, A): normalised arm, then the gripper's probability of closing."""
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """The chunk for the last frame (B, L, A): normalised arm, then the gripper's probability of closing.
+        `generator`: one for the batch, or (with `batched_rollouts`) a list of B, row b drawing from the b-th."""
 
     @abc.abstractmethod
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
@@ -223,10 +243,6 @@ class ContinuousFormulation(Formulation):
         condition = self(self.encode(batch["images"], batch["state"], batch["instruction"]), batch["instruction"])
         target_arm, target_gripper = self.actions.normalise(batch["actions"])
         return self.head.loss(condition, target_arm, target_gripper, batch["action_mask"], generator)
-
-
-FORMULATIONS: Registry[type[Formulation]] = Registry("formulation", "robovlms.formulations", Formulation,
-                                                      ("name", "description", "config_class"))
 
 
 def create_formulation(name: str, backbone: Backbone, action_statistics: Statistics,

@@ -1,99 +1,109 @@
-"""A rollout policy from a trained run directory: it keeps the observation history, asks the formulation for the
-next chunk, un-normalises it and executes it as the run's `execution` setting says.
+"""A rollout policy from a trained run directory, on the device and in the dtype it runs in.
 
-Each observation is encoded once (`Formulation.encode`) and kept while the history needs it; for policy-head the
-encoding is the backbone pass, so a step costs one backbone pass whatever H is. Before an episode has H frames
-the first one repeats, exactly as training windows are padded. History frames are `frame_stride` env steps apart,
-as in training: with `chunk` execution the policy observes every L steps, so a run trained with frame_stride L
-sees consecutive observations.
+`CheckpointPolicy` and `load_policy` step one episode (the `Policy` of `robovlms.benchmark`): a `BatchedPolicy`
+(robovlms/serving/batched_policy.py: history, chunk execution, per-episode noise) serving a single episode, so an
+episode's actions are the same whether it runs alone here or batched with others behind a policy server.
 
-Execution of a predicted chunk of L actions:
-    first     the first action only, predicting again at every step (RoboVLMs' CALVIN evaluation)
-    ensemble  temporal ensembling (ACT): the action for this step averaged over every chunk that covers it,
-              weighted exp(-decay * age), oldest first
-    chunk     the whole chunk open-loop; the policy observes again only after its last action
+Devices: `auto` (the first CUDA GPU when torch sees one, else the CPU), `cpu`, `cuda`, `cuda:N`. The policy runs in
+the dtype its cell trained in: precision bf16-true holds every weight in bfloat16, as Lightning trained it; otherwise
+the weights stay float32 (the backbone in `backbone.dtype`) and bf16-mixed or 16-mixed run the forward under autocast
+in that dtype, as Lightning did in training.
 """
 
 from __future__ import annotations
 
 import functools
-from collections import deque
+import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from robovlms.benchmark import EpisodeSpec, Observation
-from robovlms.errors import ConfigError, UnknownNameError
+from robovlms.errors import ConfigError
 from robovlms.formulation import Formulation
+from robovlms.serving.batched_policy import BatchedPolicy, EpisodePolicy
 
-EXECUTIONS = ("first", "ensemble", "chunk")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
 
 
-class CheckpointPolicy:
+class CheckpointPolicy(EpisodePolicy):
+    """A formulation's policy stepping one episode."""
+
     def __init__(self, formulation: Formulation, cameras: list[str], execution: str = "first",
-                 ensemble_decay: float = 0.01, frame_stride: int = 1):
-        if execution not in EXECUTIONS:
-            raise UnknownNameError("chunk execution", execution, EXECUTIONS)
-        self.formulation = formulation.eval()
-        self.cameras = list(cameras)
-        self.execution = execution
-        self.ensemble_decay = ensemble_decay
-        self.history = formulation.history
-        steps_between_observations = formulation.chunk if execution == "chunk" else 1
-        if self.history > 1 and frame_stride % steps_between_observations:
-            raise ConfigError(f"history frames {frame_stride} env steps apart cannot be observed when each chunk of "
-                              f"{formulation.chunk} runs open-loop; train with frame_stride {formulation.chunk} (or a "
-                              f"multiple) for `chunk` execution, or execute with `first` or `ensemble`")
-        self._every = max(1, frame_stride // steps_between_observations)  # observations between history frames
-        self._frames: deque[dict[str, torch.Tensor]] = deque(maxlen=(self.history - 1) * self._every + 1)
-        self._chunks: list[np.ndarray] = []  # the unexecuted rest of each recent chunk, oldest first
-        self._instruction = ""
-        self._generator = torch.Generator()
-
-    def reset(self, spec: EpisodeSpec) -> None:
-        self._frames.clear()
-        self._chunks = []
-        self._instruction = spec.instruction
-        self._generator.manual_seed(spec.seed)  # a sampling objective's noise: rerunning an episode reruns it
-
-    @torch.no_grad()
-    def step(self, observation: Observation) -> np.ndarray:
-        instructions = [observation.instruction or self._instruction]
-        images = torch.from_numpy(np.stack([observation.images[camera] for camera in self.cameras]))
-        state = torch.from_numpy(np.asarray(observation.state, dtype=np.float32))
-        frame = self.formulation.encode(images[None, None], state[None, None], instructions)  # each (1, 1, ...)
-        self._frames.append(frame)
-        newest = len(self._frames) - 1
-        frames = [self._frames[max(0, newest - k * self._every)] for k in reversed(range(self.history))]
-        window = {key: torch.cat([f[key] for f in frames], dim=1) for key in frame}
-        predicted = self.formulation.predict(window, instructions, self._generator)[0].float()  # (L, A)
-        actions = self.formulation.actions.unnormalise(predicted[:, :-1], predicted[:, -1]).numpy()
-        if self.execution == "chunk":
-            return actions
-        if self.execution == "first":
-            return actions[0]
-        self._chunks.append(actions)
-        covering = np.stack([chunk[0] for chunk in self._chunks])  # this step's action of every chunk, oldest first
-        weights = np.exp(-self.ensemble_decay * np.arange(len(covering)))
-        action = (weights[:, None] * covering).sum(0) / weights.sum()
-        action[-1] = 1.0 if action[-1] > 0 else -1.0
-        self._chunks = [chunk[1:] for chunk in self._chunks if len(chunk) > 1]
-        return action.astype(np.float32)
+                 ensemble_decay: float = 0.01, frame_stride: int = 1, autocast_dtype: torch.dtype | None = None):
+        super().__init__(BatchedPolicy(formulation, cameras, execution, ensemble_decay, frame_stride, autocast_dtype))
 
 
-def load_policy(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None
-                ) -> CheckpointPolicy:
-    """The policy of a trained run directory; `execution` overrides the run's own setting."""
-    from robovlms.training import LAST_CHECKPOINT, load_formulation
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise ConfigError(f"device {name!r} is none of {', '.join(DEVICES)}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU here; use cpu or auto")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
-    formulation, config = load_formulation(run_dir, checkpoint or LAST_CHECKPOINT)
-    return CheckpointPolicy(formulation, config.cameras, execution or config.execution,
-                            frame_stride=config.frame_stride)
+
+def trained_dtypes(config) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
+    """(the formulation's weights, the backbone's weights, the forward's autocast dtype or None) of a run's
+    training config, as Lightning trained it."""
+    if config.precision == "bf16-true":
+        return torch.bfloat16, torch.bfloat16, torch.bfloat16
+    backbone = DTYPES[config.backbone.dtype]
+    autocast = AUTOCAST_DTYPES.get(config.precision, None if backbone == torch.float32 else backbone)
+    return torch.float32, backbone, autocast
+
+
+def load_batched_policy(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None,
+                        device: str = "auto") -> BatchedPolicy:
+    """The batched policy of a trained run directory on `device`, in the dtype it trained in; `execution`
+    overrides the run's own setting."""
+    from robovlms.training import CONFIG_FILE, LAST_CHECKPOINT, load_config, load_formulation
+
+    weights, backbone, autocast = trained_dtypes(load_config(Path(run_dir) / CONFIG_FILE))
+    formulation, config = load_formulation(run_dir, checkpoint or LAST_CHECKPOINT, device=resolve_device(device),
+                                           dtype=weights)
+    formulation.backbone.to(backbone)
+    return BatchedPolicy(formulation, config.cameras, execution or config.execution, frame_stride=config.frame_stride,
+                         autocast_dtype=autocast)
+
+
+def load_policy(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None,
+                device: str = "cpu") -> EpisodePolicy:
+    """The single-episode policy of a trained run directory; `execution` overrides the run's own setting."""
+    return EpisodePolicy(load_batched_policy(run_dir, execution, checkpoint, device))
+
+
+def observation_layout(run_dir: str | Path, policy: BatchedPolicy) -> tuple[int, int | None, str]:
+    """(the side of the images a run was trained on, the length of its proprio state or None, where the side was
+    read): from the run's store when it is on this machine, else the backbone's own image size."""
+    import json
+
+    from robovlms.data.store import EpisodeStore
+    from robovlms.errors import StoreError
+    from robovlms.training import CONFIG_FILE, STATISTICS_FILE, load_config
+
+    statistics = json.loads((Path(run_dir) / STATISTICS_FILE).read_text())["state"]
+    state_dim = len(statistics["p01"]) if statistics else None
+    store = load_config(Path(run_dir) / CONFIG_FILE).store
+    try:
+        return EpisodeStore(store).layout.image_size, state_dim, f"the store {store}"
+    except (StoreError, OSError):
+        return policy.formulation.backbone.image_size, state_dim, "the backbone (the run's store is not here)"
 
 
 def policy_factory(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None):
-    """A picklable zero-argument factory for `robovlms.rollout.evaluate`: each worker loads its own copy."""
+    """A picklable zero-argument factory for `robovlms.rollout.evaluate` when each worker is to load its own copy
+    on the CPU (`evaluation.policy_server: false`); by default one process serves them all."""
     return functools.partial(load_policy, str(run_dir), execution, checkpoint)
 
 
@@ -103,8 +113,14 @@ def policy_digest(run_dir: str | Path, checkpoint: str | None = None) -> str:
     import hashlib
     import json
 
-    from robovlms.training import (BACKBONE_DIR, CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, STATISTICS_FILE,
-                                   load_config)
+    from robovlms.training import (
+        BACKBONE_DIR,
+        CHECKPOINT_DIR,
+        CONFIG_FILE,
+        LAST_CHECKPOINT,
+        STATISTICS_FILE,
+        load_config,
+    )
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / CONFIG_FILE).model_dump(mode="json", exclude={"store", "run_dir"})

@@ -75,7 +75,9 @@ class CellResult:
     trainable_parameters: int | None = None
     train_seconds: float | None = None
     eval_seconds: float | None = None
-    step_latency_ms: float | None = None  # one policy step (observation in, action out), median
+    step_latency_ms: float | None = None  # one policy step (observations in, actions out), median
+    latency_device: str | None = None  # where it was timed: "cpu", "cuda:0 (NVIDIA H200)"
+    latency_batch: int | None = None  # episodes stepped together in it (the evaluation's workers when served)
     final_train_loss: float | None = None
     checkpoint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the resolved training config (or baseline settings)

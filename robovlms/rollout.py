@@ -1,7 +1,15 @@
-"""Run evaluation episodes of a benchmark with a policy, spread over worker processes (one environment each)."""
+"""Run evaluation episodes of a benchmark with a policy, spread over worker processes (one environment each).
+
+A trained policy is served: this process holds it (a BatchedPolicy, on its device) and its policy server answers
+every worker, batching the steps that wait (robovlms/serving/evaluation_server.py); with one worker the episodes run
+here, against the same policy. A policy factory instead (baselines, scripted experts, or a trained run with
+`evaluation.policy_server: false`) is called in every worker, each holding its own copy, limited to one torch thread
+so that the workers share the cores.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -9,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -18,17 +27,20 @@ from robovlms.benchmark import Benchmark, EpisodeRecord, EpisodeSpec, Policy, Tr
 from robovlms.errors import ConfigError
 from robovlms.records import records_frame, write_table
 
+if TYPE_CHECKING:
+    from robovlms.serving.batched_policy import BatchedPolicy
+
 PolicyFactory = Callable[[], Policy]  # picklable: each worker builds its own policy
 
 _worker = {}
 
 
-def _start_worker(benchmark: Benchmark, policy_factory: PolicyFactory) -> None:
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
+def _start_worker(benchmark: Benchmark, policy_factory: PolicyFactory, own_process: bool = True) -> None:
     _worker["benchmark"] = benchmark
     _worker["environment"] = benchmark.make_environment()
     _worker["policy"] = policy_factory()
+    if own_process and "torch" in sys.modules:  # a policy computing in every worker: one thread each
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _run_one(spec: EpisodeSpec, record_trajectory: bool, video_path: str | None
@@ -46,16 +58,18 @@ def _run_one(spec: EpisodeSpec, record_trajectory: bool, video_path: str | None
     return record, trajectory
 
 
-def run_episodes(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Sequence[EpisodeSpec], *,
+def run_episodes(benchmark: Benchmark, policy: PolicyFactory | BatchedPolicy, specs: Sequence[EpisodeSpec], *,
                  workers: int = 1, record_trajectories: bool = False, video_dir: str | Path | None = None,
                  videos_per_task: int = 0, progress: bool = True, description: str = "rollouts",
                  ) -> Iterator[tuple[EpisodeSpec, EpisodeRecord, Trajectory | None]]:
-    """Yield (spec, record, trajectory) in the order of `specs`; workers=1 runs in this process."""
+    """Yield (spec, record, trajectory) in the order of `specs`; workers=1 runs in this process. `policy`: a
+    BatchedPolicy in this process, which serves every worker, or a factory that each worker calls."""
     video_paths = _video_paths(specs, video_dir, videos_per_task)
     jobs = [(spec, record_trajectories, video_paths.get(i)) for i, spec in enumerate(specs)]
     bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit="episode")
     if workers <= 1:
-        _start_worker(benchmark, policy_factory)
+        threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+        _start_worker(benchmark, policy if callable(policy) else _episode_policy_factory(policy), own_process=False)
         failure = None
         try:
             for job in jobs:
@@ -68,16 +82,29 @@ def run_episodes(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Seq
         finally:
             _close_environment(failure)
             bar.close()
+            if threads is not None:  # this process goes on (a sweep's next cell trains on its own threads)
+                sys.modules["torch"].set_num_threads(threads)
         return
     context = multiprocessing.get_context("spawn")  # MuJoCo's GL contexts and torch's threads do not survive fork
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(benchmark, policy_factory)) as pool:
+    with contextlib.ExitStack() as stack:
+        if not callable(policy):
+            from robovlms.serving.evaluation_server import PolicyServer
+
+            policy = stack.enter_context(PolicyServer(policy)).client_factory()
+        pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                       initargs=(benchmark, policy)))
         try:
             for job, (record, trajectory) in zip(jobs, pool.map(_run_one, *zip(*jobs))):
                 bar.update()
                 yield job[0], record, trajectory
         finally:
             bar.close()
+
+
+def _episode_policy_factory(policy: BatchedPolicy) -> PolicyFactory:
+    from robovlms.serving.batched_policy import EpisodePolicy
+
+    return lambda: EpisodePolicy(policy)
 
 
 def _close_environment(failure: Exception | None) -> None:
@@ -106,10 +133,10 @@ def _video_paths(specs: Sequence[EpisodeSpec], video_dir: str | Path | None, per
     return paths
 
 
-def evaluate(benchmark: Benchmark, policy_factory: PolicyFactory, specs: Sequence[EpisodeSpec], *, workers: int = 1,
-             video_dir: str | Path | None = None, videos_per_task: int = 0, progress: bool = True,
+def evaluate(benchmark: Benchmark, policy: PolicyFactory | BatchedPolicy, specs: Sequence[EpisodeSpec], *,
+             workers: int = 1, video_dir: str | Path | None = None, videos_per_task: int = 0, progress: bool = True,
              description: str = "evaluation") -> list[EpisodeRecord]:
-    return [record for _, record, _ in run_episodes(benchmark, policy_factory, specs, workers=workers,
+    return [record for _, record, _ in run_episodes(benchmark, policy, specs, workers=workers,
                                                     video_dir=video_dir, videos_per_task=videos_per_task,
                                                     progress=progress, description=description)]
 

@@ -6,6 +6,7 @@ deterministic: the same corpus and settings always give the same vocabulary.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -45,16 +46,58 @@ def instruction_corpus() -> list[str]:
 def train_instruction_tokenizer(vocab_size: int = 512,
                                 extra_special_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Byte-level BPE with <s>, </s>, <pad>, <unk> (ids 0-3), then `extra_special_tokens`, then bytes and merges."""
-    special_tokens = [BOS, EOS, PAD, UNK, *extra_special_tokens]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_trained_bpe(vocab_size, tuple(extra_special_tokens)),
+                                        bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    if extra_special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra_special_tokens)})
+    return tokenizer
+
+
+def _trained_bpe(vocab_size: int, extra_special_tokens: tuple[str, ...]) -> Tokenizer:
+    """A fresh copy of the BPE trained once per process for these settings (training takes a second)."""
+    return Tokenizer.from_str(_trained_bpe_json(vocab_size, extra_special_tokens))
+
+
+@functools.lru_cache(maxsize=16)
+def _trained_bpe_json(vocab_size: int, extra_special_tokens: tuple[str, ...]) -> str:
     bpe = Tokenizer(models.BPE(unk_token=UNK))
     # add_prefix_space: "push" and " push" tokenize alike, wherever an instruction lands in a context
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD, UNK, *extra_special_tokens],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(instruction_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        unk_token=UNK)
+    return bpe.to_str()
+
+
+class StandInTokenizer(PreTrainedTokenizerFast):
+    """The instruction tokenizer standing in for a published model's own when only the model's architecture is
+    built (its files are not on this machine): it tokenizes as a small BPE, and counts as many tokens as the
+    published tokenizer, so that action tokens appended to it grow the embeddings as they would grow the
+    published model's."""
+
+    def __init__(self, *args, published_length: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.published_length = published_length
+        self.mark_published()
+
+    def mark_published(self) -> None:
+        """The tokens added so far (a processor's special tokens) are among the published tokenizer's."""
+        self.marked_length = super().__len__()
+
+    def __len__(self) -> int:
+        return self.published_length + super().__len__() - self.marked_length  # the published ones, then added
+
+    @property
+    def vocab_size(self) -> int:
+        return self.published_length
+
+
+def stand_in_tokenizer(published_length: int, extra_special_tokens: Sequence[str] = ()) -> StandInTokenizer:
+    """A StandInTokenizer with the special tokens of `train_instruction_tokenizer` and `extra_special_tokens`;
+    call its `mark_published` once the processor has added its own."""
+    tokenizer = StandInTokenizer(tokenizer_object=_trained_bpe(512, tuple(extra_special_tokens)), bos_token=BOS,
+                                 eos_token=EOS, pad_token=PAD, unk_token=UNK, published_length=published_length)
     if extra_special_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(extra_special_tokens)})
     return tokenizer

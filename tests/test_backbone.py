@@ -1,7 +1,10 @@
 """Backbone plugins: the interface every built-in backbone keeps, at its tiny size."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from transformers.image_utils import SizeDict
 
 from robovlms.backbone import BACKBONES, backbones_table, create_backbone, list_backbones, load_backbone
 from robovlms.errors import ConfigError, ShapeError, UnknownNameError
@@ -333,6 +336,25 @@ def test_append_adds_tokens_and_grows_embeddings_and_lm_head(backbone):
     assert logits.shape == (8, vocabulary + 8)
 
 
+def test_appended_action_tokens_start_as_distinct_rows_of_the_embeddings_and_the_lm_head(backbone):
+    """Each bin its own token from the first step: not the old rows' mean, which would give every bin the same
+    logit and, decoded one by one, the same input."""
+    ids = backbone.reserve_action_tokens(16, mode="append")
+    words = backbone.input_embeddings().weight[:ids.min()].detach().std(dim=0).mean().item()
+    for rows in (backbone.embed_tokens(ids).detach(), backbone.output_embeddings().weight[ids].detach()):
+        spread = rows.std(dim=0).mean().item()  # across the action tokens
+        assert spread > 0.1 * words, f"action tokens differ by {spread:.2g}, words by {words:.2g}"
+
+
+def test_appending_action_tokens_prints_no_notice_from_transformers(monkeypatch):
+    from transformers import modeling_utils
+
+    notices = []
+    monkeypatch.setattr(modeling_utils.logger, "warning_once", notices.append)
+    create_backbone("paligemma").reserve_action_tokens(8, mode="append")
+    assert notices == []
+
+
 def test_appending_action_tokens_a_tokenizer_already_holds_keeps_their_ids(backbone, tmp_path):
     """A backbone rebuilt from a trained run's files reserves the same tokens again without growing."""
     ids = backbone.reserve_action_tokens(8, mode="append")
@@ -486,6 +508,43 @@ def test_a_backbone_declares_its_image_size_when_the_processors_size_is_a_pixel_
     declared = Kosmos2Backbone(backbone.model, processor_with_shortest_edge(backbone, 4096), "tiny", None,
                                image_size=64)
     assert declared.image_size == 64
+
+
+def idefics3_processor(backbone, tile_side):
+    """The backbone's tokenizer beside an Idefics3 (SmolVLM) image processor, sized by `longest_edge`: images are
+    resized to 4 tiles a side and cut into tiles of `tile_side`, the side the vision tower takes."""
+    from transformers import Idefics3ImageProcessorPil
+
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 4 * tile_side},
+                                                max_image_size={"longest_edge": tile_side})
+    return SimpleNamespace(image_processor=image_processor, tokenizer=backbone.tokenizer)
+
+
+def test_an_image_processor_sized_by_longest_edge_gives_the_side_of_its_tiles():
+    from robovlms.backbones.kosmos2 import Kosmos2Backbone
+
+    backbone = create_backbone("kosmos2")
+    assert Kosmos2Backbone(backbone.model, idefics3_processor(backbone, 64), "tiny", None).image_size == 64
+
+
+def test_a_declared_image_size_is_used_whatever_the_image_processors_size():
+    from robovlms.backbones.kosmos2 import Kosmos2Backbone
+
+    backbone = create_backbone("kosmos2")
+    processor = idefics3_processor(backbone, 364)
+    assert Kosmos2Backbone(backbone.model, processor, "tiny", None, image_size=64).image_size == 64
+
+
+def test_an_image_processor_size_naming_no_side_asks_for_a_declared_image_size():
+    from robovlms.backbones.kosmos2 import Kosmos2Backbone
+
+    backbone = create_backbone("kosmos2")
+    processor = idefics3_processor(backbone, 64)
+    processor.image_processor.max_image_size = None
+    processor.image_processor.size = SizeDict(max_pixels=64 * 64)
+    with pytest.raises(ConfigError, match=r"backbone 'kosmos2': its image processor's size \{'max_pixels': 4096\} "
+                                          r"names no image side; pass image_size="):
+        Kosmos2Backbone(backbone.model, processor, "tiny", None)
 
 
 def test_an_image_size_that_is_no_image_side_is_refused():

@@ -211,3 +211,26 @@ def test_the_backbone_doc_names_everything_a_backbone_must_and_may_provide():
     required = sorted(Backbone.__abstractmethods__) + list(BACKBONES.required_attributes)
     optional = ["reference_hidden_state", "image_size=", "get_rope_index", "token_type_ids", "ImageProcessorPil"]
     assert [name for name in required + optional if f"`{name}" not in provides and f"{name}`" not in provides] == []
+
+
+NARROW_BACKBONE = '''
+from robovlms.backbones.gpt_scratch import GPTScratchBackbone
+
+
+class Narrow(GPTScratchBackbone):
+    name = "narrow"
+    description = "returns half its width"
+
+    def contextualise(self, context, images, suffix_embeds):
+        return super().contextualise(context, images, suffix_embeds)[..., :32]
+'''
+
+
+def test_the_kit_says_once_that_a_backbone_returns_the_wrong_width(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "narrow_backbone", NARROW_BACKBONE,
+                   {"robovlms.backbones": {"narrow": "narrow_backbone:Narrow"}})
+    results = check_backbone("narrow")
+    failures = [result.reason for result in results if not result.passed]
+    assert failures == ["backbone 'narrow' returned hidden size 32, its hidden_size says 64: contextualise must "
+                        "return the last layer's hidden states"]
+    assert sum("needs a forward of the right width" in result.reason for result in results) >= 5

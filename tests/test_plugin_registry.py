@@ -1,5 +1,6 @@
 """Plugins from other packages: a broken one is one clear line naming it and its package, never a traceback,
-and listings show every plugin that loads beside one row per plugin that does not."""
+listings show every plugin that loads beside one row per plugin that does not, and a list of valid names holds
+only plugins that load."""
 
 import pytest
 from plugin_distribution import install_plugin
@@ -8,8 +9,10 @@ from typer.testing import CliRunner
 
 from robovlms import cli
 from robovlms.backbone import create_backbone, list_backbones, load_backbone
-from robovlms.benchmark import BENCHMARKS, create_benchmark
-from robovlms.errors import PluginError
+from robovlms.benchmark import create_benchmark
+from robovlms.errors import PluginError, UnknownNameError
+from robovlms.formulation import create_formulation
+from robovlms.registry import BACKBONES, BENCHMARKS, FORMULATIONS
 from robovlms.results import software_versions
 from robovlms.sweep import expand_cells, load_sweep
 
@@ -65,6 +68,16 @@ class Crashing(GPTScratchBackbone):
     @classmethod
     def tiny(cls, **options):
         return {}["hidden_size"]
+'''
+
+
+NO_LOSS_FORMULATION = '''
+from robovlms.formulation import Formulation
+
+
+class NoLoss(Formulation):
+    name = "no-loss"
+    description = "forgot loss and predict"
 '''
 
 
@@ -153,9 +166,11 @@ def test_listing_reads_metadata_and_builds_no_model(monkeypatch):
     assert rows["kosmos2"]["package"].startswith("robovlms ") and "tiny_parameters" not in rows["kosmos2"]
 
 
-def test_backbones_command_prints_the_working_rows_and_exits_1_on_a_broken_plugin(tmp_path, monkeypatch):
-    install_backbone(tmp_path, monkeypatch, "raise ImportError('needs torchvision')\n", "broken", "Broken")
-    result = CliRunner().invoke(cli.app, ["backbones"])
+def test_backbones_check_prints_the_working_rows_and_exits_1_on_a_plugin_failing_to_import(tmp_path, monkeypatch):
+    install_backbone(tmp_path, monkeypatch, GOOD_BACKBONE.replace("class", "raise ImportError('needs torchvision')"
+                                                                           "\n\n\nclass"), "broken", "RenamedGPT")
+    assert not BACKBONES.listing()[0]["failed"]  # from its source alone, the plugin looks whole
+    result = CliRunner().invoke(cli.app, ["backbones", "--check"])
     assert result.exit_code == 1
     assert "kosmos2" in result.output and "robovlms-broken 0.2.0" in result.output
     assert "ImportError: needs torchvision" in result.output and "Traceback" not in result.output
@@ -236,16 +251,50 @@ class Bench(MetaWorldBenchmark):
 
 
 def test_formulations_listing_gives_a_row_to_a_formulation_missing_its_loss(tmp_path, monkeypatch):
-    from robovlms.formulation import FORMULATIONS
-
-    install_plugin(tmp_path, monkeypatch, "broken_plugin", '''
-from robovlms.formulation import Formulation
-
-
-class NoLoss(Formulation):
-    name = "no-loss"
-    description = "forgot loss and predict"
-''', {"robovlms.formulations": {"no-loss": "broken_plugin:NoLoss"}})
-    rows = {row["name"]: row for row in FORMULATIONS.listing()}
+    install_plugin(tmp_path, monkeypatch, "broken_plugin", NO_LOSS_FORMULATION,
+                   {"robovlms.formulations": {"no-loss": "broken_plugin:NoLoss"}})
+    rows = {row["name"]: row for row in FORMULATIONS.listing(check=True)}
     assert not rows["policy-head"]["failed"] and rows["no-loss"]["failed"]
     assert "does not implement" in rows["no-loss"]["description"] and "loss" in rows["no-loss"]["description"]
+
+
+@pytest.mark.parametrize("registry", [BACKBONES, FORMULATIONS, BENCHMARKS], ids=lambda registry: registry.kind)
+def test_listing_from_source_gives_every_plugin_the_description_it_has_once_loaded(registry):
+    from_source = {row["name"]: row["description"] for row in registry.listing()}
+    loaded = {row["name"]: row["description"] for row in registry.listing(check=True)}
+    assert from_source == loaded and all(loaded.values())
+
+
+def test_listing_from_source_follows_a_class_imported_into_the_plugins_package(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "reexporting_plugin", "from robovlms.backbones.gpt_scratch import "
+                                                                "GPTScratchBackbone as Reexported\n",
+                   {"robovlms.backbones": {"reexported": "reexporting_plugin:Reexported"}})
+    rows = {row["name"]: row for row in BACKBONES.listing()}
+    assert rows["reexported"]["description"] == rows["gpt-scratch"]["description"]
+
+
+def test_listing_from_source_finds_a_package_the_plugin_imports_that_is_not_installed(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "broken_plugin", "import robovlms_no_such_module\n\n\nclass Bench:\n    pass\n",
+                   {"robovlms.benchmarks": {"broken-bench": "broken_plugin:Bench"}})
+    rows = {row["name"]: row for row in BENCHMARKS.listing()}
+    assert rows["broken-bench"]["failed"] and "No module named 'robovlms_no_such_module'" in rows["broken-bench"][
+        "description"]
+
+
+def test_an_unknown_formulation_lists_as_valid_only_the_plugins_that_load(tmp_path, monkeypatch, demo_store):
+    install_plugin(tmp_path, monkeypatch, "broken_plugin", NO_LOSS_FORMULATION,
+                   {"robovlms.formulations": {"no-loss": "broken_plugin:NoLoss"}})
+    with pytest.raises(UnknownNameError) as raised:
+        create_formulation("lstm-head", create_backbone("gpt-scratch"), demo_store.action_statistics, None)
+    assert "no-loss" not in raised.value.valid and "policy-head" in raised.value.valid
+    assert "no-loss: installed but failing to load, see `robovlms formulations --check`" in str(raised.value)
+
+
+def test_formulations_command_lists_each_formulation_with_its_package(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "broken_plugin", "import robovlms_no_such_module\n",
+                   {"robovlms.formulations": {"broken-formulation": "broken_plugin:Broken"}})
+    result = CliRunner().invoke(cli.app, ["formulations"])
+    assert result.exit_code == 1
+    row = next(line for line in result.output.splitlines() if " policy-head " in line)
+    assert "robovlms.formulations.policy_head:PolicyHead" in row and "robovlms 0.1.0" in row
+    assert "broken-formulation" in result.output and "ModuleNotFoundError" in result.output

@@ -191,6 +191,19 @@ def test_cost_table_gives_latency_in_ms_and_hz_and_plots_success_against_it(swee
     assert (out / "success_vs_latency.png").is_file() and (out / "success_vs_latency.svg").is_file()
 
 
+def test_the_cost_table_says_on_which_device_and_with_how_many_episodes_a_step_was_timed(tmp_path):
+    rng = np.random.default_rng(0)
+    add_trained_cell(tmp_path / "run", rng, "served", "gpt-scratch", SCRATCH, "policy-head",
+                     latency_device="cuda:0 (NVIDIA H200)", latency_batch=8)
+    add_trained_cell(tmp_path / "run", rng, "alone", "kosmos2", PRETRAINED, "policy-head", latency_device="cpu",
+                     latency_batch=1)
+    write_report([tmp_path / "run"], tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "cost.csv")
+    assert row_of(table, backbone_label=SCRATCH).step_timed_on == "cuda:0 (NVIDIA H200), 8 at once"
+    assert row_of(table, backbone_label=PRETRAINED).step_timed_on == "cpu, 1 episode"
+    assert "step timed on" in (tmp_path / "report" / "index.md").read_text()
+
+
 def test_training_curves_of_every_trained_cell_are_written_and_plotted(sweep):
     out, _ = sweep
     curves = pd.read_csv(out / "training_curves.csv")

@@ -451,6 +451,32 @@ def test_a_retried_cell_that_completes_loses_its_error_txt_and_its_outcome_is_pr
     assert not (tmp_path / "run" / "cells" / "baseline-zero" / "error.txt").exists()
 
 
+def test_a_retried_cell_is_printed_even_when_no_progress_report_falls_between_its_start_and_its_commit(
+        tmp_path, demo_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    import robovlms.sweep
+    from robovlms.cli import app
+
+    path = sweep_file(tmp_path, demo_store, grid={})
+    the_simulator_dies(3, monkeypatch)
+    assert CliRunner().invoke(app, ["sweep", str(path)]).exit_code == 1
+    original = robovlms.sweep.run_sweep
+
+    def only_first_and_last_reports(*args, progress, **kwargs):  # a busy machine: the cell ran between two reports
+        reports = []
+        status = original(*args, progress=reports.append, **kwargs)
+        progress(reports[0])
+        progress(reports[-1])
+        return status
+
+    monkeypatch.setattr(robovlms.sweep, "run_sweep", only_first_and_last_reports)
+    retried = CliRunner().invoke(app, ["sweep", str(path), "--retry-failed"])
+    assert retried.exit_code == 0, retried.output
+    assert "1 cells: 0 committed before, 1 to run" in retried.output
+    assert re.search(r"\] baseline-zero: success 0/1 \(0%\)", retried.output)
+
+
 # ---- bad input: a clear error, and nothing stored ---------------------------------------------------------------
 
 
@@ -546,19 +572,92 @@ def test_a_sweep_without_a_terminal_prints_one_line_per_committed_cell(tmp_path,
 # ---- the dry run ----------------------------------------------------------------------------------------------
 
 
-def test_the_evaluation_bound_counts_the_policys_step_latency_per_observation(tmp_path, demo_store, monkeypatch):
+def fixed_timings(monkeypatch, step=0.01, policy=0.001, startup=5.0):
+    """The dry run's CPU measurements replaced by fixed numbers: build, step, validation batch, checkpoint,
+    policy step (seconds), and a worker's start-up."""
     import robovlms.sweep.cost as cost
-    from robovlms.sweep import estimate_cost, expand_cells, load_sweep
 
-    monkeypatch.setattr(cost, "_training_step_seconds", lambda *args: 0.01)
-    monkeypatch.setattr(cost, "_policy_step_seconds", lambda *args: 0.5)
+    monkeypatch.setattr(cost, "measure_cell", lambda *args: (0.0, step, 0.0, 0.0, policy))
+    monkeypatch.setattr(cost, "worker_startup_seconds", lambda *args: startup)
+
+
+def test_the_evaluation_bound_counts_the_policys_step_latency_per_observation(tmp_path, demo_store, monkeypatch):
+    from robovlms.sweep import dry_run, expand_cells, load_sweep
+
+    fixed_timings(monkeypatch, step=0.01, policy=0.5)
     sweep = load_sweep(sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"],
                                                               "formulation": ["one-step-continuous"]}))
-    trained, zero = estimate_cost(sweep, expand_cells(sweep))
+    trained, zero = dry_run(sweep, expand_cells(sweep)).cells
     observations = 1 * 15 / 2  # one episode of button-press-topdown, 15 steps, chunks of 2 run open-loop
-    assert trained["step_ms"] == 500 and trained["eval_max_s"] == pytest.approx(observations * (1 / 60 + 0.5))
-    assert trained["train_s"] == pytest.approx(0.01 * 3)
-    assert zero["eval_max_s"] == pytest.approx(15 / 60)
+    assert trained.step_ms == 500 and trained.eval_max_s == pytest.approx(observations * (1 / 60 + 0.5))
+    assert trained.train_s == pytest.approx(0.01 * 3)
+    assert zero.eval_max_s == pytest.approx(15 / 60)
+
+
+def test_the_dry_run_times_steps_on_the_threads_a_sweep_worker_gets(tmp_path, demo_store, monkeypatch):
+    import torch
+
+    import robovlms.sweep.cost as cost
+    from robovlms.sweep import dry_run, expand_cells, load_sweep
+
+    monkeypatch.setattr(cost, "worker_startup_seconds", lambda *args: 5.0)
+    monkeypatch.setattr(cost.os, "cpu_count", lambda: 8)
+    threads = []
+    monkeypatch.setattr(cost, "_training_step_seconds", lambda *args: (threads.append(torch.get_num_threads())
+                                                                       or 0.01, torch.optim.SGD([torch.zeros(1)])))
+    sweep = load_sweep(sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"],
+                                                              "formulation": ["one-step-continuous"]}))
+    before = torch.get_num_threads()
+    estimate = dry_run(sweep, expand_cells(sweep), workers=4)
+    assert threads == [2] and estimate.threads == 2  # 8 cores shared by 4 workers
+    assert torch.get_num_threads() == before
+
+
+def test_the_dry_runs_total_counts_each_workers_start_up_once(tmp_path, demo_store, monkeypatch):
+    from robovlms.sweep import dry_run, expand_cells, load_sweep
+
+    fixed_timings(monkeypatch, step=0.0, policy=0.0, startup=30.0)
+    sweep = load_sweep(sweep_file(tmp_path, demo_store))
+    estimate = dry_run(sweep, expand_cells(sweep), workers=2)
+    work = sum(cost.train_s or 0.0 for cost in estimate.cells) + sum(cost.eval_max_s for cost in estimate.cells)
+    assert estimate.startup_s == 30.0 and estimate.total_seconds(2) == pytest.approx(30.0 + work / 2)
+
+
+def test_a_workers_start_up_is_measured_in_a_fresh_interpreter():
+    from robovlms.sweep.cost import worker_startup_seconds
+
+    assert worker_startup_seconds([{"backbone": {"name": "kosmos2"}}], threads=1) > 0
+
+
+def test_the_dry_run_never_times_cells_meant_for_gpus(tmp_path, demo_store, monkeypatch):
+    import robovlms.sweep.cost as cost
+    from robovlms.sweep import dry_run, expand_cells, load_sweep
+
+    monkeypatch.setattr(cost, "measure_cell", lambda *args: pytest.fail("a GPU cell was timed on the CPU"))
+    sweep = load_sweep(sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"],
+                                                              "formulation": ["policy-head"],
+                                                              "accelerator": ["gpu"]}))
+    trained, _ = dry_run(sweep, expand_cells(sweep)).cells
+    assert not trained.timed and trained.train_s is None and trained.memory.total() > 0
+    assert trained.parameters == trained.trainable > 0
+
+
+def test_the_dry_run_of_the_pretrained_gpu_sweep_prints_parameters_and_memory_without_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from robovlms.cli import app
+
+    shipped = Path(__file__).resolve().parents[1] / "experiments" / "pretrained_gpu.yaml"
+    sweep = yaml.safe_load(shipped.read_text())
+    sweep["run_dir"], sweep["store"]["path"] = str(tmp_path / "run"), str(tmp_path / "no-store")
+    path = tmp_path / "pretrained_gpu.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"], terminal_width=100)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "1.67B" in said and "2.92B" in said and "8.95B" in said  # kosmos-2, paligemma-3b, idefics-9b
+    assert "/models/idefics-9b (flamingo): HuggingFaceM4/idefics-9b" in said
+    assert "GiB" in said and "measure their time where they run" in said and "on GPU" in said
 
 
 def test_the_policy_step_estimate_runs_a_whole_decoding(store_for_decoding):
@@ -590,13 +689,11 @@ def store_for_decoding():
 def test_a_dry_run_shows_short_ids_and_says_when_the_sweep_is_finished(tmp_path, demo_store, monkeypatch):
     from typer.testing import CliRunner
 
-    import robovlms.sweep.cost as cost
     from robovlms.cli import app
     from robovlms.results import CellResult, write_cell_result
     from robovlms.sweep import expand_cells, load_sweep
 
-    monkeypatch.setattr(cost, "_training_step_seconds", lambda *args: 0.01)
-    monkeypatch.setattr(cost, "_policy_step_seconds", lambda *args: 0.001)
+    fixed_timings(monkeypatch)
     path = sweep_file(tmp_path, demo_store)
     first = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"], terminal_width=80)
     assert first.exit_code == 0, first.output
@@ -698,6 +795,193 @@ def test_a_search_worker_taken_for_dead_drops_its_result_and_goes_on(tmp_path, d
     trials = optuna.load_study(study_name="search-search", storage=storage_url(load_sweep(path))).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and status.done == 1
     assert "search trial 0 was taken for dead" in caplog.text
+
+
+# ---- what only the store, the benchmark or building a cell can tell, checked before the study exists ------------
+
+
+def test_settings_that_only_building_reveals_are_refused_before_the_study_exists(tmp_path, demo_store):
+    """A hidden size its 4 attention heads do not divide passes every option check; building the backbone on the
+    meta device (no weights, a fraction of a second) refuses it before any cell trains."""
+    path = sweep_file(tmp_path, demo_store, train={"max_steps": 3, "chunk": 2, "cameras": ["rgb_static"],
+                                                   "backbone": {"options": {"hidden_size": 33, "heads": 4}}},
+                      grid={"backbone": ["kosmos2"], "formulation": ["policy-head"]})
+    with pytest.raises(RobovlmsError, match=r"cell kosmos2-policy-head.*embed_dim must be divisible by num_heads"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run" / "optuna.db").exists()
+
+
+def test_a_history_that_chunk_execution_cannot_observe_is_refused_before_the_study_exists(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "formulation": ["policy-head"],
+                                                  "history": [2]})  # chunk 2 run open-loop, frames 1 step apart
+    with pytest.raises(ConfigError, match=r"cell gpt-scratch-policy-head-h2.*cannot be observed when each chunk of 2 "
+                                          r"runs open-loop; train with frame_stride 2"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run" / "optuna.db").exists()
+
+
+def test_a_chunk_longer_than_the_shortest_training_episode_is_refused_before_the_study_exists(tmp_path, demo_store):
+    shortest = int(demo_store.episodes["length"].min())
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "formulation": ["policy-head"],
+                                                  "chunk": [shortest + 1]})
+    with pytest.raises(RobovlmsError, match=rf"chunk {shortest + 1} must each be at most the length of the shortest "
+                                            rf"episode used for training \({shortest} frames"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run" / "optuna.db").exists()
+
+
+def test_a_camera_the_store_does_not_hold_is_refused_before_the_study_exists(tmp_path, demo_store):
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "formulation": ["policy-head"],
+                                                  "cameras": [["rgb_top"]]})
+    with pytest.raises(ConfigError, match="camera .rgb_top. is not among the store.s"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run" / "optuna.db").exists()
+
+
+def test_a_cell_that_fails_after_training_records_the_training_time_it_spent(tmp_path, demo_store, monkeypatch):
+    import robovlms.rollout
+
+    def simulator_died(*args, **kwargs):
+        raise RuntimeError("the simulator died")
+
+    monkeypatch.setattr(robovlms.rollout, "evaluate", simulator_died)
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "formulation": ["policy-head"]},
+                      baselines=[])
+    assert run_sweep(path).failed == 1
+    failed, = read_cell_results(tmp_path / "run")
+    assert failed.status == "failed" and "the simulator died" in failed.error and failed.train_seconds > 0
+
+
+def test_a_sweep_whose_trained_cells_all_failed_can_be_edited_and_rerun(tmp_path, demo_store, monkeypatch, caplog):
+    import robovlms.sweep.one_cell
+
+    original = robovlms.sweep.one_cell.train_cell
+
+    def diverges(*args, **kwargs):
+        raise FloatingPointError("the loss became nan at step 2")
+
+    monkeypatch.setattr(robovlms.sweep.one_cell, "train_cell", diverges)
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "formulation": ["policy-head"]})
+    first = run_sweep(path)
+    assert (first.done, first.failed) == (1, 1)  # the baseline completes, the trained cell fails
+    monkeypatch.setattr(robovlms.sweep.one_cell, "train_cell", original)
+    edited = yaml.safe_load(path.read_text())
+    edited["train"]["learning_rate"] = 1e-4  # the fix: another setting, so another cell and another file
+    path.write_text(yaml.safe_dump(edited))
+    second = run_sweep(path)
+    assert (second.cells, second.done, second.failed) == (2, 2, 0)
+    assert "none of its trained cells completed: it is replaced by this file" in caplog.text
+    moved = list((tmp_path / "run" / "replaced").glob("*/gpt-scratch-policy-head-*/error.txt"))
+    assert len(moved) == 1 and "the loss became nan" in moved[0].read_text()
+
+
+def test_a_study_with_complete_cells_says_exactly_how_to_start_another_file(tmp_path, demo_store):
+    first = sweep_file(tmp_path, demo_store, name="shared")
+    study = prepare_sweep(first)[2]
+    trial = study.get_trials()[0]
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [0.5])
+    other = yaml.safe_load(first.read_text())
+    other["grid"]["backbone"] = ["paligemma"]
+    second = tmp_path / "other.yaml"
+    second.write_text(yaml.safe_dump(other))
+    with pytest.raises(ConfigError, match=rf"belongs to another sweep file .* run the file that made it to keep "
+                                          rf"them, or give this sweep another name, or delete {tmp_path / 'run'}"):
+        prepare_sweep(second)
+
+
+NARROW_BACKBONE = '''
+from robovlms.backbones.gpt_scratch import GPTScratchBackbone
+
+
+class Narrow(GPTScratchBackbone):
+    name = "narrow"
+    description = "returns half its width"
+
+    def contextualise(self, context, images, suffix_embeds):
+        return super().contextualise(context, images, suffix_embeds)[..., :32]
+'''
+
+
+def test_the_dry_run_says_in_one_line_that_a_backbone_returns_the_wrong_width(tmp_path, demo_store, monkeypatch,
+                                                                              capsys):
+    from plugin_distribution import install_plugin
+
+    from robovlms import cli
+
+    install_plugin(tmp_path, monkeypatch, "narrow_backbone", NARROW_BACKBONE,
+                   {"robovlms.backbones": {"narrow": "narrow_backbone:Narrow"}})
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["narrow"], "formulation": ["policy-head"]},
+                      train={"max_steps": 3, "chunk": 2, "cameras": ["rgb_static"], "execution": "chunk"})
+    monkeypatch.setattr("sys.argv", ["robovlms", "sweep", str(path), "--dry-run"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    output = capsys.readouterr().out
+    assert exit_.value.code == 2 and "Traceback" not in output
+    assert output.count("backbone 'narrow' returned hidden size 32, its hidden_size says 64") == 1
+
+
+def test_every_cell_of_a_one_worker_sweep_trains_on_the_same_threads(tmp_path, demo_store, monkeypatch):
+    """Evaluating in the sweep's own process (a policy stepped there, or a step timed on one thread) must leave
+    torch's threads as it found them: the next cell trains on the process's threads, or the first cell's time is
+    not comparable with the others'."""
+    import torch
+
+    import robovlms.training
+
+    train, threads = robovlms.training.train, []
+
+    def recording(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(robovlms.training, "train", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_sweep(sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "seed": [0, 1]},
+                             baselines=[]))
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [2, 2]
+
+
+
+FIRST_TRAINING = '''
+import json, sys
+
+import robovlms.training
+
+train = robovlms.training.train
+imported = []
+
+
+def recording(*args, **kwargs):
+    before = set(sys.modules)
+    try:
+        return train(*args, **kwargs)
+    finally:
+        imported.append(sorted(set(sys.modules) - before))
+
+
+robovlms.training.train = recording
+from robovlms.sweep import run_sweep
+
+run_sweep(sys.argv[1])
+json.dump(imported, open(sys.argv[2], "w"))
+'''
+
+
+def test_a_workers_first_cell_imports_nothing_that_later_cells_do_not(tmp_path, demo_store):
+    """Whatever a process imports the first time it trains is imported before the first cell's clock starts, so
+    the first cell's train_seconds counts no start-up (robovlms/sweep/startup.py)."""
+    path = sweep_file(tmp_path, demo_store, grid={"backbone": ["paligemma"], "formulation": ["policy-head"]},
+                      baselines=[])
+    (tmp_path / "record.py").write_text(FIRST_TRAINING)
+    subprocess.run([sys.executable, str(tmp_path / "record.py"), str(path), str(tmp_path / "imported.json")],
+                   check=True, capture_output=True)
+    first, = json.loads((tmp_path / "imported.json").read_text())
+    assert first == []
 
 
 def test_tune_chooses_on_validation_episodes_and_a_grid_reports_test_episodes_unless_the_file_names_them(tmp_path):

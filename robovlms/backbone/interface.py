@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
 
+from robovlms.backbone.activations import Layers, Saved
 from robovlms.backbone.context import Context, batch_context, row_layout
 from robovlms.backbone.freezing import freeze
-from robovlms.errors import ConfigError, ShapeError, UnknownNameError
+from robovlms.errors import ConfigError, HiddenSizeError, ShapeError, UnknownNameError
 
 SIZES = ("tiny", "pretrained")
 MAX_IMAGE_SIZE = 2048  # px; no VLM's vision tower takes larger square images, so a larger "size" is a pixel count
@@ -123,6 +124,23 @@ class Backbone(nn.Module, abc.ABC):
         that `forward` agrees with it."""
         return None
 
+    # published models whose architecture `published_architecture` builds: model id -> where its sizes come from
+    published_models: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def published_architecture(cls, model_id: str) -> Backbone:
+        """The architecture of the published model `model_id` (a key of `published_models`) with its real sizes
+        and a tokenizer standing in for its own, for estimates where its files are not on this machine; build it
+        on the meta device (it is full size)."""
+        raise NotImplementedError(f"{cls.name} declares no published architectures")
+
+    def activation_layers(self, images: int, rows: int, context: int) -> list[Layers | Saved]:
+        """What a training forward over `images` images in `rows` contexts of `context` tokens keeps for
+        backward: the transformer layers it runs (`Layers`) and anything else it keeps (`Saved`), sized from its
+        config and from which of its parameters train; for the training-memory estimate of the dry run
+        (`robovlms/backbone/activations.py`). Empty when unknown: the estimate then says so."""
+        return []
+
     # ---- the interface the formulations use ---------------------------------------------------------------
 
     @property
@@ -174,6 +192,9 @@ class Backbone(nn.Module, abc.ABC):
         context = self.build_context(instructions, T, V, K, interleaved, instruction_per_frame).to(pixel_values.device)
         images = pixel_values.reshape(B * T * V, 3, S, S)
         hidden = self.contextualise(context, images, suffix_embeds.reshape(B * T * K, D))  # (R, L, D)
+        if hidden.shape[-1] != D:
+            raise HiddenSizeError(f"backbone {self.name!r} returned hidden size {hidden.shape[-1]}, its hidden_size "
+                                  f"says {D}: contextualise must return the last layer's hidden states")
         return hidden[context.suffix_slots].view(B, T, K, D)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:

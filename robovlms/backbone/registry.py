@@ -1,7 +1,8 @@
 """The registry of backbones, and the one way to build, rebuild or list them.
 
-Backbones register in BACKBONES under a name; built-in ones and third-party ones alike declare an entry point in
-the group `robovlms.backbones` that names their Backbone subclass.
+Backbones register in BACKBONES (declared in robovlms/registry.py beside the other axes) under a name; built-in
+ones and third-party ones alike declare an entry point in the group `robovlms.backbones` that names their Backbone
+subclass.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from safetensors.torch import load_model
 
 from robovlms.backbone.interface import SIZES, SPEC_FILE, WEIGHTS_FILE, Backbone
 from robovlms.errors import ConfigError, RobovlmsError, UnknownNameError
-from robovlms.registry import Registry
-
-BACKBONES: Registry[type[Backbone]] = Registry("backbone", "robovlms.backbones", Backbone,
-                                                ("name", "description", "lora_target_modules"))
+from robovlms.registry import BACKBONES
 
 
 def options_to_config(config_class: type, options: dict[str, Any], backbone: str):

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from robovlms.backbone.activations import Elements, Layers, Saved, config_layers, find_layers, trains
 from robovlms.backbone.interface import Backbone
 from robovlms.backbone.pretrained import resolve_pretrained
 from robovlms.errors import ConfigError, PluginError
@@ -23,6 +24,9 @@ class TransformersBackbone(Backbone):
         """`image_size`: the side of the square images the vision tower takes, when the image processor's size
         is not one (Qwen2-VL's is a pixel count); by default the processor's, checked against the vision config."""
         settings = processor_image_settings(processor.image_processor)
+        if image_size is None and settings["image_size"] is None:
+            raise ConfigError(f"backbone {self.name!r}: its image processor's size {_size_dict(processor.image_processor)}"
+                              f" names no image side; pass image_size= to TransformersBackbone.__init__")
         settings["image_size"] = image_size or settings["image_size"]
         check_image_size(settings["image_size"], model.config, self.name, declared=image_size is not None)
         super().__init__(size=size, origin=origin, tokenizer=processor.tokenizer, **settings)
@@ -74,8 +78,56 @@ class TransformersBackbone(Backbone):
     def output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def activation_layers(self, images: int, rows: int, context: int) -> list[Layers | Saved]:
+        """A vision encoder over each image's patches and a decoder over the contexts, sized from the config;
+        backbones with more (a resampler, cross-attention) add theirs."""
+        vision_modules, text = self.vision_modules(), self.model.config.get_text_config()
+        vision_trains = trains(vision_modules)
+        described = [*vision_encoder_activations(vision_modules, getattr(self.model.config, "vision_config", None),
+                                                 images, self.image_size)]
+        described += decoder_activations(self.language_modules(), text, rows, context)
+        if vision_trains and described[0].name == "vision encoder":
+            projector = vision_modules[-1]  # the projector into the language model: keeps the image tokens
+            if projector is not self.model and trains([projector]):
+                encoder = described[0]
+                described.append(Saved("projector input", Elements(other=images * encoder.tokens * encoder.hidden)))
+        return described
+
     def resize_vocabulary(self, vocab_size: int) -> None:
-        self.model.resize_token_embeddings(vocab_size)
+        # Not transformers' mean resizing: it puts every new row at the old rows' mean plus noise at 1e-9 of their
+        # covariance, so appended action tokens would start as one token (the same logit for every bin, the same
+        # input when decoded one by one). The model's own initialisation gives each bin a row of its own. What mean
+        # resizing guards against, new tokens taking probability from the pretrained vocabulary, cannot happen
+        # here: the discrete formulation's softmax is over the action tokens alone. (It also needs no values, so a
+        # model built on the meta device, to count parameters, resizes too.)
+        self.model.resize_token_embeddings(vocab_size, mean_resizing=False)
+
+
+def vision_encoder_activations(vision_modules: list[nn.Module], vision_config, images: int,
+                               image_size: int) -> list[Layers | Saved]:
+    """A ViT's layers over each image's patches (and class token), its pixels and final norm, when its config and
+    a `layers` ModuleList are found in `vision_modules`."""
+    layers = find_layers(vision_modules)
+    if vision_config is None or layers is None:
+        return []
+    on_path = trains(vision_modules)
+    class_token = any("class_embedding" in name for module in vision_modules for name, _ in module.named_parameters())
+    tokens = (image_size // vision_config.patch_size) ** 2 + class_token
+    encoder = config_layers("vision encoder", layers, vision_config, images, tokens, on_path)
+    if not on_path:
+        return [encoder]
+    return [encoder, Saved("pixels", Elements(other=images * 3 * image_size ** 2)),
+            Saved("vision norms", Elements(norms=images * tokens * (encoder.hidden + 2)))]
+
+
+def decoder_activations(language_modules: list[nn.Module], text_config, rows: int, context: int,
+                        **overrides) -> list[Layers | Saved]:
+    """A decoder's layers over the contexts, each keeping an attention mask (a transformers decoder makes one for
+    padding and prefixes), and its final norm."""
+    decoder = config_layers("language model", find_layers(language_modules), text_config, rows, context, True,
+                            **{"attention_mask": True, **overrides})
+    final_norm = decoder.hidden + 2 if decoder.norm == "layer" else 2 * decoder.hidden + 1
+    return [decoder, Saved("final norm", Elements(norms=rows * context * final_norm))]
 
 
 def check_image_size(image_size: int, config, backbone: str, declared: bool) -> None:
@@ -108,10 +160,20 @@ def auto_processor(directory: Path, backbone: str):
                           f"*ImageProcessorPil class instead (docs/adding-a-backbone.md)") from error
 
 
-def processor_image_settings(image_processor) -> dict[str, Any]:
-    """image_size, image_mean, image_std, rescale_factor as a transformers image processor configures them."""
+def _size_dict(image_processor) -> dict[str, Any]:
+    """The image processor's resize target, without the keys it leaves unset (a SizeDict holds all of them)."""
     size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
-    size = dict(size)
-    side = size.get("height", size.get("shortest_edge"))
-    return {"image_size": int(side), "image_mean": tuple(image_processor.image_mean),
+    return {key: value for key, value in dict(size).items() if value is not None}
+
+
+def processor_image_settings(image_processor) -> dict[str, Any]:
+    """image_size, image_mean, image_std, rescale_factor as a transformers image processor configures them. The
+    image size is the side of the square images the vision tower takes: the size's `height`, else its
+    `shortest_edge` (after a centre crop, `crop_size`'s), else, for processors that cut images into tiles
+    (Idefics3, SmolVLM), the tiles' `max_image_size`, else the size's `longest_edge`; None when the size names no
+    side (a pixel count only), for the backbone to declare."""
+    size = _size_dict(image_processor)
+    tiles = dict(getattr(image_processor, "max_image_size", None) or {})
+    side = size.get("height") or size.get("shortest_edge") or tiles.get("longest_edge") or size.get("longest_edge")
+    return {"image_size": int(side) if side else None, "image_mean": tuple(image_processor.image_mean),
             "image_std": tuple(image_processor.image_std), "rescale_factor": float(image_processor.rescale_factor)}

@@ -9,7 +9,16 @@
 """
 
 from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout, Statistics, verify_store
-from robovlms.data.windows import WindowDataset, window_loader
+
+
+def __getattr__(name: str):
+    """The windows on first use: they need torch, which reading a store (a simulator worker, a baseline) does not."""
+    if name in ("WindowDataset", "window_loader"):
+        from robovlms.data import windows
+
+        return getattr(windows, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Episode", "EpisodeStore", "EpisodeStoreWriter", "FrameLayout", "Statistics", "WindowDataset",
            "verify_store", "window_loader"]

@@ -13,6 +13,18 @@ from robovlms.data.store import EpisodeStore
 from robovlms.errors import WindowError
 
 
+def check_windows_fit(store: EpisodeStore, episodes: Sequence[int], history: int, chunk: int,
+                      frame_stride: int) -> None:
+    """A history of `history` frames `frame_stride` apart, and a chunk of `chunk` actions, each fit in the shortest
+    of the training `episodes`."""
+    shortest = int(store.episodes.iloc[list(episodes)]["length"].min())
+    history_span = (history - 1) * frame_stride + 1
+    if history_span > shortest or chunk > shortest:
+        raise WindowError(f"history {history} (spanning {history_span} frames at frame stride {frame_stride}) and "
+                          f"chunk {chunk} must each be at most the length of the shortest episode used for training "
+                          f"({shortest} frames in {store.path})")
+
+
 class WindowDataset(Dataset):
     """Window i ends at one frame t of one episode and holds frames t-(H-1)s, ..., t-s, t (s: `frame_stride`) and,
     for each frame j, actions j..j+L-1. A stride of L matches a policy that executes each chunk open-loop and

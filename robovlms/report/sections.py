@@ -332,7 +332,9 @@ def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
     if cost.empty:
         return None
     section = Section("Cost", ["The backbone's size, parameters of the whole policy, mean training time, and the "
-                               "median time of one policy step (observation in, action out), averaged over seeds."])
+                               "median time of one policy step (observation in, action out), averaged over seeds, "
+                               "timed where the policy ran: on its device, with as many episodes at once as the "
+                               "evaluation's policy server stepped together."])
     section.tables.append(Table("cost", cost, shown_table(cost, {
         **shown_configuration(runs.configuration), "backbone size": "backbone_size",
         "parameters": lambda row: number_text(row.parameters),
@@ -340,6 +342,7 @@ def _cost_section(runs: SweepRuns, out: Path) -> Section | None:
         "training (s)": lambda row: number_text(row.train_seconds),
         "step (ms)": lambda row: _policy_cost(row, number_text(row.step_latency_ms, 1)),
         "steps/s (Hz)": lambda row: _policy_cost(row, number_text(row.steps_per_second, 1)),
+        "step timed on": lambda row: _policy_cost(row, row.step_timed_on),
         "success [95% CI]": rate_text}), _evaluated(runs)))
     timed = cost[(cost.step_latency_ms > 0) & ~cost.backbone_label.isin(BASELINE_LABELS.values())]
     if len(timed):

@@ -99,11 +99,21 @@ def cost_table(runs: SweepRuns) -> pd.DataFrame:
                      "parameters": group.parameters.astype(float).max(),
                      "trainable_parameters": group.trainable_parameters.astype(float).max(),
                      "train_seconds": group.train_seconds.astype(float).mean(), "step_latency_ms": latency,
-                     "steps_per_second": 1000 / latency if latency > 0 else math.nan,
+                     "steps_per_second": 1000 / latency if latency > 0 else math.nan, "step_timed_on": _timed_on(group),
                      **rate(group.successes.sum(), group.episodes.sum())})
     return pd.DataFrame(rows, columns=[*configuration, "backbone_size", "parameters", "trainable_parameters",
                                        "train_seconds",
-                                       "step_latency_ms", "steps_per_second", *RATE_COLUMNS])
+                                       "step_latency_ms", "steps_per_second", "step_timed_on", *RATE_COLUMNS])
+
+
+def _timed_on(group: pd.DataFrame) -> str:
+    """Where the cells' policy step was timed and with how many episodes at once: "cuda:0 (NVIDIA H200), 8 at
+    once"; blank for cells recorded before robovlms said so."""
+    if "latency_device" not in group:
+        return ""
+    places = {f"{device}, {'1 episode' if batch == 1 else f'{batch:.0f} at once'}"
+              for device, batch in zip(group.latency_device, group.latency_batch) if isinstance(device, str)}
+    return "; ".join(sorted(places))
 
 
 def failed_cells_table(runs: SweepRuns) -> pd.DataFrame:

@@ -16,19 +16,40 @@ Modules, one concern each:
     one_cell.py   running one cell: train, evaluate, time a step, commit its files
     failures.py   failure records of cells that raised or whose workers died
     run.py        `robovlms sweep` / `robovlms tune`: prepare, run workers, gather, progress
-    cost.py       the dry run's cost estimate
+    cost.py       the dry run: parameters, memory per device, where each cell runs, CPU cells' time
+    startup.py    what a worker loads before its first cell, so no cell's training time absorbs it
 """
 
 from robovlms.sweep.cells import Cell, expand_cells, fingerprint, sweep_cells
 from robovlms.sweep.config import SweepConfig, load_sweep
-from robovlms.sweep.cost import estimate_cost
+from robovlms.sweep.cost import dry_run
 from robovlms.sweep.failures import CellFailed
 from robovlms.sweep.one_cell import ensure_store, run_cell, sweep_benchmark
 from robovlms.sweep.run import SweepStatus, prepare_sweep, run_sweep, sweep_status
 from robovlms.sweep.study import enqueue_cells, join_study, open_storage, open_study, storage_url
 from robovlms.sweep.worker import OptunaPruning, work
 
-__all__ = ["Cell", "CellFailed", "OptunaPruning", "SweepConfig", "SweepStatus", "enqueue_cells", "ensure_store",
-           "estimate_cost", "expand_cells", "fingerprint", "join_study", "load_sweep", "open_storage", "open_study",
-           "prepare_sweep", "run_cell", "run_sweep", "storage_url", "sweep_benchmark", "sweep_cells", "sweep_status",
-           "work"]
+__all__ = [
+           "Cell",
+           "CellFailed",
+           "OptunaPruning",
+           "SweepConfig",
+           "SweepStatus",
+           "dry_run",
+           "enqueue_cells",
+           "ensure_store",
+           "expand_cells",
+           "fingerprint",
+           "join_study",
+           "load_sweep",
+           "open_storage",
+           "open_study",
+           "prepare_sweep",
+           "run_cell",
+           "run_sweep",
+           "storage_url",
+           "sweep_benchmark",
+           "sweep_cells",
+           "sweep_status",
+           "work",
+]

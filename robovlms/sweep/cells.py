@@ -3,6 +3,7 @@ checked before any training."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -124,6 +125,68 @@ def check_cell(cell: Cell) -> None:
         check_backbone_settings(backbone.name, backbone.size, backbone.path, backbone.options)
         FORMULATIONS.get(config.formulation.name).check_settings(config.history, config.chunk,
                                                                  config.formulation.options)
+    except RobovlmsError as error:
+        error.args = (f"cell {cell.cell_id} ({describe_axes(cell.axes)}): {error}",)
+        raise
+
+
+def check_cells_build(cells: list[Cell], action_dim: int, state_dim: int) -> None:
+    """Each distinct architecture among the trained cells built on the meta device, as training will build it
+    (no weights are loaded, so this takes a fraction of a second per architecture): settings that only building
+    reveals, such as a hidden size its attention heads do not divide, a pretrained path that is not there, or LoRA
+    targets a backbone lacks, are refused before the study exists."""
+    from robovlms.training import load_config
+    from robovlms.training.memory import meta_formulation
+
+    built = set()
+    for cell in cells:
+        if cell.kind != "trained":
+            continue
+        config = load_config({**cell.training, "store": "-", "run_dir": "-"})
+        architecture = json.dumps(config.model_dump(mode="json", include={"backbone", "formulation", "history",
+                                                                           "chunk", "use_state", "state_input"}),
+                                  sort_keys=True)
+        if architecture in built:
+            continue
+        built.add(architecture)
+        with _naming(cell):
+            try:
+                meta_formulation(config, action_dim, state_dim)
+            except RobovlmsError:
+                raise
+            except Exception as error:  # noqa: BLE001 - freezing or LoRA refused the settings: one line, not a trace
+                raise ConfigError(f"building it failed: {type(error).__name__}: {str(error).splitlines()[0]}") from None
+
+
+def check_cells_on_store(cells: list[Cell], store, benchmark, execution: str | None) -> None:
+    """What the store and the benchmark tell about each trained cell, before the study exists: its cameras are in
+    both, its history and chunk fit the shortest episode it trains on, and a rollout can observe its history
+    under its execution (`execution` overrides the cells')."""
+    from robovlms.data.windows import check_windows_fit
+    from robovlms.serving.batched_policy import check_execution
+    from robovlms.training import load_config
+
+    for cell in cells:
+        if cell.kind != "trained":
+            continue
+        config = load_config({**cell.training, "store": str(store.path), "run_dir": "-"})
+        with _naming(cell):
+            for camera in config.cameras or []:
+                if camera not in store.layout.cameras or camera not in benchmark.cameras:
+                    raise ConfigError(f"camera {camera!r} is not among the store's {list(store.layout.cameras)} "
+                                      f"and the benchmark's {list(benchmark.cameras)}")
+            validation = store.holdout(config.validation_fraction)
+            episodes = store.subset(config.data_fraction, config.seed, exclude=validation,
+                                    per_task=config.episodes_per_task)
+            check_windows_fit(store, episodes, config.history, config.chunk, config.frame_stride)
+            check_execution(config.history, config.chunk, config.frame_stride, execution or config.execution)
+
+
+@contextlib.contextmanager
+def _naming(cell: Cell):
+    """Errors raised inside name the cell and its axes."""
+    try:
+        yield
     except RobovlmsError as error:
         error.args = (f"cell {cell.cell_id} ({describe_axes(cell.axes)}): {error}",)
         raise

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from robovlms.baselines import BASELINES
 from robovlms.errors import config_error
@@ -41,9 +42,21 @@ class EvaluationSettings(_Strict):
     split: Literal["validation", "test"] | None = None
     episodes_per_task: int = Field(10, ge=1)
     workers: int = Field(1, ge=1)  # simulator processes per cell
+    # the policy's device: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N
+    device: str = "auto"
+    # one process holds the policy and serves every worker, batching their steps; false: each worker loads its own
+    # copy on the CPU
+    policy_server: bool = True
     execution: Literal["first", "ensemble", "chunk"] | None = None  # overrides each cell's own
     videos_per_task: int = Field(0, ge=0)
     latency_steps: int = Field(20, ge=1)  # policy steps timed for the step latency
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"{device!r} is none of auto, cpu, cuda, cuda:N")
+        return device
 
 
 class SearchDimension(_Strict):

@@ -9,7 +9,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from robovlms.errors import RobovlmsError, SimulatorDied
-from robovlms.results import CELLS_DIR, CellResult, read_cell_result, software_versions, write_cell_result
+from robovlms.results import CELLS_DIR, TRAIN_DIR, CellResult, read_cell_result, software_versions, write_cell_result
 from robovlms.sweep.cells import Cell
 from robovlms.sweep.config import SweepConfig, evaluation_split
 from robovlms.sweep.study import cell_trials
@@ -51,9 +51,19 @@ def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseExc
         result.data_fraction, result.seed = config.data_fraction, config.seed
         result.episodes_per_task = config.episodes_per_task
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
+    result.train_seconds = _training_seconds(cell_dir / TRAIN_DIR)  # training a cell did before it failed counts
     write_cell_result(cell_dir, result)
     (cell_dir / ERROR_FILE).write_text("".join(traceback.format_exception(error)))
     return message
+
+
+def _training_seconds(train_dir: Path) -> float | None:
+    from robovlms.training import training_seconds
+
+    try:
+        return training_seconds(train_dir)
+    except RobovlmsError:  # a damaged record of the time; the failure is what matters here
+        return None
 
 
 def clear_failure(run_dir: Path, cell: Cell) -> None:

@@ -1,5 +1,9 @@
 """Running one cell: train it (resuming from its last checkpoint), evaluate it by rollouts, time a policy step,
-and commit its files (robovlms/results.py)."""
+and commit its files (robovlms/results.py).
+
+A trained cell's policy is loaded once, on `evaluation.device` in the dtype it trained in; this process serves it to
+the evaluation's simulator workers (robovlms/serving/evaluation_server.py), and its step is timed there, on that
+device, with as many episodes at once as there are workers."""
 
 from __future__ import annotations
 
@@ -13,8 +17,15 @@ from robovlms.baselines import baseline_factory
 from robovlms.benchmark import BENCHMARKS, Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.data.store import EpisodeStore
 from robovlms.errors import ConfigError
-from robovlms.results import (CELLS_DIR, TRAIN_DIR, CellResult, read_training_curve, software_versions,
-                              write_cell_result, write_records)
+from robovlms.results import (
+    CELLS_DIR,
+    TRAIN_DIR,
+    CellResult,
+    read_training_curve,
+    software_versions,
+    write_cell_result,
+    write_records,
+)
 from robovlms.sweep.cells import Cell
 from robovlms.sweep.config import SweepConfig, evaluation_split
 
@@ -66,7 +77,7 @@ def ensure_store(sweep: SweepConfig) -> EpisodeStore:
                                    scenes=generation.scenes, workers=generation.workers, resume=resume)
 
 
-class CellReleased(Exception):  # noqa: N818 - not an error of the cell
+class CellReleased(Exception):
     """This attempt no longer holds its cell: another worker took it for dead and the cell runs again."""
 
 
@@ -83,20 +94,30 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
                         versions=software_versions(benchmark.name, cell.training if cell.kind == "trained" else None),
                         sweep=sweep.name, trial=trial_number, evaluation_split=evaluation_split(sweep))
     specs = benchmark.split_episodes(sweep.benchmark.split, evaluation_split(sweep), sweep.evaluation.episodes_per_task)
+    evaluation = sweep.evaluation
+    served = cell.kind == "trained" and evaluation.policy_server
     if cell.kind == "baseline":
-        factory = baseline_factory(cell.policy, benchmark, store.path, seed=0)
-        local_policy = factory()
+        policy = baseline_factory(cell.policy, benchmark, store.path, seed=0)
         result.config = {"policy": cell.policy, "store": str(store.path)}
+        timed = policy()
     else:
-        factory, local_policy = train_cell(sweep, cell, cell_dir, result, callbacks, progress)
+        from robovlms.policy import policy_factory
+
+        timed = train_cell(sweep, cell, cell_dir, result, callbacks, progress, evaluation.device if served else "cpu")
+        one_process = served or evaluation.workers <= 1  # with one worker, the episodes run here, on this copy
+        policy = timed if one_process else policy_factory(cell_dir / TRAIN_DIR, evaluation.execution)
+    result.latency_device = describe_device(timed.device) if cell.kind == "trained" else "cpu"
+    result.latency_batch = min(evaluation.workers, len(specs)) if served else 1
     started = time.perf_counter()
     from robovlms.rollout import evaluate
 
-    records = evaluate(benchmark, factory, specs, workers=sweep.evaluation.workers, progress=progress,
-                       video_dir=cell_dir / "videos" if sweep.evaluation.videos_per_task else None,
-                       videos_per_task=sweep.evaluation.videos_per_task, description=cell.cell_id)
+    records = evaluate(benchmark, policy, specs, workers=evaluation.workers, progress=progress,
+                       video_dir=cell_dir / "videos" if evaluation.videos_per_task else None,
+                       videos_per_task=evaluation.videos_per_task, description=cell.cell_id)
     result.eval_seconds = time.perf_counter() - started
-    result.step_latency_ms = _step_latency_ms(local_policy, store, specs[0], sweep.evaluation.latency_steps)
+    one_thread = not served and evaluation.workers > 1  # as each worker runs its own copy
+    result.step_latency_ms = _step_latency_ms(timed, store, specs[0], evaluation.latency_steps, result.latency_batch,
+                                              one_thread)
     result.episodes, result.successes = len(records), int(sum(record.success for record in records))
     result.success = result.successes / result.episodes
     result.scores = benchmark.score(records)
@@ -108,20 +129,20 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
 
 
 def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResult, callbacks: tuple,
-                progress: bool):
-    """Train, fill in what the trained formulation tells; return the evaluation workers' policy factory and a
-    policy in this process (the formulation already loaded), for timing a step."""
+               progress: bool, device: str):
+    """Train, fill in what the trained formulation tells; return its policy, loaded on `device`."""
     from robovlms.action_objectives import describe_objective
     from robovlms.formulation import ContinuousActionConfig
-    from robovlms.policy import CheckpointPolicy, policy_factory
-    from robovlms.training import (CHECKPOINT_DIR, LAST_CHECKPOINT, load_config, load_formulation, train,
-                                   training_seconds)
+    from robovlms.policy import load_batched_policy, resolve_device
+    from robovlms.training import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, load_config, train, training_seconds
 
+    resolve_device(device)  # a device this machine lacks is refused before training, not after
     train_dir = cell_dir / TRAIN_DIR
     config = load_config({**cell.training, "store": sweep.store.path, "run_dir": str(train_dir)})
     train(config, progress=progress, callbacks=callbacks)
     result.train_seconds = training_seconds(train_dir)  # every attempt's, a killed one's too
-    formulation, config = load_formulation(train_dir)
+    policy = load_batched_policy(train_dir, sweep.evaluation.execution, device=device)
+    formulation, config = policy.formulation, load_config(train_dir / CONFIG_FILE)
     result.backbone, result.backbone_label = config.backbone.name, formulation.backbone.label
     result.random_init, result.backbone_size = formulation.backbone.random_init, formulation.backbone.describe()
     result.formulation, result.history, result.chunk = config.formulation.name, config.history, config.chunk
@@ -136,27 +157,46 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
     curve = read_training_curve(cell_dir.parent.parent, cell.cell_id)
     if "train/loss" in curve:
         result.final_train_loss = float(curve["train/loss"].dropna().iloc[-1])
-    execution = sweep.evaluation.execution or config.execution
-    local_policy = CheckpointPolicy(formulation, config.cameras, execution, frame_stride=config.frame_stride)
-    return policy_factory(train_dir, sweep.evaluation.execution), local_policy
+    return policy
 
 
-def _step_latency_ms(policy, store: EpisodeStore, spec: EpisodeSpec, steps: int) -> float:
-    """Median wall time of one policy step on a stored frame, in this process (one thread)."""
+def describe_device(device) -> str:
+    """"cpu", or "cuda:0 (NVIDIA H200)": where a policy's step was timed."""
+    if device.type != "cuda":
+        return device.type
     import torch
 
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def _step_latency_ms(policy, store: EpisodeStore, spec: EpisodeSpec, steps: int, batch: int,
+                     one_thread: bool) -> float:
+    """Median wall time of one policy step on a stored frame, where the policy runs: a BatchedPolicy stepping
+    `batch` episodes at once on its device, or a baseline; on one thread (`one_thread`) where each worker runs its
+    own copy."""
+    import torch
+
+    from robovlms.serving.batched_policy import BatchedPolicy
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if one_thread:
+        torch.set_num_threads(1)
     try:
         row = store.episodes.iloc[0]
         frame = int(row["start"])
         observation = Observation(images={camera: np.array(images[frame]) for camera, images in store.images.items()},
                                   state=np.array(store.state[frame]), instruction=spec.instruction)
-        policy.reset(spec)
+        if isinstance(policy, BatchedPolicy):
+            episodes = [policy.new_episode(spec.instruction, spec.seed) for _ in range(batch)]
+            step = lambda: policy.step([(episode, observation) for episode in episodes])
+        else:
+            policy.reset(spec)
+            step = lambda: policy.step(observation)
         timings = []
         for _ in range(steps + 3):
             started = time.perf_counter()
-            policy.step(observation)
+            step()
             timings.append(time.perf_counter() - started)
         return float(np.median(timings[3:]) * 1000)
     finally:

@@ -15,16 +15,21 @@ import yaml
 from robovlms.atomic_files import write_atomically, write_json_atomically
 from robovlms.baselines import check_baseline_data
 from robovlms.errors import ConfigError
-from robovlms.results import (CELLS_DIR, RESULTS_DIR, SEARCH_BEST_FILE, SEARCH_TRIALS_FILE, SWEEP_FILE, gather,
-                              read_cell_result)
-from robovlms.sweep.cells import Cell, sweep_cells
+from robovlms.results import (
+    CELLS_DIR,
+    RESULTS_DIR,
+    SEARCH_BEST_FILE,
+    SEARCH_TRIALS_FILE,
+    SWEEP_FILE,
+    gather,
+    read_cell_result,
+)
+from robovlms.sweep.cells import Cell, check_cells_build, check_cells_on_store, search_base, sweep_cells
 from robovlms.sweep.config import evaluation_split, load_sweep, with_evaluation_split
 from robovlms.sweep.failures import record_abandoned
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
-from robovlms.sweep.study import (cell_trials, count_cell_errors, count_trials, enqueue_cells, open_study,
-                                  storage_url)
+from robovlms.sweep.study import cell_trials, count_cell_errors, count_trials, enqueue_cells, open_study, storage_url
 from robovlms.sweep.worker import work
-
 
 PROGRESS_SECONDS = 1.0  # between progress reports, so that reporting costs nothing beside cells that take no time
 
@@ -83,14 +88,17 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     """Validate a sweep file, open (or create) its study, make its store if asked, enqueue unfinished cells."""
     sweep = with_evaluation_split(load_sweep(path), mode)
     cells = sweep_cells(sweep, mode)
+    checked = cells if mode == "grid" else [search_base(sweep)]
     run_dir = Path(sweep.run_dir)
     check_run_dir(run_dir)
-    sweep_benchmark(sweep, None).split_episodes(  # name, split, options and evaluation split, before a store is
-        sweep.benchmark.split, sweep.evaluation.split, 1)  # made with them
+    planned = sweep_benchmark(sweep, None)  # name, split, options and evaluation split, before a store is made
+    planned.split_episodes(sweep.benchmark.split, sweep.evaluation.split, 1)  # with them
+    check_cells_build(checked, planned.action_dim, planned.state_dim)
     store = ensure_store(sweep)
     benchmark = sweep_benchmark(sweep, store)
     benchmark.check_available()
     check_evaluated_tasks(sweep, store, benchmark)
+    check_cells_on_store(checked, store, benchmark, sweep.evaluation.execution)
     for baseline in sweep.baselines:
         check_baseline_data(baseline, benchmark, store.path)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused sweep file leaves no study behind

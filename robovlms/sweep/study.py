@@ -5,7 +5,10 @@ alive, and a dead worker's trial goes stale and is re-enqueued."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 import warnings
+import weakref
 from pathlib import Path
 
 from robovlms.data.store import EpisodeStore
@@ -19,6 +22,9 @@ STUDY_SPEC = "robovlms_sweep"  # study user attributes: the validated sweep file
 STUDY_FINGERPRINT = "robovlms_fingerprint"
 STUDY_MODE = "robovlms_mode"  # "grid" (`robovlms sweep`) or "search" (`robovlms tune`, study "<name>-search")
 MAX_RETRIES = 3  # a cell whose worker died this many times is left failed
+OPTUNA_SCHEMA = "v3.2.0.a"  # the schema of Optuna's tables that `ledger_tables` reads (Optuna 3.2 to 5.1)
+
+logger = logging.getLogger(__name__)
 
 
 def storage_url(sweep: SweepConfig, url: str | None = None) -> str:
@@ -51,6 +57,11 @@ def open_storage(url: str, heartbeat_seconds: int | None = None):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         raise ConfigError(f"cannot reach the Optuna storage {redact(url)}: {str(error).splitlines()[0]}") from None
+    schema = storage.get_current_version()
+    if schema != OPTUNA_SCHEMA:
+        raise ConfigError(f"the Optuna storage {redact(url)} has schema {schema} (Optuna {optuna.__version__}); the "
+                          f"sweep ledger reads schema {OPTUNA_SCHEMA}: install optuna in the range robovlms' "
+                          f"pyproject.toml gives")
     if url.startswith("sqlite"):
         # SQLite ignores the SELECT ... FOR UPDATE with which Optuna pops a waiting trial, so two workers could
         # both read it as waiting and run the same cell; a transaction that takes the write lock when it begins
@@ -106,10 +117,10 @@ def open_study(sweep: SweepConfig, cells: list[Cell], url: str, mode: str, *, cr
     if name in study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(sweep, cells, mode),
                                   pruner=_pruner(sweep, mode))
-        if study.user_attrs.get(STUDY_FINGERPRINT) != mine:
-            raise ConfigError(f"study {name!r} in {redact(url)} belongs to another sweep file (other cells or "
-                              f"settings); give this sweep another name, or re-run the file that made it")
-        return study
+        if study.user_attrs.get(STUDY_FINGERPRINT) == mine:
+            return study
+        if not create or not replace_failed_study(study, storage, Path(sweep.run_dir)):
+            raise ConfigError(another_sweep_file(study, url, Path(sweep.run_dir)))
     if not create:
         raise ConfigError(f"no study {name!r} in {redact(url)}; start it with `robovlms sweep FILE`")
     direction = "minimize" if mode == "search" and sweep.search.objective == "val_loss" else "maximize"
@@ -119,6 +130,46 @@ def open_study(sweep: SweepConfig, cells: list[Cell], url: str, mode: str, *, cr
     study.set_user_attr(STUDY_MODE, mode)
     study.set_user_attr(STUDY_FINGERPRINT, mine)
     return study
+
+
+def replace_failed_study(study, storage, run_dir: Path) -> bool:
+    """A study made by an earlier version of a sweep file whose trained cells all failed, and in which nothing
+    runs or waits, holds no result worth keeping: it is deleted, so the edited file can start afresh under the same
+    name, and its cells' directories are moved to run_dir/replaced/<time>/ (their errors stay readable)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if any(trial.state in (TrialState.RUNNING, TrialState.WAITING) for trial in trials):
+        return False
+    if any(trial.state == TrialState.COMPLETE and not str(trial_cell(trial)).startswith("baseline-")
+           for trial in trials):
+        return False
+    moved = run_dir / "replaced" / time.strftime("%Y%m%dT%H%M%S")
+    for cell in sorted({trial_cell(trial) for trial in trials} - {None}):
+        if (run_dir / CELLS_DIR / cell).exists():
+            moved.mkdir(parents=True, exist_ok=True)
+            (run_dir / CELLS_DIR / cell).rename(moved / cell)
+    optuna.delete_study(study_name=study.study_name, storage=storage)
+    logger.warning(f"study {study.study_name!r} came from an earlier version of this sweep file and none of its "
+                   f"trained cells completed: it is replaced by this file"
+                   + (f" (its cells' directories are in {moved})" if moved.exists() else ""))
+    return True
+
+
+def another_sweep_file(study, url: str, run_dir: Path) -> str:
+    """Why a study cannot be reused by this sweep file, and exactly what to do."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = {trial_cell(trial) for trial in trials if trial.state == TrialState.COMPLETE}
+    busy = sum(trial.state in (TrialState.RUNNING, TrialState.WAITING) for trial in trials)
+    held = (f"{busy} of its trials are running or waiting" if busy else
+            f"it holds {len(complete)} complete cell(s) ({', '.join(sorted(map(str, complete))[:3])}"
+            f"{', ...' if len(complete) > 3 else ''})")
+    return (f"study {study.study_name!r} in {redact(url)} belongs to another sweep file (other cells or settings), "
+            f"and {held}: run the file that made it to keep them, or give this sweep another name, or delete "
+            f"{run_dir} to start this file afresh (losing them)")
 
 
 def _pruner(sweep: SweepConfig, mode: str):
@@ -184,14 +235,39 @@ def enqueue_cells(study, cells: list[Cell], run_dir: Path, retry_failed: bool = 
     return enqueued
 
 
-def _trials_table():
-    from optuna.storages._rdb.models import TrialModel
+# What a worker does per cell must cost the same at 10 or 10,000 cells, which Optuna's public API cannot do for three
+# questions: which waiting trial is the oldest, how many trials are in each state, how many failed by their own error
+# (RDBStorage answers each by reading every trial). Those, and a popped trial's cell and state (one query, where the
+# storage's methods take a few), are asked of Optuna's tables directly, reading the columns `ledger_tables` declares,
+# which tests/test_sweep_ledger.py checks against the installed Optuna's schema. The rest goes through the storage's
+# public methods: the study's id by its name, the pop's state change.
 
-    return TrialModel.__table__
+
+def _table(name: str, *columns: str):
+    import sqlalchemy
+
+    return sqlalchemy.table(name, *(sqlalchemy.column(column) for column in columns))
 
 
-def _engine(study):
-    return getattr(study._storage, "_backend", study._storage).engine  # the RDB storage behind Optuna's cache
+def ledger_tables() -> dict:
+    """Optuna's tables as far as the ledger reads them: name -> a SQLAlchemy table of those columns alone."""
+    return {"trials": _table("trials", "trial_id", "number", "study_id", "state"),
+            "trial_user_attributes": _table("trial_user_attributes", "trial_id", "key", "value_json")}
+
+
+def _rdb_storage(study):
+    """The RDBStorage behind a study (Optuna puts a cache in front of it): the one private attribute the ledger reads,
+    as a study does not expose its storage."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+_study_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a study's id never changes: asked once
+
+
+def _study_id(study) -> int:
+    if study not in _study_ids:
+        _study_ids[study] = _rdb_storage(study).get_study_id_from_name(study.study_name)
+    return _study_ids[study]
 
 
 def pop_waiting_trial(study) -> tuple[int, int] | None:
@@ -202,19 +278,19 @@ def pop_waiting_trial(study) -> tuple[int, int] | None:
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    trials = _trials_table()
-    after = -1
+    storage, trials = _rdb_storage(study), ledger_tables()["trials"]
+    study_id, after = _study_id(study), -1
     while True:
         query = (sqlalchemy.select(trials.c.trial_id, trials.c.number)
-                 .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.WAITING,
+                 .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING.name,
                         trials.c.trial_id > after)
                  .order_by(trials.c.trial_id).limit(1))
-        with _engine(study).connect() as connection:
+        with storage.engine.connect() as connection:
             row = connection.execute(query).first()
         if row is None:
             return None
         try:
-            if study._storage.set_trial_state_values(row.trial_id, state=TrialState.RUNNING):
+            if storage.set_trial_state_values(row.trial_id, state=TrialState.RUNNING):
                 return row.trial_id, row.number
         except UpdateFinishedTrialError:
             pass
@@ -224,45 +300,47 @@ def pop_waiting_trial(study) -> tuple[int, int] | None:
 def popped_cell(study, trial_id: int) -> str | None:
     """The cell of a trial, by one query."""
     import sqlalchemy
-    from optuna.storages._rdb.models import TrialUserAttributeModel
 
-    attributes = TrialUserAttributeModel.__table__
+    attributes = ledger_tables()["trial_user_attributes"]
     query = sqlalchemy.select(attributes.c.value_json).where(attributes.c.trial_id == trial_id,
                                                              attributes.c.key == "cell")
-    with _engine(study).connect() as connection:
+    with _rdb_storage(study).engine.connect() as connection:
         value = connection.execute(query).scalar()
-    return json.loads(value) if value is not None else trial_cell(study._storage.get_trial(trial_id))
+    return json.loads(value) if value is not None else trial_cell(_rdb_storage(study).get_trial(trial_id))
 
 
 def trial_state(study, trial_id: int):
     import sqlalchemy
+    from optuna.trial import TrialState
 
-    trials = _trials_table()
-    with _engine(study).connect() as connection:
-        return connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
+    trials = ledger_tables()["trials"]
+    with _rdb_storage(study).engine.connect() as connection:
+        state = connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
+    return None if state is None else TrialState[state]
 
 
 def count_trials(study) -> dict:
     """Trials per state, counted by the database."""
     import sqlalchemy
+    from optuna.trial import TrialState
 
-    trials = _trials_table()
-    query = (sqlalchemy.select(trials.c.state, sqlalchemy.func.count()).where(trials.c.study_id == study._study_id)
+    trials = ledger_tables()["trials"]
+    query = (sqlalchemy.select(trials.c.state, sqlalchemy.func.count()).where(trials.c.study_id == _study_id(study))
              .group_by(trials.c.state))
-    with _engine(study).connect() as connection:
-        return dict(connection.execute(query).all())
+    with _rdb_storage(study).engine.connect() as connection:
+        return {TrialState[state]: count for state, count in connection.execute(query).all()}
 
 
 def count_cell_errors(study) -> int:
     """Trials that ended in their cell's own error (not a lapsed heartbeat), counted by the database."""
     import sqlalchemy
-    from optuna.storages._rdb.models import TrialUserAttributeModel
     from optuna.trial import TrialState
 
-    trials, attributes = _trials_table(), TrialUserAttributeModel.__table__
+    tables = ledger_tables()
+    trials, attributes = tables["trials"], tables["trial_user_attributes"]
     query = (sqlalchemy.select(sqlalchemy.func.count())
              .select_from(attributes.join(trials, attributes.c.trial_id == trials.c.trial_id))
-             .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.FAIL,
+             .where(trials.c.study_id == _study_id(study), trials.c.state == TrialState.FAIL.name,
                     attributes.c.key == "error"))
-    with _engine(study).connect() as connection:
+    with _rdb_storage(study).engine.connect() as connection:
         return connection.execute(query).scalar()

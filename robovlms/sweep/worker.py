@@ -21,6 +21,7 @@ from robovlms.sweep.config import SweepConfig
 from robovlms.sweep.failures import (SIMULATOR_ATTEMPTS, CellFailed, clear_failure, is_infrastructure_failure,
                                      record_failure)
 from robovlms.sweep.one_cell import CellReleased, run_cell
+from robovlms.sweep.startup import plugin_names, warm_up
 from robovlms.sweep.study import count_trials, pop_waiting_trial, popped_cell, trial_state
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ def work(study, sweep: SweepConfig, cells: list[Cell], run_dir: Path, mode: str,
     """Take waiting cells until none is left; with `wait`, until no other worker holds one either (dead workers'
     cells go stale and come back to the queue, so a re-run after a crash finishes the sweep)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    trainings = [cell.training for cell in cells if cell.kind == "trained"] or [search_base(sweep).training]
+    seconds = warm_up(*plugin_names(trainings))  # before the first cell's clock starts (robovlms/sweep/startup.py)
+    logger.info(f"worker ready in {seconds:.1f} s")
     if mode == "search":
         _work_search(study, sweep, run_dir, wait, progress, on_change)
         return

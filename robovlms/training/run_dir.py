@@ -42,8 +42,10 @@ def build_formulation(config: TrainingConfig, backbone, action_statistics: Stati
     return formulation
 
 
-def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT) -> tuple[Formulation, TrainingConfig]:
-    """The trained formulation of a run directory, rebuilt from its files alone, in eval mode."""
+def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT, device=None, dtype=None
+                     ) -> tuple[Formulation, TrainingConfig]:
+    """The trained formulation of a run directory, rebuilt from its files alone, in eval mode, moved to `device`
+    and its floating-point weights cast to `dtype` when they are given."""
     run_dir = Path(run_dir)
     config = load_config(run_dir / CONFIG_FILE)
     statistics = json.loads((run_dir / STATISTICS_FILE).read_text())
@@ -54,9 +56,10 @@ def load_formulation(run_dir: str | Path, checkpoint: str = LAST_CHECKPOINT) -> 
                                 config.backbone.path)
     formulation = build_formulation(config, backbone, Statistics(**statistics["actions"]),
                                     Statistics(**statistics["state"]) if statistics["state"] else None)
-    state = read_checkpoint(checkpoint_path)["state_dict"]
+    # mapped, not read: only the weights are paged in, never the optimiser's state (with Adam, twice the weights)
+    state = read_checkpoint(checkpoint_path, mmap=True)["state_dict"]
     formulation.load_state_dict({k.removeprefix("formulation."): v for k, v in state.items()})
-    return formulation.eval(), config
+    return formulation.to(device=device, dtype=dtype).eval(), config
 
 
 def training_seconds(run_dir: str | Path) -> float | None:

@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader
 
 from robovlms.backbone import create_backbone
 from robovlms.data.store import EpisodeStore
-from robovlms.data.windows import WindowDataset
-from robovlms.errors import WindowError
+from robovlms.data.windows import WindowDataset, check_windows_fit
 from robovlms.formulation import check_statistics
 from robovlms.data.windows import batch_as_is
 from robovlms.training.batches import StepBatchSampler, validation_batches
@@ -50,12 +49,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     config = config.model_copy(update={"cameras": cameras})
     validation = store.holdout(config.validation_fraction)
     episodes = store.subset(config.data_fraction, config.seed, exclude=validation, per_task=config.episodes_per_task)
-    shortest = int(store.episodes.iloc[episodes]["length"].min())
-    history_span = (config.history - 1) * config.frame_stride + 1
-    if history_span > shortest or config.chunk > shortest:
-        raise WindowError(f"history {config.history} (spanning {history_span} frames at frame stride "
-                          f"{config.frame_stride}) and chunk {config.chunk} must each be at most the length of the "
-                          f"shortest episode used for training ({shortest} frames in {store.path})")
+    check_windows_fit(store, episodes, config.history, config.chunk, config.frame_stride)
     action_statistics = check_statistics(store.action_statistics, "action", store.layout.action_dim, store.path)
     state_statistics = (check_statistics(store.state_statistics, "state", store.layout.state_dim, store.path)
                         if config.use_state else None)

@@ -13,34 +13,18 @@ Images are random, at the backbone's own image size; comparisons run in eval mod
 from __future__ import annotations
 
 import tempfile
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from robovlms.backbone import FREEZE_MODES, MAX_IMAGE_SIZE, Backbone, create_backbone, load_backbone
+from robovlms.errors import HiddenSizeError
+from robovlms.testing.checks import CheckResult, SkipCheck, close, differ, fail, run_check
 
 INSTRUCTIONS = ["press the button from the top", "open the door"]  # different lengths: rows get padded
 MAX_IMAGE_SLOTS = 4096  # image tokens per image; more means the image size is wrong (a 4096-pixel "side")
-TOLERANCE = 1e-5  # between computations that should agree up to float rounding
 REFERENCE_TOLERANCE = 1e-4  # against the wrapped model's own forward, which computes in another order
-
-
-class SkipCheck(Exception):
-    """A check that does not apply to this backbone (no wrapped transformers forward to compare with)."""
-
-
-@dataclass
-class CheckResult:
-    check: str
-    status: str  # "pass" | "fail" | "skip"
-    reason: str  # one line
-
-    @property
-    def passed(self) -> bool:
-        return self.status != "fail"
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------
@@ -68,18 +52,6 @@ def _hidden(backbone: Backbone, images: torch.Tensor, instructions: list[str], s
         return backbone(backbone.preprocess_images(images), instructions, suffix, interleaved=interleaved)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float = TOLERANCE) -> bool:
-    return torch.allclose(a, b, atol=tolerance, rtol=tolerance)
-
-
-def _differ(a: torch.Tensor, b: torch.Tensor) -> str:
-    return f"differ by up to {(a - b).abs().max().item():.2g}"
-
-
-def _fail(reason: str) -> None:
-    raise AssertionError(reason)
-
-
 LAYOUTS = {"per frame": False, "interleaved": True}
 
 
@@ -91,21 +63,21 @@ def check_image_settings(backbone: Backbone) -> str:
     slots, and preprocessed pixels of a normal magnitude."""
     S = backbone.image_size
     if not 8 <= S <= MAX_IMAGE_SIZE:
-        _fail(f"image_size {S} is no image side (8 to {MAX_IMAGE_SIZE} px): an image processor's size read wrongly?")
+        fail(f"image_size {S} is no image side (8 to {MAX_IMAGE_SIZE} px): an image processor's size read wrongly?")
     mean, std = backbone.image_mean.flatten().tolist(), backbone.image_std.flatten().tolist()
     if len(mean) != 3 or not all(0 <= m <= 1 for m in mean):
-        _fail(f"image_mean {mean} must be three values in [0, 1] (pixels rescaled to [0, 1])")
+        fail(f"image_mean {mean} must be three values in [0, 1] (pixels rescaled to [0, 1])")
     if len(std) != 3 or not all(0 < s <= 1 for s in std):
-        _fail(f"image_std {std} must be three values in (0, 1]")
+        fail(f"image_std {std} must be three values in (0, 1]")
     before, slots, after = backbone.image_block()
     if not 0 <= slots <= MAX_IMAGE_SLOTS:
-        _fail(f"{slots} image slots per image (more than {MAX_IMAGE_SLOTS}): is image_size {S} right?")
+        fail(f"{slots} image slots per image (more than {MAX_IMAGE_SLOTS}): is image_size {S} right?")
     vocabulary = backbone.input_embeddings().num_embeddings
     if not all(0 <= i < vocabulary for i in before + after):
-        _fail(f"image block ids {before} ... {after} are outside the vocabulary of {vocabulary}")
+        fail(f"image block ids {before} ... {after} are outside the vocabulary of {vocabulary}")
     pixels = backbone.preprocess_images(random_images(backbone, 1, 1, 1))
     if not torch.isfinite(pixels).all() or pixels.abs().max() > 10:
-        _fail(f"preprocessed pixels reach {pixels.abs().max().item():.3g}: mean/std or rescale_factor wrong?")
+        fail(f"preprocessed pixels reach {pixels.abs().max().item():.3g}: mean/std or rescale_factor wrong?")
     return f"{S} px, mean {[round(m, 3) for m in mean]}, std {[round(s, 3) for s in std]}, {slots} image slots"
 
 
@@ -119,15 +91,15 @@ def check_forward_and_gradients(backbone: Backbone) -> str:
         hidden = backbone(backbone.preprocess_images(random_images(backbone, B, T, V)), INSTRUCTIONS, suffix,
                           interleaved=interleaved)
         if hidden.shape != (B, T, K, D):
-            _fail(f"{layout}: hidden states of shape {tuple(hidden.shape)}, expected {(B, T, K, D)}")
+            fail(f"{layout}: hidden states of shape {tuple(hidden.shape)}, expected {(B, T, K, D)}")
         if not torch.isfinite(hidden).all():
-            _fail(f"{layout}: hidden states are not finite")
+            fail(f"{layout}: hidden states are not finite")
         hidden.pow(2).sum().backward()
         if suffix.grad is None or suffix.grad.abs().sum() == 0:
-            _fail(f"{layout}: no gradient reaches the suffix embeddings")
+            fail(f"{layout}: no gradient reaches the suffix embeddings")
         vision = [p.grad for m in backbone.vision_modules() for p in m.parameters() if p.grad is not None]
         if not any(g.abs().sum() > 0 for g in vision):
-            _fail(f"{layout}: no gradient reaches the vision modules: the images do not reach the output")
+            fail(f"{layout}: no gradient reaches the vision modules: the images do not reach the output")
     return f"{(B, T, K, D)} in both layouts ({V} views); gradients reach the suffix and the vision modules"
 
 
@@ -142,11 +114,11 @@ def check_suffix_causality(backbone: Backbone) -> str:
         after = _hidden(backbone, images, INSTRUCTIONS, changed, interleaved)
         unchanged = torch.ones(before.shape[:3], dtype=torch.bool)
         unchanged[:, -1, -1] = False
-        if not _close(before[unchanged], after[unchanged]):
-            _fail(f"{layout}: earlier positions see the last suffix embedding (outputs "
-                  f"{_differ(before[unchanged], after[unchanged])})")
-        if _close(before[:, -1, -1], after[:, -1, -1]):
-            _fail(f"{layout}: the last suffix position ignores its own embedding")
+        if not close(before[unchanged], after[unchanged]):
+            fail(f"{layout}: earlier positions see the last suffix embedding (outputs "
+                 f"{differ(before[unchanged], after[unchanged])})")
+        if close(before[:, -1, -1], after[:, -1, -1]):
+            fail(f"{layout}: the last suffix position ignores its own embedding")
     return "no position sees a suffix embedding after it, in both layouts"
 
 
@@ -158,16 +130,16 @@ def check_frame_causality(backbone: Backbone) -> str:
     first_changed[:, 0] = random_images(backbone, 2, 1, 2, seed=1)[:, 0]
     before = _hidden(backbone, images, INSTRUCTIONS, suffix, True)
     after = _hidden(backbone, last_changed, INSTRUCTIONS, suffix, True)
-    if not _close(before[:, :2], after[:, :2]):
-        _fail(f"interleaved: frames 0-1 see the images of frame 2 (outputs {_differ(before[:, :2], after[:, :2])})")
-    if _close(before[:, 2], after[:, 2]):
-        _fail("interleaved: frame 2 ignores its own images")
+    if not close(before[:, :2], after[:, :2]):
+        fail(f"interleaved: frames 0-1 see the images of frame 2 (outputs {differ(before[:, :2], after[:, :2])})")
+    if close(before[:, 2], after[:, 2]):
+        fail("interleaved: frame 2 ignores its own images")
     before = _hidden(backbone, images, INSTRUCTIONS, suffix, False)
     after = _hidden(backbone, first_changed, INSTRUCTIONS, suffix, False)
-    if not _close(before[:, 1:], after[:, 1:]):
-        _fail(f"per frame: frames 1-2 see the images of frame 0 (outputs {_differ(before[:, 1:], after[:, 1:])})")
-    if _close(before[:, 0], after[:, 0]):
-        _fail("per frame: frame 0 ignores its own images")
+    if not close(before[:, 1:], after[:, 1:]):
+        fail(f"per frame: frames 1-2 see the images of frame 0 (outputs {differ(before[:, 1:], after[:, 1:])})")
+    if close(before[:, 0], after[:, 0]):
+        fail("per frame: frame 0 ignores its own images")
     return "interleaved frames see the frames up to their own; per-frame rows their own frame only"
 
 
@@ -177,8 +149,8 @@ def check_batch_independence(backbone: Backbone) -> str:
     for layout, interleaved in LAYOUTS.items():
         batched = _hidden(backbone, images, INSTRUCTIONS, suffix, interleaved)
         alone = _hidden(backbone, images[1:], INSTRUCTIONS[1:], suffix[1:], interleaved)
-        if not _close(batched[1:], alone):
-            _fail(f"{layout}: a sample alone and in a batch {_differ(batched[1:], alone)}")
+        if not close(batched[1:], alone):
+            fail(f"{layout}: a sample alone and in a batch {differ(batched[1:], alone)}")
     return "a sample's output is the same alone and in a padded batch, in both layouts"
 
 
@@ -204,13 +176,13 @@ def _compare_after_loading(backbone: Backbone, images: torch.Tensor, suffix: tor
         original = _hidden(backbone, images, INSTRUCTIONS, suffix, interleaved)
         rebuilt = _hidden(loaded, images, INSTRUCTIONS, suffix, interleaved)
         if not torch.equal(original, rebuilt):
-            _fail(f"{layout}: the loaded backbone's outputs {_differ(original, rebuilt)}")
+            fail(f"{layout}: the loaded backbone's outputs {differ(original, rebuilt)}")
     if loaded.label != backbone.label:
-        _fail(f"loaded label {loaded.label!r} is not {backbone.label!r}")
+        fail(f"loaded label {loaded.label!r} is not {backbone.label!r}")
     if len(loaded.tokenizer) != len(backbone.tokenizer):
-        _fail(f"loaded tokenizer has {len(loaded.tokenizer)} tokens, not {len(backbone.tokenizer)}")
+        fail(f"loaded tokenizer has {len(loaded.tokenizer)} tokens, not {len(backbone.tokenizer)}")
     if _trainable(loaded) != _trainable(backbone):
-        _fail(f"loaded trainable parameters differ: {sorted(_trainable(loaded) ^ _trainable(backbone))[:3]} ...")
+        fail(f"loaded trainable parameters differ: {sorted(_trainable(loaded) ^ _trainable(backbone))[:3]} ...")
 
 
 def check_lora_save_and_load(backbone: Backbone) -> str:
@@ -235,10 +207,10 @@ def check_lora_on_all_linear_layers(backbone: Backbone) -> str:
               if isinstance(module, torch.nn.Linear) and ".lora_" not in name and id(module) not in vision
               and module is not head}  # an adapted layer keeps its nn.Linear as .base_layer
     if adapted != linear:
-        _fail(f"all-linear: adapters and the nn.Linear layers outside the vision modules and the LM head differ: "
-              f"{sorted(adapted ^ linear)[:3]}")
+        fail(f"all-linear: adapters and the nn.Linear layers outside the vision modules and the LM head differ: "
+             f"{sorted(adapted ^ linear)[:3]}")
     if _trainable(backbone) != {name for name, _ in backbone.named_parameters() if "lora_" in name}:
-        _fail("all-linear: parameters other than the adapters train")
+        fail("all-linear: parameters other than the adapters train")
     with torch.no_grad():
         for name, parameter in backbone.named_parameters():
             if "lora_B" in name:  # zero at init; make the adapters matter
@@ -263,10 +235,10 @@ def check_freeze_modes(backbone: Backbone) -> str:
     everything = {name for name, _ in backbone.named_parameters()}
     vision, language = _names_in(backbone, backbone.vision_modules()), _names_in(backbone, backbone.language_modules())
     if not vision or not language:
-        _fail(f"vision_modules() holds {len(vision)} and language_modules() {len(language)} parameters; "
-              f"both must hold some")
+        fail(f"vision_modules() holds {len(vision)} and language_modules() {len(language)} parameters; "
+             f"both must hold some")
     if vision & language:
-        _fail(f"vision and language modules share parameters: {sorted(vision & language)[:3]}")
+        fail(f"vision and language modules share parameters: {sorted(vision & language)[:3]}")
     embeddings = _names_in(backbone, [backbone.input_embeddings()])
     expected = {"full": everything, "frozen-vision": everything - vision, "frozen-language": everything - language,
                 "frozen-vision-and-embeddings": everything - vision - embeddings}
@@ -276,14 +248,14 @@ def check_freeze_modes(backbone: Backbone) -> str:
         if mode == "lora":
             adapters = {name for name in _names_in(backbone, backbone.language_modules()) if "lora_" in name}
             if not adapters:
-                _fail(f"lora: lora_target_modules {backbone.lora_target_modules!r} matches no module of the "
-                      f"language model")
+                fail(f"lora: lora_target_modules {backbone.lora_target_modules!r} matches no module of the "
+                     f"language model")
             if trainable != adapters:
-                _fail(f"lora: trainable parameters other than the language model's adapters, e.g. "
-                      f"{sorted(trainable ^ adapters)[:2]}")
+                fail(f"lora: trainable parameters other than the language model's adapters, e.g. "
+                     f"{sorted(trainable ^ adapters)[:2]}")
         elif trainable != expected[mode]:
-            _fail(f"{mode}: {len(trainable ^ expected[mode])} parameters wrongly (un)frozen, e.g. "
-                  f"{sorted(trainable ^ expected[mode])[:2]}")
+            fail(f"{mode}: {len(trainable ^ expected[mode])} parameters wrongly (un)frozen, e.g. "
+                 f"{sorted(trainable ^ expected[mode])[:2]}")
         backbone.zero_grad(set_to_none=True)
         suffix = random_suffix(backbone, 2, 2, 1).requires_grad_(True)
         backbone.train()
@@ -291,7 +263,7 @@ def check_freeze_modes(backbone: Backbone) -> str:
                           interleaved=True)
         hidden.pow(2).sum().backward()
         if suffix.grad is None or suffix.grad.abs().sum() == 0:
-            _fail(f"{mode}: no gradient reaches the suffix embeddings")
+            fail(f"{mode}: no gradient reaches the suffix embeddings")
     return f"{', '.join(FREEZE_MODES)}: the expected parameters train ({len(vision)} vision, {len(language)} " \
         f"language tensors)"
 
@@ -302,15 +274,15 @@ def check_action_tokens(backbone: Backbone) -> str:
     special = set(backbone.tokenizer.all_special_ids) | set(backbone.tokenizer.get_added_vocab().values())
     ids = backbone.reserve_action_tokens(256).tolist()
     if len(set(ids)) != 256 or ids != sorted(ids, reverse=True) or special & set(ids):
-        _fail("overwrite: 256 bins do not take distinct ordinary ids in descending order")
+        fail("overwrite: 256 bins do not take distinct ordinary ids in descending order")
     vocabulary = len(backbone.tokenizer)
     appended = backbone.reserve_action_tokens(8, mode="append")
     if appended.tolist() != list(range(vocabulary, vocabulary + 8)):
-        _fail(f"append: ids {appended.tolist()} are not the next 8 after the vocabulary of {vocabulary}")
+        fail(f"append: ids {appended.tolist()} are not the next 8 after the vocabulary of {vocabulary}")
     logits = backbone.lm_logits(backbone.embed_tokens(appended))
     if logits.shape != (8, vocabulary + 8):
-        _fail(f"append: logits of shape {tuple(logits.shape)}, expected {(8, vocabulary + 8)}: the LM head did "
-              f"not grow (resize_vocabulary)")
+        fail(f"append: logits of shape {tuple(logits.shape)}, expected {(8, vocabulary + 8)}: the LM head did "
+             f"not grow (resize_vocabulary)")
     return f"overwrite ids {ids[0]}..{ids[-1]}, append ids {vocabulary}..{vocabulary + 7}"
 
 
@@ -325,9 +297,9 @@ def check_reference_forward(backbone: Backbone) -> str:
         if expected is None:
             raise SkipCheck("no wrapped transformers forward to compare with (reference_hidden_state gives None)")
         hidden = backbone(backbone.preprocess_images(image), INSTRUCTIONS[:1], suffix)[0, 0, 0]
-    if not _close(hidden, expected, REFERENCE_TOLERANCE):
-        _fail(f"the hidden state and the wrapped model's own forward {_differ(hidden, expected)}: positions "
-              f"(M-RoPE), token types or image tokens differ from the model's")
+    if not close(hidden, expected, REFERENCE_TOLERANCE):
+        fail(f"the hidden state and the wrapped model's own forward {differ(hidden, expected)}: positions "
+             f"(M-RoPE), token types or image tokens differ from the model's")
     return f"agrees with the wrapped model's own forward within {REFERENCE_TOLERANCE:g}"
 
 
@@ -353,20 +325,16 @@ def check_backbone(name: str, **options) -> list[CheckResult]:
     """Every check on tiny `name` built with `options` (a fresh, seeded backbone for each check)."""
     create_backbone(name, **options)  # a plugin that cannot be built is one clear error, not ten failed checks
     results = []
+    wrong_width = None  # a forward of the wrong width fails every check that runs one: said once
     for check, function in CHECKS.items():
         torch.manual_seed(0)
-        backbone = create_backbone(name, **options)
-        try:
-            results.append(CheckResult(check, "pass", function(backbone)))
-        except SkipCheck as skip:
-            results.append(CheckResult(check, "skip", str(skip)))
-        except AssertionError as failure:
-            results.append(CheckResult(check, "fail", str(failure)))
-        except Exception as error:  # the backbone crashed inside the check: say where
-            where = traceback.extract_tb(error.__traceback__)[-1]
-            first_line = (str(error).splitlines() or [""])[0]
-            results.append(CheckResult(check, "fail", f"{type(error).__name__}: {first_line} "
-                                                      f"({Path(where.filename).name}:{where.lineno})"))
+        result = run_check(check, function, create_backbone(name, **options))
+        if isinstance(result.error, HiddenSizeError):
+            if wrong_width:
+                result = CheckResult(check, "skip", f"needs a forward of the right width (see {wrong_width!r})")
+            else:
+                wrong_width = check
+        results.append(result)
     return results
 
 
