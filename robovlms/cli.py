@@ -44,6 +44,15 @@ console = _console()
 show_traceback = False  # set by --traceback or ROBOVLMS_DEBUG=1
 
 POLICIES = ("expert", *BASELINES)
+MAX_EPISODES = 100_000  # per task: beyond it a number is a typo, whose episode list alone would fill the memory
+MAX_WORKERS = 1024
+
+
+def _check_range(option: str, value: int, low: int, high: int) -> None:
+    from robovlms.errors import ConfigError
+
+    if not low <= value <= high:
+        raise ConfigError(f"{option} must be between {low} and {high}; got {value}")
 
 
 @app.callback()
@@ -86,6 +95,8 @@ def data_generate(
                                                    "for some task and scene (recorded in its metadata).")] = False,
 ) -> None:
     """Run the benchmark's scripted experts and write their successful episodes to an episode store."""
+    _check_range("--episodes", episodes, 1, MAX_EPISODES)
+    _check_range("--workers", workers, 1, MAX_WORKERS)
     from robovlms.benchmark import create_benchmark
     from robovlms.data.demonstrations import generate_demonstrations
 
@@ -124,6 +135,8 @@ def data_import_lerobot(
     resume: Annotated[bool, typer.Option(help="Finish an interrupted import, keeping the episodes already written.")] = False,
 ) -> None:
     """Import the episodes of a LeRobot dataset into an episode store, mapping its features as a spec says."""
+    if episodes is not None:
+        _check_range("--episodes", episodes, 1, 100_000_000)
     from robovlms.data.lerobot_import import import_lerobot
 
     _print_store(import_lerobot(dataset, out, spec=spec, image_size=image_size, episodes=episodes,
@@ -197,6 +210,11 @@ def evaluate_command(
     from robovlms.rollout import evaluate, parse_shard, shard_specs, write_shard
     from robovlms.data.store import EpisodeStore
 
+    _check_range("--episodes", episodes, 1, MAX_EPISODES)
+    _check_range("--workers", workers, 1, MAX_WORKERS)
+    _check_range("--videos", videos, 0, MAX_EPISODES)
+    if videos and out is None:
+        raise ConfigError("--videos needs --out, the directory the videos are written to (under videos/)")
     if (policy is None) == (run is None):
         raise ConfigError("give either --policy (a baseline or expert) or --run (a trained run directory)")
     if policy is not None and policy not in POLICIES:
@@ -206,7 +224,7 @@ def evaluate_command(
 
         store = store or Path(load_config(run / CONFIG_FILE).store)
     options = {}
-    training_store = EpisodeStore(store) if store is not None else None
+    training_store = EpisodeStore(store, verify=True) if store is not None else None
     if training_store is not None:
         # a store made for no benchmark in particular (an imported dataset) is evaluated on --benchmark
         benchmark = training_store.metadata.get("benchmark", benchmark)
@@ -436,6 +454,7 @@ def sweep_command(
                                                    "cell's estimate is checked against.", min=1.0)] = 80.0,
 ) -> None:
     """Train, evaluate and record every cell of a sweep grid; re-running resumes where it stopped."""
+    _check_range("--workers", workers, 1, MAX_WORKERS)
     if dry_run:
         _print_dry_run(file, workers, gpu_memory)
         return
@@ -573,6 +592,7 @@ def tune_command(
     """Search hyper-parameters with Optuna's TPE sampler, pruning on the validation loss; records the best trial.
     Trials are evaluated on the split's validation episodes, never its test episodes unless the sweep file names them
     (evaluation: {split: test})."""
+    _check_range("--workers", workers, 1, MAX_WORKERS)
     _run_sweep_command(file, workers, storage, False, "search")
 
 
@@ -585,9 +605,11 @@ def worker_command(
 ) -> None:
     """Join a running sweep from any machine: take waiting cells until none is left."""
     from robovlms.sweep import join_study, work
+    from robovlms.sweep.study import ledger_errors
 
     study_, sweep, cells, mode = join_study(storage, study)
-    work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
+    with ledger_errors(storage):
+        work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
 
 
 CHECK_HELP = "Import each plugin and check it against its interface (seconds: imports the model libraries)."
@@ -764,7 +786,7 @@ def main() -> None:
             import traceback
 
             traceback.print_exception(error)
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)  # one line, however long
         sys.exit(2)
 
 

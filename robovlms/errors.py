@@ -50,6 +50,11 @@ class SimulatorProcessError(RobovlmsError, RuntimeError):
     message; the message says which process and quotes its last output."""
 
 
+class LedgerError(RobovlmsError):
+    """A sweep's Optuna storage (its ledger) that cannot be written or read mid-sweep: a full disk, a database server
+    gone; what was committed is kept, and the sweep resumes when run again."""
+
+
 class SimulatorDied(SimulatorProcessError):
     """A simulator process that exited or was killed in the middle of the evaluation: a failure of the machine or the
     simulator, not of the policy (a sweep retries the cell)."""

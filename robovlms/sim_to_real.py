@@ -134,6 +134,10 @@ def read_real_world_success(path: str | Path) -> dict[str, dict[str, float]]:
         if not isinstance(by_task, dict):
             raise ReportError(f"{path}: {policy!r} must map task names to success rates; got {by_task!r}")
         rates[str(policy)] = {str(task): _rate(path, policy, task, rate) for task, rate in by_task.items()}
+    if not any(rates.values()):
+        raise ReportError(f"{path} holds no real-world success rates; give at least one configuration's success on a "
+                          f"task (.yaml: configuration -> task -> rate; .csv: a configuration column and a column per "
+                          f"task)")
     return rates
 
 
@@ -142,6 +146,8 @@ def _read_csv(path: Path) -> dict[str, dict[str, float]]:
         raise ReportError(f"no real-world success file at {path}")
     try:
         frame = pd.read_csv(path, dtype={"configuration": str})
+    except pd.errors.EmptyDataError:
+        return {}
     except (ValueError, pd.errors.ParserError) as error:
         raise ReportError(f"{path} is not a readable CSV file: {error}") from None
     if "configuration" not in frame:

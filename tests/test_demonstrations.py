@@ -55,3 +55,33 @@ def test_a_short_store_is_committed_with_allow_short_and_records_its_shortfall(t
                                         allow_short=True, progress=False)
     assert len(store) == 4 and set(store.episodes.scene) == {"C"}
     assert store.metadata["shortfall"] == {"push/A": 2, "reach/A": 2}
+
+
+def sweep_generating(tmp_path, store, episodes, scenes="AB"):
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "grown", "run_dir": str(tmp_path / "run"), "baselines": ["zero"], "grid": {},
+        "benchmark": {"options": {"tasks": ["button-press-topdown", "door-open"]}},
+        "store": {"path": str(store.path), "generate": {"episodes": episodes, "scenes": scenes}}}))
+    return path
+
+
+@pytest.mark.parametrize("episodes, scenes, message", [
+    (5, "AB", "store.generate.episodes is 5, but the store .* was generated with 2 episodes per task and scene"),
+    (2, "ABC", "store.generate.scenes is 'ABC', but the store .* was generated from scenes 'AB'"),
+])
+def test_generation_settings_that_differ_from_the_existing_stores_are_refused_with_what_to_do(
+        tmp_path, demo_store, episodes, scenes, message):
+    import yaml
+
+    from robovlms.errors import ConfigError
+    from robovlms.sweep import prepare_sweep
+
+    prepare_sweep(sweep_generating(tmp_path, demo_store, 2))
+    with pytest.raises(ConfigError, match=f"{message}.*point store.path at a new directory"):
+        prepare_sweep(sweep_generating(tmp_path, demo_store, episodes, scenes))
+    recorded = yaml.safe_load((tmp_path / "run" / "sweep.yaml").read_text())["store"]["generate"]
+    assert (recorded["episodes"], recorded["scenes"]) == (2, "AB")
+    assert len(demo_store) == len(type(demo_store)(demo_store.path))  # the store is as it was

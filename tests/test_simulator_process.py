@@ -3,7 +3,10 @@ separate interpreter in which neither robovlms nor torch can be imported: handsh
 round trips, versions, a crashing simulator, errors raised there, and shutdown."""
 
 import io
+import json
 import os
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from robovlms.benchmarks.remote import SERVER_FILE, SimulatorProcess, probe
 from robovlms.errors import ConfigError, SimulatorDied, SimulatorProcessError
-from robovlms.simulators.server import PROTOCOL, VERSION, read_message, write_message
+from robovlms.simulators.server import PROTOCOL, VERSION, encode, read_message, write_message
 
 STAND_IN = Path(__file__).with_name("calvin_stand_in.py")
 PLAY_TABLE_MODULE = SERVER_FILE.with_name("calvin_play_table.py")
@@ -155,3 +158,136 @@ def test_messages_refuse_arrays_that_would_need_unpickling():
     assert message["image"].dtype == np.uint8 and message["names"] == ["a", "b"]  # object arrays travel as lists
     with pytest.raises(TypeError, match="cannot send a object"):
         write_message(io.BytesIO(), {"what": object()})
+
+
+# ---- malformed messages: an error reply each, and the server stays in sync, or says why it cannot and stops -----
+
+SAFETY_S = 600  # a safety net against a hang, never a timing
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack("!Q", len(data)) + data
+
+
+def document(value) -> bytes:
+    arrays = []
+    return json.dumps(encode(value, arrays)).encode()
+
+
+def start_server(*arguments):
+    server = subprocess.Popen([sys.executable, str(SERVER_FILE), *arguments], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    assert read_message(server.stdout, timeout=SAFETY_S)["protocol"] == PROTOCOL
+    return server
+
+
+def answer(server):
+    return read_message(server.stdout, timeout=SAFETY_S)
+
+
+def greeted_server(*arguments):
+    server = start_server(*arguments)
+    write_message(server.stdin, {"op": "hello", "version": VERSION})
+    assert answer(server) == {"ok": True, "result": None}
+    return server
+
+
+def assert_in_sync(server):
+    write_message(server.stdin, {"op": "call", "module": str(STAND_IN), "function": "importable", "args": ["numpy"]})
+    assert answer(server) == {"ok": True, "result": True}
+
+
+def assert_stopped_cleanly(server, code):
+    server.stdin.close()
+    assert server.wait(timeout=SAFETY_S) == code
+    assert "Traceback" not in server.stderr.read().decode()
+
+
+def array_marker(dtype, shape, index=0):
+    return json.dumps({"__dict__": [["op", "call"], ["module", str(STAND_IN)], ["function", "importable"],
+                                    ["args", [{"__array__": index, "dtype": dtype, "shape": shape}]]]}).encode()
+
+
+MALFORMED_REQUESTS = {
+    "a JSON list": [b"[1, 2]"],
+    "a JSON number": [b"7"],
+    "a JSON string": [b'"call"'],
+    "bytes that are not JSON": [b"\xff{"],
+    "200,000-deep nesting": [b"[" * 200_000 + b"]" * 200_000],
+    "nesting beyond the bound": [b"[" * 300 + b"]" * 300],
+    "an unknown marker": [b'{"__code__": "import os"}'],
+    "an unhashable key": [json.dumps({"__dict__": [["op", "call"], [{"__dict__": []}, 1]]}).encode()],
+    "an array of a dtype that does not exist": [array_marker("<zz", [1]), b"\0" * 4],
+    "an array of object dtype": [array_marker("|O", [1]), b"\0" * 8],
+    "array markers not numbered from 0": [array_marker("<f4", [1], index=1), b"\0" * 4],
+    "array bytes that do not fill its shape": [array_marker("<f4", [3]), b"\0" * 5],
+    "arguments that are not a list": [document({"op": "call", "module": str(STAND_IN), "function": "importable",
+                                                "args": 5})],
+    "a function name that is not text": [document({"op": "call", "module": str(STAND_IN), "function": 5})],
+    "a handle that holds nothing": [document({"op": "call", "target": 999, "method": "step"})],
+}
+
+
+@pytest.mark.parametrize("parts", MALFORMED_REQUESTS.values(), ids=MALFORMED_REQUESTS.keys())
+def test_a_malformed_request_gets_an_error_reply_and_the_server_stays_in_sync(parts):
+    server = greeted_server()
+    server.stdin.write(b"".join(frame(part) for part in parts))
+    reply = answer(server)
+    assert reply["ok"] is False and reply["error"]
+    assert_in_sync(server)
+    assert_stopped_cleanly(server, 0)
+
+
+@pytest.mark.parametrize("hello", [b"[1, 2]", b"7", b"\xff"], ids=["a JSON list", "a JSON number", "not JSON"])
+def test_a_malformed_hello_gets_an_error_reply_and_a_proper_one_is_still_accepted(hello):
+    server = start_server()
+    server.stdin.write(frame(hello))
+    reply = answer(server)
+    assert reply["ok"] is False and "hello" in reply["error"]
+    write_message(server.stdin, {"op": "hello", "version": VERSION})
+    assert answer(server) == {"ok": True, "result": None}
+    assert_in_sync(server)
+    assert_stopped_cleanly(server, 0)
+
+
+@pytest.mark.parametrize("raw, error", [
+    (struct.pack("!Q", 2 ** 62), "declares 4611686018427387904 bytes"),
+    (frame(array_marker("<f4", [1])) + struct.pack("!Q", 2 ** 40), "declares 1099511627776 bytes"),
+    (struct.pack("!Q", 100) + b"{", "did not arrive within 1 s"),
+], ids=["a 2^62 length prefix", "an array larger than the bound", "a length prefix without its body"])
+def test_a_message_whose_length_cannot_be_trusted_is_answered_and_the_server_stops(raw, error):
+    server = greeted_server("--message-timeout", "1")
+    server.stdin.write(raw)
+    reply = answer(server)
+    assert reply["ok"] is False and error in reply["error"] and "stops" in reply["error"]
+    assert_stopped_cleanly(server, 1)
+
+
+@pytest.fixture
+def never_answering(tmp_path):
+    module = tmp_path / "slow_renderer.py"
+    module.write_text("import time\n\ndef render():\n    time.sleep(3600)\n")
+    return module
+
+
+def test_a_call_that_is_not_answered_in_time_stops_the_simulator_as_dead_saying_so(without_robovlms,
+                                                                                    never_answering):
+    process = SimulatorProcess(sys.executable, environment=without_robovlms)  # started without a deadline
+    process.timeout = 1  # render() sleeps an hour: this fires however loaded the machine is
+    with pytest.raises(SimulatorDied, match=r"did not answer slow_renderer.py:render\(\) within 1 s; it was "
+                                            r"stopped.*ROBOVLMS_SIMULATOR_TIMEOUT_S"):
+        process.call(never_answering, "render")
+    assert process._process.poll() is not None and process.dead  # a sweep runs the cell again
+    with pytest.raises(SimulatorDied, match="did not answer"):
+        process.call(STAND_IN, "importable", "numpy")
+    process.close()
+
+
+def test_the_call_timeout_is_read_from_the_environment(monkeypatch, without_robovlms):
+    monkeypatch.setenv("ROBOVLMS_SIMULATOR_TIMEOUT_S", "1234")
+    process = SimulatorProcess(sys.executable, environment=without_robovlms)
+    assert process.timeout == 1234
+    process.close()
+    monkeypatch.setenv("ROBOVLMS_SIMULATOR_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError, match="ROBOVLMS_SIMULATOR_TIMEOUT_S must be a number of seconds"):
+        SimulatorProcess(sys.executable, environment=without_robovlms)

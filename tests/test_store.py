@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -245,3 +246,190 @@ def test_truncated_meta_json_is_named(tmp_path):
     meta.write_text(meta.read_text()[:50])
     with pytest.raises(StoreError, match=r"meta.json is truncated or corrupt"):
         EpisodeStore(tmp_path / "store")
+
+
+# ---- a store refused in one line, whatever is wrong with it ----------------------------------------------------
+
+
+def rewrite_index(path, change):
+    index = pd.read_parquet(path / "episodes.parquet")
+    index = change(index)
+    index.to_parquet(path / "episodes.parquet", index=False)
+
+
+def three_episodes(tmp_path):
+    rng = np.random.default_rng(20)
+    return write_store(tmp_path / "store", [synthetic_episode(rng, task, 4, seed=seed)
+                                           for seed, task in enumerate(["a", "b", "a"])]).path
+
+
+def with_text_start(index):
+    return index.assign(start=index.start.astype(str))
+
+
+def with_nan_length(index):
+    return index.assign(length=index.length.astype(float).where(index.episode != 1))
+
+
+def without_a_task(index):
+    return index.assign(task=index.task.where(index.episode != 2))
+
+
+def empty(index):
+    return index.iloc[:0]
+
+
+def overlapping(index):
+    return index.assign(start=[0, 2, 8])
+
+
+def duplicated(index):
+    return pd.concat([index, index.iloc[[1]]], ignore_index=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    (with_text_start, r"column 'start' must hold integers; it holds text"),
+    (with_nan_length, r"column 'length' has missing values \(episode 1\)"),
+    (without_a_task, r"column 'task' has missing values \(episode 2\)"),
+    (empty, r"holds no episodes"),
+    (overlapping, r"episodes 0 and 1 overlap \(frames 0-3 and 2-5\)"),
+    (duplicated, r"episode 1 appears 2 times"),
+])
+def test_a_malformed_episode_index_is_refused_in_one_line(tmp_path, change, message):
+    path = three_episodes(tmp_path)
+    rewrite_index(path, change)
+    with pytest.raises(StoreError, match=message) as error:
+        EpisodeStore(path)
+    assert "\n" not in str(error.value) and "episodes.parquet" in str(error.value)
+    result = CliRunner().invoke(app, ["data", "info", str(path)])
+    assert result.exit_code != 0 and isinstance(result.exception, StoreError)
+
+
+def test_non_finite_actions_behind_finite_statistics_are_refused_on_open(tmp_path):
+    path = three_episodes(tmp_path)
+    actions = np.memmap(path / "actions.f32", np.float32, "r+", shape=(12, 4))
+    actions[9, 2] = np.nan  # the file edited after its statistics were computed
+    actions.flush()
+    with pytest.raises(StoreError, match=r"non-finite actions in 1 episode\(s\), first episode 2 \(task 'a'"):
+        EpisodeStore(path)
+
+
+def test_verify_refuses_a_meta_json_without_a_files_checksum(tmp_path):
+    path = three_episodes(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["checksums"]["files"]["actions.f32"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="meta.json records no checksum for actions.f32"):
+        verify_store(path)
+
+
+def test_verify_refuses_a_checksum_of_a_file_that_is_not_the_stores(tmp_path):
+    path = three_episodes(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["checksums"]["files"]["../outside"] = "0" * 64
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"meta.json records a checksum for '../outside', which is not a file of"):
+        verify_store(path)
+
+
+def written_long_ago(path):
+    """As a store written before today's work: its files' times are well in the past."""
+    for file in path.iterdir():
+        os.utime(file, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+
+
+def test_opening_a_store_verified_keeps_the_verdict_until_a_file_changes(tmp_path, monkeypatch):
+    import robovlms.data.store as store_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = three_episodes(tmp_path)
+    written_long_ago(path)
+    hashed = []
+    sha256 = store_module._sha256
+    monkeypatch.setattr(store_module, "_sha256", lambda file, *args: hashed.append(file.name) or sha256(file, *args))
+    EpisodeStore(path, verify=True)
+    assert len(hashed) == 5
+    EpisodeStore(path, verify=True)
+    assert len(hashed) == 5  # the second time costs nothing
+    flip_byte(path / "state.f32", 3)  # a same-size edit, which opening alone cannot see
+    with pytest.raises(StoreError, match="state.f32 changed since the store was written"):
+        EpisodeStore(path, verify=True)
+    assert hashed[5:] == ["state.f32"]
+
+
+def test_a_store_edited_within_the_clocks_resolution_is_never_taken_from_the_cache(tmp_path, monkeypatch):
+    import robovlms.data.store as store_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(store_module, "RACY_NS", 86_400 * 10 ** 9)  # the files are fresh however slow the machine
+    path = three_episodes(tmp_path)
+    EpisodeStore(path, verify=True)
+    stat = (path / "actions.f32").stat()
+    flip_byte(path / "actions.f32", 0)
+    os.utime(path / "actions.f32", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # edited in the same clock tick
+    with pytest.raises(StoreError, match="actions.f32 changed since the store was written"):
+        EpisodeStore(path, verify=True)
+
+
+def a_same_size_edit(path):
+    flip_byte(path / "actions.f32", 0)
+
+
+def test_training_refuses_a_store_whose_bytes_changed_since_it_was_written(tmp_path, monkeypatch):
+    from synthetic_store import write_synthetic_store
+
+    from robovlms.training import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = write_synthetic_store(tmp_path / "store")
+    a_same_size_edit(store.path)
+    with pytest.raises(StoreError, match="actions.f32 changed since the store was written"):
+        train({"store": str(store.path), "run_dir": str(tmp_path / "run"), "max_steps": 1})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_refuses_a_store_whose_bytes_changed_before_it_makes_a_study(tmp_path, demo_store, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from robovlms.sweep import prepare_sweep
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = shutil.copytree(demo_store.path, tmp_path / "store")
+    a_same_size_edit(store)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "edited", "run_dir": str(tmp_path / "run"), "store": {"path": str(store)},
+                                    "benchmark": {"options": {"tasks": ["button-press-topdown", "door-open"]}},
+                                    "train": {"max_steps": 1}}))
+    with pytest.raises(StoreError, match="actions.f32 changed since the store was written"):
+        prepare_sweep(path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_refuses_a_store_whose_bytes_changed_since_it_was_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = three_episodes(tmp_path)
+    a_same_size_edit(path)
+    result = CliRunner().invoke(app, ["evaluate", "--policy", "zero", "--store", str(path)])
+    assert isinstance(result.exception, StoreError), result.output
+    assert "actions.f32 changed since the store was written" in str(result.exception)
+
+
+def test_a_worker_refuses_to_join_with_a_store_whose_bytes_changed(tmp_path, demo_store, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from robovlms.sweep import join_study, prepare_sweep
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = shutil.copytree(demo_store.path, tmp_path / "store")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "joined", "run_dir": str(tmp_path / "run"), "store": {"path": str(store)},
+                                    "benchmark": {"options": {"tasks": ["button-press-topdown", "door-open"]}},
+                                    "baselines": ["zero"], "grid": {}}))
+    _, _, study, url = prepare_sweep(path)
+    a_same_size_edit(store)  # this machine's copy of the store, damaged since the sweep began
+    with pytest.raises(StoreError, match="actions.f32 changed since the store was written"):
+        join_study(url, study.study_name)

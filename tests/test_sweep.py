@@ -359,9 +359,10 @@ def test_a_search_that_draws_an_earlier_trials_parameters_does_not_train_them_ag
     sweep, _, study, _ = prepare_sweep(path, mode="search")
     study.add_trial(optuna.create_trial(params={"seed": 0}, distributions={
         "seed": optuna.distributions.CategoricalDistribution([0])}, value=0.25, user_attrs={"cell": "earlier"}))
+    earlier = study.get_trials()[-1].number
     run_trials(study, sweep, tmp_path / "run", 1)
-    repeated = study.get_trials()[-1]
-    assert (repeated.value, repeated.user_attrs["duplicate_of"]) == (0.25, 0)
+    repeated = next(trial for trial in study.get_trials() if trial.number != earlier and trial.params)
+    assert (repeated.value, repeated.user_attrs["duplicate_of"]) == (0.25, earlier)
     assert not (tmp_path / "run" / "cells").exists()
 
 
@@ -795,6 +796,64 @@ def test_a_search_worker_taken_for_dead_drops_its_result_and_goes_on(tmp_path, d
     trials = optuna.load_study(study_name="search-search", storage=storage_url(load_sweep(path))).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and status.done == 1
     assert "search trial 0 was taken for dead" in caplog.text
+
+
+HANGING_CELL = Path(__file__).with_name("hanging_cell.py")
+
+
+def start_hanging_in(cell_prefix, marker, *arguments):
+    """The robovlms command line, hanging once the evaluation of the cell whose id starts with `cell_prefix`
+    begins (its training done); returns once it hangs there."""
+    process = subprocess.Popen([sys.executable, str(HANGING_CELL), cell_prefix, str(marker), *arguments],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 1800  # a safety net against a hang, not a timing
+    while not marker.exists():
+        assert process.poll() is None, f"robovlms {' '.join(arguments)} ended before reaching {cell_prefix}"
+        assert time.monotonic() < deadline, f"robovlms {' '.join(arguments)} never reached {cell_prefix}"
+        time.sleep(0.2)
+    return process
+
+
+def kill_group(process):
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+def test_a_search_killed_during_a_trial_and_resumed_by_two_workers_completes_its_budget(tmp_path, demo_store):
+    path = learning_rate_search(tmp_path, demo_store, trials=4)
+    kill_group(start_hanging_in("search-0001-", tmp_path / "hanging", "tune", str(path)))
+    study = optuna.load_study(study_name="search-search", storage=storage_url(load_sweep(path)))
+    make_stale(study, 1)  # as if its heartbeat had lapsed since the kill
+
+    status = run_sweep(path, mode="search", workers=2)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert (status.done, status.failed) == (4, 0) and len(complete) == 4
+    assert_every_trial_drew_new_parameters_and_kept_its_cell(study, tmp_path / "run", 4)
+    assert sum(trial.user_attrs["cell"].startswith("search-0001-") for trial in complete) == 1  # the killed trial resumed
+    trials = len(study.get_trials())
+    assert run_sweep(path, mode="search").done == 4 and len(study.get_trials()) == trials  # nothing is missing
+
+
+HOLD_THEN_JOIN = """
+import sys
+from robovlms.sweep.study import creating_study
+with creating_study(sys.argv[1], "shared"):
+    print("inside", flush=True)
+"""
+
+
+def test_a_sweep_creating_a_postgresql_study_makes_the_others_wait_for_it(postgres):
+    from robovlms.sweep.study import creating_study
+
+    with creating_study(postgres, "shared"):
+        second = subprocess.Popen([sys.executable, "-c", HOLD_THEN_JOIN, postgres], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        said = second.stderr.readline()  # blocks until it says why it waits
+        assert "another sweep is creating the study shared in postgresql://postgres@" in said
+        assert second.poll() is None
+    output, errors = second.communicate(timeout=600)
+    assert second.returncode == 0 and output == "inside\n", errors
 
 
 # ---- what only the store, the benchmark or building a cell can tell, checked before the study exists ------------

@@ -29,6 +29,8 @@ SERVER_FILE = Path(__file__).resolve().parents[1] / "simulators" / "server.py"
 SIMULATORS_DIR = SERVER_FILE.parent
 SHUTDOWN_WAIT_S = 30
 OUTPUT_LINES_SHOWN = 20
+CALL_TIMEOUT_S = 900  # per call; generous, for renderers that take minutes to build a scene
+TIMEOUT_VARIABLE = "ROBOVLMS_SIMULATOR_TIMEOUT_S"
 # What a signal that ended a simulator process says about its cause.
 SIGNAL_CAUSES = {"SIGKILL": "sent from outside the process: the kernel's out-of-memory killer (see dmesg), a job "
                             "scheduler or a person",
@@ -58,19 +60,23 @@ class SimulatorProcess:
     """A simulator server run by `python` (an interpreter path), started at construction, stopped by `close`.
 
     `environment` adds variables to the server's environment. Whatever the simulator prints goes to a log file; when
-    the process dies, the error quotes what it printed during the call it died in, and the log is kept.
+    the process dies, the error quotes what it printed during the call it died in, and the log is kept. A call not
+    answered within `timeout` seconds (default $ROBOVLMS_SIMULATOR_TIMEOUT_S, else CALL_TIMEOUT_S) stops the process
+    as dead (SimulatorDied): a hung simulator is the machine's or the simulator's failure, not the policy's.
     """
 
     def __init__(self, python: str | os.PathLike, *, environment: Mapping[str, str] | None = None,
-                 server: Path = SERVER_FILE):
+                 server: Path = SERVER_FILE, timeout: float | None = None):
         self.python = str(python)
+        self.timeout = call_timeout() if timeout is None else timeout
         if shutil.which(self.python) is None:
             raise ConfigError(f"no Python interpreter at {self.python} (benchmark option python: the interpreter of "
                               f"the simulator's environment, e.g. /opt/sim/calvin/.venv/bin/python)")
         self.log_path = Path(tempfile.mkstemp(prefix="robovlms-simulator-", suffix=".log")[1])
         with open(self.log_path, "wb") as log:
+            # unbuffered pipes, so that a read waits for the server's bytes with a deadline
             self._process = subprocess.Popen([self.python, str(server)], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=log,
+                                             stdout=subprocess.PIPE, stderr=log, bufsize=0,
                                              env={**os.environ, **(environment or {})})
         self._finalizer = weakref.finalize(self, _stop, self._process)
         self._ended: str | None = None  # why no more requests can be made
@@ -129,12 +135,24 @@ class SimulatorProcess:
 
     def _receive(self, what: str) -> dict:
         try:
-            return read_message(self._process.stdout, handle=lambda handle: RemoteObject(self, handle))
+            return read_message(self._process.stdout, handle=lambda handle: RemoteObject(self, handle),
+                                timeout=self.timeout)
         except EOFError:
             raise self._died(what) from None
+        except TimeoutError:
+            raise self._timed_out(what) from None
         except (ProtocolError, ValueError) as error:
             raise SimulatorProcessError(f"the simulator process ({self.python}) sent a malformed message during "
                                         f"{what}: {error}") from None
+
+    def _timed_out(self, what: str) -> SimulatorDied:
+        """Its answer may still come, and would be read as the next call's: the process is stopped."""
+        self._process.kill()
+        self._finalizer()
+        self._ended, self._dead = (f"the simulator process ({self.python}, pid {self._process.pid}) did not answer "
+                                   f"{what} within {self.timeout:g} s; it was stopped"), True
+        return SimulatorDied(f"{self._ended}. A simulator that needs longer (a slow renderer) can be given more: "
+                             f"{TIMEOUT_VARIABLE}=SECONDS (default {CALL_TIMEOUT_S}); its output is in {self.log_path}")
 
     def _log_size(self) -> int:
         try:
@@ -164,6 +182,20 @@ class SimulatorProcess:
         shown = (f"its output during {what}:\n" + "\n".join(f"  | {line}" for line in output) if output else
                  f"it printed nothing during {what}")
         return SimulatorDied(f"{self._ended} during {what}; {shown}\n(its whole output: {self.log_path})")
+
+
+def call_timeout() -> float:
+    """Seconds a simulator call may take: $ROBOVLMS_SIMULATOR_TIMEOUT_S, else CALL_TIMEOUT_S."""
+    value = os.environ.get(TIMEOUT_VARIABLE)
+    if value is None:
+        return CALL_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{TIMEOUT_VARIABLE} must be a number of seconds above 0; got {value!r}")
+    return seconds
 
 
 def probe(python: str | os.PathLike, modules: list[str]) -> dict[str, Any]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from robovlms.benchmark import Benchmark
 from robovlms.data.store import Episode, EpisodeStore, EpisodeStoreWriter, FrameLayout
-from robovlms.errors import StoreError
+from robovlms.errors import ConfigError, StoreError
 from robovlms.rollout import run_episodes
 
 
@@ -77,3 +78,26 @@ def _describe_shortfall(short: dict[str, int], wanted: int) -> str:
         task, scene = key.rsplit("/", 1)
         by_scene.setdefault(scene, []).append(f"{task} {wanted - missing}/{wanted}")
     return "; ".join(f"scene {scene}: {', '.join(tasks)}" for scene, tasks in sorted(by_scene.items()))
+
+
+def check_generated_as(store: EpisodeStore, episodes_per_scene: int, scenes: str | None) -> None:
+    """A sweep's `store.generate` settings against the store already at its path, which was generated with them
+    or is refused: a store is never changed under the sweeps that trained on it, nor silently used for other
+    settings. A store that was not generated (imported) has nothing to compare."""
+    metadata = store.metadata
+    if metadata.get("source") != "scripted experts":
+        return
+    held, asked = metadata.get("episodes_per_scene"), episodes_per_scene
+    if held != asked:
+        _refuse(store, "episodes", asked, held, f"with {held} episodes per task and scene",
+                f"with {asked} episodes per task and scene")
+    held, asked = metadata.get("scenes"), scenes
+    if held != asked:
+        _refuse(store, "scenes", asked, held, f"from scenes {held!r}" if held else "from the split's training scenes",
+                f"from scenes {asked!r}" if asked else "from the split's training scenes")
+
+
+def _refuse(store: EpisodeStore, key: str, asked, held, generated: str, wanted: str) -> NoReturn:
+    raise ConfigError(f"store.generate.{key} is {asked!r}, but the store {store.path} was generated {generated}; an "
+                      f"existing store is never regenerated: point store.path at a new directory to generate one "
+                      f"{wanted}, or set store.generate.{key}: {held!r} to use this one")

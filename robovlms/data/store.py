@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -243,9 +244,10 @@ class EpisodeStoreWriter:
 
 
 class EpisodeStore:
-    """A finished store, memory-mapped: nothing is loaded until indexed."""
+    """A finished store, memory-mapped: nothing is loaded until indexed. With `verify`, every file is also checked
+    against its checksum (`verify_store`), once per change of the files: the verdict is cached."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = False):
         self.path = Path(path)
         meta_path = self.path / META_FILE
         if not meta_path.exists():
@@ -274,7 +276,7 @@ class EpisodeStore:
             raise StoreError(f"{meta_path} is damaged ({type(error).__name__}: {error}); regenerate or re-import "
                              f"the store") from None
         self.metadata: dict[str, Any] = meta.get("metadata", {})
-        self.episodes = _read_index(self.path / INDEX_FILE, self.frames)
+        self.episodes = _read_index(self.path / INDEX_FILE, self.frames, meta.get("episodes"))
         arrays = {}
         for key, (filename, dtype, shape) in _array_files(self.layout).items():
             file = self.path / filename
@@ -283,15 +285,24 @@ class EpisodeStore:
                 raise StoreError(f"{file} is missing or truncated: expected {expected} bytes")
             arrays[key] = np.memmap(file, dtype, "r", shape=(self.frames, *shape))
         for name, statistics in (("actions", self.action_statistics), ("state", self.state_statistics)):
-            if not np.isfinite(np.concatenate([statistics.mean, statistics.std])).all():
+            if not np.isfinite(arrays[name]).all():  # a few bytes per frame beside the images: cheap to read
                 self._raise_non_finite(name, arrays[name])
+            if not np.isfinite(np.concatenate([statistics.mean, statistics.std])).all():
+                raise StoreError(f"{meta_path} holds non-finite {name} statistics of finite {name}; the store is "
+                                 f"damaged: regenerate or re-import it")
         self.images = {camera: arrays[f"images.{camera}"] for camera in self.layout.cameras}
         self.state = arrays["state"]
         self.actions = arrays["actions"]
+        if verify:
+            self.verify()
+
+    def verify(self, progress: bool | None = None) -> list[str]:
+        """`verify_store`, skipping the files whose size, time and inode are those of a file this machine already
+        verified (the verdicts are cached in the user's cache directory, see `VerdictCache`)."""
+        return _verify(self, progress, VerdictCache(self.path))
 
     def _raise_non_finite(self, name: str, array: np.ndarray) -> None:
-        """Only reached when the statistics are not finite, so reading the (small) array is no cost to a sound
-        store."""
+        """Only reached for a damaged store: which episodes hold the non-finite values."""
         finite = np.isfinite(array).all(axis=1)
         bad = [row for row in self.episodes.itertuples() if not finite[row.start:row.start + row.length].all()]
         raise StoreError(f"{self.path} holds non-finite {name} in {len(bad)} episode(s), first episode "
@@ -377,8 +388,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_index(path: Path, frames: int) -> pd.DataFrame:
-    """The episode index, checked against the frames: every episode's first frame and length lie within them."""
+def _read_index(path: Path, frames: int, episodes_in_meta: int | None = None) -> pd.DataFrame:
+    """The episode index, checked: integer bounds, text names, no missing values, no episode listed twice or
+    overlapping another, every episode within the frames. Every problem is one line naming the file."""
     if not path.is_file():
         raise StoreError(f"{path} is missing (the store's episode index); the store cannot be read: regenerate or "
                          f"re-import it")
@@ -388,33 +400,138 @@ def _read_index(path: Path, frames: int) -> pd.DataFrame:
         reason = " ".join(str(error).split())
         raise StoreError(f"{path} is corrupt ({reason}); the store cannot be read: regenerate or re-import "
                          f"it") from None
+    problem = _index_problem(episodes, frames, episodes_in_meta)
+    if problem:
+        raise StoreError(f"{path}: {problem}; the index is damaged: regenerate or re-import the store")
+    return episodes
+
+
+def _index_problem(episodes: pd.DataFrame, frames: int, episodes_in_meta: int | None) -> str | None:
     missing = [column for column in INDEX_COLUMNS if column not in episodes]
     if missing:
-        raise StoreError(f"{path} has no column {', '.join(missing)}; regenerate or re-import the store")
+        return f"no column {', '.join(missing)}"
+    if episodes.empty:
+        return "it holds no episodes"
+    for column in INDEX_COLUMNS:
+        absent = episodes[column].isna().to_numpy()
+        if absent.any():
+            return f"column {column!r} has missing values (episode {_episode_name(episodes, absent)})"
+    for column in ("episode", "seed", "start", "length"):
+        if not pd.api.types.is_integer_dtype(episodes[column]):
+            held = "text" if pd.api.types.is_string_dtype(episodes[column]) else episodes[column].dtype
+            return f"column {column!r} must hold integers; it holds {held}"
+    for column in ("task", "instruction", "scene"):
+        text = episodes[column].map(lambda value: isinstance(value, str)).to_numpy()
+        if not text.all():
+            return f"column {column!r} must hold text (episode {_episode_name(episodes, ~text)})"
+    counts = episodes["episode"].value_counts()
+    if (counts > 1).any():
+        return f"episode {counts.index[0]} appears {counts.iloc[0]} times"
     start, length = episodes["start"].to_numpy(), episodes["length"].to_numpy()
-    outside = np.flatnonzero((start < 0) | (length < 1) | (start + length > frames))
+    outside = np.flatnonzero((start < 0) | (length < 1) | (start > frames) | (length > frames - start))
     if len(outside):
         first = episodes.iloc[outside[0]]
-        raise StoreError(f"{path}: {len(outside)} episode(s) lie outside the store's {frames} frames (episode "
-                         f"{first['episode']} starts at {first['start']} with length {first['length']}); the index "
-                         f"is damaged: regenerate or re-import the store")
-    return episodes
+        return (f"{len(outside)} episode(s) lie outside the store's {frames} frames (episode {first['episode']} "
+                f"starts at {first['start']} with length {first['length']})")
+    order = np.argsort(start, kind="stable")
+    ends = start[order] + length[order]
+    overlap = np.flatnonzero(start[order][1:] < ends[:-1])
+    if len(overlap):
+        a, b = episodes.iloc[order[overlap[0]]], episodes.iloc[order[overlap[0] + 1]]
+        return (f"episodes {a['episode']} and {b['episode']} overlap (frames {a['start']}-{a['start'] + a['length'] - 1}"
+                f" and {b['start']}-{b['start'] + b['length'] - 1})")
+    if episodes_in_meta is not None and episodes_in_meta != len(episodes):
+        return f"it lists {len(episodes)} episodes; meta.json says the store holds {episodes_in_meta}"
+    return None
+
+
+def _episode_name(episodes: pd.DataFrame, rows: np.ndarray) -> object:
+    """The `episode` number of the first of `rows`, or its row number when that is missing too."""
+    row = int(np.flatnonzero(rows)[0])
+    number = episodes["episode"].iloc[row]
+    return f"row {row}" if pd.isna(number) else number
 
 
 def verify_store(path: str | Path, progress: bool = False) -> list[str]:
     """Read every file of a store (streaming) against the SHA-256 checksums recorded at commit. Returns the files
     checked: none for a store written before checksums were recorded. Raises StoreError naming every damaged
-    file."""
-    store = EpisodeStore(path)
-    recorded = store.meta.get("checksums", {}).get("files", {})
-    sizes = {name: (store.path / name).stat().st_size for name in recorded}
+    file, and for a meta.json whose checksums leave out a file of the store or name another."""
+    return _verify(EpisodeStore(path), progress, cache=None)
+
+
+def _verify(store: EpisodeStore, progress: bool | None, cache: VerdictCache | None) -> list[str]:
+    recorded = _recorded_checksums(store)
+    if not recorded:
+        return []
+    verdicts = cache.read() if cache is not None else {}
+    stats = {name: (store.path / name).stat() for name in recorded}
+    to_read = [name for name in recorded if verdicts.get(name) != _verdict(stats[name], recorded[name])]
+    started = time.time_ns()
     damaged = []
-    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"verify {store.path.name}",
-              disable=not progress) as bar:
-        for name, checksum in recorded.items():
-            if _sha256(store.path / name, bar) != checksum:
+    with tqdm(total=sum(stats[name].st_size for name in to_read), unit="B", unit_scale=True,
+              desc=f"verify {store.path.name}", disable=None if progress is None else not progress) as bar:
+        for name in to_read:
+            if _sha256(store.path / name, bar) != recorded[name]:
                 damaged.append(name)
     if damaged:
         raise StoreError(f"{store.path}: {', '.join(damaged)} changed since the store was written (SHA-256 differs "
                          f"from meta.json); the store is damaged: regenerate or re-import it")
+    if cache is not None and to_read:
+        # a file changed within the clock's resolution of this check would keep its time: such a "racy" verdict
+        # (git's word) is not kept, and the file is read again next time
+        cache.write({name: _verdict(stats[name], recorded[name]) for name in recorded
+                     if started - stats[name].st_mtime_ns > RACY_NS})
     return list(recorded)
+
+
+def _recorded_checksums(store: EpisodeStore) -> dict[str, str]:
+    """The checksums meta.json records, one for each file of the store and for no other file; {} for a store
+    written before checksums were recorded."""
+    if "checksums" not in store.meta:
+        return {}
+    checksums = store.meta["checksums"]
+    recorded = checksums.get("files") if isinstance(checksums, dict) else None
+    if not isinstance(recorded, dict) or checksums.get("algorithm") != "sha256":
+        raise StoreError(f"{store.path / META_FILE} holds no SHA-256 checksums under 'checksums'; the store is "
+                         f"damaged: regenerate or re-import it")
+    expected = _store_files(store.layout)
+    for name in recorded:
+        if name not in expected:
+            raise StoreError(f"{store.path / META_FILE} records a checksum for {name!r}, which is not a file of the "
+                             f"store ({', '.join(expected)}); the store is damaged: regenerate or re-import it")
+    for name in expected:
+        if not isinstance(recorded.get(name), str):
+            raise StoreError(f"{store.path / META_FILE} records no checksum for {name}, so it cannot be verified; "
+                             f"the store is damaged: regenerate or re-import it")
+    return {name: recorded[name] for name in expected}
+
+
+RACY_NS = 2_000_000_000  # a verdict is cached only for a file last changed this long before it was reached
+
+
+def _verdict(stat: os.stat_result, checksum: str) -> list:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, checksum]
+
+
+class VerdictCache:
+    """The files of one store verified on this machine, by size, modification time, inode and device: a JSON file
+    in $XDG_CACHE_HOME/robovlms/verified-stores/ (default ~/.cache), named by the store's resolved path. A file
+    rewritten, or a copy elsewhere, is read again; a cache that cannot be read or written is only a cost."""
+
+    def __init__(self, store: Path):
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robovlms" / "verified-stores"
+        self.path = root / f"{hashlib.sha256(str(store.resolve()).encode()).hexdigest()[:32]}.json"
+
+    def read(self) -> dict[str, list]:
+        try:
+            verdicts = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return verdicts if isinstance(verdicts, dict) else {}
+
+    def write(self, verdicts: dict[str, list]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(self.path, verdicts)
+        except OSError:
+            pass

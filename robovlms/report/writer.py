@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
+from robovlms.atomic_files import why_directory_cannot_be_made
+from robovlms.errors import ReportError
 from robovlms.report.runs import read_sweep_runs
 from robovlms.report.sections import Section, build_sections
 
@@ -17,8 +19,11 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, real_world: Pa
     """Read sweep run directories and write the report to `out`; returns the path of index.html. `real_world`: a
     file of real-world success rates (configuration -> task -> rate), for the run's sim-to-real agreement."""
     run_dirs = [Path(path) for path in run_dirs]
-    runs = read_sweep_runs(run_dirs)
     out = Path(out)
+    reason = why_directory_cannot_be_made(out)  # before any run is read
+    if reason is not None:
+        raise ReportError(f"cannot write the report to {out}: {reason}")
+    runs = read_sweep_runs(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     sections = build_sections(runs, out, real_world)
     for section in sections:

@@ -4,16 +4,21 @@ is the machine's or the simulator's failure, not the policy's, and the worker ru
 
 from __future__ import annotations
 
+import errno
+import logging
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from robovlms.atomic_files import write_atomically
 from robovlms.errors import RobovlmsError, SimulatorDied
 from robovlms.results import CELLS_DIR, TRAIN_DIR, CellResult, read_cell_result, software_versions, write_cell_result
 from robovlms.sweep.cells import Cell
 from robovlms.sweep.config import SweepConfig, evaluation_split
 from robovlms.sweep.study import cell_trials
 
+logger = logging.getLogger(__name__)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 ERROR_FILE = "error.txt"  # a failed cell's traceback, beside its result.json
 SIMULATOR_ATTEMPTS = 3  # a cell whose simulator died is run at most this many times by one worker
 
@@ -30,13 +35,37 @@ def is_infrastructure_failure(error: BaseException) -> bool:
 
 def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseException, trial_number: int | None
                     ) -> str:
-    from robovlms.training import load_config
-
+    """Commit a cell as failed: error.txt (the traceback), then result.json. Never raises for what the disk refuses
+    (full, say): what cannot be written is logged and skipped, so the trial is still told; a cell left without a
+    result.json runs again when the sweep does. Returns the error's message."""
     message = f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        message += (f" (the disk of {run_dir} is full: free space, then run the sweep again with --retry-failed)")
     if is_infrastructure_failure(error):
         message += (f"\n(the simulator died in all {SIMULATOR_ATTEMPTS} attempts at this cell: a failure of the "
                     f"machine or the simulator, not of the policy; run the sweep again with --retry-failed to try "
                     f"again)")
+    cell_dir = run_dir / CELLS_DIR / cell.cell_id
+    try:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        details = "".join(traceback.format_exception(error))
+        write_atomically(cell_dir / ERROR_FILE, lambda temporary: temporary.write_text(details))
+    except OSError as failure:
+        logger.warning(f"cell {cell.cell_id} failed and its traceback could not be written to {ERROR_FILE} ({failure})")
+    try:
+        result = _failed_result(sweep, cell, message, trial_number)
+        result.train_seconds = _training_seconds(cell_dir / TRAIN_DIR)  # training a cell did before it failed counts
+        write_cell_result(cell_dir, result)
+    except OSError as failure:
+        logger.warning(f"cell {cell.cell_id} failed ({message}) and its result.json could not be written "
+                       f"({failure}); the sweep's ledger records the error, and the cell runs again when the sweep "
+                       f"does")
+    return message
+
+
+def _failed_result(sweep: SweepConfig, cell: Cell, message: str, trial_number: int | None) -> CellResult:
+    from robovlms.training import load_config
+
     result = CellResult(cell_id=cell.cell_id, status="failed", kind=cell.kind, benchmark=sweep.benchmark.name,
                         split=sweep.benchmark.split, evaluation_split=evaluation_split(sweep),
                         policy=cell.policy, error=message, axes=cell.axes,
@@ -50,11 +79,7 @@ def record_failure(sweep: SweepConfig, cell: Cell, run_dir: Path, error: BaseExc
         result.formulation, result.history, result.chunk = config.formulation.name, config.history, config.chunk
         result.data_fraction, result.seed = config.data_fraction, config.seed
         result.episodes_per_task = config.episodes_per_task
-    cell_dir = run_dir / CELLS_DIR / cell.cell_id
-    result.train_seconds = _training_seconds(cell_dir / TRAIN_DIR)  # training a cell did before it failed counts
-    write_cell_result(cell_dir, result)
-    (cell_dir / ERROR_FILE).write_text("".join(traceback.format_exception(error)))
-    return message
+    return result
 
 
 def _training_seconds(train_dir: Path) -> float | None:

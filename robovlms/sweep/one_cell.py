@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robovlms.atomic_files import remove_leftovers
 from robovlms.baselines import baseline_factory
 from robovlms.benchmark import BENCHMARKS, Benchmark, EpisodeSpec, Observation, create_benchmark
 from robovlms.data.store import EpisodeStore
@@ -65,10 +66,16 @@ def check_evaluated_tasks(sweep: SweepConfig, store: EpisodeStore, benchmark: Be
 
 
 def ensure_store(sweep: SweepConfig) -> EpisodeStore:
+    """The sweep's store; generated when it is missing and the sweep says how (`store.generate`)."""
+    from robovlms.data.demonstrations import check_generated_as, generate_demonstrations
+
     path = Path(sweep.store.path)
-    if (path / "meta.json").exists() or sweep.store.generate is None:
+    if sweep.store.generate is None:
         return EpisodeStore(path)
-    from robovlms.data.demonstrations import generate_demonstrations
+    if (path / "meta.json").exists():
+        store = EpisodeStore(path)
+        check_generated_as(store, sweep.store.generate.episodes, sweep.store.generate.scenes)
+        return store
 
     benchmark = sweep_benchmark(sweep, None)
     generation = sweep.store.generate
@@ -87,6 +94,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     `holds_cell` says that this attempt was taken for dead meanwhile (then CellReleased)."""
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(cell_dir, recursive=True)  # of an attempt killed mid-write
     store = EpisodeStore(sweep.store.path)
     benchmark = sweep_benchmark(sweep, store)
     result = CellResult(cell_id=cell.cell_id, status="complete", kind=cell.kind, benchmark=benchmark.name,

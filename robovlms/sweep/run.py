@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from robovlms.atomic_files import write_atomically, write_json_atomically
+from robovlms.atomic_files import (remove_leftovers, why_directory_cannot_be_made, write_atomically,
+                                   write_json_atomically)
 from robovlms.baselines import check_baseline_data
 from robovlms.errors import ConfigError
 from robovlms.results import (
@@ -28,7 +29,9 @@ from robovlms.sweep.cells import Cell, check_cells_build, check_cells_on_store, 
 from robovlms.sweep.config import evaluation_split, load_sweep, with_evaluation_split
 from robovlms.sweep.failures import record_abandoned
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
-from robovlms.sweep.study import cell_trials, count_cell_errors, count_trials, enqueue_cells, open_study, storage_url
+from robovlms.sweep.study import (abandoned, cell_trials, count_cell_errors, count_trials, creating_study,
+                                  enqueue_cells, enqueue_search_trials, ledger_errors, open_study, search_attempts,
+                                  storage_url, study_name)
 from robovlms.sweep.worker import work
 
 PROGRESS_SECONDS = 1.0  # between progress reports, so that reporting costs nothing beside cells that take no time
@@ -47,16 +50,18 @@ class SweepStatus:
 
 def sweep_status(study, cells: list[Cell], run_dir: Path, trials: int | None = None) -> SweepStatus:
     """A grid's cells done, running, waiting and failed; for a search (`trials`, its number of trials), its trials
-    complete, pruned, running, waiting and failed by an error (a trial whose worker died is retried, not failed)."""
+    complete, pruned, running, waiting and failed (by an error, or abandoned after its workers died in every
+    retry; a trial whose worker died once is retried, not failed)."""
     from optuna.trial import TrialState
 
     if trials is not None:
         found = study.get_trials(deepcopy=False)
         states = [trial.state for trial in found]
+        failed = sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in found)
+        failed += sum(abandoned(attempts) for attempts in search_attempts(study).values())
         return SweepStatus(cells=trials, done=states.count(TrialState.COMPLETE), running=states.count(TrialState.RUNNING),
-                           failed=sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in found),
-                           waiting=states.count(TrialState.WAITING), pruned=states.count(TrialState.PRUNED),
-                           unit="trials")
+                           failed=failed, waiting=states.count(TrialState.WAITING),
+                           pruned=states.count(TrialState.PRUNED), unit="trials")
     status = SweepStatus(cells=len(cells))
     trials = cell_trials(study)
     for cell in cells:
@@ -68,8 +73,9 @@ def sweep_status(study, cells: list[Cell], run_dir: Path, trials: int | None = N
             status.running += 1
         elif TrialState.WAITING in states:
             status.waiting += 1
-        elif result is not None and result.status == "failed":
-            status.failed += 1
+        elif (result is not None and result.status == "failed") or any(
+                trial.state == TrialState.FAIL and "error" in trial.user_attrs for trial in trials.get(cell.cell_id, [])):
+            status.failed += 1  # by its result, or by the ledger alone when its result could not be written
     return status
 
 
@@ -95,6 +101,7 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     planned.split_episodes(sweep.benchmark.split, sweep.evaluation.split, 1)  # with them
     check_cells_build(checked, planned.action_dim, planned.state_dim)
     store = ensure_store(sweep)
+    store.verify()
     benchmark = sweep_benchmark(sweep, store)
     benchmark.check_available()
     check_evaluated_tasks(sweep, store, benchmark)
@@ -102,21 +109,25 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     for baseline in sweep.baselines:
         check_baseline_data(baseline, benchmark, store.path)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused sweep file leaves no study behind
+    for directory in (run_dir, run_dir / RESULTS_DIR):
+        remove_leftovers(directory)  # of a sweep killed while writing sweep.yaml or gathering
     url = storage_url(sweep, storage)
-    study = open_study(sweep, cells, url, mode, create=True)
-    spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
-    write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
-    enqueue_cells(study, cells, run_dir, retry_failed)
+    with creating_study(url, study_name(sweep, mode)):  # sweeps started at once create and queue it once
+        study = open_study(sweep, cells, url, mode, create=True)
+        spec = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+        write_atomically(run_dir / SWEEP_FILE, lambda temporary: temporary.write_text(spec))
+        if mode == "search":
+            enqueue_search_trials(study, sweep.search.trials)
+        else:
+            enqueue_cells(study, cells, run_dir, retry_failed)
     return sweep, cells, study, url
 
 
 def check_run_dir(run_dir: Path) -> None:
     """The run directory is, or can be made as, a directory."""
-    existing = next((parent for parent in (run_dir, *run_dir.parents) if parent.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"run_dir {run_dir} cannot be made: {existing} is a file, not a directory")
-    if existing is not None and not os.access(existing, os.W_OK):
-        raise ConfigError(f"run_dir {run_dir} cannot be made: {existing} is not writable")
+    reason = why_directory_cannot_be_made(run_dir)
+    if reason is not None:
+        raise ConfigError(f"run_dir {run_dir} cannot be made: {reason}")
 
 
 def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None, retry_failed: bool = False,
@@ -135,14 +146,15 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
             progress(ledger_status(study, cells) if mode == "grid" else sweep_status(study, cells, run_dir, trials))
             last_report = time.monotonic()
 
-    report()
-    if workers <= 1:
-        work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)
-    else:
-        _run_worker_processes(study.study_name, url, workers, run_dir, report)
-        work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
-    record_abandoned(study, sweep, cells, run_dir)
-    status = sweep_status(study, cells, run_dir, trials)
+    with ledger_errors(url):
+        report()
+        if workers <= 1:
+            work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)
+        else:
+            _run_worker_processes(study.study_name, url, workers, run_dir, report)
+            work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
+        record_abandoned(study, sweep, cells, run_dir)
+        status = sweep_status(study, cells, run_dir, trials)
     if progress is not None:
         progress(status)
     gather(run_dir)

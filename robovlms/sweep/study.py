@@ -4,15 +4,19 @@ alive, and a dead worker's trial goes stale and is re-enqueued."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import sys
 import time
 import warnings
 import weakref
 from pathlib import Path
 
 from robovlms.data.store import EpisodeStore
-from robovlms.errors import ConfigError
+from robovlms.errors import ConfigError, LedgerError
 from robovlms.results import CELLS_DIR, read_cell_result
 from robovlms.sweep.cells import Cell, fingerprint, sweep_cells
 from robovlms.sweep.config import SweepConfig, load_sweep
@@ -32,6 +36,70 @@ def storage_url(sweep: SweepConfig, url: str | None = None) -> str:
         return url or sweep.storage
     Path(sweep.run_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(sweep.run_dir).resolve() / 'optuna.db'}"
+
+
+def creation_lock_file(url: str) -> Path | None:
+    """The file locked while a sweep creates the tables and study of a SQLite storage; None for other storages."""
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    database = Path(url.removeprefix("sqlite:///"))
+    return database.with_name(f".{database.name}.lock")
+
+
+@contextlib.contextmanager
+def creating_study(url: str, name: str):
+    """Held while a sweep creates its storage's tables and its study, sets the study's settings and queues its cells,
+    so that sweeps started at once create them once: the others say that another sweep is creating the study, wait,
+    then join it (as workers of the same sweep file, or refused as another's). A file lock beside a SQLite database,
+    an advisory lock of the study's name in PostgreSQL."""
+    lock_file = creation_lock_file(url)
+    if lock_file is not None:
+        with open(lock_file, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say_waiting(url, name)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(f"robovlms study {name}".encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        connection = engine.connect()
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        raise ConfigError(f"cannot reach the Optuna storage {redact(url)}: {str(error).splitlines()[0]}") from None
+    with connection:
+        if not connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
+            _say_waiting(url, name)
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+@contextlib.contextmanager
+def ledger_errors(url: str):
+    """A storage that fails mid-sweep (its disk full, its server gone) as one LedgerError line."""
+    import sqlalchemy
+
+    try:
+        yield
+    except sqlalchemy.exc.OperationalError as error:
+        reason = str(error.orig if error.orig is not None else error).splitlines()[0]
+        raise LedgerError(f"the sweep's ledger {redact(url)} cannot be written ({reason}); what was committed is "
+                          f"kept: free space on its disk, or bring its database server back, then run the sweep "
+                          f"again to resume it") from None
+
+
+def _say_waiting(url: str, name: str) -> None:
+    print(f"another sweep is creating the study {name} in {redact(url)}; waiting for it to finish, then joining the "
+          f"study", file=sys.stderr, flush=True)
 
 
 def open_storage(url: str, heartbeat_seconds: int | None = None):
@@ -193,7 +261,8 @@ def join_study(url: str, name: str):
     if STUDY_SPEC not in attributes:
         raise ConfigError(f"study {name!r} in {redact(url)} was not made by `robovlms sweep` or `robovlms tune`")
     sweep, mode = load_sweep(attributes[STUDY_SPEC]), attributes[STUDY_MODE]
-    sweep_benchmark(sweep, EpisodeStore(sweep.store.path)).check_available()  # before this machine takes a cell
+    # before this machine takes a cell: its simulator, and its copy of the store
+    sweep_benchmark(sweep, EpisodeStore(sweep.store.path, verify=True)).check_available()
     cells = sweep_cells(sweep, mode)
     return open_study(sweep, cells, url, mode, create=False), sweep, cells, mode
 
@@ -233,6 +302,51 @@ def enqueue_cells(study, cells: list[Cell], run_dir: Path, retry_failed: bool = 
         study.enqueue_trial({}, user_attrs={"cell": cell.cell_id})
         enqueued.append(cell.cell_id)
     return enqueued
+
+
+def search_attempts(study) -> dict[int, list]:
+    """A search's trials grouped by the point they try: a retry of a killed trial (same parameters, same cell) joins
+    the group of the trial it retries."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    groups: dict[int, list] = {}
+    for trial in study.get_trials(deepcopy=False):
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        groups.setdefault(trial.number if first is None else first, []).append(trial)
+    return groups
+
+
+def killed(trial) -> bool:
+    """Failed because its worker stopped (killed, lost, interrupted), not by an error of its own."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
+
+
+def abandoned(attempts: list) -> bool:
+    """Every attempt at a point was killed, and it has been retried as often as it may be."""
+    return all(killed(trial) for trial in attempts) and len(attempts) > MAX_RETRIES
+
+
+def enqueue_search_trials(study, trials: int) -> int:
+    """Queue what a search's budget of `trials` points still misses; returns how many were queued. A point counts
+    once it is complete, pruned, failed by its own error, queued, running, or abandoned after MAX_RETRIES retries;
+    a point whose attempts were all killed is queued again as a retry (it resumes its cell), and the rest of the
+    budget as fresh trials. Queued here, by one process, so that workers only pop: however many there are, they
+    cannot draw more trials than the budget."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    counted, queued = 0, 0
+    for attempts in search_attempts(study).values():
+        if abandoned(attempts) or not all(killed(trial) for trial in attempts):
+            counted += 1
+        elif counted + queued < trials:
+            RetryHeartbeatStaleTrialCallback(MAX_RETRIES)(study, attempts[-1])
+            queued += 1
+    for _ in range(trials - counted - queued):
+        study.enqueue_trial({})
+        queued += 1
+    return queued
 
 
 # What a worker does per cell must cost the same at 10 or 10,000 cells, which Optuna's public API cannot do for three

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,13 +76,14 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
 
 
 def _earlier_trial_with_params(trial):
-    """An earlier trial (complete, pruned or running) that drew the same parameters: possible in an integer or
-    categorical space."""
+    """An earlier trial that drew the same parameters (possible in an integer or categorical space): a finished one
+    (complete or pruned), or one running that was queued before this one."""
     from optuna.trial import TrialState
 
     considered = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return next((other for other in trial.study.get_trials(deepcopy=False, states=considered)
-                 if other.number < trial.number and other.params == trial.params), None)
+                 if other.number != trial.number and other.params == trial.params
+                 and (other.state != TrialState.RUNNING or other.number < trial.number)), None)
 
 
 def _search_cell_id(trial, training: dict) -> str:
@@ -229,16 +229,22 @@ def _log_released(cell: Cell, number: int) -> None:
 
 def _work_search(study, sweep: SweepConfig, run_dir: Path, wait: bool, progress: bool,
                  on_change: Callable[[], None] | None) -> None:
-    import optuna
-
+    """Pop the search's queued trials (its budget, queued when `robovlms tune` starts, and retries of killed ones)
+    until none is left; a worker never asks for a trial beyond them."""
     objective = _search_objective(sweep, search_base(sweep), run_dir, progress)
+    checked_stale = -float("inf")
     while True:
-        optuna.storages.fail_stale_trials(study)
-        states = [trial.state for trial in study.get_trials(deepcopy=False)]
-        finished = sum(state.is_finished() for state in states)
-        if finished + states.count(TrialState.RUNNING) < sweep.search.trials or TrialState.WAITING in states:
-            _run_search_trial(study, objective)
-        elif wait and TrialState.RUNNING in states:
+        if time.monotonic() - checked_stale >= sweep.heartbeat_seconds:
+            fail_stale_trials(study)
+            checked_stale = time.monotonic()
+        popped = pop_waiting_trial(study)
+        if popped is None:
+            fail_stale_trials(study)  # a dead worker's trial comes back as a retry
+            checked_stale = time.monotonic()
+            popped = pop_waiting_trial(study)
+        if popped is not None:
+            _run_search_trial(study, popped[0], objective)
+        elif wait and count_trials(study).get(TrialState.RUNNING):
             time.sleep(1)
         else:
             return
@@ -246,18 +252,16 @@ def _work_search(study, sweep: SweepConfig, run_dir: Path, wait: bool, progress:
             on_change()
 
 
-def _run_search_trial(study, objective: Callable) -> None:
-    """Ask for a trial (a waiting re-run first), run the objective under the trial's heartbeat and tell how it
-    ended, unless another worker took this one for dead and failed it meanwhile: then it is logged and dropped, as
-    for a grid's cells (the re-run trains a cell of its own)."""
+def _run_search_trial(study, trial_id: int, objective: Callable) -> None:
+    """Run the objective on a popped trial under its heartbeat and tell how it ended, unless another worker took
+    this one for dead and failed it meanwhile: then it is logged and dropped, as for a grid's cells (the retry
+    trains the same cell)."""
     import optuna
 
-    with warnings.catch_warnings():  # Optuna's reminder that heartbeats are meant for its optimize loop
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-        trial = study.ask()
+    trial = optuna.Trial(study, trial_id)  # the sampler draws its parameters as the objective suggests them
     value, state = None, TrialState.COMPLETE
     try:
-        with get_heartbeat_thread(trial._trial_id, study._storage):
+        with get_heartbeat_thread(trial_id, study._storage):
             value = objective(trial)
     except optuna.TrialPruned:
         state = TrialState.PRUNED
@@ -265,12 +269,11 @@ def _run_search_trial(study, objective: Callable) -> None:
         state = TrialState.FAIL
     except UpdateFinishedTrialError:  # the objective wrote to a trial another worker had failed meanwhile
         pass
-    except BaseException:  # interrupted: the trial is failed now, and re-enqueued, not after its heartbeat lapses
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    except BaseException:  # interrupted: the trial is failed now (the next `robovlms tune` retries it), not after
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)  # its heartbeat lapses
         raise
-    if trial_state(study, trial._trial_id).is_finished():
+    if trial_state(study, trial_id).is_finished():
         logger.warning(f"search trial {trial.number} was taken for dead by another worker (its heartbeat lapsed) "
                        f"and retried; this attempt's result is dropped and the worker goes on")
         return
     study.tell(trial, value, state=state, skip_if_finished=True)
-

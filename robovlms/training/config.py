@@ -18,7 +18,7 @@ MAX_WINDOW = 1024  # frames of history, actions of a chunk
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a learning rate of .inf is a typo too
 
 
 class BackboneSettings(_Strict):

@@ -29,7 +29,7 @@ from robovlms.data.windows import WindowDataset, check_windows_fit
 from robovlms.formulation import check_statistics
 from robovlms.data.windows import batch_as_is
 from robovlms.training.batches import StepBatchSampler, validation_batches
-from robovlms.training.checkpoints import resume_point
+from robovlms.training.checkpoints import AtomicCheckpointIO, resume_point
 from robovlms.training.config import TrainingConfig, load_config
 from robovlms.training.module import FormulationModule
 from robovlms.training.run_dir import (BACKBONE_DIR, CHECKPOINT_DIR, STATISTICS_FILE, TrainingClock, build_formulation,
@@ -44,7 +44,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
     config = load_config(config)
     run_dir = Path(config.run_dir)
     clock = TrainingClock(run_dir, config.checkpoint_every)
-    store = EpisodeStore(config.store)
+    store = EpisodeStore(config.store, verify=True)
     cameras = config.cameras or list(store.layout.cameras)
     config = config.model_copy(update={"cameras": cameras})
     validation = store.holdout(config.validation_fraction)
@@ -80,6 +80,7 @@ def train(config: TrainingConfig | dict[str, Any] | str | Path, progress: bool =
             num_sanity_val_steps=0, val_check_interval=config.validate_every, check_val_every_n_epoch=None,
             limit_val_batches=config.validation_batches if validation else 0, use_distributed_sampler=False,
             logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
+            plugins=[AtomicCheckpointIO()],
             callbacks=[ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step{step}", save_last=True,
                                        every_n_train_steps=config.checkpoint_every, save_top_k=-1,
                                        auto_insert_metric_name=False,
