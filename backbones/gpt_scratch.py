@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerFast
@@ -30,6 +32,7 @@ class GPTScratchConfig:
     vocab_size: int = 512  # the tokenizer's size; grows when action tokens are appended
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    init_std: Annotated[float, Field(gt=0)] = 0.02  # of every linear and embedding weight (nanoGPT's; docs/demo.md)
 
 
 class ConvImageEncoder(nn.Module):
@@ -95,7 +98,7 @@ class GPTScratch(nn.Module):
         self.gradient_checkpointing = False  # recompute each block's activations in backward
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=config.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
@@ -202,7 +205,7 @@ class GPTScratchBackbone(Backbone):
     def resize_vocabulary(self, vocab_size: int) -> None:
         old = self.model.wte
         new = nn.Embedding(vocab_size, old.embedding_dim).to(old.weight.device, old.weight.dtype)
-        nn.init.normal_(new.weight, std=0.02)
+        nn.init.normal_(new.weight, std=self.model.config.init_std)
         with torch.no_grad():
             new.weight[:old.num_embeddings] = old.weight
         new.weight.requires_grad_(old.weight.requires_grad)

@@ -585,15 +585,13 @@ def image_variation_against_word_embeddings(backbone) -> float:
     return (image_tokens.std(dim=0).mean() / words.pow(2).mean().sqrt()).item()
 
 
-def test_tiny_kosmos2_image_tokens_vary_with_the_image_at_the_word_embeddings_scale():
-    """At KOSMOS-2's own init std (0.02, for its 2048-wide model) the 64-wide resampler passes almost nothing of the
-    image on; the tiny default, 1/sqrt(hidden), does."""
+def test_tiny_kosmos2_image_tokens_vary_with_the_image_at_the_word_embeddings_scale_only_at_a_width_scaled_std():
+    """At KOSMOS-2's own init std (0.02, for its 2048-wide model; the tiny default) the 64-wide resampler passes
+    almost nothing of the image on; at 1/sqrt(hidden) it does (docs/demo.md: not better on validation)."""
     torch.manual_seed(0)
-    assert image_variation_against_word_embeddings(create_backbone("kosmos2")) > 0.05
+    assert image_variation_against_word_embeddings(create_backbone("kosmos2")) < 0.01
     torch.manual_seed(0)
-    assert image_variation_against_word_embeddings(create_backbone("kosmos2", init_std=0.02)) < 0.01
-    with pytest.raises(ConfigError, match="init_std"):
-        create_backbone("kosmos2", init_std=0)
+    assert image_variation_against_word_embeddings(create_backbone("kosmos2", init_std=64 ** -0.5)) > 0.05
 
 
 def saved_tensor_bytes_and_gradients(formulation, batch):
@@ -655,3 +653,40 @@ def test_gradient_checkpointing_on_a_backbone_without_it_is_refused_before_train
             check_training(config)
     finally:
         del BACKBONES._registered["no-checkpointing"]
+
+
+# A weight that each backbone initialises at its init_std: a projection of its decoder (the CLIP and SigLIP towers'
+# own rules scale with width).
+INIT_STD_WEIGHTS = {
+    "kosmos2": "model.text_model.model.layers.0.self_attn.k_proj.weight",
+    "paligemma": "model.model.language_model.layers.0.self_attn.k_proj.weight",
+    "flamingo": "model.model.layers.0.self_attn.k_proj.weight",
+    "gpt-scratch": "model.blocks.0.attn.qkv.weight",
+    "film-convnet": "model.blocks.0.attn.qkv.weight",
+}
+
+
+def initial_weight_std(name: str, **options) -> float:
+    torch.manual_seed(0)
+    backbone = create_backbone(name, **options)
+    return dict(backbone.named_parameters())[INIT_STD_WEIGHTS[name]].std().item()
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("init_std", [0.02, 0.125])
+def test_every_backbone_initialises_its_weights_at_the_init_std_it_is_given(name, init_std):
+    assert initial_weight_std(name, init_std=init_std) == pytest.approx(init_std, rel=0.1)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("init_std", [0, -0.02, "wide"])
+def test_every_backbone_refuses_an_init_std_that_is_not_a_positive_number(name, init_std):
+    with pytest.raises(ConfigError, match=f"backbone '{name}' option init_std: .*got {init_std!r}"):
+        create_backbone(name, init_std=init_std)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_backbone_starts_at_the_same_init_std_its_released_models_use(name):
+    """One rule for all (docs/demo.md): 0.02, the std of KOSMOS-2, IDEFICS, Gemma and nanoGPT; 1/sqrt(hidden) was not
+    resolved better on the validation episodes."""
+    assert initial_weight_std(name) == pytest.approx(0.02, rel=0.1)
