@@ -123,8 +123,7 @@ def train_here(config: TrainingConfig, progress: bool, callbacks: Sequence[L.Cal
     return run_dir
 
 
-@dataclass
-def lightning_plugins(config: TrainingConfig) -> list | None:
+def lightning_plugins(config: TrainingConfig) -> list:
     """Lightning's cluster environment when robovlms started the ranks, and atomic checkpoint files where a
     checkpoint is one file (DeepSpeed writes a directory of its own)."""
     plugins = [LightningEnvironment()] if launched_by_robovlms() else []
@@ -133,6 +132,7 @@ def lightning_plugins(config: TrainingConfig) -> list | None:
     return plugins
 
 
+@dataclass
 class TrainingData:
     """What training reads of the store, checked against the config before any model is built."""
 
