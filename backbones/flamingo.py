@@ -6,9 +6,10 @@ position attend to the images of its frame. Images are not in the token sequence
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
 
@@ -50,6 +51,7 @@ class FlamingoTinyConfig:
     resampler_depth: int = 2
     gate_init_std: float = 0.1  # tanh gates start open a little: a random model must not ignore the image
     tokenizer_vocab_size: int = 512
+    init_std: Annotated[float, Field(gt=0)] = 0.02  # IDEFICS's, for every weight but its gates and latents (docs/demo.md)
 
 
 class FlamingoBackbone(TransformersBackbone):
@@ -71,12 +73,14 @@ class FlamingoBackbone(TransformersBackbone):
         config = IdeficsConfig(
             vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=4 * tiny.hidden_size,
             num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads, max_position_embeddings=1024,
+            initializer_range=tiny.init_std,
             # IDEFICS defaults: closed gates (zeros) and frozen layers, right for a pretrained LM, not for a tiny one
             alpha_initializer="normal", alpha_type="vector", alphas_initializer_range=tiny.gate_init_std,
             freeze_text_layers=False, freeze_vision_layers=False, use_resampler=True,
             vision_config=dict(embed_dim=tiny.hidden_size, intermediate_size=4 * tiny.hidden_size,
                                num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads,
-                               image_size=tiny.image_size, patch_size=tiny.patch_size),
+                               image_size=tiny.image_size, patch_size=tiny.patch_size,
+                               initializer_range=tiny.init_std),
             perceiver_config=dict(use_resampler=True, resampler_n_latents=tiny.latents,
                                   resampler_depth=tiny.resampler_depth, resampler_n_heads=tiny.heads,
                                   resampler_head_dim=tiny.hidden_size // tiny.heads),
@@ -154,7 +158,9 @@ class FlamingoBackbone(TransformersBackbone):
                           labels=rows.labels.to(images.device), use_cache=False).loss
 
     def vision_modules(self) -> list[nn.Module]:
-        return [self.model.model.vision_model, self.model.model.perceiver_resampler]
+        # an IDEFICS without a perceiver resampler (use_resampler false) cross-attends to the patch embeddings
+        resampler = getattr(self.model.model, "perceiver_resampler", None)
+        return [self.model.model.vision_model] + ([resampler] if resampler is not None else [])
 
     def language_modules(self) -> list[nn.Module]:
         decoder = self.model.model

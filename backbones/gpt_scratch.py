@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerFast
 
 from robovlms.backbone import SPEC_FILE, Backbone, Context, load_backbone, options_to_config, resolve_pretrained
@@ -29,6 +32,7 @@ class GPTScratchConfig:
     vocab_size: int = 512  # the tokenizer's size; grows when action tokens are appended
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    init_std: Annotated[float, Field(gt=0)] = 0.02  # of every linear and embedding weight (nanoGPT's; docs/demo.md)
 
 
 class ConvImageEncoder(nn.Module):
@@ -91,9 +95,10 @@ class GPTScratch(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=config.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
@@ -103,7 +108,7 @@ class GPTScratch(nn.Module):
             raise ConfigError(f"context of {L} tokens exceeds max_positions={self.config.max_positions}")
         x = inputs_embeds + self.wpe(torch.arange(L, device=inputs_embeds.device))
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing and self.training else block(x)
         return self.ln_f(x)  # (B, L, D)
 
 
@@ -154,6 +159,16 @@ class GPTScratchBackbone(Backbone):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @classmethod
+    def supports_gradient_checkpointing(cls) -> bool:
+        return True
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing = True
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        return {Block}
+
     def image_block(self) -> tuple[list[int], int, list[int]]:
         return [], (self.image_size // 16) ** 2, []
 
@@ -189,8 +204,8 @@ class GPTScratchBackbone(Backbone):
 
     def resize_vocabulary(self, vocab_size: int) -> None:
         old = self.model.wte
-        new = nn.Embedding(vocab_size, old.embedding_dim).to(old.weight.device)
-        nn.init.normal_(new.weight, std=0.02)
+        new = nn.Embedding(vocab_size, old.embedding_dim).to(old.weight.device, old.weight.dtype)
+        nn.init.normal_(new.weight, std=self.model.config.init_std)
         with torch.no_grad():
             new.weight[:old.num_embeddings] = old.weight
         new.weight.requires_grad_(old.weight.requires_grad)

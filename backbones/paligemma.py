@@ -5,9 +5,10 @@ token) and causally after it, as PaliGemma's prefix-LM does for prompt and answe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
@@ -40,6 +41,7 @@ class PaliGemmaTinyConfig:
     image_size: int = 64
     patch_size: int = 8  # small patches learn fast; (64 / 8)^2 = 64 image tokens per image in the sequence
     tokenizer_vocab_size: int = 512  # BPE trained in code; PaliGemma's processor adds <image>, <loc>, <seg> tokens
+    init_std: Annotated[float, Field(gt=0)] = 0.02  # Gemma's and the projector's; SigLIP's own scales with width (docs/demo.md)
 
 
 class PaliGemmaBackbone(TransformersBackbone):
@@ -67,6 +69,7 @@ class PaliGemmaBackbone(TransformersBackbone):
                              intermediate_size=4 * tiny.hidden_size, num_hidden_layers=tiny.layers,
                              num_attention_heads=tiny.heads, num_key_value_heads=1,
                              head_dim=tiny.hidden_size // tiny.heads, max_position_embeddings=1024,
+                             initializer_range=tiny.init_std,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id),
             image_token_index=processor.image_token_id, vocab_size=len(tokenizer),

@@ -41,4 +41,4 @@ class Interleaved(ContinuousFormulation):
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
         hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded), interleaved=True,
                                instruction_per_frame=self.config.instruction == "per-frame")  # (B, T, K, D)
-        return hidden[:, :, -1]  # (B, T, D): each frame's [LRN] state, the condition of the action objective
+        return hidden[:, :, -1].to(self.weight_dtype)  # (B, T, D): each frame's [LRN] state, the objective's condition

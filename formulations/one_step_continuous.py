@@ -29,4 +29,4 @@ class OneStepContinuous(ContinuousFormulation):
 
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
         hidden = self.backbone(encoded["pixel_values"], instructions, self.lrn_embeds(encoded))  # (B, 1, K, D)
-        return hidden[:, :, -1]  # (B, 1, D): the [LRN] state, the condition of the action objective
+        return hidden[:, :, -1].to(self.weight_dtype)  # (B, 1, D): the [LRN] state, the action objective's condition

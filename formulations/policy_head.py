@@ -95,7 +95,7 @@ class PolicyHead(ContinuousFormulation):
     def encode(self, images, state, instructions):
         inputs = super().encode(images, state, instructions)
         hidden = self.backbone(inputs["pixel_values"], instructions, self.lrn_embeds(inputs))  # (B, T, K, D)
-        return {"frame_state": hidden[:, :, -1]}  # at each [LRN]
+        return {"frame_state": hidden[:, :, -1].to(self.weight_dtype)}  # at each [LRN]
 
     def forward(self, encoded: dict[str, torch.Tensor], instructions: list[str]) -> torch.Tensor:
         return self.fusion(encoded["frame_state"])  # (B, T, W): each frame's condition of the action objective

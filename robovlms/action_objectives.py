@@ -11,8 +11,10 @@ the fused history state); the objective is what reads it:
 
 At rollout the condition is computed once per observation (the backbone pass); only the expert runs in the
 denoising loop. The gripper, a binary, is read from the condition in one pass in every objective (regression: a
-column of its MLP's output; the generative objectives: an MLP of its own). The arm chunk (L, A-1) in [-1, 1] is
-what regression predicts and the generative objectives sample.
+column of its MLP's output, or with `gripper_head: separate` an MLP of its own as in RoboVLMs; the generative
+objectives: an MLP of its own). The arm chunk (L, A-1) in [-1, 1] is what regression predicts and the generative
+objectives sample. The MLPs' hidden widths (`head_width`), activation (`head_activation`) and initialisation
+(`head_init`) are options; RoboVLMs' heads are [1024, 512, 256] wide, ReLU, Xavier-uniform.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from torch import nn
 
 OBJECTIVES = ("regression", "flow-matching", "diffusion")
 ARM_LOSSES = ("mse", "huber", "l1")
+HEAD_ACTIVATIONS = ("gelu", "relu")
+GRIPPER_HEADS = ("shared", "separate")
+HEAD_INITS = ("default", "xavier")
 # The formulation options that belong to the objective: reports show them as the "action objective" axis.
 OBJECTIVE_OPTIONS = ("objective", "arm_loss", "denoising_steps", "expert_width", "expert_layers")
 DIFFUSION_TRAIN_TIMESTEPS = 100  # Diffusion Policy's DDPM: 100 training steps, squared-cosine noise schedule
@@ -79,20 +84,34 @@ class ActionObjective(nn.Module):
             "gripper_accuracy": gripper_accuracy}
 
 
-def action_mlp(condition_size: int, width: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(condition_size, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
-                         nn.Linear(width, outputs))
+def action_mlp(condition_size: int, outputs: int, config) -> nn.Sequential:
+    """condition (..., condition_size) -> (..., outputs) through the hidden widths of `config.head_width` (one
+    width: two layers of it), with `config.head_activation` between them."""
+    widths = config.head_width if isinstance(config.head_width, list) else [config.head_width] * 2
+    activation = {"gelu": nn.GELU, "relu": nn.ReLU}[config.head_activation]
+    layers = []
+    for n_in, n_out in zip([condition_size, *widths], widths):
+        layers += [nn.Linear(n_in, n_out), activation()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], outputs))
 
 
 class Regression(ActionObjective):
-    """An MLP from the condition to the whole chunk in one pass: the arm through tanh, the gripper's logits."""
+    """An MLP from the condition to the whole chunk in one pass: the arm through tanh, the gripper's logits from
+    the same MLP or (`gripper_head: separate`) from one of its own."""
 
     def __init__(self, condition_size, chunk, action_dim, config):
         super().__init__(condition_size, chunk, action_dim, config)
-        self.mlp = action_mlp(condition_size, config.head_width, chunk * action_dim)
+        if config.gripper_head == "separate":
+            self.mlp = action_mlp(condition_size, chunk * self.arm_dim, config)
+            self.gripper = action_mlp(condition_size, chunk, config)
+        else:
+            self.mlp = action_mlp(condition_size, chunk * action_dim, config)
         self.loss_fn = {"mse": F.mse_loss, "huber": F.smooth_l1_loss, "l1": F.l1_loss}[config.arm_loss]
 
     def forward(self, condition, generator=None):
+        if self.config.gripper_head == "separate":
+            arm = self.mlp(condition).unflatten(-1, (self.chunk, self.arm_dim))  # (..., L, A-1)
+            return torch.tanh(arm), self.gripper(condition)
         out = self.mlp(condition).unflatten(-1, (self.chunk, self.action_dim))  # (..., L, A)
         return torch.tanh(out[..., :-1]), out[..., -1]
 
@@ -135,7 +154,9 @@ class ActionExpert(nn.Module):
         return self.condition(condition)  # (..., width)
 
     def forward(self, noisy_arm: torch.Tensor, t: torch.Tensor, condition_features: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.input(torch.cat([noisy_arm.flatten(-2), self.time(t)], dim=-1)) + condition_features)
+        dtype = condition_features.dtype  # the expert's own: times and noisy chunks may come in fp32
+        x = F.gelu(self.input(torch.cat([noisy_arm.flatten(-2).to(dtype), self.time(t).to(dtype)], dim=-1))
+                   + condition_features)
         for block in self.blocks:
             x = x + block(x)  # (..., width)
         return self.output(x).unflatten(-1, (self.chunk, self.arm_dim))  # (..., L, A-1)
@@ -147,7 +168,7 @@ class GenerativeObjective(ActionObjective):
 
     def __init__(self, condition_size, chunk, action_dim, config):
         super().__init__(condition_size, chunk, action_dim, config)
-        self.gripper = action_mlp(condition_size, config.head_width, chunk)
+        self.gripper = action_mlp(condition_size, chunk, config)
         self.expert = ActionExpert(condition_size, chunk, self.arm_dim, config.expert_width, config.expert_layers)
 
     def forward(self, condition, generator=None):
@@ -238,6 +259,14 @@ class Diffusion(GenerativeObjective):
 
 
 def create_action_objective(config, condition_size: int, chunk: int, action_dim: int) -> ActionObjective:
-    """The objective a ContinuousActionConfig names, reading a condition state of `condition_size`."""
+    """The objective a ContinuousActionConfig names, reading a condition state of `condition_size`. With
+    `head_init: xavier`, every nn.Linear of it starts Xavier-uniform with zero biases, as RoboVLMs'
+    `initialize_param` starts its action MLPs."""
     objective_class = {"regression": Regression, "flow-matching": FlowMatching, "diffusion": Diffusion}
-    return objective_class[config.objective](condition_size, chunk, action_dim, config)
+    objective = objective_class[config.objective](condition_size, chunk, action_dim, config)
+    if config.head_init == "xavier":
+        for module in objective.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+    return objective

@@ -19,13 +19,14 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, shift: int 
     N = B * V
     x = images.permute(0, 2, 1, 5, 3, 4).reshape(N, H * 3, h, w).float()  # (N, H*3, h, w)
     x = F.pad(x, (shift,) * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, N, 1), generator=generator)
-    rows, cols = torch.arange(h) + dy, torch.arange(w) + dx  # (N, h), (N, w)
-    x = x[torch.arange(N)[:, None, None, None], torch.arange(H * 3)[None, :, None, None],
+    device = images.device  # the generator draws where it lives (a CPU one for a batch on a GPU)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, N, 1), generator=generator, device=generator.device).to(device)
+    rows, cols = torch.arange(h, device=device) + dy, torch.arange(w, device=device) + dx  # (N, h), (N, w)
+    x = x[torch.arange(N, device=device)[:, None, None, None], torch.arange(H * 3, device=device)[None, :, None, None],
           rows[:, None, :, None], cols[:, None, None, :]].view(N, H, 3, h, w)
 
     def jitter(*shape: int) -> torch.Tensor:
-        return 1 + colour * (2 * torch.rand(N, *shape, generator=generator) - 1)
+        return 1 + colour * (2 * torch.rand(N, *shape, generator=generator, device=generator.device).to(device) - 1)
 
     mean = x.mean(dim=(2, 3, 4), keepdim=True)
     x = ((x - mean) * jitter(1, 1, 1, 1) + mean) * jitter(1, 3, 1, 1) + 255 * (jitter(1, 1, 1, 1) - 1)

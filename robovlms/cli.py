@@ -467,7 +467,7 @@ def _run_sweep_command(file: Path, workers: int, storage: str | None, retry_fail
     stop, update = _progress_printer(run_dir, retried)
     try:
         status = run_sweep(file, workers=workers, storage=storage, retry_failed=retry_failed, mode=mode,
-                           progress=update)
+                           progress=update, notice=lambda line: console.print(line, highlight=False))
     finally:
         stop()
     if console.is_terminal:  # without a terminal, each retried cell's line was printed as it was committed
@@ -646,14 +646,30 @@ def worker_command(
     study: Annotated[str, typer.Option(help="The sweep's name (its study).")],
     run_dir: Annotated[Path | None, typer.Option(help="Where this worker writes cells (default: the sweep's).")] = None,
     wait: Annotated[bool, typer.Option(help="Stay until no other worker holds a cell.")] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine, each with its own GPUs.")] = 1,
 ) -> None:
     """Join a running sweep from any machine: take waiting cells until none is left."""
+    from robovlms.errors import ConfigError
     from robovlms.sweep import join_study, work
     from robovlms.sweep.study import ledger_errors
+    from robovlms.sweep.gpus import assign_gpus, cell_devices, describe_worker_gpus
+    from robovlms.training.launch import SWEEP_VARIABLE, die_with_launcher
 
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if SWEEP_VARIABLE in os.environ:  # started by `robovlms sweep --workers`: dies with it, as its cells' ranks do
+        die_with_launcher(SWEEP_VARIABLE)
     study_, sweep, cells, mode = join_study(storage, study)
+    run_dir = run_dir or Path(sweep.run_dir)
+    if workers > 1:
+        from robovlms.sweep.run import run_worker_processes
+
+        gpus = assign_gpus(cell_devices(sweep, mode), workers)
+        run_worker_processes(study, storage, workers, run_dir, gpus, lambda: None, console.print)
+        return
+    console.print(describe_worker_gpus())
     with ledger_errors(storage):
-        work(study_, sweep, cells, run_dir or Path(sweep.run_dir), mode, wait=wait)
+        work(study_, sweep, cells, run_dir, mode, wait=wait)
 
 
 CHECK_HELP = "Import each plugin and check it against its interface (seconds: imports the model libraries)."
@@ -830,7 +846,8 @@ def main() -> None:
             import traceback
 
             traceback.print_exception(error)
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)  # one line, however long
+        # one line however wide (a log is not a terminal); messages may hold [brackets]
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -13,8 +13,10 @@ global generator. A formulation class that sets `batched_rollouts` in its own bo
 (robovlms/serving/) stack the windows of several episodes in one `predict`: it then takes a list of generators, one
 per row, and a row's output depends on that row alone.
 
-Actions are normalised with the store's statistics: each arm dimension is clipped to its 1st/99th percentile
-and scaled to [-1, 1]; the gripper (the last dimension) is a binary, closed when its raw value is positive.
+Actions are normalised, by default with the store's statistics: each arm dimension is clipped to its 1st/99th
+percentile and scaled to [-1, 1] (`action_normalisation: percentiles`, OpenVLA's choice); or, as RoboVLMs does, every
+arm dimension is clipped to the fixed bounds [-action_clip, action_clip] and scaled to [-1, 1]
+(`action_normalisation: clip`). The gripper (the last dimension) is a binary, closed when its raw value is positive.
 Formulations register in FORMULATIONS; built-in and third-party ones declare an entry point in the group
 `robovlms.formulations` naming their Formulation subclass. docs/adding-a-formulation.md walks through writing one
 (examples/robovlms-gru-head-plugin), and `robovlms check-formulation NAME` checks it on every built-in backbone.
@@ -24,19 +26,28 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from robovlms.action_objectives import ARM_LOSSES, OBJECTIVES, create_action_objective
+from robovlms.action_objectives import (
+    ARM_LOSSES,
+    GRIPPER_HEADS,
+    HEAD_ACTIVATIONS,
+    HEAD_INITS,
+    OBJECTIVES,
+    create_action_objective,
+)
 from robovlms.backbone import Backbone
 from robovlms.data.store import Statistics
 from robovlms.errors import ConfigError, StoreError, UnknownNameError
-from robovlms.registry import FORMULATIONS
+from robovlms.registry import FORMULATIONS, plugin_options
 
 STATE_INPUTS = ("add", "token")
+ACTION_NORMALISATIONS = ("percentiles", "clip")
+LRN_INITS = ("random", "zeros")
 
 
 class RangeNormaliser(nn.Module):
@@ -56,11 +67,18 @@ class RangeNormaliser(nn.Module):
 
 
 class ActionNormaliser(nn.Module):
-    """Raw actions (..., A) <-> normalised arm (..., A-1) in [-1, 1] and a binary gripper (...) in {0, 1}."""
+    """Raw actions (..., A) <-> normalised arm (..., A-1) in [-1, 1] and a binary gripper (...) in {0, 1}. The arm's
+    range: each dimension's 1st/99th percentile (`percentiles`), or [-clip, clip] for every dimension (`clip`)."""
 
-    def __init__(self, statistics: Statistics):
+    def __init__(self, statistics: Statistics, normalisation: str = "percentiles", clip: float = 0.65):
         super().__init__()
-        self.arm = RangeNormaliser(statistics.p01[:-1], statistics.p99[:-1])
+        if normalisation not in ACTION_NORMALISATIONS:
+            raise UnknownNameError("action normalisation", normalisation, ACTION_NORMALISATIONS)
+        arm_dims = len(statistics.p01) - 1
+        if normalisation == "clip":
+            self.arm = RangeNormaliser([-clip] * arm_dims, [clip] * arm_dims)
+        else:
+            self.arm = RangeNormaliser(statistics.p01[:-1], statistics.p99[:-1])
 
     def normalise(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.arm.normalise(actions[..., :-1]), (actions[..., -1] > 0).float()
@@ -99,14 +117,41 @@ def check_statistics(statistics: Statistics | None, what: str, dim: int, store: 
 
 
 @dataclass
-class ContinuousActionConfig:
+class FormulationConfig:
+    """Options every formulation takes: how actions are normalised and how the [LRN] action token starts."""
+
+    action_normalisation: str = "percentiles"  # percentiles (each arm dimension's 1st/99th) | clip (RoboVLMs)
+    action_clip: float = 0.65  # clip: every arm dimension clipped to [-action_clip, action_clip], then scaled
+    lrn_init: str = "random"  # random: normal, the word embeddings' std | zeros (RoboVLMs)
+
+
+def check_formulation_config(config: FormulationConfig) -> None:
+    if config.action_normalisation not in ACTION_NORMALISATIONS:
+        raise UnknownNameError("action normalisation", config.action_normalisation, ACTION_NORMALISATIONS)
+    if not (math.isfinite(config.action_clip) and config.action_clip > 0):
+        raise ConfigError(f"action_clip must be a positive number, got {config.action_clip!r}")
+    if config.action_normalisation != "clip" and config.action_clip != FormulationConfig.action_clip:
+        raise ConfigError(f"action_clip {config.action_clip} bounds action_normalisation clip; with "
+                          f"{config.action_normalisation} the store's percentiles bound each dimension, so leave "
+                          f"action_clip out or set action_normalisation: clip")
+    if config.lrn_init not in LRN_INITS:
+        raise UnknownNameError("[LRN] init", config.lrn_init, LRN_INITS)
+
+
+@dataclass
+class ContinuousActionConfig(FormulationConfig):
     """Settings shared by the formulations that predict continuous chunks from a condition state (the [LRN] hidden
     state, or policy-head's fused history): the action objective (robovlms/action_objectives.py) and its sizes."""
 
     objective: str = "regression"  # regression | flow-matching | diffusion: how the arm chunk is produced
     arm_loss: str = "huber"  # regression's loss on the normalised arm: mse | huber | l1
     gripper_weight: float = 0.1  # weight of the gripper's binary cross-entropy beside the arm loss
-    head_width: int = 256  # hidden width of the MLP that reads the chunk (regression) or the gripper from the state
+    # hidden widths of the MLP that reads the chunk (regression) or the gripper from the state: one width for two
+    # layers, or a list of widths (RoboVLMs: [1024, 512, 256])
+    head_width: int | list[int] = 256
+    head_activation: str = "gelu"  # gelu | relu (RoboVLMs): between the head's layers
+    gripper_head: str = "shared"  # regression: one MLP for arm and gripper | separate: one each (RoboVLMs)
+    head_init: str = "default"  # default (PyTorch's) | xavier: Xavier-uniform weights, zero biases (RoboVLMs)
     denoising_steps: int = 10  # flow-matching's Euler steps, diffusion's DDIM steps at inference
     expert_width: int = 256  # the action expert of flow-matching and diffusion: width
     expert_layers: int = 2  # and residual blocks
@@ -120,9 +165,19 @@ def check_action_objective(config: ContinuousActionConfig) -> None:
     if config.objective != "regression" and config.arm_loss != ContinuousActionConfig.arm_loss:
         raise ConfigError(f"arm_loss {config.arm_loss} is regression's; {config.objective} trains its action expert "
                           f"with the mean squared error of its papers, so leave arm_loss out")
-    for name in ("denoising_steps", "expert_width", "expert_layers", "head_width"):
+    for name in ("denoising_steps", "expert_width", "expert_layers"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    widths = config.head_width if isinstance(config.head_width, list) else [config.head_width]
+    if not widths or not all(isinstance(width, int) and width >= 1 for width in widths):
+        raise ConfigError(f"head_width must be a positive integer or a non-empty list of them, got "
+                          f"{config.head_width!r}")
+    if not (math.isfinite(config.gripper_weight) and config.gripper_weight >= 0):
+        raise ConfigError(f"gripper_weight must be a number at least 0, got {config.gripper_weight!r}")
+    for name, valid in (("head_activation", HEAD_ACTIVATIONS), ("gripper_head", GRIPPER_HEADS),
+                        ("head_init", HEAD_INITS)):
+        if getattr(config, name) not in valid:
+            raise UnknownNameError(name.replace("_", " "), getattr(config, name), valid)
 
 
 def embedding_std(backbone: Backbone) -> float:
@@ -130,15 +185,6 @@ def embedding_std(backbone: Backbone) -> float:
     device, which holds no values (to count parameters and estimate memory)."""
     weight = backbone.input_embeddings().weight
     return 1.0 if weight.is_meta else weight.detach().float().std().item()
-
-
-def options_to_formulation_config(config_class: type, options: dict[str, Any], formulation: str):
-    valid = [f.name for f in fields(config_class)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for formulation {formulation!r}; "
-                          f"valid options: {', '.join(valid)}")
-    return config_class(**options)
 
 
 class Formulation(nn.Module, abc.ABC):
@@ -152,8 +198,9 @@ class Formulation(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
-    config_class: ClassVar[type]  # the dataclass of this formulation's own options
+    config_class: ClassVar[type]  # the dataclass of this formulation's own options, a FormulationConfig
     single_frame: ClassVar[bool] = False  # sees only the current observation: history must be 1
+    history_advice: ClassVar[str] = "use interleaved or policy-head for a history"
     # predict takes several episodes' windows and a list of generators, one per row. Each class says so in its own
     # body (a subclass that changes forward or predict may break it, so it is not inherited); one that does not is
     # served one episode at a time
@@ -162,12 +209,20 @@ class Formulation(nn.Module, abc.ABC):
     @classmethod
     def check_settings(cls, history: int, chunk: int, options: dict[str, Any]):
         """The formulation's own config from `options`, checked with the shared settings, before any model is built."""
-        if cls.single_frame and history != 1:
-            raise ConfigError(f"{cls.name} sees only the current observation, so history must be 1, not {history}; "
-                              f"use interleaved or policy-head for a history")
         if chunk < 1:
             raise ConfigError(f"chunk must be at least 1, got {chunk}")
-        return options_to_formulation_config(cls.config_class, options, cls.name)
+        config = plugin_options(cls.config_class, options, "formulation", cls.name)
+        if isinstance(config, FormulationConfig):
+            check_formulation_config(config)
+        if history != 1 and not cls.takes_history(config):
+            raise ConfigError(f"{cls.name} sees only the current observation, so history must be 1, not {history}; "
+                              f"{cls.history_advice}")
+        return config
+
+    @classmethod
+    def takes_history(cls, config) -> bool:
+        """Whether, with these options, the formulation reads more frames than the current one."""
+        return not cls.single_frame
 
     def __init__(self, backbone: Backbone, action_statistics: Statistics, state_statistics: Statistics | None, *,
                  history: int = 1, chunk: int = 1, use_state: bool = False, state_input: str = "add", **options):
@@ -178,10 +233,13 @@ class Formulation(nn.Module, abc.ABC):
         self.backbone = backbone
         self.history, self.chunk, self.use_state = history, chunk, use_state
         self.action_dim = len(action_statistics.p01)
-        self.actions = ActionNormaliser(action_statistics)
+        self.actions = ActionNormaliser(action_statistics, self.config.action_normalisation, self.config.action_clip)
         self.state = RangeNormaliser(state_statistics.p01, state_statistics.p99) if use_state else None
         D = backbone.hidden_size
-        self.lrn = nn.Parameter(torch.randn(D) * embedding_std(backbone))  # the learnable [LRN] action token
+        if self.config.lrn_init == "zeros":
+            self.lrn = nn.Parameter(torch.zeros(D))  # the learnable [LRN] action token
+        else:
+            self.lrn = nn.Parameter(torch.randn(D) * embedding_std(backbone))
         self.state_embedding = nn.Linear(len(state_statistics.p01), D) if use_state else None
         self.state_token = use_state and state_input == "token"
 
@@ -196,10 +254,16 @@ class Formulation(nn.Module, abc.ABC):
         state = self.state_embedding(encoded["state"]).unsqueeze(2)  # (B, T, 1, D)
         return torch.cat([state, lrn], dim=2) if self.state_token else lrn + state
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the formulation's own weights (heads, [LRN]): what the backbone's hidden states are cast to
+        when the backbone's weights are held in another (backbone.dtype bfloat16 with LoRA)."""
+        return self.lrn.dtype
+
     def encode(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> dict[str, torch.Tensor]:
         """images uint8 (B, T, V, h, w, 3), state (B, T, S) -> per-frame inputs of `predict`."""
         state = self.state.normalise(state.float()) if self.state is not None else state.float()
-        return {"pixel_values": self.backbone.preprocess_images(images), "state": state}
+        return {"pixel_values": self.backbone.preprocess_images(images), "state": state.to(self.weight_dtype)}
 
     @abc.abstractmethod
     def predict(self, encoded: dict[str, torch.Tensor], instructions: list[str],

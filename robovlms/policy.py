@@ -24,7 +24,6 @@ from robovlms.serving.batched_policy import BatchedPolicy, EpisodePolicy
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -53,28 +52,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def trained_dtypes(config) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
-    """(the formulation's weights, the backbone's weights, the forward's autocast dtype or None) of a run's
-    training config, as Lightning trained it."""
-    if config.precision == "bf16-true":
-        return torch.bfloat16, torch.bfloat16, torch.bfloat16
+def autocast_dtype(config) -> torch.dtype | None:
+    """The dtype a run's forward computed in under Lightning's precision (None: its weights' own); its weights
+    themselves are rebuilt in the dtypes they trained in (robovlms/training/precision.py)."""
+    from robovlms.training.precision import DTYPES
+
     backbone = DTYPES[config.backbone.dtype]
-    autocast = AUTOCAST_DTYPES.get(config.precision, None if backbone == torch.float32 else backbone)
-    return torch.float32, backbone, autocast
+    return AUTOCAST_DTYPES.get(config.precision, None if backbone == torch.float32 else backbone)
 
 
 def load_batched_policy(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None,
                         device: str = "auto") -> BatchedPolicy:
     """The batched policy of a trained run directory on `device`, in the dtype it trained in; `execution`
     overrides the run's own setting."""
-    from robovlms.training import CONFIG_FILE, LAST_CHECKPOINT, load_config, load_formulation
+    from robovlms.training import LAST_CHECKPOINT, load_formulation
 
-    weights, backbone, autocast = trained_dtypes(load_config(Path(run_dir) / CONFIG_FILE))
-    formulation, config = load_formulation(run_dir, checkpoint or LAST_CHECKPOINT, device=resolve_device(device),
-                                           dtype=weights)
-    formulation.backbone.to(backbone)
+    formulation, config = load_formulation(run_dir, checkpoint or LAST_CHECKPOINT, device=resolve_device(device))
     return BatchedPolicy(formulation, config.cameras, execution or config.execution, frame_stride=config.frame_stride,
-                         autocast_dtype=autocast)
+                         autocast_dtype=autocast_dtype(config))
 
 
 def load_policy(run_dir: str | Path, execution: str | None = None, checkpoint: str | None = None,

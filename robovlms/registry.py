@@ -18,9 +18,9 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from robovlms.errors import ConfigError, PluginError, RobovlmsError, UnknownNameError
 
@@ -30,6 +30,24 @@ if TYPE_CHECKING:
     from robovlms.formulation import Formulation
 
 T = TypeVar("T")
+
+
+def plugin_options(config_class: type, options: dict[str, Any], kind: str, name: str):
+    """A plugin's options as its config dataclass, each checked against its field's type; an unknown key names the
+    valid ones. `kind` and `name` ("backbone", "kosmos2") name the plugin in the errors."""
+    from pydantic import TypeAdapter, ValidationError
+
+    valid = [f.name for f in fields(config_class)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for {kind} {name!r}; "
+                          f"valid options: {', '.join(valid)}")
+    try:
+        return TypeAdapter(config_class).validate_python(options)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        key = ".".join(str(part) for part in problem["loc"])
+        raise ConfigError(f"{kind} {name!r} option {key}: {problem['msg']} (got {problem.get('input')!r})") from None
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def test_l1_regression_trains_on_the_absolute_error(store):
     ({"arm_loss": "l2"}, UnknownNameError, "arm loss 'l2'; valid choices: huber, l1, mse"),
     ({"objective": "flow-matching", "arm_loss": "l1"}, ConfigError, "arm_loss l1 is regression's"),
     ({"objective": "diffusion", "denoising_steps": 0}, ConfigError, "denoising_steps must be a positive integer"),
-    ({"expert_width": 2.5}, ConfigError, "expert_width must be a positive integer, got 2.5"),
+    ({"expert_width": 2.5}, ConfigError, r"option expert_width: .*integer.*\(got 2.5\)"),
     ({"denoising_step": 4}, ConfigError, "unknown option.*denoising_step.*valid options: .*denoising_steps"),
 ])
 def test_a_bad_objective_setting_is_refused_naming_the_valid_ones(store, options, error, message):
@@ -189,3 +189,74 @@ def test_a_sweep_takes_the_objective_as_a_grid_axis_and_records_it(tmp_path, dem
     assert sorted(result.action_objective for result in results) == [
         "diffusion (10 steps)", "flow-matching (10 steps)", "regression (huber)"]
     assert {result.config["formulation"]["name"] for result in results} == {"one-step-continuous"}
+
+
+# ---- RoboVLMs' action head as options ----------------------------------------------------------------------------
+
+def test_the_gripper_weight_scales_the_gripper_loss_beside_the_arm_loss(store):
+    losses = {}
+    for weight in (0.1, 0.01):
+        formulation = make_formulation(store, "regression", gripper_weight=weight)
+        loss, metrics = formulation.loss(training_batch(store, formulation))
+        torch.testing.assert_close(loss, metrics["arm_loss"] + weight * metrics["gripper_loss"])
+        losses[weight] = (loss, metrics["gripper_loss"])
+    torch.testing.assert_close(losses[0.1][0] - losses[0.01][0], 0.09 * losses[0.1][1])  # same weights: same seed
+    with pytest.raises(ConfigError, match="gripper_weight must be a number at least 0, got -1"):
+        make_formulation(store, "regression", gripper_weight=-1.0)
+
+
+def linear_layers(module):
+    return [layer for layer in module.modules() if isinstance(layer, torch.nn.Linear)]
+
+
+def test_head_width_as_a_list_gives_those_hidden_layers_with_the_chosen_activation(store):
+    head = make_formulation(store, "regression", head_width=[32, 16, 8], head_activation="relu").head
+    assert [(layer.in_features, layer.out_features) for layer in linear_layers(head.mlp)] == \
+        [(64, 32), (32, 16), (16, 8), (8, 4 * 4)]  # condition 64 -> chunk 4 x (arm 3 + gripper 1)
+    assert {type(layer) for layer in head.mlp if not isinstance(layer, torch.nn.Linear)} == {torch.nn.ReLU}
+    default = make_formulation(store, "regression").head
+    assert [layer.out_features for layer in linear_layers(default.mlp)] == [256, 256, 16]
+    assert torch.nn.GELU in {type(layer) for layer in default.mlp}
+
+
+def test_a_separate_gripper_head_reads_the_gripper_from_an_mlp_of_its_own(store):
+    formulation = make_formulation(store, "regression", gripper_head="separate")
+    assert linear_layers(formulation.head.mlp)[-1].out_features == 4 * 3  # the arm alone
+    assert linear_layers(formulation.head.gripper)[-1].out_features == 4
+    batch = training_batch(store, formulation)
+    with torch.no_grad():
+        torch.nn.init.zeros_(linear_layers(formulation.head.gripper)[-1].weight)
+        torch.nn.init.constant_(linear_layers(formulation.head.gripper)[-1].bias, 3.0)
+    closed = formulation.act(batch["images"][:2], batch["state"][:2], batch["instruction"][:2])[..., -1]
+    assert (closed == 1.0).all()  # sigmoid(3) > 0.5: closed, from the gripper MLP alone
+
+
+def test_xavier_head_init_starts_every_linear_of_the_objective_xavier_uniform_with_zero_biases(store):
+    head = make_formulation(store, "regression", head_init="xavier", head_width=[64, 32]).head
+    for layer in linear_layers(head):
+        bound = (6 / (layer.in_features + layer.out_features)) ** 0.5
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= bound
+        assert layer.weight.abs().max() > 0.8 * bound  # spread over the whole Xavier range, not PyTorch's default
+    default = make_formulation(store, "regression").head
+    assert all(torch.count_nonzero(layer.bias) > 0 for layer in linear_layers(default))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"head_activation": "tanh"}, "head activation 'tanh'; valid choices: gelu, relu"),
+    ({"gripper_head": "both"}, "gripper head 'both'; valid choices: separate, shared"),
+    ({"head_init": "orthogonal"}, "head init 'orthogonal'; valid choices: default, xavier"),
+    ({"head_width": []}, r"head_width must be a positive integer or a non-empty list of them, got \[\]"),
+    ({"head_width": [32, 0]}, r"head_width must be .*got \[32, 0\]"),
+])
+def test_a_bad_head_option_is_refused_naming_the_valid_ones(store, options, message):
+    with pytest.raises((ConfigError, UnknownNameError), match=message):
+        make_formulation(store, "regression", **options)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_robovlms_head_options_learn_with_every_objective(store, objective):
+    formulation = make_formulation(store, objective, "policy-head", head_width=[64, 32, 16], head_activation="relu",
+                                   gripper_head="separate", head_init="xavier", gripper_weight=0.01)
+    losses = losses_while_training(formulation, training_batch(store, formulation))
+    assert losses[-1] < 0.8 * losses[0], losses

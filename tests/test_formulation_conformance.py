@@ -142,7 +142,7 @@ def formulation(name, backbone="gpt-scratch", **options):
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_built_in_formulation_passes_the_kit_on_every_built_in_backbone(name):
     results = assert_formulation_conforms(name)
-    assert set(results) == {"kosmos2", "paligemma", "flamingo", "gpt-scratch", "film-convnet"}
+    assert set(results) == {"kosmos2", "paligemma", "flamingo", "openflamingo", "gpt-scratch", "film-convnet"}
 
 
 @pytest.mark.skipif(not GRU_HEAD_INSTALLED, reason="pip install -e examples/robovlms-gru-head-plugin")

@@ -3,16 +3,17 @@
 import numpy as np
 import pytest
 import torch
+from brief_training import train_briefly
 from synthetic_store import write_synthetic_store
 
 from robovlms.backbone import create_backbone
 from robovlms.benchmark import EpisodeSpec, Observation
+from robovlms.data.store import Statistics
 from robovlms.data.windows import WindowDataset
 from robovlms.errors import ConfigError, UnknownNameError
 from robovlms.formulation import FORMULATIONS, ActionDiscretiser, ActionNormaliser, create_formulation
 from robovlms.policy import CheckpointPolicy
 from robovlms.training import FormulationModule, load_config
-from robovlms.data.store import Statistics
 
 BACKBONES = ["gpt-scratch", "kosmos2", "paligemma", "flamingo", "film-convnet"]
 HISTORY = {"one-step-discrete": 1, "one-step-continuous": 1, "interleaved": 3, "policy-head": 3}
@@ -74,15 +75,7 @@ def test_one_step_formulations_refuse_a_history(store, name):
 @pytest.mark.parametrize("name", list(HISTORY))
 def test_every_formulation_learns_on_every_backbone(store, name, backbone):
     formulation = make_formulation(store, name, backbone)
-    batch = WindowDataset(store, formulation.history, formulation.chunk).__getitems__(list(range(0, 48, 6)))
-    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss, metrics = formulation.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses, metrics = train_briefly(formulation, store)
     assert losses[-1] < 0.8 * losses[0], losses
     assert {"arm_error", "gripper_accuracy"} <= set(metrics)
 
@@ -188,7 +181,7 @@ def test_parallel_decoding_in_one_pass_gives_the_tokens_of_decoding_position_by_
     windows = episode_windows(store, formulation)
     encoded = formulation.encode(windows["images"][:3], windows["state"][:3], windows["instruction"][:3])
     with torch.no_grad():
-        one_pass = formulation(encoded, windows["instruction"][:3])  # (B, L * A, bins)
+        one_pass = formulation(encoded, windows["instruction"][:3])[:, 0]  # (B, L * A, bins) of the one frame
         start = formulation.lrn_embeds(encoded)[:, -1:]
         for i in range(formulation.tokens_per_step):
             suffix = start + formulation.queries[:i + 1]
@@ -236,21 +229,13 @@ def test_the_mlp_action_head_reads_every_token_from_the_lrn_state_in_one_pass(st
     formulation.backbone.register_forward_hook(lambda module, args, output: suffix_lengths.append(args[2].shape[2]))
     encoded = formulation.encode(windows["images"][:2], windows["state"][:2], windows["instruction"][:2])
     logits = formulation(encoded, windows["instruction"][:2])
-    assert logits.shape == (2, formulation.chunk * formulation.action_dim, formulation.config.bins)
+    assert logits.shape == (2, 1, formulation.chunk * formulation.action_dim, formulation.config.bins)
     assert suffix_lengths == [1]  # the [LRN] token alone
 
 
 def test_the_mlp_action_head_learns_and_needs_parallel_decoding(store):
     formulation = make_formulation(store, "one-step-discrete", action_head="mlp")
-    batch = WindowDataset(store, 1, formulation.chunk).__getitems__(list(range(0, 48, 6)))
-    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss, _ = formulation.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses, _ = train_briefly(formulation, store)
     assert losses[-1] < 0.8 * losses[0]
     with pytest.raises(ConfigError, match="use decoding parallel"):
         make_formulation(store, "one-step-discrete", action_head="mlp", decoding="autoregressive")
@@ -305,15 +290,7 @@ def test_the_state_token_comes_just_before_each_lrn_and_the_prediction_is_read_a
 @pytest.mark.parametrize("name", list(HISTORY))
 def test_every_formulation_learns_with_a_state_token(store, name):
     formulation = make_formulation(store, name, state_input="token")
-    batch = WindowDataset(store, formulation.history, formulation.chunk).__getitems__(list(range(0, 48, 6)))
-    optimiser = torch.optim.AdamW(formulation.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss, _ = formulation.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses, _ = train_briefly(formulation, store, steps=30)
     assert losses[-1] < 0.8 * losses[0], losses
     assert formulation.state_embedding.weight.grad.abs().sum() > 0
 
@@ -353,3 +330,177 @@ def test_discrete_action_tokens_train_while_the_other_word_embeddings_and_the_vi
     changed = set((embedding.detach() != before).any(-1).nonzero().flatten().tolist())
     assert changed and changed <= set(formulation.action_token_ids.tolist())  # no weight decay on frozen rows
     assert all(torch.equal(p, q) for p, q in zip(vision, vision_before))
+
+
+# ---- RoboVLMs' definitions as options ----------------------------------------------------------------------------
+
+def four_dimensional_statistics():
+    return Statistics(p01=[-2.0, 0.0, -0.1, -1.0], p99=[2.0, 1.0, 0.1, 1.0], mean=[0] * 4, std=[1] * 4, min=[-5] * 4,
+                      max=[5] * 4)
+
+
+def test_clip_normalisation_maps_the_fixed_bounds_to_unit_range_and_clips_beyond_them():
+    """RoboVLMs' `normalize_action`: every arm dimension clipped to [-0.65, 0.65], then scaled to [-1, 1], whatever
+    the store's percentiles; the gripper stays a binary."""
+    normaliser = ActionNormaliser(four_dimensional_statistics(), "clip", 0.65)
+    raw = torch.tensor([[0.65, -0.65, 0.325, 1.0], [2.0, -1.0, 0.0, -1.0]])
+    arm, gripper = normaliser.normalise(raw)
+    torch.testing.assert_close(arm, torch.tensor([[1.0, -1.0, 0.5], [1.0, -1.0, 0.0]]))
+    assert gripper.tolist() == [1.0, 0.0]
+    torch.testing.assert_close(normaliser.unnormalise(arm, gripper),
+                               torch.tensor([[0.65, -0.65, 0.325, 1.0], [0.65, -0.65, 0.0, -1.0]]))
+
+
+def test_percentile_and_clip_normalisation_differ_on_the_same_actions(store):
+    raw = torch.tensor([[0.5, 0.5, 0.05, 1.0]])
+    clipped, _ = ActionNormaliser(four_dimensional_statistics(), "clip").normalise(raw)
+    by_percentiles, _ = ActionNormaliser(four_dimensional_statistics()).normalise(raw)
+    torch.testing.assert_close(clipped, torch.tensor([[0.5 / 0.65, 0.5 / 0.65, 0.05 / 0.65]]))
+    torch.testing.assert_close(by_percentiles, torch.tensor([[0.25, 0.0, 0.5]]))
+
+
+@pytest.mark.parametrize("name", list(HISTORY))
+def test_every_formulation_normalises_actions_as_its_action_normalisation_option_says(store, name):
+    formulation = make_formulation(store, name, action_normalisation="clip", action_clip=0.5)
+    raw = torch.tensor([[0.25, -0.5, 9.0, 1.0]])
+    torch.testing.assert_close(formulation.actions.normalise(raw)[0], torch.tensor([[0.5, -1.0, 1.0]]))
+
+
+def test_a_bad_action_normalisation_is_refused_naming_the_valid_ones(store):
+    with pytest.raises(UnknownNameError, match="action normalisation 'minmax'; valid choices: clip, percentiles"):
+        make_formulation(store, "one-step-continuous", action_normalisation="minmax")
+    with pytest.raises(ConfigError, match="action_clip 0.5 bounds action_normalisation clip"):
+        make_formulation(store, "one-step-continuous", action_clip=0.5)
+    with pytest.raises(ConfigError, match="action_clip must be a positive number, got -1"):
+        make_formulation(store, "one-step-continuous", action_normalisation="clip", action_clip=-1.0)
+
+
+@pytest.mark.parametrize("name", list(HISTORY))
+def test_the_lrn_token_starts_at_zeros_with_lrn_init_zeros_and_random_by_default(store, name):
+    assert torch.count_nonzero(make_formulation(store, name, lrn_init="zeros").lrn) == 0
+    assert make_formulation(store, name).lrn.std() > 0
+    with pytest.raises(UnknownNameError, match=r"\[LRN\] init 'ones'; valid choices: random, zeros"):
+        make_formulation(store, name, lrn_init="ones")
+
+
+def test_an_option_of_the_wrong_type_is_refused_naming_it_and_the_value(store):
+    with pytest.raises(ConfigError, match=r"option with_history: .*\(got 'sometimes'\)"):
+        make_formulation(store, "one-step-discrete", with_history="sometimes")
+
+
+def test_255_bins_have_the_bin_centres_and_bins_of_robovlms_action_tokenizer():
+    """RoboVLMs' ActionTokenizer: 256 edges over [-1, 1], `np.digitize`, bin centres between edges, the top index
+    folded onto the last centre; 255 uniform bins here give the same centre for every value."""
+    edges = np.linspace(-1, 1, 256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    values = np.concatenate([np.linspace(-1, 1, 2001), np.random.default_rng(0).uniform(-1, 1, 2000)])
+    theirs = centres[np.clip(np.digitize(values, edges) - 1, 0, 254)]
+    discretiser = ActionDiscretiser(255)
+    ours = discretiser.undiscretise(discretiser.discretise(torch.tensor(values))).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def hand_made_logits(formulation, row):
+    """Make the language model's head give `row` (V,) at every position."""
+    formulation.backbone.lm_logits = lambda hidden: row.to(hidden.dtype).expand(*hidden.shape[:-1], -1)
+
+
+def test_full_vocabulary_cross_entropy_differs_from_the_action_token_softmax_on_a_hand_made_logit_row(store):
+    batch = WindowDataset(store, 1, 2).__getitems__([0, 5])
+    losses = {}
+    for vocabulary in ("action-tokens", "full"):
+        formulation = make_formulation(store, "one-step-discrete", bins=4, vocabulary=vocabulary)
+        ids = formulation.action_token_ids
+        row = torch.zeros(formulation.backbone.input_embeddings().num_embeddings)
+        row[:8] = 3.0  # ordinary tokens the full softmax also normalises over
+        row[ids] = torch.tensor([0.0, 1.0, 2.0, 0.5])
+        hand_made_logits(formulation, row)
+        targets = formulation.tokens(batch["actions"][:, -1])  # (B, L * A) bins
+        mask = batch["action_mask"][:, -1].repeat_interleave(formulation.action_dim, dim=1)
+        over = row if vocabulary == "full" else row[ids]
+        classes = ids[targets] if vocabulary == "full" else targets
+        expected = -over.log_softmax(-1)[classes][mask].mean()
+        losses[vocabulary], _ = formulation.loss(batch)
+        torch.testing.assert_close(losses[vocabulary], expected)
+    assert losses["full"] > losses["action-tokens"] + 1  # the ordinary tokens take probability mass
+
+
+def test_full_vocabulary_logs_how_often_the_argmax_is_not_an_action_token(store):
+    formulation = make_formulation(store, "one-step-discrete", bins=4, vocabulary="full")
+    row = torch.zeros(formulation.backbone.input_embeddings().num_embeddings)
+    row[0] = 5.0
+    hand_made_logits(formulation, row)
+    _, metrics = formulation.loss(WindowDataset(store, 1, 2).__getitems__([0, 5]))
+    assert metrics["non_action_argmax"] == 1.0
+
+
+@pytest.mark.parametrize("decoding", ["parallel", "autoregressive"])
+def test_rollout_actions_first_decodes_only_the_first_action(store, decoding):
+    formulation = make_formulation(store, "one-step-discrete", chunk=3, decoding=decoding,
+                                   rollout_actions="first").eval()
+    windows = episode_windows(store, formulation)
+    calls = []
+    formulation.backbone.register_forward_hook(lambda module, args, output: calls.append(1))
+    actions = formulation.act(windows["images"][:2], windows["state"][:2], windows["instruction"][:2])
+    assert actions.shape == (2, 1, formulation.action_dim)
+    assert len(calls) == (1 if decoding == "parallel" else formulation.action_dim)
+    chunk = make_formulation(store, "one-step-discrete", chunk=3, decoding=decoding).eval()
+    torch.testing.assert_close(actions, chunk.act(windows["images"][:2], windows["state"][:2],
+                                                  windows["instruction"][:2])[:, :1])
+
+
+def test_one_step_discrete_takes_a_history_only_with_with_history(store):
+    with pytest.raises(ConfigError, match="history must be 1, not 3; .*with_history: true"):
+        make_formulation(store, "one-step-discrete", history=3)
+    with pytest.raises(ConfigError, match="with_history and decoding autoregressive.*overlap"):
+        make_formulation(store, "one-step-discrete", history=3, with_history=True, decoding="autoregressive")
+
+
+def test_with_history_puts_the_frames_in_one_causal_context_each_predicting_its_own_tokens(store):
+    formulation = make_formulation(store, "one-step-discrete", history=3, with_history=True).eval()
+    windows = episode_windows(store, formulation)
+    layouts = []
+    formulation.backbone.register_forward_hook(lambda module, args, kwargs, output: layouts.append(kwargs),
+                                               with_kwargs=True)
+    encoded = formulation.encode(windows["images"][:2], windows["state"][:2], windows["instruction"][:2])
+    with torch.no_grad():
+        logits = formulation(encoded, windows["instruction"][:2])
+        changed = {**encoded, "pixel_values": encoded["pixel_values"].clone()}
+        changed["pixel_values"][:, -1] = 0  # the last frame's images
+        after = formulation(changed, windows["instruction"][:2])
+    assert layouts[0] == {"interleaved": True, "instruction_per_frame": True}
+    assert logits.shape == (2, 3, formulation.tokens_per_step, formulation.config.bins)
+    torch.testing.assert_close(after[:, :2], logits[:, :2])  # causal: earlier frames do not see later ones
+    assert not torch.allclose(after[:, 2], logits[:, 2])
+
+
+def test_with_history_learns_every_frame_and_the_rollout_policy_matches_the_batched_forward(store):
+    formulation = make_formulation(store, "one-step-discrete", history=3, with_history=True)
+    losses, _ = train_briefly(formulation, store)
+    assert losses[-1] < 0.8 * losses[0], losses
+    formulation.eval()
+    windows = episode_windows(store, formulation)
+    batched = formulation.act(windows["images"], windows["state"], windows["instruction"])
+    policy = CheckpointPolicy(formulation, ["rgb_static"], execution="first")
+    policy.reset(EpisodeSpec("button-press-topdown", "A", windows["instruction"][0], 0))
+    for t in range(len(windows["instruction"])):
+        np.testing.assert_allclose(policy.step(observation(windows, t, -1)), batched[t, 0].numpy(), atol=1e-5)
+
+
+def test_robovlms_token_placement_skips_the_special_token_count_plus_ten_ids(store):
+    """RoboVLMs' action tokens count down from vocab_size - (special tokens) - 10 (action_tokenizer.py:49-63)."""
+    last = make_formulation(store, "one-step-discrete", "kosmos2", bins=32, token_mode="overwrite")
+    placed = make_formulation(store, "one-step-discrete", "kosmos2", bins=32, token_mode="overwrite",
+                              token_placement="robovlms")
+    tokenizer = placed.backbone.tokenizer
+    first = tokenizer.vocab_size - len(tokenizer.special_tokens_map) - 10 - 1
+    assert placed.action_token_ids.tolist() == list(range(first, first - 32, -1))
+    assert last.action_token_ids[0] > placed.action_token_ids[0]
+    with pytest.raises(UnknownNameError, match="token placement 'first'; valid choices: last, robovlms"):
+        make_formulation(store, "one-step-discrete", token_placement="first")
+
+
+def test_the_policy_head_lstm_is_as_wide_and_deep_as_its_fusion_options(store):
+    """RoboVLMs' LSTMDecoder: 1024 wide, 4 layers (`fusion_width`, `fusion_layers`; small here)."""
+    lstm = make_formulation(store, "policy-head", fusion_width=48, fusion_layers=3).fusion.lstm
+    assert (lstm.input_size, lstm.hidden_size, lstm.num_layers) == (64, 48, 3)

@@ -135,3 +135,17 @@ def test_gradient_checkpointing_keeps_less_than_the_full_activations():
     estimate = memory_of("auto", 1, batch_size=16)
     assert estimate.checkpointed < estimate.activations
     assert estimate.total(checkpointing=True) < estimate.total() < 1 * GIB
+
+
+
+def test_autoregressive_discrete_decoding_of_published_idefics_is_estimated(benchmark):
+    """RoboVLMs' recipe decodes its action tokens autoregressively; the published IDEFICS' embedding of the
+    teacher-forced tokens (it has additional embeddings) calls torch.where, which has no meta shape."""
+    config = load_config({"store": "-", "run_dir": "-",
+                          "backbone": {"name": "flamingo", "size": "pretrained", "path": "/absent/idefics-9b"},
+                          "formulation": {"name": "one-step-discrete", "options": {"decoding": "autoregressive"}},
+                          "chunk": 4, "batch_size": 2})
+    on_meta, _ = meta_formulation(config, benchmark.action_dim, benchmark.state_dim, published=True)
+    batch = synthetic_batch(benchmark, config.batch_size, 1, config.chunk, device="meta")
+    estimate = estimate_memory(config, on_meta, batch, batch["instruction"][0])
+    assert estimate.parameters > 8e9 and estimate.activations > 0

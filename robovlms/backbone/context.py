@@ -28,6 +28,7 @@ class Context:
     attention_mask: torch.Tensor  # (R, L), 0 on right padding
     image_slots: torch.Tensor  # (R, L) bool, filled with image tokens in (row, image, token) order
     suffix_slots: torch.Tensor  # (R, L) bool, filled with suffix embeddings in (row, frame, k) order
+    suffix_positions: torch.Tensor  # (R, S) the positions of the suffix slots, found on the CPU where rows are made
     frame: torch.Tensor  # (R, L) frame (within the row) whose images came last at or before a position, -1 before any
     frames_per_row: int
     views: int
@@ -72,5 +73,7 @@ def batch_context(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], p
     """Rows of `row_layout`, right-padded into one Context."""
     input_ids, kind, frame = (pad_sequence([row[i] for row in rows], batch_first=True, padding_value=value)
                               for i, value in enumerate((pad_token_id, PAD, -1)))
+    suffix_slots = kind == SUFFIX  # every row has as many
     return Context(input_ids=input_ids, attention_mask=(kind != PAD).long(), image_slots=kind == IMAGE,
-                   suffix_slots=kind == SUFFIX, frame=frame, frames_per_row=frames_per_row, views=views)
+                   suffix_slots=suffix_slots, suffix_positions=suffix_slots.nonzero()[:, 1].view(len(rows), -1),
+                   frame=frame, frames_per_row=frames_per_row, views=views)

@@ -17,7 +17,8 @@ FREEZE_MODES = ("full", "frozen-vision", "frozen-language", "frozen-vision-and-e
 LORA_TARGETS = ("attention", "all-linear")
 
 
-def freeze(backbone: Backbone, mode: str, lora_rank: int = 8, lora_targets: str = "attention") -> None:
+def freeze(backbone: Backbone, mode: str, lora_rank: int = 8, lora_targets: str = "attention",
+           lora_alpha: int | None = None, lora_dropout: float = 0.0) -> None:
     """Which parameters train:
         full                          all
         frozen-vision                 all but `vision_modules()`
@@ -25,7 +26,9 @@ def freeze(backbone: Backbone, mode: str, lora_rank: int = 8, lora_targets: str 
         frozen-vision-and-embeddings  all but the vision modules and the word embeddings (RoboVLMs' default),
                                       whose reserved action token rows still train
         lora                          LoRA adapters only, on `lora_targets`: `attention` (the modules
-                                      `lora_target_modules` matches) or `all-linear` (`all_linear_modules()`)
+                                      `lora_target_modules` matches) or `all-linear` (`all_linear_modules()`),
+                                      scaled by lora_alpha / lora_rank (alpha None: the rank, a scale of 1),
+                                      with dropout `lora_dropout` on their input
     Call it after `reserve_action_tokens`: the action token rows it keeps trainable are the last reserved."""
     if mode not in FREEZE_MODES:
         raise UnknownNameError("freeze mode", mode, FREEZE_MODES)
@@ -46,23 +49,33 @@ def freeze(backbone: Backbone, mode: str, lora_rank: int = 8, lora_targets: str 
         for module in backbone.language_modules():
             module.requires_grad_(False)
     elif mode == "lora":
-        _add_lora_adapters(backbone, lora_rank, lora_targets)
+        _add_lora_adapters(backbone, lora_rank, lora_targets, lora_alpha, lora_dropout)
         for name, parameter in backbone.named_parameters():
             parameter.requires_grad_("lora_" in name)
     backbone.freeze_mode = mode
 
 
-def _add_lora_adapters(backbone: Backbone, lora_rank: int, lora_targets: str) -> None:
+def _add_lora_adapters(backbone: Backbone, lora_rank: int, lora_targets: str, lora_alpha: int | None,
+                       lora_dropout: float) -> None:
+    alpha = lora_rank if lora_alpha is None else lora_alpha
+    if not 0 <= lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     if backbone.lora_rank is None:
         from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import cast_adapter_dtype
 
         targets = backbone.lora_target_modules if lora_targets == "attention" else all_linear_modules(backbone)
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules=targets)
+        config = LoraConfig(r=lora_rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=targets)
         inject_adapter_in_model(config, backbone.model)
+        # adapters are made in their layer's dtype; in fp32 they train under mixed precision beside bf16 weights
+        cast_adapter_dtype(backbone.model, "default")
         backbone.lora_rank, backbone.lora_targets = lora_rank, lora_targets
-    elif (lora_rank, lora_targets) != (backbone.lora_rank, backbone.lora_targets):
+        backbone.lora_alpha, backbone.lora_dropout = alpha, lora_dropout
+    elif (lora_rank, lora_targets, alpha, lora_dropout) != (backbone.lora_rank, backbone.lora_targets,
+                                                            backbone.lora_alpha, backbone.lora_dropout):
         raise ConfigError(f"{backbone.label} already carries LoRA adapters of rank {backbone.lora_rank} on "
-                          f"{backbone.lora_targets}, not rank {lora_rank} on {lora_targets}")
+                          f"{backbone.lora_targets} (alpha {backbone.lora_alpha}, dropout {backbone.lora_dropout}), "
+                          f"not rank {lora_rank} on {lora_targets} (alpha {alpha}, dropout {lora_dropout})")
 
 
 def all_linear_modules(backbone: Backbone) -> list[str]:

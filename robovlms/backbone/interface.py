@@ -56,6 +56,8 @@ class Backbone(nn.Module, abc.ABC):
         self.freeze_mode = "full"
         self.lora_rank: int | None = None
         self.lora_targets: str | None = None
+        self.lora_alpha: int | None = None
+        self.lora_dropout: float | None = None
         self.action_token_ids: torch.Tensor | None = None  # the last reserved, in bin order
         self._action_rows_hook = None  # keeps only the action token rows' gradient in the word embeddings
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows seen before
@@ -141,6 +143,21 @@ class Backbone(nn.Module, abc.ABC):
         (`robovlms/backbone/activations.py`). Empty when unknown: the estimate then says so."""
         return []
 
+    @classmethod
+    def supports_gradient_checkpointing(cls) -> bool:
+        """Whether `enable_gradient_checkpointing` recomputes activations in backward instead of keeping them."""
+        return False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the activations of each block in backward instead of keeping them (`gradient_checkpointing`):
+        the same gradients for about a third more compute, and far less activation memory."""
+        raise ConfigError(f"backbone {self.name!r} does not support gradient_checkpointing")
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        """The module classes that FSDP shards one at a time (decoder and encoder layers); empty: the whole model
+        is one unit."""
+        return set()
+
     def language_modeling_loss(self, images: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
         """The wrapped model's own language-modelling loss (its LM head and labels, its attention: prefix-LM for
         PaliGemma, causal for KOSMOS-2 and IDEFICS) on each target text, after its image (N, 3, S, S, as
@@ -178,6 +195,11 @@ class Backbone(nn.Module, abc.ABC):
         """What size this backbone is, for reports: "hidden 64, 64 px images, 0.31M parameters"."""
         return f"hidden {self.hidden_size}, {self.image_size} px images, {self.num_parameters() / 1e6:.2f}M parameters"
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the model's weights are held in (backbone.dtype); images go in in it."""
+        return self.input_embeddings().weight.dtype
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
@@ -212,11 +234,14 @@ class Backbone(nn.Module, abc.ABC):
         K = suffix_embeds.shape[2]
         context = self.build_context(instructions, T, V, K, interleaved, instruction_per_frame).to(pixel_values.device)
         images = pixel_values.reshape(B * T * V, 3, S, S)
-        hidden = self.contextualise(context, images, suffix_embeds.reshape(B * T * K, D))  # (R, L, D)
+        hidden = self.contextualise(context, images.to(self.weight_dtype), suffix_embeds.reshape(B * T * K, D))
         if hidden.shape[-1] != D:
             raise HiddenSizeError(f"backbone {self.name!r} returned hidden size {hidden.shape[-1]}, its hidden_size "
                                   f"says {D}: contextualise must return the last layer's hidden states")
-        return hidden[context.suffix_slots].view(B, T, K, D)
+        # (R, L, D) -> (R, S, D) at the suffix slots: gathered at positions known beforehand, not by a mask, so it
+        # runs without reading the data (on `meta`, under CUDA graphs)
+        suffix = hidden.gather(1, context.suffix_positions.unsqueeze(-1).expand(-1, -1, D))
+        return suffix.reshape(B, T, K, D)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The model's own input embeddings, in the scale `forward` expects for suffix_embeds."""
@@ -225,11 +250,12 @@ class Backbone(nn.Module, abc.ABC):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_embeddings()(hidden)
 
-    def reserve_action_tokens(self, count: int, mode: str = "overwrite") -> torch.Tensor:
+    def reserve_action_tokens(self, count: int, mode: str = "overwrite", skip: int = 0) -> torch.Tensor:
         """Token ids for `count` action bins, in bin order.
 
         overwrite: reuse the last `count` ids of the base vocabulary (the least used merges of a BPE vocabulary),
-        skipping special and added tokens; bin 0 takes the last id, as RT-2 and OpenVLA do.
+        skipping special and added tokens, and the last `skip` ordinary ones; bin 0 takes the last id, as RT-2 and
+        OpenVLA do.
         append: add the tokens <action_0> ... <action_{count-1}> to the tokenizer and grow the embeddings and LM
         head; a tokenizer that holds them already (a backbone rebuilt from a trained run) keeps their ids.
         """
@@ -240,10 +266,10 @@ class Backbone(nn.Module, abc.ABC):
         if mode == "overwrite":
             added = set(self.tokenizer.get_added_vocab().values()) | set(self.tokenizer.all_special_ids)
             candidates = [i for i in range(self.tokenizer.vocab_size - 1, -1, -1) if i not in added]
-            if count > len(candidates):
-                raise ConfigError(f"cannot overwrite {count} tokens: {self.label} has {len(candidates)} ordinary "
-                                  f"tokens; use mode='append'")
-            self.action_token_ids = torch.tensor(candidates[:count])
+            if count + skip > len(candidates):
+                raise ConfigError(f"cannot overwrite {count} tokens after skipping {skip}: {self.label} has "
+                                  f"{len(candidates)} ordinary tokens; use mode='append'")
+            self.action_token_ids = torch.tensor(candidates[skip:skip + count])
             return self.action_token_ids
         names = [f"<action_{i}>" for i in range(count)]
         self.tokenizer.add_tokens(names, special_tokens=True)  # skips the ones it holds
@@ -252,9 +278,10 @@ class Backbone(nn.Module, abc.ABC):
             self.resize_vocabulary(len(self.tokenizer))
         return self.action_token_ids
 
-    def freeze(self, mode: str, lora_rank: int = 8, lora_targets: str = "attention") -> None:
+    def freeze(self, mode: str, lora_rank: int = 8, lora_targets: str = "attention", lora_alpha: int | None = None,
+               lora_dropout: float = 0.0) -> None:
         """Which parameters train (`robovlms/backbone/freezing.py` lists the modes)."""
-        freeze(self, mode, lora_rank, lora_targets)
+        freeze(self, mode, lora_rank, lora_targets, lora_alpha, lora_dropout)
 
     def partly_frozen_parameters(self) -> list[nn.Parameter]:
         """Parameters of which only some rows train (the word embeddings in frozen-vision-and-embeddings, with
@@ -267,7 +294,8 @@ class Backbone(nn.Module, abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         self.save_files(directory)
         spec = {"name": self.name, "size": self.size, "origin": self.origin, "freeze_mode": self.freeze_mode,
-                "lora_rank": self.lora_rank, "lora_targets": self.lora_targets,
+                "lora_rank": self.lora_rank, "lora_targets": self.lora_targets, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout,
                 "action_token_ids": None if self.action_token_ids is None else self.action_token_ids.tolist()}
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         save_model(self, str(directory / WEIGHTS_FILE))

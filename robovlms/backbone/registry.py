@@ -8,7 +8,6 @@ subclass.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,12 @@ from safetensors.torch import load_model
 
 from robovlms.backbone.interface import SIZES, SPEC_FILE, WEIGHTS_FILE, Backbone
 from robovlms.errors import ConfigError, RobovlmsError, UnknownNameError
-from robovlms.registry import BACKBONES
+from robovlms.registry import BACKBONES, plugin_options
 
 
 def options_to_config(config_class: type, options: dict[str, Any], backbone: str):
     """A tiny config dataclass from keyword overrides; an unknown key names the valid ones."""
-    from pydantic import TypeAdapter, ValidationError
-
-    valid = [f.name for f in fields(config_class)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for backbone {backbone!r}; "
-                          f"valid options: {', '.join(valid)}")
-    try:
-        return TypeAdapter(config_class).validate_python(options)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        key = ".".join(str(part) for part in problem["loc"])
-        raise ConfigError(f"backbone {backbone!r} option {key}: {problem['msg']} (got "
-                          f"{problem.get('input')!r})") from None
-
+    return plugin_options(config_class, options, "backbone", backbone)
 
 
 def create_backbone(name: str, size: str = "tiny", path: str | None = None, **options) -> Backbone:
@@ -75,7 +60,8 @@ def load_backbone(directory: str | Path) -> Backbone:
         backbone.action_token_ids = torch.tensor(spec["action_token_ids"])
     # LoRA adapters exist before loading
     backbone.freeze(spec["freeze_mode"], lora_rank=spec["lora_rank"] or 8,
-                    lora_targets=spec.get("lora_targets") or "attention")
+                    lora_targets=spec.get("lora_targets") or "attention", lora_alpha=spec.get("lora_alpha"),
+                    lora_dropout=spec.get("lora_dropout") or 0.0)
     load_model(backbone, str(directory / WEIGHTS_FILE))
     return backbone
 

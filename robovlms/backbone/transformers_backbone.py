@@ -76,6 +76,23 @@ class TransformersBackbone(Backbone):
         embeds[0, -1] = suffix_embed
         return pixel_values, ids, embeds, image_mask
 
+    @classmethod
+    def supports_gradient_checkpointing(cls) -> bool:
+        return cls.model_class.supports_gradient_checkpointing
+
+    def enable_gradient_checkpointing(self) -> None:
+        # non-reentrant: correct with frozen embeddings and LoRA, where the inputs of a layer need no gradient.
+        # transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        names = set(getattr(self.model, "_no_split_modules", None) or ())  # transformers' unit of device placement
+        return {type(module) for module in self.model.modules() if type(module).__name__ in names}
+
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 

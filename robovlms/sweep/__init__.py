@@ -27,12 +27,11 @@ from robovlms.sweep.failures import CellFailed
 from robovlms.sweep.one_cell import ensure_store, run_cell, sweep_benchmark
 from robovlms.sweep.run import SweepStatus, prepare_sweep, run_sweep, sweep_status
 from robovlms.sweep.study import enqueue_cells, join_study, open_storage, open_study, storage_url
-from robovlms.sweep.worker import OptunaPruning, work
+from robovlms.sweep.worker import prune_on_validation, work
 
 __all__ = [
            "Cell",
            "CellFailed",
-           "OptunaPruning",
            "SweepConfig",
            "SweepStatus",
            "dry_run",
@@ -45,6 +44,7 @@ __all__ = [
            "open_storage",
            "open_study",
            "prepare_sweep",
+           "prune_on_validation",
            "run_cell",
            "run_sweep",
            "storage_url",

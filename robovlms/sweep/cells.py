@@ -151,17 +151,16 @@ def make_cell_id(training: dict[str, Any]) -> str:
 
 def check_cell(cell: Cell) -> None:
     """Everything that can be checked before training: config keys and ranges, names, backbone options,
-    formulation settings."""
-    from robovlms.backbone import check_backbone_settings
-    from robovlms.formulation import FORMULATIONS
-    from robovlms.training import load_config
+    formulation settings, what the backbone and strategy support."""
+    from robovlms.training import check_training, load_config
 
     try:
         config = load_config({**cell.training, "store": "-", "run_dir": "-"})
-        backbone = config.backbone
-        check_backbone_settings(backbone.name, backbone.size, backbone.path, backbone.options)
-        FORMULATIONS.get(config.formulation.name).check_settings(config.history, config.chunk,
-                                                                 config.formulation.options)
+        check_training(config)
+        if config.num_nodes > 1:
+            raise ConfigError(f"num_nodes {config.num_nodes}: a sweep trains each cell on one machine (its workers "
+                              f"take cells on every machine); train a cell across machines with torchrun or srun "
+                              f"on each (docs/scaling.md)")
     except RobovlmsError as error:
         error.args = (f"cell {cell.cell_id} ({describe_axes(cell.axes)}): {error}",)
         raise

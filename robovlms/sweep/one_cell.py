@@ -89,10 +89,12 @@ class CellReleased(Exception):
     """This attempt no longer holds its cell: another worker took it for dead and the cell runs again."""
 
 
-def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (), trial_number: int | None = None,
-             progress: bool = False, holds_cell: Callable[[], bool] | None = None) -> CellResult:
-    """Train (resuming from the cell's last checkpoint) and evaluate one cell; commit its files, unless
-    `holds_cell` says that this attempt was taken for dead meanwhile (then CellReleased)."""
+def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, on_validation: Callable | None = None,
+             trial_number: int | None = None, progress: bool = False,
+             holds_cell: Callable[[], bool] | None = None) -> CellResult:
+    """Train (resuming from the cell's last checkpoint; `on_validation(step, metrics)` after each validation) and
+    evaluate one cell; commit its files, unless `holds_cell` says that this attempt was taken for dead meanwhile
+    (then CellReleased)."""
     cell_dir = run_dir / CELLS_DIR / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(cell_dir, recursive=True)  # of an attempt killed mid-write
@@ -115,7 +117,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     else:
         from robovlms.policy import policy_factory
 
-        timed = train_cell(sweep, cell, cell_dir, result, callbacks, progress, evaluation.device if served else "cpu")
+        timed = train_cell(sweep, cell, cell_dir, result, on_validation, progress, evaluation.device if served else "cpu")
         one_process = served or evaluation.workers <= 1  # with one worker, the episodes run here, on this copy
         policy = timed if one_process else policy_factory(cell_dir / TRAIN_DIR, evaluation.execution)
     result.latency_device = describe_device(timed.device) if cell.kind == "trained" else "cpu"
@@ -145,9 +147,10 @@ def run_cell(sweep: SweepConfig, cell: Cell, run_dir: Path, callbacks: tuple = (
     return result
 
 
-def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResult, callbacks: tuple,
+def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResult, on_validation: Callable | None,
                progress: bool, device: str):
-    """Train, fill in what the trained formulation tells; return its policy, loaded on `device`."""
+    """Train (in processes of its own when devices > 1), fill in what the trained formulation tells; return its
+    policy, loaded on `device`."""
     from robovlms.action_objectives import describe_objective
     from robovlms.formulation import ContinuousActionConfig
     from robovlms.policy import load_batched_policy, resolve_device
@@ -160,7 +163,7 @@ def train_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, result: CellResul
         from robovlms.pretraining import pretrain
 
         pretrain(cell.needs.training, sweep.pretraining.path, workers=sweep.pretraining.workers, progress=progress)
-    train(config, progress=progress, callbacks=callbacks)
+    train(config, progress=progress, on_validation=on_validation)  # its own processes when devices > 1
     result.train_seconds = training_seconds(train_dir)  # every attempt's, a killed one's too
     policy = load_batched_policy(train_dir, sweep.evaluation.execution, device=device)
     formulation, config = policy.formulation, load_config(train_dir / CONFIG_FILE)

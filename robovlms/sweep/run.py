@@ -28,11 +28,13 @@ from robovlms.results import (
 from robovlms.sweep.cells import Cell, check_cells_build, check_cells_on_store, search_base, sweep_cells
 from robovlms.sweep.config import evaluation_split, load_sweep, with_evaluation_split
 from robovlms.sweep.failures import record_abandoned
+from robovlms.sweep.gpus import assign_gpus, cell_devices, describe_worker_gpus, worker_environment
 from robovlms.sweep.one_cell import check_evaluated_tasks, ensure_store, sweep_benchmark
 from robovlms.sweep.study import (abandoned, cell_trials, count_cell_errors, count_trials, creating_study,
                                   enqueue_cells, enqueue_search_trials, ledger_errors, open_study, search_attempts,
                                   storage_url, study_name)
 from robovlms.sweep.worker import work
+from robovlms.training.launch import SWEEP_VARIABLE
 
 PROGRESS_SECONDS = 1.0  # between progress reports, so that reporting costs nothing beside cells that take no time
 
@@ -131,9 +133,12 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None, retry_failed: bool = False,
-              mode: str = "grid", progress: Callable[[SweepStatus], None] | None = None) -> SweepStatus:
+              mode: str = "grid", progress: Callable[[SweepStatus], None] | None = None,
+              notice: Callable[[str], None] | None = None) -> SweepStatus:
     """`robovlms sweep FILE` (mode grid) and `robovlms tune FILE` (mode search): every cell trained, evaluated and
-    recorded, results gathered into the run directory."""
+    recorded, results gathered into the run directory. With `workers` > 1 on a machine with GPUs each worker gets
+    its own (robovlms/sweep/gpus.py); `notice` is told which."""
+    gpus = assign_gpus(cell_devices(load_sweep(path), mode), workers) if workers > 1 else None
     sweep, cells, study, url = prepare_sweep(path, storage, retry_failed, mode)
     run_dir = Path(sweep.run_dir)
     trials = sweep.search.trials if mode == "search" else None
@@ -149,9 +154,11 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
     with ledger_errors(url):
         report()
         if workers <= 1:
+            if notice is not None:
+                notice(describe_worker_gpus())
             work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)
         else:
-            _run_worker_processes(study.study_name, url, workers, run_dir, report)
+            run_worker_processes(study.study_name, url, workers, run_dir, gpus, report, notice)
             work(study, sweep, cells, run_dir, mode, wait=True, on_change=report)  # what died with a worker
         record_abandoned(study, sweep, cells, run_dir)
         status = sweep_status(study, cells, run_dir, trials)
@@ -163,7 +170,10 @@ def run_sweep(path: str | Path, *, workers: int = 1, storage: str | None = None,
     return status
 
 
-def _run_worker_processes(name: str, url: str, workers: int, run_dir: Path, report: Callable) -> None:
+def run_worker_processes(name: str, url: str, workers: int, run_dir: Path, gpus: list[list[str]] | None,
+                         report: Callable, notice: Callable[[str], None] | None = None) -> None:
+    """`workers` processes of `robovlms worker` on this machine, each with its own GPUs (`gpus`: one list per
+    worker, or None), logging to the run directory's logs/worker-N.log; they die with this process."""
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
     processes = []
@@ -172,7 +182,12 @@ def _run_worker_processes(name: str, url: str, workers: int, run_dir: Path, repo
         command = [sys.executable, "-m", "robovlms.cli", "worker", "--storage", url, "--study", name,
                    "--run-dir", str(run_dir)]
         threads = str(max(1, (os.cpu_count() or 1) // workers))  # workers share the cores instead of fighting
-        environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                       **worker_environment(gpus[index] if gpus else None, index, workers),
+                       SWEEP_VARIABLE: str(os.getpid())}
+        if notice is not None:
+            notice(f"worker {index}/{workers}: " + (f"GPUs {','.join(gpus[index])}" if gpus else "no GPU, the CPU")
+                   + f", log {logs / f'worker-{index}.log'}")
         processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
     try:
         while any(process.poll() is None for process, _ in processes):

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread
@@ -52,10 +51,10 @@ def _search_objective(sweep: SweepConfig, base: Cell, run_dir: Path, progress: b
             training = merge(training, nested(key, value))
         cell = Cell(_search_cell_id(trial, training), "trained", training, sampled)
         trial.set_user_attr("cell", cell.cell_id)
-        callbacks = (OptunaPruning(trial),) if search.prune else ()
+        on_validation = prune_on_validation(trial) if search.prune else None
         try:
             check_cell(cell)
-            result = _run_cell_retrying_simulator_deaths(sweep, cell, run_dir, callbacks=callbacks,
+            result = _run_cell_retrying_simulator_deaths(sweep, cell, run_dir, on_validation=on_validation,
                                                          trial_number=trial.number, progress=progress)
         except optuna.TrialPruned:
             raise
@@ -96,21 +95,21 @@ def _search_cell_id(trial, training: dict) -> str:
     return f"search-{trial.number if number is None else number:04d}-{make_cell_id(training)}"
 
 
-class OptunaPruning(L.Callback):
-    """Reports the validation loss to the trial after each validation, and stops a trial the pruner gives up on."""
+def prune_on_validation(trial) -> Callable[[int, dict[str, float]], None]:
+    """Reports the validation loss to the trial after each validation, and stops a trial the pruner gives up on.
+    Called in the worker, also for a cell trained by several processes (robovlms/training/launch.py)."""
 
-    def __init__(self, trial):
-        self.trial = trial
-
-    def on_validation_end(self, trainer, module) -> None:
+    def report(step: int, metrics: dict[str, float]) -> None:
         import optuna
 
-        value = trainer.callback_metrics.get("val/loss")
+        value = metrics.get("val/loss")
         if value is None:
             return
-        self.trial.report(float(value), step=trainer.global_step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {trainer.global_step}: val/loss {float(value):.4f}")
+        trial.report(value, step=step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}: val/loss {value:.4f}")
+
+    return report
 
 
 def work(study, sweep: SweepConfig, cells: list[Cell], run_dir: Path, mode: str, *, wait: bool = False,

@@ -236,8 +236,13 @@ def trace_backbone_calls(formulation, batch: dict[str, torch.Tensor]) -> tuple[l
 
     meta_batch = {key: value.to("meta") if torch.is_tensor(value) else value for key, value in batch.items()}
     backbone.forward = forward
+    # nonzero has no meta shape; taken as every element nonzero, an upper bound (IDEFICS' decoupled embedding looks
+    # up the teacher-forced action tokens of autoregressive decoding with torch.where)
+    import torch.fx.experimental._config as fx_config
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+              fx_config.patch(meta_nonzero_assume_all_nonzero=True)):
             formulation.loss(meta_batch, torch.Generator().manual_seed(0))
     except (RuntimeError, NotImplementedError, TypeError) as error:
         if not calls:

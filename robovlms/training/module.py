@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from robovlms.augmentation import augment_images
 from robovlms.errors import RobovlmsError
 from robovlms.formulation import Formulation
-from robovlms.training.config import TrainingConfig
 from robovlms.training.checkpoints import LAST_CHECKPOINT
+from robovlms.training.config import TrainingConfig
 from robovlms.training.run_dir import CHECKPOINT_DIR
 
 
@@ -28,16 +29,16 @@ class FormulationModule(L.LightningModule):
         super().__init__()
         self.formulation = formulation
         self.config = config
+        self._bad_loss = torch.zeros(())  # the last non-finite loss of this step's micro-batches, or 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # augmentation and a sampling objective's noise are drawn from (seed, step): a resumed run draws what an
-        # uninterrupted one would
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.global_step)
+        micro_batch = batch_idx % self.config.accumulate_grad_batches  # checkpoints fall between steps
+        generator = step_generator(self.config.seed, self.global_step, micro_batch, self.global_rank)
         if self.config.augment:
             batch = {**batch, "images": augment_images(batch["images"], generator)}
         loss, metrics = self.formulation.loss(batch, generator)
-        if not torch.isfinite(loss):
-            self._diverged(f"the loss became {loss.item()} at step {self.global_step}")
+        # checked once per optimiser step, by every process together (on_before_optimizer_step)
+        self._bad_loss = torch.where(torch.isfinite(loss.detach()), self._bad_loss, loss.detach().float())
         if (self.global_step + 1) % self.config.log_every == 0:  # only where the loggers write: self.log is not free
             batch_size = len(batch["instruction"])
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -48,11 +49,38 @@ class FormulationModule(L.LightningModule):
         loss, _ = self.formulation.loss(batch, torch.Generator().manual_seed(batch_idx))  # the same noise each time
         self.log("val/loss", loss, batch_size=len(batch["instruction"]), sync_dist=True)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx % self.config.accumulate_grad_batches == 0:
+            self._bad_loss = torch.zeros((), device=self.device)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop before the update when a loss of this step or the gradient stopped being finite. Every process
+        decides together (a process that stopped alone would leave the others waiting in a collective); under
+        16-mixed an infinite gradient is the loss scaler's to skip, and under DeepSpeed the gradients are the
+        engine's, so there the loss alone is checked."""
+        gradients = [p.grad for p in self.parameters() if p.grad is not None]
+        if gradients and self.config.precision != "16-mixed":
+            norm = torch.nn.utils.get_total_norm(gradients)
+        else:
+            norm = torch.zeros((), device=self.device)
+        flags = torch.stack([~torch.isfinite(self._bad_loss), ~torch.isfinite(norm)]).float()
+        loss_stopped, gradient_stopped = self.trainer.strategy.reduce(flags, reduce_op="sum").tolist()
+        if loss_stopped:
+            value = self._bad_loss.item() if not torch.isfinite(self._bad_loss) else "non-finite in another process"
+            self._diverged(f"the loss became {value} at step {self.global_step}")
+        if gradient_stopped:
+            value = norm.item() if not torch.isfinite(norm) else "non-finite in another process"
+            self._diverged(f"the gradient norm became {value} at step {self.global_step}")
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # the norm clipping computes anyway tells whether a gradient stopped being finite, before the update
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
-        if not torch.isfinite(norm):
-            self._diverged(f"the gradient norm became {norm.item()} at step {self.global_step}")
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning clips FSDP's gradients by value only; FSDP's own clip_grad_norm_ takes the norm over every
+            # shard (torch.nn.utils.clip_grad_norm_ would take each shard's alone)
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # Lightning's own
 
     def _diverged(self, what: str) -> None:
         last = Path(self.config.run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -72,6 +100,16 @@ class FormulationModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, WarmupCosine(self.config.warmup_steps, self.config.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def step_generator(seed: int, step: int, micro_batch: int, rank: int) -> torch.Generator:
+    """Where augmentation and a sampling objective's noise draw from for one micro-batch of one process: a function
+    of (seed, step, micro-batch, process), so a resumed run draws what an uninterrupted one would. Micro-batch 0 of
+    process 0 draws what a run without accumulation or several processes draws."""
+    base = seed * 1_000_003 + step
+    if micro_batch or rank:
+        base = int(np.random.SeedSequence([base % 2**64, micro_batch, rank]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(base)
 
 
 class WarmupCosine:
