@@ -255,3 +255,26 @@ def test_a_report_compares_pretrained_with_random_init_of_the_same_architecture(
     assert probes.loc[("kosmos2 (tiny) · policy-head · H=1 · L=4 · data 1", "sim"), "r2_trained"] == 0.5
     assert probes.loc[("kosmos2 (tiny) · policy-head · H=1 · L=4 · data 1", "sim"), "position_r2_trained"] == 0.6
     assert probes.position_r2_state_only.eq(0.4).all()
+
+
+def test_a_sweep_with_a_pretraining_axis_is_checked_before_its_pretrained_directory_exists(tmp_path):
+    """The pre-training cell comes first; the cell that trains from its directory (not there yet) is checked as the
+    architecture it starts from."""
+    import yaml
+
+    from robovlms.sweep import expand_cells, load_sweep
+    from robovlms.sweep.cells import check_cells_build
+
+    sweep = {"name": "pt", "run_dir": str(tmp_path / "run"), "store": {"path": str(tmp_path / "store")},
+             "benchmark": {"name": "metaworld", "split": "ABC->D", "options": {"tasks": "demo"}},
+             "train": {"formulation": "one-step-continuous", "max_steps": 2},
+             "grid": {"backbone": ["kosmos2"], "pretraining": ["none", "mini"]}, "baselines": [],
+             "pretraining": {"path": str(tmp_path / "pretrained"),
+                             "settings": {"mini": {k: v for k, v in settings().items() if k != "backbone"}}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    cells = expand_cells(load_sweep(tmp_path / "sweep.yaml"))
+    assert [cell.kind for cell in cells] == ["pretraining", "trained", "trained"]
+    pretrained = next(cell for cell in cells if cell.needs is not None)
+    assert pretrained.training["backbone"]["path"] == str(pretrained_path(cells[0].training, tmp_path / "pretrained"))
+    assert not (tmp_path / "pretrained").exists()
+    check_cells_build(cells, 4, 4)

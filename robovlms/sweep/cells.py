@@ -166,6 +166,15 @@ def check_cell(cell: Cell) -> None:
         raise
 
 
+def built_as(cell: Cell) -> dict[str, Any]:
+    """A trained cell's training settings as they can be built before the sweep runs: a cell that trains from a
+    pre-training cell's directory, which is not there yet, as the architecture that cell pre-trains."""
+    if cell.needs is None:
+        return cell.training
+    started_from = {key: cell.needs.training["backbone"][key] for key in ("size", "path", "options")}
+    return {**cell.training, "backbone": {**cell.training["backbone"], **started_from}}
+
+
 def check_cells_build(cells: list[Cell], action_dim: int, state_dim: int) -> None:
     """Each distinct architecture among the trained cells built on the meta device, as training will build it
     (no weights are loaded, so this takes a fraction of a second per architecture): settings that only building
@@ -178,7 +187,7 @@ def check_cells_build(cells: list[Cell], action_dim: int, state_dim: int) -> Non
     for cell in cells:
         if cell.kind != "trained":
             continue
-        config = load_config({**cell.training, "store": "-", "run_dir": "-"})
+        config = load_config({**built_as(cell), "store": "-", "run_dir": "-"})
         architecture = json.dumps(config.model_dump(mode="json", include={"backbone", "formulation", "history",
                                                                            "chunk", "use_state", "state_input"}),
                                   sort_keys=True)

@@ -27,7 +27,7 @@ import numpy as np
 from robovlms.benchmark import Benchmark
 from robovlms.data.store import EpisodeStore
 from robovlms.errors import RobovlmsError
-from robovlms.sweep.cells import Cell
+from robovlms.sweep.cells import Cell, built_as
 from robovlms.sweep.config import SweepConfig, evaluation_split
 from robovlms.sweep.one_cell import sweep_benchmark
 
@@ -100,11 +100,8 @@ def dry_run(sweep: SweepConfig, cells: list[Cell], workers: int = 1, measure_ste
             cost.notes.append(f"{cell.cell_id}: pre-training is not timed by the dry run; time it with `robovlms "
                               f"pretrain --backbone {cell.axes['backbone']} --steps 20` (docs/pretraining.md)")
         if cell.kind == "trained":
-            config = load_config({**cell.training, "store": "-", "run_dir": "-"})
-            if cell.needs is not None:  # its pre-trained directory is not there yet: the architecture it starts from
-                config = load_config({**cell.training, "store": "-", "run_dir": "-", "backbone": {
-                    **cell.training["backbone"], **{key: cell.needs.training["backbone"][key]
-                                                     for key in ("size", "path", "options")}}})
+            # a cell that trains from a pre-training cell's directory, not there yet: the architecture it starts from
+            config = load_config({**built_as(cell), "store": "-", "run_dir": "-"})
             describe(cost, config)
             estimate_memory_of(cost, config, benchmark, instruction, built)
             if cost.timed:
