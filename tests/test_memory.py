@@ -127,7 +127,8 @@ def test_ddp_keeps_a_second_copy_of_the_gradients_for_its_buckets():
 
 
 def test_bf16_true_halves_weights_gradients_and_optimizer_state():
-    full, half = memory_of("auto", 1), memory_of("auto", 1, precision="bf16-true")
+    full = memory_of("auto", 1)
+    half = memory_of("auto", 1, precision="bf16-true", backbone={"name": "gpt-scratch", "dtype": "bfloat16"})
     assert half.weights == full.weights / 2 and half.optimizer == full.optimizer / 2
 
 

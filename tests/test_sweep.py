@@ -694,7 +694,10 @@ def test_a_dry_run_shows_short_ids_and_says_when_the_sweep_is_finished(tmp_path,
     from robovlms.results import CellResult, write_cell_result
     from robovlms.sweep import expand_cells, load_sweep
 
+    import robovlms.cli
+
     fixed_timings(monkeypatch)
+    monkeypatch.setattr(robovlms.cli.console, "width", 80)  # a terminal's (piped output is as wide as its lines)
     path = sweep_file(tmp_path, demo_store)
     first = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"], terminal_width=80)
     assert first.exit_code == 0, first.output

@@ -177,7 +177,7 @@ def test_config_errors_name_the_bad_key_and_the_valid_ones(store, tmp_path):
         load_config(config(store, tmp_path, backbone={"nme": "kosmos2"}))
     with pytest.raises(ConfigError, match="precision: Input should be '32', 'bf16-mixed', 'bf16-true' or '16-mixed'"):
         load_config(config(store, tmp_path, precision="16"))
-    with pytest.raises(UnknownNameError, match="unknown formulation 'one-step'; valid choices: interleaved, "
+    with pytest.raises(UnknownNameError, match="unknown formulation 'one-step'; valid choices: .*interleaved, "
                                                "one-step-continuous, one-step-discrete, policy-head"):
         train(config(store, tmp_path / "run", formulation={"name": "one-step"}))
 
