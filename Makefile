@@ -10,6 +10,8 @@ PLUGINS := examples/robovlms-llava-plugin examples/robovlms-gru-head-plugin
 DEMO_RUN := runs/demo
 DEMO_REPORT := reports/demo
 WORKERS ?= 2
+# pytest-xdist processes for `make test`; each test runs on one thread (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE := 1
@@ -59,7 +61,7 @@ test-system-packages:
 	@$(MAKE) --no-print-directory system-packages PACKAGES="$(TEST_SYSTEM_PACKAGES)"
 
 test: install test-system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 perf: install
 	$(BIN)/python perf/data_and_rollouts.py

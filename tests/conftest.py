@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist gives its workers COLUMNS=80; the CLI (whose console is made at import) would then wrap what the tests
+# read at 80 columns instead of writing piped output as wide as its lines, as it does for a user
+os.environ.pop("COLUMNS", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
