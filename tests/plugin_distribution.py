@@ -4,6 +4,19 @@ points, on sys.path, exactly as `pip install` would leave a third-party plugin."
 import sys
 import textwrap
 
+# a backbone plugin whose contextualise returns half its width: the kit and the dry run each name the mistake once
+NARROW_BACKBONE = '''
+from robovlms.backbones.gpt_scratch import GPTScratchBackbone
+
+
+class Narrow(GPTScratchBackbone):
+    name = "narrow"
+    description = "returns half its width"
+
+    def contextualise(self, context, images, suffix_embeds):
+        return super().contextualise(context, images, suffix_embeds)[..., :32]
+'''
+
 
 def install_plugin(tmp_path, monkeypatch, module: str, source: str | None, entry_points: dict[str, dict[str, str]],
                    distribution: str = "robovlms-broken", version: str = "0.2.0"):

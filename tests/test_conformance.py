@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 import torch
-from plugin_distribution import install_plugin
+from plugin_distribution import NARROW_BACKBONE, install_plugin
 from qwen2vl_backbone import Qwen2VLBackbone
 from rich.console import Console
 from typer.testing import CliRunner
@@ -211,19 +211,6 @@ def test_the_backbone_doc_names_everything_a_backbone_must_and_may_provide():
     required = sorted(Backbone.__abstractmethods__) + list(BACKBONES.required_attributes)
     optional = ["reference_hidden_state", "image_size=", "get_rope_index", "token_type_ids", "ImageProcessorPil"]
     assert [name for name in required + optional if f"`{name}" not in provides and f"{name}`" not in provides] == []
-
-
-NARROW_BACKBONE = '''
-from robovlms.backbones.gpt_scratch import GPTScratchBackbone
-
-
-class Narrow(GPTScratchBackbone):
-    name = "narrow"
-    description = "returns half its width"
-
-    def contextualise(self, context, images, suffix_embeds):
-        return super().contextualise(context, images, suffix_embeds)[..., :32]
-'''
 
 
 def test_the_kit_says_once_that_a_backbone_returns_the_wrong_width(tmp_path, monkeypatch):

@@ -952,22 +952,9 @@ def test_a_study_with_complete_cells_says_exactly_how_to_start_another_file(tmp_
         prepare_sweep(second)
 
 
-NARROW_BACKBONE = '''
-from robovlms.backbones.gpt_scratch import GPTScratchBackbone
-
-
-class Narrow(GPTScratchBackbone):
-    name = "narrow"
-    description = "returns half its width"
-
-    def contextualise(self, context, images, suffix_embeds):
-        return super().contextualise(context, images, suffix_embeds)[..., :32]
-'''
-
-
 def test_the_dry_run_says_in_one_line_that_a_backbone_returns_the_wrong_width(tmp_path, demo_store, monkeypatch,
                                                                               capsys):
-    from plugin_distribution import install_plugin
+    from plugin_distribution import NARROW_BACKBONE, install_plugin
 
     from robovlms import cli
 
