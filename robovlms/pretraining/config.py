@@ -42,32 +42,27 @@ class FrameSettings(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        for task in tasks:
-            if task not in TASK_OBJECTS:
-                raise UnknownNameError("Meta-World task", task, TASK_OBJECTS)
-        if not tasks:
-            raise ValueError("no tasks: pre-training needs frames of at least one task")
-        return tasks
+        return _known("Meta-World task", tasks, TASK_OBJECTS, "no tasks: pre-training needs frames of at least one task")
 
     @field_validator("scenes")
     @classmethod
     def _known_scenes(cls, scenes: str) -> str:
-        for scene in scenes:
-            if scene not in SCENES:
-                raise UnknownNameError("scene", scene, SCENES)
-        if not scenes:
-            raise ValueError("no scenes: pre-training needs frames of at least one scene")
-        return scenes
+        return _known("scene", scenes, SCENES, "no scenes: pre-training needs frames of at least one scene")
 
     @field_validator("cameras")
     @classmethod
     def _known_cameras(cls, cameras: list[str]) -> list[str]:
-        for camera in cameras:
-            if camera not in CAMERAS:
-                raise UnknownNameError("camera", camera, CAMERAS)
-        if not cameras:
-            raise ValueError("no cameras: pre-training needs images from at least one")
-        return cameras
+        return _known("camera", cameras, CAMERAS, "no cameras: pre-training needs images from at least one")
+
+
+def _known(kind: str, names, known, when_empty: str):
+    """`names` (a list, or a string of scene letters) if each is one of `known` and there is one at least."""
+    for name in names:
+        if name not in known:
+            raise UnknownNameError(kind, name, known)
+    if not names:
+        raise ValueError(when_empty)
+    return names
 
 
 class TextSettings(_Strict):
