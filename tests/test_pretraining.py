@@ -277,4 +277,4 @@ def test_a_sweep_with_a_pretraining_axis_is_checked_before_its_pretrained_direct
     pretrained = next(cell for cell in cells if cell.needs is not None)
     assert pretrained.training["backbone"]["path"] == str(pretrained_path(cells[0].training, tmp_path / "pretrained"))
     assert not (tmp_path / "pretrained").exists()
-    check_cells_build(cells, 4, 4)
+    check_cells_build(cells, 4, 4, None)

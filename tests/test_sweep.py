@@ -873,13 +873,14 @@ def test_settings_that_only_building_reveals_are_refused_before_the_study_exists
     assert not (tmp_path / "run" / "optuna.db").exists()
 
 
-def test_a_history_that_chunk_execution_cannot_observe_is_refused_before_the_study_exists(tmp_path, demo_store):
+def test_a_history_that_chunk_execution_cannot_observe_is_refused_before_the_store_is_made(tmp_path, demo_store):
     path = sweep_file(tmp_path, demo_store, grid={"backbone": ["gpt-scratch"], "formulation": ["policy-head"],
-                                                  "history": [2]})  # chunk 2 run open-loop, frames 1 step apart
+                                                  "history": [2]},  # chunk 2 run open-loop, frames 1 step apart
+                      store={"path": str(tmp_path / "store"), "generate": {"episodes": 1}})
     with pytest.raises(ConfigError, match=r"cell gpt-scratch-policy-head-h2.*cannot be observed when each chunk of 2 "
                                           r"runs open-loop; train with frame_stride 2"):
         prepare_sweep(path)
-    assert not (tmp_path / "run" / "optuna.db").exists()
+    assert not (tmp_path / "store").exists() and not (tmp_path / "run" / "optuna.db").exists()
 
 
 def test_a_chunk_longer_than_the_shortest_training_episode_is_refused_before_the_study_exists(tmp_path, demo_store):

@@ -175,11 +175,13 @@ def built_as(cell: Cell) -> dict[str, Any]:
     return {**cell.training, "backbone": {**cell.training["backbone"], **started_from}}
 
 
-def check_cells_build(cells: list[Cell], action_dim: int, state_dim: int) -> None:
-    """Each distinct architecture among the trained cells built on the meta device, as training will build it
-    (no weights are loaded, so this takes a fraction of a second per architecture): settings that only building
-    reveals, such as a hidden size its attention heads do not divide, a pretrained path that is not there, or LoRA
-    targets a backbone lacks, are refused before the study exists."""
+def check_cells_build(cells: list[Cell], action_dim: int, state_dim: int, execution: str | None) -> None:
+    """Before a store is made: a rollout can observe each trained cell's history under its execution (`execution`
+    overrides the cells'); and each distinct architecture among them built on the meta device, as training will
+    build it (no weights are loaded, so this takes a fraction of a second per architecture): settings that only
+    building reveals, such as a hidden size its attention heads do not divide, a pretrained path that is not there,
+    or LoRA targets a backbone lacks, are refused before the study exists."""
+    from robovlms.serving.batched_policy import check_execution
     from robovlms.training import load_config
     from robovlms.training.memory import meta_formulation
 
@@ -188,6 +190,8 @@ def check_cells_build(cells: list[Cell], action_dim: int, state_dim: int) -> Non
         if cell.kind != "trained":
             continue
         config = load_config({**built_as(cell), "store": "-", "run_dir": "-"})
+        with _naming(cell):
+            check_execution(config.history, config.chunk, config.frame_stride, execution or config.execution)
         architecture = json.dumps(config.model_dump(mode="json", include={"backbone", "formulation", "history",
                                                                            "chunk", "use_state", "state_input"}),
                                   sort_keys=True)
@@ -203,12 +207,10 @@ def check_cells_build(cells: list[Cell], action_dim: int, state_dim: int) -> Non
                 raise ConfigError(f"building it failed: {type(error).__name__}: {str(error).splitlines()[0]}") from None
 
 
-def check_cells_on_store(cells: list[Cell], store, benchmark, execution: str | None) -> None:
+def check_cells_on_store(cells: list[Cell], store, benchmark) -> None:
     """What the store and the benchmark tell about each trained cell, before the study exists: its cameras are in
-    both, its history and chunk fit the shortest episode it trains on, and a rollout can observe its history
-    under its execution (`execution` overrides the cells')."""
+    both, and its history and chunk fit the shortest episode it trains on."""
     from robovlms.data.windows import check_windows_fit
-    from robovlms.serving.batched_policy import check_execution
     from robovlms.training import load_config
 
     for cell in cells:
@@ -224,7 +226,6 @@ def check_cells_on_store(cells: list[Cell], store, benchmark, execution: str | N
             episodes = store.subset(config.data_fraction, config.seed, exclude=validation,
                                     per_task=config.episodes_per_task)
             check_windows_fit(store, episodes, config.history, config.chunk, config.frame_stride)
-            check_execution(config.history, config.chunk, config.frame_stride, execution or config.execution)
 
 
 @contextlib.contextmanager

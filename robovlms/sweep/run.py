@@ -101,13 +101,13 @@ def prepare_sweep(path: str | Path, storage: str | None = None, retry_failed: bo
     check_run_dir(run_dir)
     planned = sweep_benchmark(sweep, None)  # name, split, options and evaluation split, before a store is made
     planned.split_episodes(sweep.benchmark.split, sweep.evaluation.split, 1)  # with them
-    check_cells_build(checked, planned.action_dim, planned.state_dim)
+    check_cells_build(checked, planned.action_dim, planned.state_dim, sweep.evaluation.execution)
     store = ensure_store(sweep)
     store.verify()
     benchmark = sweep_benchmark(sweep, store)
     benchmark.check_available()
     check_evaluated_tasks(sweep, store, benchmark)
-    check_cells_on_store(checked, store, benchmark, sweep.evaluation.execution)
+    check_cells_on_store(checked, store, benchmark)
     for baseline in sweep.baselines:
         check_baseline_data(baseline, benchmark, store.path)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused sweep file leaves no study behind
