@@ -214,15 +214,15 @@ def test_the_cli_refuses_bad_settings_in_one_line(tmp_path):
     assert not (tmp_path / "root").exists()
 
 
-def commit_trained_cell(run_dir, backbone, pretraining, seed, successes):
-    """A committed trained cell of a sweep with a pretraining axis, 8 episodes, with its probe."""
+def commit_trained_cell(run_dir, backbone, pretraining, seed, successes, episodes=8):
+    """A committed trained cell of a sweep with a pretraining axis, with its probe."""
     from robovlms.results import CellResult, EpisodeRecord, write_cell_result, write_records
 
     cell_id = f"{backbone}-{pretraining}-s{seed}"
     label = f"{backbone} (tiny, random init)" if pretraining == "none" else \
         f"{backbone} (pretrained: data/pretrained/{backbone}-0123456789ab)"
     records = [EpisodeRecord(task="door-open", scene="D", instruction="open the door", seed=episode,
-                             success=episode < successes, steps=50, seconds=0.1) for episode in range(8)]
+                             success=episode < successes, steps=50, seconds=0.1) for episode in range(episodes)]
     cell_dir = run_dir / "cells" / cell_id
     cell_dir.mkdir(parents=True)
     write_records(cell_dir, records)
@@ -232,7 +232,8 @@ def commit_trained_cell(run_dir, backbone, pretraining, seed, successes):
     write_cell_result(cell_dir, CellResult(
         cell_id=cell_id, status="complete", kind="trained", benchmark="metaworld", split="ABC->D", policy="trained",
         backbone=backbone, backbone_label=label, random_init=pretraining == "none", formulation="policy-head",
-        history=1, chunk=4, data_fraction=1.0, seed=seed, episodes=8, successes=successes, success=successes / 8,
+        history=1, chunk=4, data_fraction=1.0, seed=seed, episodes=episodes, successes=successes,
+        success=successes / episodes,
         config={"backbone": {"name": backbone}, "seed": seed}, probe=probe,
         axes={"backbone": backbone, "pretraining": pretraining, "seed": seed}))
 
@@ -255,6 +256,24 @@ def test_a_report_compares_pretrained_with_random_init_of_the_same_architecture(
     assert probes.loc[("kosmos2 (tiny) · policy-head · H=1 · L=4 · data 1", "sim"), "r2_trained"] == 0.5
     assert probes.loc[("kosmos2 (tiny) · policy-head · H=1 · L=4 · data 1", "sim"), "position_r2_trained"] == 0.6
     assert probes.position_r2_state_only.eq(0.4).all()
+
+
+def test_the_report_gives_the_pretraining_effect_of_each_architecture_on_its_matched_seeds(tmp_path):
+    from robovlms.report.main_effects import pretraining_effect_table
+    from robovlms.report.runs import read_sweep_runs
+
+    for seed, (kosmos2_random, paligemma_random) in enumerate([(10, 20), (12, 22), (8, 18)]):
+        commit_trained_cell(tmp_path / "run", "kosmos2", "none", seed, kosmos2_random, episodes=40)
+        commit_trained_cell(tmp_path / "run", "kosmos2", "sim", seed, kosmos2_random + 20, episodes=40)
+        commit_trained_cell(tmp_path / "run", "paligemma", "none", seed, paligemma_random, episodes=40)
+        commit_trained_cell(tmp_path / "run", "paligemma", "sim", seed, paligemma_random, episodes=40)
+    commit_trained_cell(tmp_path / "run", "paligemma", "sim", 3, 40, episodes=40)  # no random-init seed 3
+    effects = pretraining_effect_table(read_sweep_runs([tmp_path / "run"])).set_index("backbone")
+    assert effects.matched_cells.to_dict() == {"kosmos2 (tiny)": 3, "paligemma (tiny)": 3}
+    assert effects.loc["kosmos2 (tiny)", "difference"] == pytest.approx(0.5)
+    assert effects.loc["kosmos2 (tiny)", "resolved"] and effects.loc["kosmos2 (tiny)", "p_holm"] < 0.05
+    assert effects.loc["paligemma (tiny)", "difference"] == 0 and not effects.loc["paligemma (tiny)", "resolved"]
+    assert effects.attrs["tests"] == 2
 
 
 def test_a_sweep_with_a_pretraining_axis_is_checked_before_its_pretrained_directory_exists(tmp_path):

@@ -157,6 +157,29 @@ def pairwise_table(runs: SweepRuns) -> pd.DataFrame:
                           comparisons, columns)
 
 
+def pretraining_effect_table(runs: SweepRuns) -> pd.DataFrame:
+    """Per architecture and pre-training setting: that setting against random init ("none") on the architecture's
+    matched cells (the same level of every other varying axis and the same seed), each pair compared episode by
+    episode; one family, Holm-adjusted over its rows. Empty without a pretraining axis."""
+    levels = cell_levels(runs)
+    columns = ["backbone", "pretraining", "matched_cells", *VERDICT_COLUMNS]
+    if levels.empty or PRETRAINING_AXIS not in levels or "none" not in set(levels[PRETRAINING_AXIS]):
+        return pd.DataFrame(columns=columns)
+    outcomes = episode_outcomes(runs)
+    others = [axis for axis in ("seed", *varying_axes(levels)) if axis not in ("backbone", PRETRAINING_AXIS)]
+    keyed = levels.assign(match=[json.dumps(key) for key in levels[others].astype(str).values.tolist()])
+    rows, comparisons = [], []
+    for backbone, cells in keyed.groupby("backbone", sort=False):
+        random = cells[cells[PRETRAINING_AXIS] == "none"]
+        for setting in [level for level in cells[PRETRAINING_AXIS].unique() if level != "none"]:
+            joined = cells[cells[PRETRAINING_AXIS] == setting].merge(random, on="match", suffixes=("_a", "_b"))
+            matched = [((row.run_a, row.cell_id_a), (row.run_b, row.cell_id_b)) for row in joined.itertuples()]
+            rows.append({"backbone": backbone, "pretraining": setting, "matched_cells": len(matched)})
+            comparisons.append(compared_pairs(outcomes, matched) if matched else None)
+    return _with_verdicts(pd.DataFrame(rows, columns=[column for column in columns if column not in VERDICT_COLUMNS]),
+                          comparisons, columns)
+
+
 def baseline_comparison_table(runs: SweepRuns) -> pd.DataFrame:
     """Per trained configuration (seeds pooled) and baseline: the mean difference in success (configuration -
     baseline) with its 95% interval, p-value, Holm-adjusted over the family of every configuration and baseline,

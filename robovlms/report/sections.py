@@ -15,7 +15,8 @@ from robovlms.report import plots
 from robovlms.report.formatting import (HEADERS, configuration_label, number_text, percent_text, rate_text, readable,
                                         seed_text, shown_configuration, shown_table, wide_table)
 from robovlms.report.comparisons import FAMILY_ERROR, MIN_PAIRED_EPISODES
-from robovlms.report.main_effects import baseline_comparison_table, main_effects_table, pairwise_table
+from robovlms.report.main_effects import (baseline_comparison_table, main_effects_table, pairwise_table,
+                                         pretraining_effect_table)
 from robovlms.report.runs import BASELINE_LABELS, REPEAT_RUN, SweepRuns, complete_cells
 from robovlms.report.tables import (CHAIN_LENGTH, breakdown_table, chain_table, chained, configuration_table,
                                     cost_table, data_efficiency_table, failed_cells_table, simulated_task_success,
@@ -50,7 +51,7 @@ def build_sections(runs: SweepRuns, out: Path, real_world: Path | None = None) -
     from robovlms.report.pretraining import pretraining_sections
 
     sections = [_success_section(runs, out), _baselines_section(runs), _search_section(runs),
-                _main_effects_section(runs, out), *pretraining_sections(runs),
+                _main_effects_section(runs, out), _pretraining_effect_section(runs), *pretraining_sections(runs),
                 _breakdown_section(runs, "task"), _sim_to_real_section(runs, real_world),
                 _breakdown_section(runs, "scene"), _chain_section(runs), _data_efficiency_section(runs, out),
                 _cost_section(runs, out), _training_curves_section(runs, out), _failed_section(runs),
@@ -436,6 +437,24 @@ def _main_effects_section(runs: SweepRuns, out: Path) -> Section | None:
     plots.save_figure(plots.main_effects_figure(series), out, "main_effects")
     section.figures.append("main_effects")
     return section
+
+
+def _pretraining_effect_section(runs: SweepRuns) -> Section | None:
+    effects = pretraining_effect_table(runs)
+    if effects.empty:
+        return None
+    return Section("The pre-training effect per architecture", [
+        ("Each architecture pre-trained against the same architecture from a random init, on matched cells only "
+         "(the same formulation, every other varying axis and the seed): the mean difference in success over the "
+         "matched pairs, each pair compared episode by episode, with its own 95% interval. The main effects above "
+         "pool the architectures; this table tells them apart."),
+        _family_note(effects.attrs["tests"], "architecture"),
+        _pair_noise_note(effects.attrs, runs, seeds_only=False)],
+        [Table("pretraining_effect", effects, shown_table(effects, {
+            "backbone": "backbone", "pre-training": "pretraining", "matched cells": "matched_cells",
+            "episodes per pair": "episodes", "pre-trained - random init [95% CI]": _difference_text,
+            "resolved (Holm)": lambda row: "" if pd.isna(row.difference) else _verdict_text(row)}),
+            _evaluated(runs))])
 
 
 def _difference_text(row: pd.Series) -> str:
