@@ -143,11 +143,9 @@ def pairwise_table(runs: SweepRuns) -> pd.DataFrame:
         # does not vary among them does not keep those formulations from being compared
         others = [other for other in ("seed", *axes) if other not in (axis, *nested)]
         compared = _with_level(levels, axis)
-        keyed = compared.assign(match=[json.dumps(key) for key in compared[others].astype(str).values.tolist()])
+        keyed = _keyed(compared, others)
         for level_a, level_b in itertools.combinations(keyed[axis].unique(), 2):
-            a, b = (keyed.loc[keyed[axis] == level, ["match", "run", "cell_id"]] for level in (level_a, level_b))
-            joined = a.merge(b, on="match", suffixes=("_a", "_b"))
-            matched = [((row.run_a, row.cell_id_a), (row.run_b, row.cell_id_b)) for row in joined.itertuples()]
+            matched = _matched_pairs(*(keyed.loc[keyed[axis] == level] for level in (level_a, level_b)))
             differs = [other for other in nested if set(levels.loc[levels[axis] == level_a, other])
                        != set(levels.loc[levels[axis] == level_b, other])]
             rows.append({"axis": axis, "level_a": level_a, "level_b": level_b, "matched_cells": len(matched),
@@ -167,17 +165,26 @@ def pretraining_effect_table(runs: SweepRuns) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     outcomes = episode_outcomes(runs)
     others = [axis for axis in ("seed", *varying_axes(levels)) if axis not in ("backbone", PRETRAINING_AXIS)]
-    keyed = levels.assign(match=[json.dumps(key) for key in levels[others].astype(str).values.tolist()])
     rows, comparisons = [], []
-    for backbone, cells in keyed.groupby("backbone", sort=False):
+    for backbone, cells in _keyed(levels, others).groupby("backbone", sort=False):
         random = cells[cells[PRETRAINING_AXIS] == "none"]
         for setting in [level for level in cells[PRETRAINING_AXIS].unique() if level != "none"]:
-            joined = cells[cells[PRETRAINING_AXIS] == setting].merge(random, on="match", suffixes=("_a", "_b"))
-            matched = [((row.run_a, row.cell_id_a), (row.run_b, row.cell_id_b)) for row in joined.itertuples()]
+            matched = _matched_pairs(cells[cells[PRETRAINING_AXIS] == setting], random)
             rows.append({"backbone": backbone, "pretraining": setting, "matched_cells": len(matched)})
             comparisons.append(compared_pairs(outcomes, matched) if matched else None)
     return _with_verdicts(pd.DataFrame(rows, columns=[column for column in columns if column not in VERDICT_COLUMNS]),
                           comparisons, columns)
+
+
+def _keyed(levels: pd.DataFrame, others: list[str]) -> pd.DataFrame:
+    """The cells with a `match` key: their levels of `others`, the axes on which compared cells must agree."""
+    return levels.assign(match=[json.dumps(key) for key in levels[others].astype(str).values.tolist()])
+
+
+def _matched_pairs(a: pd.DataFrame, b: pd.DataFrame) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Each cell of `a` with each cell of `b` of the same `match` key, as (run, cell_id) pairs."""
+    joined = a[["match", "run", "cell_id"]].merge(b[["match", "run", "cell_id"]], on="match", suffixes=("_a", "_b"))
+    return [((row.run_a, row.cell_id_a), (row.run_b, row.cell_id_b)) for row in joined.itertuples()]
 
 
 def baseline_comparison_table(runs: SweepRuns) -> pd.DataFrame:
