@@ -880,6 +880,26 @@ def test_an_axis_each_level_sets_is_named_not_matched_on(tmp_path):
     assert pairs.loc[("history", "1", "2")].matched_cells == 0
 
 
+def test_of_two_aliased_axes_the_first_is_compared_as_configured_and_the_other_not_at_all(tmp_path):
+    """As in experiments/pretraining.yaml, each formulation sets its history and frame stride and each history
+    its formulation: policy-head (H=2, stride 8) beats one-step-continuous (H=1) by 20 points on both backbones.
+    The formulations are compared on their matched cells, naming history and frame stride; history and frame
+    stride, the same comparison, have no rows of their own."""
+    from robovlms.report import read_sweep_runs
+    from robovlms.report.main_effects import pairwise_table
+
+    run_dir = tmp_path / "run"
+    for backbone in ("kosmos2", "paligemma"):
+        add_design_cell(run_dir, backbone, "one-step-continuous", 20, history=1, frame_stride=1)
+        add_design_cell(run_dir, backbone, "policy-head", 40, history=2, frame_stride=8)
+    pairs = pairwise_table(read_sweep_runs([run_dir]))
+    assert set(pairs.axis) == {"backbone", "formulation"}
+    formulations = pairs.set_index("axis").loc["formulation"]
+    assert formulations.matched_cells == 2
+    assert formulations.difference == pytest.approx(-20 / 60)
+    assert formulations.also_differs == "history, frame_stride"
+
+
 # ---- action objectives ----------------------------------------------------------------------------------------
 
 

@@ -4,8 +4,9 @@ and which differences between its levels are resolved; and each trained configur
 A level's pooled rate mixes whatever else varies with it, so differences are judged on matched cells only: two
 cells form a pair when they agree on every other axis and the seed. An axis nested in the compared one (whose value
 each level of it sets, as the demo's formulations set their history) is not matched on but named: the comparison is
-of the levels as configured. Each trained configuration is compared with each baseline the same way, its cells (one
-per seed) paired with the baseline's cell of their run.
+of the levels as configured. Of two axes that set each other one to one (aliases), the first is compared so and the
+other not at all, as its comparison would be the same. Each trained configuration is compared with each baseline
+the same way, its cells (one per seed) paired with the baseline's cell of their run.
 
 A pair of cells is compared episode by episode on the episodes both ran, matched by identity (task, scene,
 instruction, seed, and which repeat of them), and as two independent samples where its episodes cannot be matched
@@ -136,9 +137,12 @@ def pairwise_table(runs: SweepRuns) -> pd.DataFrame:
     outcomes = episode_outcomes(runs)
     rows, comparisons = [], []
     axes = varying_axes(levels)
+    compared_axes = []
     for axis in axes:
-        nested = [other for other in axes if other != axis and _sets(levels, axis, other)
-                  and not _sets(levels, other, axis)]  # one-to-one axes are aliases: no level of one is matched
+        if any(_aliases(levels, axis, earlier) for earlier in compared_axes):
+            continue  # its comparison is the earlier axis's, which names it
+        compared_axes.append(axis)
+        nested = [other for other in axes if other != axis and _sets(levels, axis, other)]
         # matched on the axes that vary, so one that only some formulations have (the action objective) and that
         # does not vary among them does not keep those formulations from being compared
         others = [other for other in ("seed", *axes) if other not in (axis, *nested)]
@@ -243,6 +247,11 @@ def _with_verdicts(table: pd.DataFrame, comparisons: list[ComparisonData | None]
 def _sets(levels: pd.DataFrame, axis: str, other: str) -> bool:
     """Each level of `axis` comes with one level of `other`."""
     return bool(levels.groupby(axis)[other].nunique().max() == 1)
+
+
+def _aliases(levels: pd.DataFrame, axis: str, other: str) -> bool:
+    """The two axes set each other one to one (as pretraining.yaml's formulations and their history)."""
+    return _sets(levels, axis, other) and _sets(levels, other, axis)
 
 
 @dataclass
