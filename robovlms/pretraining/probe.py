@@ -91,8 +91,8 @@ def lrn_states(formulation, images: np.ndarray, states: np.ndarray, instructions
     for start in range(0, len(images), BATCH):
         rows = slice(start, start + BATCH)
         texts = instructions[rows]
-        inputs = Formulation.encode(formulation, torch.from_numpy(images[rows]).unsqueeze(1),
-                                    torch.from_numpy(states[rows]).unsqueeze(1), texts)  # (B, 1, ...)
+        inputs = Formulation.encode(formulation, torch.tensor(images[rows]).unsqueeze(1),
+                                    torch.tensor(states[rows]).unsqueeze(1), texts)  # (B, 1, ...)
         hidden = formulation.backbone(inputs["pixel_values"], texts, formulation.lrn_embeds(inputs))  # (B, 1, K, D)
         found.append(hidden[:, 0, -1].float())
     return torch.cat(found).numpy()
