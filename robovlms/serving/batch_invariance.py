@@ -1,8 +1,10 @@
 """Batch invariance on the CPU: a row's result must not depend on how many rows share its forward pass.
 
-The CPU kernels are not batch invariant below a few rows (measured with torch 2.13, MKL 2024.2 and oneDNN 3.12 on an
-AVX-512 CPU): a row of a (1, K) @ (K, N) product differs in its last bits from the same row in an (8, K) product,
-while every M >= 4 gives the same bits as M = 512 wherever the row sits (MKL's small-M kernels); a convolution of
+The CPU kernels are not batch invariant below a few rows (measured with torch 2.13, MKL 2024.2 and oneDNN 3.12): a
+row of an (M, K) @ (K, N) product with few rows M differs in its last bits from the same row among many (MKL's
+small-M kernels). How few depends on the CPU: on one AVX-512 Xeon every M >= 4 gave the bits of M = 512; on an
+AMX-capable one (Sapphire Rapids class) M up to 15 differed wherever K >= 128, and every M >= 16 gave the bits of
+M = 512 wherever the row sits (K 38 to 4,096, N 6 to 1,024); a convolution of
 one image differs from the same image among others (oneDNN); in bfloat16 oneDNN lays a convolution's output out
 channels-last for some batch sizes only, and a GroupNorm after it reduces in another order on each layout, and a
 3-D input to a linear layer takes another path than a 2-D one.
@@ -29,7 +31,7 @@ from typing import ClassVar, Self
 import torch
 from torch import nn
 
-MIN_ROWS = 4  # of a matrix product (and of the batch of a recurrent layer or transformer encoder)
+MIN_ROWS = 16  # of a matrix product (and of the batch of a recurrent layer or transformer encoder)
 MIN_IMAGES = 2  # of a convolution: only a batch of one differed (fp32; bf16 never did)
 _BATCH_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_DIM_BY_SETTING = (nn.RNNBase, nn.TransformerEncoder, nn.TransformerEncoderLayer)
