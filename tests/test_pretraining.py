@@ -234,7 +234,9 @@ def commit_trained_cell(run_dir, backbone, pretraining, seed, successes, episode
         backbone=backbone, backbone_label=label, random_init=pretraining == "none", formulation="policy-head",
         history=1, chunk=4, data_fraction=1.0, seed=seed, episodes=episodes, successes=successes,
         success=successes / episodes,
-        config={"backbone": {"name": backbone}, "seed": seed}, probe=probe,
+        config={"backbone": {"name": backbone, "size": "tiny", "path": None} if pretraining == "none" else
+                {"name": backbone, "size": "pretrained", "path": f"data/pretrained/{backbone}-0123456789ab"},
+                "seed": seed}, probe=probe,
         axes={"backbone": backbone, "pretraining": pretraining, "seed": seed}))
 
 
@@ -248,6 +250,7 @@ def test_a_report_compares_pretrained_with_random_init_of_the_same_architecture(
             commit_trained_cell(tmp_path / "run", backbone, "none", seed, 3)
             commit_trained_cell(tmp_path / "run", backbone, "sim", seed, 6)
     runs = read_sweep_runs([tmp_path / "run"])
+    assert runs.settings == []  # the backbone's label names its size and its weights' path: no columns of their own
     pairs = pairwise_table(runs).set_index("axis")
     assert pairs.loc["pretraining", "matched_cells"] == 4
     assert set(main_effects_table(runs).query("axis == 'backbone'").level) == {"kosmos2 (tiny)", "paligemma (tiny)"}

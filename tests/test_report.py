@@ -860,6 +860,31 @@ def test_each_training_curves_panels_step_label_lies_above_the_next_panels_title
         assert label.y0 > title.y1
 
 
+def test_a_panel_of_many_training_curves_is_as_tall_as_its_legend():
+    """40 cells a formulation: each panel's legend stays beside its own panel."""
+    from robovlms.report.plots import training_curves_figure
+
+    figure = training_curves_figure({f"formulation {index}": {f"backbone {cell} · seed 0": ([0, 10], [1.0, 0.5])
+                                                                for cell in range(40)} for index in range(2)})
+    renderer = drawn(figure)
+    legends = [axes.get_legend().get_window_extent(renderer) for axes in figure.axes]
+    assert legends[0].y0 >= figure.axes[1].get_window_extent(renderer).y1  # above the next panel
+    assert legends[1].y0 >= 0  # within the figure
+
+
+def test_a_training_curves_panel_names_what_its_cells_share_in_its_title_not_in_every_label():
+    from robovlms.report.sections import _common_parts_in_title
+
+    curves = {"kosmos2 (tiny, random init) · policy-head · H=2 · L=8 · seed 0": "a",
+              "kosmos2 (pretrained: data/pretrained/kosmos2-0123) · policy-head · H=2 · L=8 · seed 1 (failed)": "b"}
+    title, labelled = _common_parts_in_title(("policy-head", curves))
+    assert title == "policy-head · H=2 · L=8"
+    assert labelled == {"kosmos2 (tiny, random init) · seed 0": "a",
+                        "kosmos2 (pretrained: data/pretrained/kosmos2-0123) · seed 1 (failed)": "b"}
+    assert _common_parts_in_title(("policy-head", {"gpt-scratch · H=2": "a"})) == ("policy-head",
+                                                                                   {"gpt-scratch · H=2": "a"})
+
+
 def test_an_axis_each_level_sets_is_named_not_matched_on(tmp_path):
     """The demo's formulations set their own history: one-step-continuous (H=1) and policy-head (H=2) are
     compared as configured, and the comparison says they also differ in history; history itself cannot be
@@ -880,11 +905,12 @@ def test_an_axis_each_level_sets_is_named_not_matched_on(tmp_path):
     assert pairs.loc[("history", "1", "2")].matched_cells == 0
 
 
-def test_of_two_aliased_axes_the_first_is_compared_as_configured_and_the_other_not_at_all(tmp_path):
+def test_formulations_aliased_with_their_history_are_compared_as_configured_naming_it(tmp_path):
     """As in experiments/pretraining.yaml, each formulation sets its history and frame stride and each history
     its formulation: policy-head (H=2, stride 8) beats one-step-continuous (H=1) by 20 points on both backbones.
     The formulations are compared on their matched cells, naming history and frame stride; history and frame
-    stride, the same comparison, have no rows of their own."""
+    stride, the same comparison, have no rows of their own. (Aliased design axes, such as a backbone and a
+    learning rate that vary together, stay uncompared: test_levels_with_no_matched_cells_are_not_compared.)"""
     from robovlms.report import read_sweep_runs
     from robovlms.report.main_effects import pairwise_table
 

@@ -4,9 +4,10 @@ and which differences between its levels are resolved; and each trained configur
 A level's pooled rate mixes whatever else varies with it, so differences are judged on matched cells only: two
 cells form a pair when they agree on every other axis and the seed. An axis nested in the compared one (whose value
 each level of it sets, as the demo's formulations set their history) is not matched on but named: the comparison is
-of the levels as configured. Of two axes that set each other one to one (aliases), the first is compared so and the
-other not at all, as its comparison would be the same. Each trained configuration is compared with each baseline
-the same way, its cells (one per seed) paired with the baseline's cell of their run.
+of the levels as configured. Two axes that set each other one to one (aliases) are confounded and not compared,
+except a formulation and the history or frame stride each formulation was given (FORMULATION_SETTINGS): those
+formulations are compared as configured too. Each trained configuration is compared with each baseline the same
+way, its cells (one per seed) paired with the baseline's cell of their run.
 
 A pair of cells is compared episode by episode on the episodes both ran, matched by identity (task, scene,
 instruction, seed, and which repeat of them), and as two independent samples where its episodes cannot be matched
@@ -42,6 +43,9 @@ CONFIGURATION_AXES = {"backbone": "backbone_label", "formulation": "formulation"
                       "data_fraction": "data_fraction"}
 # a seed is a replicate, not a design choice; the objective's options are the "action objective" axis
 NOT_AXES = {"seed", "policy", *(f"formulation.options.{option}" for option in OBJECTIVE_OPTIONS)}
+# settings a grid gives each formulation its own value of: where they alias the formulation one to one, the
+# formulations are compared as configured, naming them; other aliased axes are confounded and not compared
+FORMULATION_SETTINGS = ("history", "frame_stride")
 EPISODE_IDENTITY = ["task", "scene", "instruction", "seed"]  # the same episode, evaluated by two cells
 VERDICT_COLUMNS = ["episodes", "difference", "low", "high", "p_value", "p_holm", "resolved"]
 
@@ -137,12 +141,11 @@ def pairwise_table(runs: SweepRuns) -> pd.DataFrame:
     outcomes = episode_outcomes(runs)
     rows, comparisons = [], []
     axes = varying_axes(levels)
-    compared_axes = []
     for axis in axes:
-        if any(_aliases(levels, axis, earlier) for earlier in compared_axes):
-            continue  # its comparison is the earlier axis's, which names it
-        compared_axes.append(axis)
-        nested = [other for other in axes if other != axis and _sets(levels, axis, other)]
+        if axis in FORMULATION_SETTINGS and "formulation" in axes and _aliases(levels, axis, "formulation"):
+            continue  # the formulation's comparison, which names it
+        nested = [other for other in axes if other != axis and _sets(levels, axis, other)
+                  and (not _aliases(levels, axis, other) or axis == "formulation" and other in FORMULATION_SETTINGS)]
         # matched on the axes that vary, so one that only some formulations have (the action objective) and that
         # does not vary among them does not keep those formulations from being compared
         others = [other for other in ("seed", *axes) if other not in (axis, *nested)]

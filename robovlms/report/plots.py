@@ -11,6 +11,7 @@ from matplotlib.ticker import LogFormatter
 
 TRAINED_COLOUR = "tab:blue"
 BASELINE_COLOUR = "tab:gray"
+LEGEND_LINE_INCHES = 0.15  # a line of a 7-point legend
 
 
 def save_figure(figure: Figure, out: Path, stem: str) -> None:
@@ -82,8 +83,11 @@ def latency_figure(labels: Sequence[str], latency_ms: Sequence[float], success: 
 def training_curves_figure(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]]) -> Figure:
     """Training loss against optimiser step: one panel per group (formulation), one line per trained cell,
     {panel: {label: (step, loss)}}."""
-    figure = Figure(figsize=(8, 3.2 * len(panels)), layout="constrained")  # each "step" clear of the next title
-    for axes, (title, curves) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels.items()):
+    # each panel as tall as its legend (one line per cell, beside it), each "step" clear of the next title
+    heights = [max(3.2, 0.6 + LEGEND_LINE_INCHES * len(curves)) for curves in panels.values()]
+    figure = Figure(figsize=(8, sum(heights)), layout="constrained")
+    for axes, (title, curves) in zip(figure.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0],
+                                     panels.items()):
         for label, (step, loss) in curves.items():
             axes.plot(step, loss, label=label, linewidth=1)
         axes.set_title(title, fontsize=9, loc="left")

@@ -24,9 +24,9 @@ PRETRAINING_AXIS = "pretraining"  # a grid axis of sweeps with pre-training cell
 CONFIGURATION = ["backbone_label", "formulation", "history", "chunk", "data_fraction"]
 DAMAGED_COLUMNS = ["run", "cell_id", "status", "axes", "error"]
 # Resolved training config keys that are not settings of their own: the seed (pooled), where the data and the run
-# live, and what the CONFIGURATION columns already show.
-NOT_SETTINGS = {"seed", "store", "run_dir", "backbone", "backbone.name", "formulation", "formulation.name", "history",
-                "chunk", "data_fraction", "episodes_per_task"}
+# live, and what the CONFIGURATION columns already show (the backbone's label names its size, or its weights' path).
+NOT_SETTINGS = {"seed", "store", "run_dir", "backbone", "backbone.name", "backbone.size", "backbone.path",
+                "formulation", "formulation.name", "history", "chunk", "data_fraction", "episodes_per_task"}
 # The formulation options of the action objective (robovlms/action_objectives.py OBJECTIVE_OPTIONS, named here so
 # that reading reports needs no torch): the ACTION_OBJECTIVE column shows them together.
 OBJECTIVE_OPTIONS = ("objective", "arm_loss", "denoising_steps", "expert_width", "expert_layers")

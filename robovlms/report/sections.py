@@ -372,12 +372,23 @@ def _training_curves_section(runs: SweepRuns, out: Path) -> Section | None:
         label = f"{configuration_label(cell, runs.settings)} · seed {cell.seed}" + (f" · {run}" if several_runs else "")
         curves = panels.setdefault(cell.formulation or "(unknown formulation)", {})
         curves[label + (" (failed)" if cell.status != "complete" else "")] = (curve.step, curve["train/loss"])
-    plots.save_figure(plots.training_curves_figure(panels), out, "training_curves")
+    plots.save_figure(plots.training_curves_figure(dict(map(_common_parts_in_title, panels.items()))), out,
+                      "training_curves")
     return Section("Training curves", ["train/loss against optimiser step, one line per trained cell and one panel "
                                        "per formulation, whose losses differ in kind (cross-entropy over action "
                                        "bins, regression) and scale (from Lightning's CSV log); every logged metric "
                                        "is in training_curves.csv."],
                    [Table("training_curves", runs.curves, None)], ["training_curves"])
+
+
+def _common_parts_in_title(panel: tuple[str, dict]) -> tuple[str, dict]:
+    """A panel's title and curves, the parts (" · ") every curve's label shares moved from the labels to the title,
+    so that a legend names only what tells its lines apart."""
+    title, curves = panel
+    parts = [label.split(" · ") for label in curves]
+    common = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
+    return (" · ".join([title, *(part for part in parts[0] if part in common and part != title)]),
+            {" · ".join(part for part in label if part not in common): curve for label, curve in zip(parts, curves.values())})
 
 
 def _failed_section(runs: SweepRuns) -> Section:
