@@ -66,6 +66,7 @@ test: install test-system-packages
 perf: install
 	$(BIN)/python perf/data_and_rollouts.py
 	$(BIN)/python perf/training_and_policy.py
+	$(BIN)/python perf/training_step_costs.py
 	$(BIN)/python perf/discrete_decoding.py
 	$(BIN)/python perf/action_objectives.py
 	$(BIN)/python perf/sweep_ledger.py
