@@ -141,11 +141,13 @@ def pairwise_table(runs: SweepRuns) -> pd.DataFrame:
     outcomes = episode_outcomes(runs)
     rows, comparisons = [], []
     axes = varying_axes(levels)
+    formulation_aliases = [setting for setting in FORMULATION_SETTINGS if setting in axes and "formulation" in axes
+                           and _aliases(levels, setting, "formulation")]  # compared with the formulation, named
     for axis in axes:
-        if axis in FORMULATION_SETTINGS and "formulation" in axes and _aliases(levels, axis, "formulation"):
-            continue  # the formulation's comparison, which names it
+        if axis in formulation_aliases:
+            continue
         nested = [other for other in axes if other != axis and _sets(levels, axis, other)
-                  and (not _aliases(levels, axis, other) or axis == "formulation" and other in FORMULATION_SETTINGS)]
+                  and (not _aliases(levels, axis, other) or axis == "formulation" and other in formulation_aliases)]
         # matched on the axes that vary, so one that only some formulations have (the action objective) and that
         # does not vary among them does not keep those formulations from being compared
         others = [other for other in ("seed", *axes) if other not in (axis, *nested)]

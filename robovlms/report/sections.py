@@ -388,7 +388,8 @@ def _common_parts_in_title(panel: tuple[str, dict]) -> tuple[str, dict]:
     parts = [label.split(" · ") for label in curves]
     common = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
     return (" · ".join([title, *(part for part in parts[0] if part in common and part != title)]),
-            {" · ".join(part for part in label if part not in common): curve for label, curve in zip(parts, curves.values())})
+            {" · ".join(part for part in label if part not in common): curve
+             for label, curve in zip(parts, curves.values())})
 
 
 def _failed_section(runs: SweepRuns) -> Section:
